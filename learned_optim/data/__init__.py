@@ -1,0 +1,1 @@
+"""Datasets vendored with the package (see each folder README for attribution)."""

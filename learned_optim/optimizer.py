@@ -1,0 +1,222 @@
+"""``LearnedOptimizer``: a ``torch.optim.Optimizer`` whose update comes from an update rule.
+
+The class only keeps the books (param groups, per-parameter state, state_dict, closures);
+the rule's math lives in :mod:`learned_optim.rules` and is applied by :mod:`learned_optim.functional`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from learned_optim.functional import DEFAULT_CHUNK_SIZE, StepEntry, learned_step
+from learned_optim.rules.base import UpdateRule
+from learned_optim.rules.registry import get_rule_class
+from learned_optim.weights import DEFAULT_RULE, resolve_rule
+
+STATE_PREFIX = "rule."
+
+
+class LearnedOptimizer(Optimizer):
+    """Drop-in ``torch.optim`` optimizer driven by a learned update rule.
+
+    ``param += lr * rule(grad)`` for every coordinate, with the rule's per-coordinate
+    state kept in ``self.state[param]``. All parameters of a step go through the rule
+    as one flat batch of coordinates, in chunks of ``chunk_size`` so temporary memory
+    stays bounded whatever the model size.
+
+    Args:
+        params: an iterable of tensors or of param-group dicts, as for any optimizer.
+        pretrained: the update rule: ``None`` for the bundled default, a bundled name
+            (see :func:`learned_optim.list_pretrained`), a local directory holding
+            ``config.json`` + ``model.safetensors``, a Hugging Face Hub repo id, or an
+            :class:`~learned_optim.rules.UpdateRule` instance (used as is, not copied).
+        lr: multiplies the learned update (1.0 applies the rule as it was meta-trained);
+            LR schedulers scale it as usual.
+        weight_decay: decoupled weight decay, ``param *= 1 - lr * weight_decay`` each step.
+        maximize: maximise the objective instead of minimising it.
+        chunk_size: coordinates per rule call (bounds temporary memory).
+        state_dtype: dtype of the rule's per-coordinate state (fp32 by default, whatever
+            the parameter dtype; the rule always computes in its own dtype).
+        nonfinite: what to do with a parameter whose gradient holds inf or NaN:
+            ``"skip"`` (default) leaves that parameter and its state unchanged this step
+            and warns; ``"error"`` raises ``FloatingPointError`` before anything changes.
+        warn_nonfinite: with ``nonfinite="skip"``, warn when a step was skipped. The check
+            reads one flag back from the device; turn it off for CUDA-graph capture.
+        revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
+        cache_dir: Hub cache directory when ``pretrained`` is a repo id.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        pretrained: str | UpdateRule | None = None,
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        state_dtype: torch.dtype = torch.float32,
+        nonfinite: str = "skip",
+        warn_nonfinite: bool = True,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if nonfinite not in ("skip", "error"):
+            raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
+        if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
+        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+        super().__init__(params, defaults)
+        self.rule: UpdateRule = resolve_rule(
+            DEFAULT_RULE if pretrained is None else pretrained,
+            revision=revision,
+            cache_dir=cache_dir,
+            is_default=pretrained is None,
+        )
+        self.chunk_size = int(chunk_size)
+        self.state_dtype = state_dtype
+        self.nonfinite = nonfinite
+        self.warn_nonfinite = warn_nonfinite
+        self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
+
+    # ------------------------------------------------------------------ state
+    def _init_param_state(self, p: Tensor, numel: int) -> dict[str, Tensor]:
+        fresh = self.rule.init_state(numel, device=p.device, dtype=self.state_dtype)
+        return {STATE_PREFIX + k: v for k, v in fresh.items()}
+
+    def _rule_for(self, device: torch.device) -> UpdateRule:
+        """The rule on ``device`` (a cached copy if the user's rule lives elsewhere)."""
+        first = next(self.rule.parameters(), None)
+        if first is None or first.device == device:
+            return self.rule
+        key = (device, first.dtype)
+        cached = self._rule_copies.get(key)
+        if cached is None:
+            cached = copy.deepcopy(self.rule).to(device)
+            self._rule_copies[key] = cached
+        return cached
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Apply one learned update to every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        entries_by_device: dict[torch.device, list[StepEntry]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        "LearnedOptimizer does not support sparse gradients; use dense "
+                        "gradients (e.g. nn.Embedding(sparse=False))"
+                    )
+                if grad.shape != p.shape:
+                    raise RuntimeError(
+                        f"gradient shape {tuple(grad.shape)} does not match parameter shape "
+                        f"{tuple(p.shape)}"
+                    )
+                param_view = torch.view_as_real(p) if p.is_complex() else p
+                grad_view = torch.view_as_real(grad) if grad.is_complex() else grad
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_param_state(p, param_view.numel()))
+                rule_state = {k[len(STATE_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+                entries_by_device.setdefault(p.device, []).append(
+                    StepEntry(
+                        param=param_view,
+                        grad=grad_view,
+                        state=rule_state,
+                        lr=group["lr"],
+                        weight_decay=group["weight_decay"],
+                        maximize=group["maximize"],
+                    )
+                )
+
+        for device, entries in entries_by_device.items():
+            skipped = learned_step(
+                self._rule_for(device),
+                entries,
+                chunk_size=self.chunk_size,
+                nonfinite=self.nonfinite,
+            )
+            if skipped is not None and self.warn_nonfinite and bool(skipped.any()):
+                warnings.warn(
+                    f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
+                    "gradients; their update was skipped and their state kept",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state plus the rule (type, config, weights) for exact resume."""
+        sd = super().state_dict()
+        sd["rule"] = {
+            "rule_type": self.rule.rule_type,
+            "config": dict(self.rule.config),
+            "weights": {k: v.detach().clone() for k, v in self.rule.state_dict().items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict``; the rule's state keeps its own dtype (not the parameter's)."""
+        state_dict = dict(state_dict)
+        rule_sd = state_dict.pop("rule", None)
+        if rule_sd is not None and (
+            rule_sd.get("rule_type") != self.rule.rule_type or rule_sd.get("config") != self.rule.config
+        ):
+            raise ValueError(
+                    "optimizer state_dict was saved with a different update rule "
+                    f"({rule_sd.get('rule_type')} {rule_sd.get('config')}) than this optimizer's "
+                    f"({self.rule.rule_type} {self.rule.config}); build the optimizer with the "
+                "same `pretrained` rule before loading"
+            )
+        # Optimizer.load_state_dict casts float state to the parameter dtype; remember ours.
+        saved_state = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        index_to_param = {}
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for idx, p in zip(saved_group["params"], group["params"], strict=True):
+                index_to_param[idx] = p
+        for idx, values in saved_state.items():
+            p = index_to_param.get(idx)
+            if p is None:
+                continue
+            for key, value in values.items():
+                if key.startswith(STATE_PREFIX) and isinstance(value, Tensor):
+                    self.state[p][key] = value.detach().to(device=p.device).clone()
+        if rule_sd is not None:
+            self.rule.load_state_dict(rule_sd["weights"])
+            self._rule_copies.clear()
+
+    @property
+    def rule_class(self) -> type[UpdateRule]:
+        """Class of the update rule in use."""
+        return get_rule_class(self.rule.rule_type)

@@ -1,0 +1,121 @@
+"""The coordinatewise LSTM optimizer of Andrychowicz et al. 2016.
+
+Two stacked LSTM layers are shared by every coordinate; each coordinate keeps its own
+hidden and cell state. The input is the (optionally log/sign preprocessed) gradient, the
+output a linear read-out of the top layer times ``output_scale``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+from learned_optim.rules.preprocess import log_sign_preprocess
+
+
+def lstm_cell(x_and_h: Tensor, c: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM cell on ``[x, h]`` concatenated: a single matmul for all four gates."""
+    gates = torch.addmm(bias, x_and_h, weight.t())
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new, c_new
+
+
+class CoordinateLSTM(UpdateRule):
+    """Coordinatewise 2-layer LSTM update rule ("learning to learn by gradient descent by
+    gradient descent", Andrychowicz et al. 2016).
+
+    Args:
+        hidden_size: units per LSTM layer (paper: 20).
+        num_layers: stacked LSTM layers (paper: 2).
+        preprocess: use the log/sign gradient preprocessing (else the raw gradient
+            times ``input_scale`` is the single input).
+        preprocess_p: the exponent ``p`` of the preprocessing (paper: 10).
+        input_scale: multiplies the raw gradient when ``preprocess`` is off.
+        output_scale: multiplies the linear read-out (paper: 0.1).
+    """
+
+    rule_type = "CoordinateLSTM"
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        preprocess: bool = True,
+        preprocess_p: float = 10.0,
+        input_scale: float = 1.0,
+        output_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_layers < 1:
+            raise ValueError(
+                f"hidden_size and num_layers must be >= 1, got {hidden_size}, {num_layers}"
+            )
+        self.config = {
+            "hidden_size": int(hidden_size),
+            "num_layers": int(num_layers),
+            "preprocess": bool(preprocess),
+            "preprocess_p": float(preprocess_p),
+            "input_scale": float(input_scale),
+            "output_scale": float(output_scale),
+        }
+        self.hidden_size = int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.preprocess = bool(preprocess)
+        self.preprocess_p = float(preprocess_p)
+        self.input_scale = float(input_scale)
+        self.output_scale = float(output_scale)
+        input_size = 2 if self.preprocess else 1
+        h = self.hidden_size
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for layer in range(self.num_layers):
+            fan_in = (input_size if layer == 0 else h) + h
+            bound = 1.0 / math.sqrt(h)
+            w = torch.empty(4 * h, fan_in).uniform_(-bound, bound)
+            b = torch.zeros(4 * h)
+            b[h : 2 * h] = 1.0  # forget-gate bias 1: state persists from the start
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+        self.output = nn.Linear(h, 1)
+        with torch.no_grad():
+            self.output.weight.uniform_(-0.01, 0.01)
+            self.output.bias.zero_()
+
+    def state_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}
+
+    def features(self, grad: Tensor) -> Tensor:
+        """The network's input for each coordinate, ``(n, 2)`` or ``(n, 1)``."""
+        if self.preprocess:
+            return log_sign_preprocess(grad, self.preprocess_p)
+        return (grad * self.input_scale).unsqueeze(-1)
+
+    def forward(
+        self, grad: Tensor, state: RuleState, context: StepContext | None = None
+    ) -> tuple[Tensor, RuleState]:
+        compute_dtype = self.output.weight.dtype
+        x = self.features(grad.to(compute_dtype))
+        h_all = state["h"].to(compute_dtype)
+        c_all = state["c"].to(compute_dtype)
+        new_h, new_c = [], []
+        for layer in range(self.num_layers):
+            h, c = lstm_cell(
+                torch.cat((x, h_all[:, layer]), dim=-1),
+                c_all[:, layer],
+                self.weights[layer],
+                self.biases[layer],
+            )
+            new_h.append(h)
+            new_c.append(c)
+            x = h
+        update = self.output(x).squeeze(-1) * self.output_scale
+        new_state = {
+            "h": torch.stack(new_h, dim=1).to(state["h"].dtype),
+            "c": torch.stack(new_c, dim=1).to(state["c"].dtype),
+        }
+        return update, new_state

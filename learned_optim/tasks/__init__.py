@@ -1,0 +1,52 @@
+"""Task families: the problem classes rules are meta-trained and evaluated on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from learned_optim.tasks.base import (
+    Batch,
+    Task,
+    TaskError,
+    TaskFamily,
+    TaskInstance,
+    call_model,
+    validate_instance,
+)
+
+# name -> zero-argument factory of a TaskFamily; filled by the modules below.
+TASKS: dict[str, Callable[[], TaskFamily]] = {}
+
+
+def register_task(name: str, factory: Callable[[], TaskFamily]) -> None:
+    """Make a task family available by name (CLI ``--task``, ``get_task``)."""
+    TASKS[name] = factory
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in task families."""
+    return sorted(TASKS)
+
+
+def get_task(name: str) -> TaskFamily:
+    """The built-in task family called ``name``; ValueError listing the known names if none."""
+    try:
+        factory = TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(list_tasks())}") from None
+    return factory()
+
+
+__all__ = [
+    "TASKS",
+    "Batch",
+    "Task",
+    "TaskError",
+    "TaskFamily",
+    "TaskInstance",
+    "call_model",
+    "get_task",
+    "list_tasks",
+    "register_task",
+    "validate_instance",
+]

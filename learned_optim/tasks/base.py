@@ -1,0 +1,186 @@
+"""The task API: a problem class that ``meta_fit`` trains on and ``compare`` evaluates on.
+
+A *task family* samples *task instances*. An instance is one concrete optimisation
+problem: a freshly initialised ``nn.Module``, a loss, a stream of training minibatches
+and, optionally, the whole training split and a held-out split for evaluation.
+Everything an instance does is fixed by the seed it was sampled with.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Batch = tuple[Any, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class TaskError(ValueError):
+    """A task definition is unusable (bad model, loss or data)."""
+
+
+@dataclass
+class TaskInstance:
+    """One sampled optimisation problem.
+
+    Attributes:
+        model: freshly initialised module; ``model(inputs)`` gives what ``loss`` takes.
+        loss: ``loss(model(inputs), targets)`` returns a scalar tensor.
+        batches: iterator over training minibatches ``(inputs, targets)``; ``inputs`` is a
+            tensor or a tuple of tensors (passed as ``model(*inputs)``).
+        train_set: the whole training split as one batch (for the final training loss), or None.
+        test_set: a held-out split as one batch, or None.
+        name: description of the instance (e.g. the sampled variation).
+    """
+
+    model: nn.Module
+    loss: LossFn
+    batches: Iterator[Batch]
+    train_set: Batch | None = None
+    test_set: Batch | None = None
+    name: str = "task"
+
+    def next_batch(self) -> Batch:
+        """The next training minibatch."""
+        return next(self.batches)
+
+
+def call_model(model: Callable[..., Tensor], inputs: Any) -> Tensor:
+    """``model(*inputs)`` for a tuple of inputs, else ``model(inputs)``."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class TaskFamily:
+    """A distribution over task instances. Subclasses implement :meth:`sample`."""
+
+    name: str = "task"
+
+    def sample(self, seed: int) -> TaskInstance:
+        """A task instance fully determined by ``seed``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample(seed)")
+
+
+def _batch_stream(data: Any, generator: torch.Generator, source: str) -> Iterator[Batch]:
+    """Endless stream of batches from a sampler function or a re-iterable (epoch after epoch)."""
+    if callable(data) and not isinstance(data, Iterable):
+        while True:
+            yield data(generator)
+        return
+    if not isinstance(data, Iterable):
+        raise TaskError(
+            f"{source}: data must be an iterable of (inputs, targets) batches (e.g. a DataLoader) "
+            f"or a function generator -> batch, got {type(data).__name__}"
+        )
+    served = 0
+    while True:
+        iterator = iter(data)
+        epoch_count = 0
+        for batch in iterator:
+            epoch_count += 1
+            served += 1
+            yield batch
+        if epoch_count == 0 or iterator is data:
+            raise TaskError(
+                f"{source}: data ran out after {served} batch(es); pass a re-iterable source "
+                "(a DataLoader, a list of batches) or a sampler function generator -> batch"
+            )
+
+
+@dataclass
+class Task(TaskFamily):
+    """A user's problem class from an ordinary ``nn.Module``.
+
+    Args:
+        model: a factory returning a freshly initialised module (called under a seeded RNG,
+            so each instance gets its own reproducible initialisation).
+        loss: ``loss(model(inputs), targets) -> scalar tensor``.
+        data: training batches ``(inputs, targets)``: an iterable that can be iterated again
+            (a ``DataLoader``, a list), or a sampler ``f(generator) -> batch``.
+        train_set: optional whole training split ``(inputs, targets)`` for evaluation.
+        test_set: optional held-out split ``(inputs, targets)``.
+        name: a label used in reports.
+
+    Example:
+        >>> task = Task(model=lambda: nn.Linear(4, 1), loss=nn.functional.mse_loss,
+        ...             data=lambda g: (torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)))
+    """
+
+    model: Callable[[], nn.Module]
+    loss: LossFn
+    data: Any
+    train_set: Batch | None = None
+    test_set: Batch | None = None
+    name: str = "task"
+    _checked: bool = field(default=False, init=False, repr=False)
+
+    def sample(self, seed: int) -> TaskInstance:
+        if not callable(self.model):
+            raise TaskError(f"task {self.name!r}: model must be a factory returning an nn.Module")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = self.model()
+            generator = torch.Generator().manual_seed(seed)
+            # DataLoader shuffling draws from the global RNG when an epoch starts.
+            batches = _seeded_stream(self.data, generator, seed, f"task {self.name!r}")
+        if not isinstance(module, nn.Module):
+            raise TaskError(
+                f"task {self.name!r}: model factory returned {type(module).__name__}, expected an nn.Module"
+            )
+        instance = TaskInstance(
+            model=module,
+            loss=self.loss,
+            batches=batches,
+            train_set=self.train_set,
+            test_set=self.test_set,
+            name=self.name,
+        )
+        if not self._checked:
+            validate_instance(instance, f"task {self.name!r}")
+            self._checked = True
+            return self.sample(seed)
+        return instance
+
+
+def _seeded_stream(data: Any, generator: torch.Generator, seed: int, source: str) -> Iterator[Batch]:
+    epoch_seeds = itertools.count(seed * 1_000_003)
+    yield from _epochs_with_seed(data, generator, epoch_seeds, source)
+
+
+def _epochs_with_seed(
+    data: Any, generator: torch.Generator, epoch_seeds: Iterator[int], source: str
+) -> Iterator[Batch]:
+    stream = _batch_stream(data, generator, source)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(next(epoch_seeds))
+            batch = next(stream)
+        yield batch
+
+
+def validate_instance(instance: TaskInstance, source: str) -> None:
+    """Raise :class:`TaskError` if the instance cannot be optimised (checked on one batch)."""
+    params = [p for p in instance.model.parameters() if p.requires_grad]
+    if not params:
+        raise TaskError(f"{source}: the model has no trainable parameters")
+    for p in params:
+        if not p.is_floating_point():
+            raise TaskError(f"{source}: parameter of dtype {p.dtype} is not floating point")
+    try:
+        batch = instance.next_batch()
+    except StopIteration:
+        raise TaskError(f"{source}: data yielded no batches") from None
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TaskError(f"{source}: each batch must be a pair (inputs, targets), got {type(batch).__name__}")
+    value = instance.loss(call_model(instance.model, batch[0]), batch[1])
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise TaskError(f"{source}: loss must return a scalar tensor, got {shape}")
+    if not value.requires_grad:
+        raise TaskError(f"{source}: loss does not depend on the model's parameters")

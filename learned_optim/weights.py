@@ -1,0 +1,244 @@
+"""Saving and loading update rules: ``config.json`` + ``model.safetensors``, nothing else.
+
+``config.json`` holds ``{"format": "learned_optim.rule", "format_version": 1,
+"rule_type": <registered name>, "config": {<constructor arguments>}}`` (plus free-form
+``"metadata"``); ``model.safetensors`` holds the rule's ``state_dict``. Loading never
+executes code from the files: the rule type must be one this library registers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from learned_optim.rules.base import UpdateRule
+from learned_optim.rules.registry import get_rule_class
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_CARD_NAME = "README.md"
+FORMAT_NAME = "learned_optim.rule"
+FORMAT_VERSION = 1
+# The rule LearnedOptimizer uses when no `pretrained` is given.
+DEFAULT_RULE = "lstm-general"
+
+
+class PretrainedError(ValueError):
+    """A rule's files are missing, malformed or disagree with each other."""
+
+
+def bundled_dir() -> Path:
+    """Directory of the rules installed with the package (top-level ``pretrained/``)."""
+    try:
+        root = resources.files("learned_optim.pretrained")
+        path = Path(str(root))
+        if path.is_dir():
+            return path
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def list_pretrained() -> list[str]:
+    """Names of the bundled rules, usable as ``LearnedOptimizer(..., pretrained=name)``."""
+    root = bundled_dir()
+    if not root.is_dir():
+        return []
+    return sorted(
+        d.name for d in root.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file()
+    )
+
+
+def save_pretrained(
+    rule: UpdateRule,
+    save_directory: str | os.PathLike[str],
+    model_card: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``rule`` to ``save_directory`` as ``config.json`` + ``model.safetensors``.
+
+    Files are written to temporary names and renamed, so an interrupted save never
+    leaves a half-written rule behind an existing good one.
+    """
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"save_pretrained expects an UpdateRule, got {type(rule).__name__}")
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "rule_type": rule.rule_type,
+        "config": dict(rule.config),
+    }
+    if metadata:
+        config["metadata"] = metadata
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(
+        directory / CONFIG_NAME,
+        lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
+    )
+    if model_card is not None:
+        _atomic_write(directory / MODEL_CARD_NAME, lambda tmp: Path(tmp).write_text(model_card))
+    return directory
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any]]:
+    """Parse and validate a ``config.json``; returns the rule class and its arguments."""
+    path = Path(config_path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PretrainedError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PretrainedError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise PretrainedError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if raw.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise PretrainedError(f"{path}: format {raw.get('format')!r} is not {FORMAT_NAME!r}")
+    version = raw.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PretrainedError(
+            f"{path}: format_version {version!r} is newer than this library reads "
+            f"({FORMAT_VERSION}); upgrade learned_optim"
+        )
+    if "rule_type" not in raw:
+        raise PretrainedError(f"{path}: missing key 'rule_type'")
+    try:
+        cls = get_rule_class(raw["rule_type"])
+    except ValueError as err:
+        raise PretrainedError(f"{path}: {err}") from None
+    config = raw.get("config")
+    if not isinstance(config, dict):
+        raise PretrainedError(f"{path}: 'config' must be a JSON object of {cls.__name__} arguments")
+    expected = set(cls.config_keys())
+    missing = sorted(expected - set(config))
+    extra = sorted(set(config) - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing config keys {missing}")
+        if extra:
+            parts.append(f"unexpected config keys {extra}")
+        raise PretrainedError(f"{path}: {'; '.join(parts)} for rule type {cls.rule_type!r}")
+    return cls, config
+
+
+def load_from_directory(directory: str | os.PathLike[str]) -> UpdateRule:
+    """Build a rule from a directory with ``config.json`` and ``model.safetensors``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PretrainedError(f"{directory}: not a directory")
+    return load_from_files(directory / CONFIG_NAME, directory / WEIGHTS_NAME)
+
+
+def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> UpdateRule:
+    """Build a rule from a config file and a safetensors file, validating both."""
+    cls, config = read_config(config_path)
+    try:
+        rule = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise PretrainedError(f"{weights_path}: file not found")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PretrainedError(f"{weights_path}: not a valid safetensors file ({err})") from None
+    expected = rule.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise PretrainedError(
+            f"{weights_path}: tensors do not match the config ({cls.rule_type}"
+            f"{' missing ' + str(missing) if missing else ''}{' unexpected ' + str(extra) if extra else ''})"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise PretrainedError(
+                f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
+                f"implies {tuple(expected[name].shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise PretrainedError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+        if not torch.isfinite(tensor).all():
+            raise PretrainedError(f"{weights_path}: tensor {name!r} holds non-finite values")
+    rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+    return rule
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1) or "\\" in name
+
+
+def resolve_rule(
+    pretrained: str | os.PathLike[str] | UpdateRule,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    is_default: bool = False,
+) -> UpdateRule:
+    """Turn anything ``LearnedOptimizer(pretrained=...)`` accepts into an :class:`UpdateRule`."""
+    if isinstance(pretrained, UpdateRule):
+        return pretrained
+    if isinstance(pretrained, torch.nn.Module):
+        raise TypeError(
+            f"pretrained must be an UpdateRule (e.g. learned_optim.CoordinateLSTM), got {type(pretrained).__name__}"
+        )
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(
+            f"pretrained must be a name, a directory, a Hub repo id or an UpdateRule, got {type(pretrained).__name__}"
+        )
+    name = os.fspath(pretrained)
+    bundled = list_pretrained()
+    if name in bundled:
+        return load_from_directory(bundled_dir() / name)
+    if is_default:
+        raise PretrainedError(
+            f"the default rule {name!r} is not bundled with this installation. Bundled rules: "
+            f"{bundled or 'none'}. Pass one with LearnedOptimizer(params, pretrained=<name>), or a "
+            "local directory, a Hugging Face Hub repo id, or an UpdateRule instance"
+        )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return load_from_directory(path)
+    if _looks_like_path(name) or path.exists():
+        raise PretrainedError(
+            f"{name!r}: no such directory (bundled rules: {bundled or 'none'})"
+        )
+    if "/" not in name:
+        raise PretrainedError(
+            f"{name!r} is not a bundled rule (bundled: {bundled or 'none'}), a local directory, "
+            "or a Hub repo id of the form 'owner/name'"
+        )
+    from learned_optim.hub import download_rule
+
+    return download_rule(name, revision=revision, cache_dir=cache_dir)
+
+
+def load_rule(
+    name_or_path: str | os.PathLike[str],
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> UpdateRule:
+    """Load a rule from a bundled name, a local directory or a Hugging Face Hub repo id."""
+    return resolve_rule(name_or_path, revision=revision, cache_dir=cache_dir)
