@@ -59,7 +59,9 @@ def plan_chunks(numels: Sequence[int], chunk_size: int) -> Iterator[list[_Piece]
 
 def nonfinite_mask(grads: Sequence[Tensor]) -> Tensor:
     """Bool tensor, one entry per gradient: True where that gradient holds inf or NaN."""
-    maxima = torch._foreach_norm([g.detach().reshape(-1) for g in grads], float("inf"))
+    # The inf-norm of an empty tensor is undefined (_foreach_norm raises); an empty one is finite.
+    flat = [g.detach().reshape(-1) if g.numel() else g.new_zeros(1) for g in grads]
+    maxima = torch._foreach_norm(flat, float("inf"))
     return ~torch.isfinite(torch.stack([m.float() for m in maxima]))
 
 
@@ -91,11 +93,17 @@ def learned_step(
         raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
     keep = ~skipped
 
-    # Decoupled weight decay, not applied to skipped parameters.
+    # Decoupled weight decay factors (1 for skipped parameters), applied with the update below.
+    # They stay in at least fp32: rounded to bf16 first, 1 - lr * wd would be off by up to 2^-9
+    # (0.9 -> 0.898, 1 - 1e-4 -> 1); fp64 params get an fp64 factor.
+    factors: list[Tensor | None] = []
     for i, e in enumerate(entries):
-        if e.weight_decay != 0.0:
-            factor = torch.where(keep[i], 1.0 - e.lr * e.weight_decay, 1.0).to(e.param.dtype)
-            e.param.mul_(factor)
+        if e.weight_decay == 0.0:
+            factors.append(None)
+            continue
+        factor_dtype = torch.promote_types(e.param.dtype, torch.float32)
+        decayed = torch.full((), 1.0 - e.lr * e.weight_decay, dtype=factor_dtype, device=device)
+        factors.append(torch.where(keep[i], decayed, 1.0))
 
     # Non-contiguous parameters (e.g. channels_last) are updated through a contiguous copy.
     flat_params = [e.param.view(-1) if e.param.is_contiguous() else e.param.contiguous().view(-1) for e in entries]
@@ -116,13 +124,16 @@ def learned_step(
             k: torch.cat([entries[p.entry_index].state[k][p.start : p.stop] for p in chunk])
             for k in keys
         }
-        lengths_t = torch.tensor(lengths, device=device)
-        keep_coord = torch.repeat_interleave(keep[[p.entry_index for p in chunk]], lengths_t)
+        # Built from views and fills: repeat_interleave with device repeats would read their
+        # sum back to the host (a sync per chunk on GPU).
+        keep_coord = torch.cat([keep[p.entry_index].expand(n) for p, n in zip(chunk, lengths, strict=True)])
         grad = torch.where(keep_coord, grad, 0.0)
         context = None
         if needs_segments:
             context = StepContext(
-                segment_ids=torch.repeat_interleave(torch.arange(len(chunk), device=device), lengths_t),
+                segment_ids=torch.cat(
+                    [torch.full((n,), j, dtype=torch.int64, device=device) for j, n in enumerate(lengths)]
+                ),
                 num_segments=len(chunk),
             )
         update, new_state = rule(grad, state, context)
@@ -136,7 +147,14 @@ def learned_step(
                 old = e.state[k][piece.start : piece.stop]
                 mask = keep_coord[sl].view(-1, *([1] * (old.dim() - 1)))
                 old.copy_(torch.where(mask, new_state[k][sl], old))
-            flat_params[piece.entry_index][piece.start : piece.stop].add_(update[sl], alpha=e.lr)
+            target = flat_params[piece.entry_index][piece.start : piece.stop]
+            factor = factors[piece.entry_index]
+            if factor is None:
+                target.add_(update[sl], alpha=e.lr)
+            else:
+                # Decay and update in the factor's dtype, rounded to the param dtype once: a
+                # bf16 param times an fp32 device tensor would round the factor to bf16 on GPU.
+                target.copy_(torch.add(target.to(factor.dtype) * factor, update[sl], alpha=e.lr))
             offset += length
     for e, flat in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():

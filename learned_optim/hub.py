@@ -7,13 +7,15 @@ Only ``config.json`` and ``model.safetensors`` are fetched; nothing downloaded i
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -22,19 +24,29 @@ from huggingface_hub.errors import (
 from learned_optim.rules.base import UpdateRule
 from learned_optim.weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedError, load_from_files, save_pretrained
 
+# A full commit id: a revision that names a commit, not a branch one could create.
+_COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
 
 def download_rule(
     repo_id: str,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> UpdateRule:
-    """Fetch ``config.json`` + ``model.safetensors`` of ``repo_id`` and build the rule."""
+    """Fetch ``config.json`` + ``model.safetensors`` of ``repo_id`` and build the rule.
+
+    Every failure (no such repo, revision or file, offline with a cold cache, an invalid
+    repo id, malformed files) is a :class:`PretrainedError` naming the repo.
+    """
+    where = f"Hub repository {repo_id!r} (revision {revision or constants.DEFAULT_REVISION!r})"
     paths = {}
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             paths[filename] = hf_hub_download(
                 repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir
             )
+        except HFValidationError as err:
+            raise PretrainedError(f"{repo_id!r} is not a valid Hub repo id: {err}") from None
         except RepositoryNotFoundError:
             raise PretrainedError(
                 f"Hub repository {repo_id!r} does not exist or is not accessible (is it private? "
@@ -42,19 +54,26 @@ def download_rule(
             ) from None
         except RevisionNotFoundError:
             raise PretrainedError(f"Hub repository {repo_id!r} has no revision {revision!r}") from None
-        except EntryNotFoundError:
-            raise PretrainedError(
-                f"Hub repository {repo_id!r} (revision {revision or 'main'}) has no {filename}; "
-                "is it a learned_optim rule?"
-            ) from None
+        # LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first, or a cold
+        # cache while offline would read as "the repo has no config.json".
         except LocalEntryNotFoundError as err:
+            if constants.HF_HUB_OFFLINE:  # the same flag hf_hub_download obeys
+                raise PretrainedError(
+                    f"{where}: {filename} is not in the local cache and HF_HUB_OFFLINE is set; "
+                    "download it once online (or unset HF_HUB_OFFLINE)"
+                ) from None
             raise PretrainedError(
-                f"{filename} of Hub repository {repo_id!r} is not in the local cache and cannot be "
-                f"downloaded (offline mode or no network): {err}"
+                f"{where}: {filename} is not in the local cache and the Hub cannot be reached: {err}"
             ) from None
+        except EntryNotFoundError:
+            raise PretrainedError(f"{where} has no {filename}; is it a learned_optim rule?") from None
         except HfHubHTTPError as err:
-            raise PretrainedError(f"downloading {filename} of {repo_id!r} failed: {err}") from None
-    return load_from_files(paths[CONFIG_NAME], paths[WEIGHTS_NAME])
+            raise PretrainedError(f"{where}: downloading {filename} failed: {err}") from None
+    try:
+        return load_from_files(paths[CONFIG_NAME], paths[WEIGHTS_NAME])
+    except PretrainedError as err:
+        # The cache path in the message hides which repo is at fault.
+        raise PretrainedError(f"{where}: {err}") from None
 
 
 def push_to_hub(
@@ -67,9 +86,15 @@ def push_to_hub(
     commit_message: str = "Upload learned_optim update rule",
     model_card: str | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload the rule's files; returns the commit URL."""
+    """Create ``repo_id`` (and branch ``revision``) if needed and upload the rule's files.
+
+    Returns the URL of the new commit.
+    """
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != constants.DEFAULT_REVISION and not _COMMIT_HASH.fullmatch(revision):
+        # The Hub refuses commits to a branch that does not exist yet.
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(rule, tmp, model_card=model_card)
         info = api.upload_folder(

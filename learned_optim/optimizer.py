@@ -170,7 +170,8 @@ class LearnedOptimizer(Optimizer):
                     f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
                     "gradients; their update was skipped and their state kept",
                     RuntimeWarning,
-                    stacklevel=2,
+                    # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
+                    stacklevel=4,
                 )
         return loss
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize_tensors
 
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import get_rule_class
@@ -81,7 +82,9 @@ def save_pretrained(
     if metadata:
         config["metadata"] = metadata
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    # Serialised in memory and written by us: safetensors' save_file creates 0600 files.
+    payload = serialize_tensors(tensors, metadata={"format": "pt"})
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(payload))
     _atomic_write(
         directory / CONFIG_NAME,
         lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
@@ -92,8 +95,10 @@ def save_pretrained(
 
 
 def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    # Not mkstemp: its files are 0600 and would stay owner-only after the rename; os.open
+    # with 0666 lets the umask decide, like any other file the user writes.
+    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, target)
@@ -111,6 +116,8 @@ def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], 
         raise PretrainedError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PretrainedError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:  # a directory, no permission, ...
+        raise PretrainedError(f"{path}: cannot be read ({err.strerror or err})") from None
     if not isinstance(raw, dict):
         raise PretrainedError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format", FORMAT_NAME) != FORMAT_NAME:
@@ -123,6 +130,8 @@ def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], 
         )
     if "rule_type" not in raw:
         raise PretrainedError(f"{path}: missing key 'rule_type'")
+    if not isinstance(raw["rule_type"], str):  # a list or dict would crash the registry lookup
+        raise PretrainedError(f"{path}: 'rule_type' must be a string, got {raw['rule_type']!r}")
     try:
         cls = get_rule_class(raw["rule_type"])
     except ValueError as err:

@@ -53,7 +53,9 @@ class UpdateRule(nn.Module):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.rule_type:
+        # Only a class that names itself registers: a subclass inheriting its parent's
+        # rule_type must not silently replace the parent in the registry.
+        if cls.__dict__.get("rule_type"):
             from learned_optim.rules.registry import register_rule
 
             register_rule(cls)

@@ -55,6 +55,9 @@ class CoordinateLSTM(UpdateRule):
             raise ValueError(
                 f"hidden_size and num_layers must be >= 1, got {hidden_size}, {num_layers}"
             )
+        if not preprocess_p > 0:
+            # Fail at construction (and so at load time), not at the first step.
+            raise ValueError(f"preprocess_p must be > 0, got {preprocess_p}")
         self.config = {
             "hidden_size": int(hidden_size),
             "num_layers": int(num_layers),

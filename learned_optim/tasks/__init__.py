@@ -37,16 +37,33 @@ def get_task(name: str) -> TaskFamily:
     return factory()
 
 
+# The built-in families register themselves on import; imported last because they use
+# register_task above.
+from learned_optim.tasks.mnist import MLPVariations, MNISTConvFamily, MNISTMLPFamily, load_mnist, load_mnist_folder  # noqa: E402
+from learned_optim.tasks.quadratic import QuadraticFamily  # noqa: E402
+from learned_optim.tasks.synthetic import XORDataset, XORFamily, make_xor_dataset  # noqa: E402
+from learned_optim.tasks.teacher import TeacherFamily  # noqa: E402
+
 __all__ = [
     "TASKS",
     "Batch",
+    "MLPVariations",
+    "MNISTConvFamily",
+    "MNISTMLPFamily",
+    "QuadraticFamily",
     "Task",
     "TaskError",
     "TaskFamily",
     "TaskInstance",
+    "TeacherFamily",
+    "XORDataset",
+    "XORFamily",
     "call_model",
     "get_task",
     "list_tasks",
+    "load_mnist",
+    "load_mnist_folder",
+    "make_xor_dataset",
     "register_task",
     "validate_instance",
 ]

@@ -1,0 +1,193 @@
+"""Command line: ``learned-optim meta-fit | compare | list``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _load_task(spec: str) -> Any:
+    """A built-in task name, or ``module.path:attribute`` naming a TaskFamily (or a factory of one)."""
+    from learned_optim.tasks import TaskFamily, get_task
+
+    if ":" not in spec:
+        return get_task(spec)
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SystemExit(f"error: cannot load task {spec!r}: {err}") from None
+    if not isinstance(obj, TaskFamily) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, TaskFamily):
+        raise SystemExit(f"error: {spec!r} is a {type(obj).__name__}, expected a learned_optim Task/TaskFamily")
+    return obj
+
+
+def _build_rule(args: argparse.Namespace) -> Any:
+    from learned_optim.rules import get_rule_class
+
+    cls = get_rule_class(args.rule)
+    kwargs = json.loads(args.rule_config) if args.rule_config else {}
+    return cls(**kwargs)
+
+
+def cmd_meta_fit(args: argparse.Namespace) -> int:
+    """Meta-train a rule and save it (best validated weights) to ``--out``."""
+    from learned_optim.meta_fit import MetaFitConfig, MetaTrainer
+
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [_load_task(t) for t in args.task.split(",")]
+    rule = _build_rule(args)
+    config = MetaFitConfig(
+        steps=args.steps,
+        unroll=args.unroll,
+        meta_iterations=args.meta_iterations,
+        meta_lr=args.meta_lr,
+        instances=args.instances,
+        meta_loss=args.meta_loss,
+        second_order=args.second_order,
+        clip_grad_norm=args.clip,
+        random_horizon=args.random_horizon,
+        seed=args.seed,
+        validate_every=args.validate_every,
+        validation_instances=args.validation_instances,
+        checkpoint_every=args.checkpoint_every,
+    )
+    out = Path(args.out)
+    checkpoints = out / "checkpoint"
+    trainer = MetaTrainer(rule, tasks, config, checkpoints, progress=not args.quiet, time_budget=args.time_budget)
+    if args.resume and (checkpoints / "checkpoint.json").is_file():
+        trainer.load_checkpoint(checkpoints)
+        print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
+    elif not args.resume and (checkpoints / "checkpoint.json").is_file() and not args.overwrite:
+        raise SystemExit(f"error: {checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
+    rule = trainer.run()
+    h = trainer.history
+    metadata = {
+        "command": "learned-optim " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "meta_iterations": h.iteration,
+        "meta_training_seconds": round(h.seconds, 1),
+        "best_iteration": h.best_iteration,
+        "best_validation": h.best_validation,
+        "skipped_updates": h.skipped_updates,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "tasks": args.task,
+    }
+    from learned_optim.weights import save_pretrained
+
+    save_pretrained(rule, out, metadata=metadata)
+    print(
+        f"saved {out} (meta-iterations {h.iteration}, {h.seconds:.0f} s, best validation {h.best_validation:.4f} "
+        f"at {h.best_iteration}, skipped updates {h.skipped_updates})"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Compare rules against tuned baselines; print the table, write reports."""
+    from learned_optim.compare import compare
+    from learned_optim.report import write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    family = _load_task(args.task)
+    rules = [r for r in args.rules.split(",") if r]
+    task_name = args.task if ":" not in args.task else args.task.split(":")[-1]
+    out = Path(args.out)
+    result = compare(
+        family if ":" in args.task else args.task,
+        rules=rules,
+        steps=args.steps,
+        seeds=args.seeds,
+        baselines=args.baselines.split(","),
+        cache_path=out / ".cache" / f"{task_name}.json",
+        progress=not args.quiet,
+    )
+    print(result.table())
+    paths = write_report(result, out, command="learned-optim " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """List bundled rules and built-in tasks."""
+    from learned_optim.tasks import list_tasks
+    from learned_optim.weights import DEFAULT_RULE, list_pretrained
+
+    print("bundled rules:", ", ".join(list_pretrained()) or "none", f"(default: {DEFAULT_RULE})")
+    print("tasks:", ", ".join(list_tasks()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``learned-optim`` argument parser."""
+    parser = argparse.ArgumentParser(prog="learned-optim", description="Learned optimizers for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mf = sub.add_parser("meta-fit", help="meta-train an update rule on a task family")
+    mf.add_argument("--task", required=True, help="task name(s), comma separated, or module:attribute")
+    mf.add_argument("--out", required=True, help="output directory (rule files; checkpoints in OUT/checkpoint)")
+    mf.add_argument("--rule", default="CoordinateLSTM", help="rule type")
+    mf.add_argument("--rule-config", default="", help='JSON of rule arguments, e.g. \'{"hidden_size": 20}\'')
+    mf.add_argument("--seed", type=int, default=0)
+    mf.add_argument("--steps", type=int, default=100, help="inner steps per task instance")
+    mf.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")
+    mf.add_argument("--meta-iterations", type=int, default=1000)
+    mf.add_argument("--meta-lr", type=float, default=3e-3)
+    mf.add_argument("--instances", type=int, default=1, help="task instances per meta-iteration")
+    mf.add_argument("--meta-loss", choices=("log", "mean"), default="log")
+    mf.add_argument("--second-order", action="store_true")
+    mf.add_argument("--clip", type=float, default=1.0, help="meta-gradient norm clip (0: off)")
+    mf.add_argument("--random-horizon", action="store_true", help="heavy-tailed random horizons around --steps")
+    mf.add_argument("--validate-every", type=int, default=50)
+    mf.add_argument("--validation-instances", type=int, default=4)
+    mf.add_argument("--checkpoint-every", type=int, default=25)
+    mf.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    mf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    mf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    mf.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    mf.add_argument("--quiet", action="store_true", help="no progress bar")
+    mf.set_defaults(func=cmd_meta_fit)
+
+    cp = sub.add_parser("compare", help="compare learned rules with tuned Adam, RMSprop, SGD, Nesterov")
+    cp.add_argument("--task", default="mnist-mlp", help="task name or module:attribute")
+    cp.add_argument("--rules", default="default", help="comma separated: default, bundled names, dirs, Hub ids")
+    cp.add_argument("--steps", type=int, default=100)
+    cp.add_argument("--seeds", type=int, default=10)
+    cp.add_argument("--baselines", default="adam,rmsprop,sgd,nesterov")
+    cp.add_argument("--out", default="results")
+    cp.add_argument("--threads", type=int, default=0)
+    cp.add_argument("--quiet", action="store_true")
+    cp.set_defaults(func=cmd_compare)
+
+    ls = sub.add_parser("list", help="list bundled rules and built-in tasks")
+    ls.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``learned-optim`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""Fair comparison of learned rules against hand-designed optimizers at their best learning rate.
+
+Protocol: every optimizer runs on the same task instances (a seed fixes the initialisation
+and the minibatch order); each baseline is run on a half-decade learning-rate grid that is
+widened until its best point is not at an edge, and is reported at its best learning rate
+*for each metric separately*. Metrics per run: (a) mean training minibatch loss over the
+run, (b) loss on the whole training split after the last step, (c) held-out loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from learned_optim.tasks import TaskFamily, TaskInstance, call_model, get_task
+
+EVALUATION_SEED_BASE = 2 * 10**8
+OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+BASELINES: dict[str, OptimizerFactory] = {
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+}
+# Half-decades from 1e-4 to 10; widened automatically when the best lr sits at an edge.
+DEFAULT_GRID = tuple(round(10 ** (k / 2), 10) for k in range(-8, 3))
+METRICS = ("mean_loss", "final_loss", "test_loss")
+
+
+@dataclass
+class RunResult:
+    """One optimizer on one task instance."""
+
+    losses: list[float]
+    mean_loss: float
+    final_loss: float
+    test_loss: float
+    seconds: float
+
+
+@dataclass
+class OptimizerSummary:
+    """One optimizer over all seeds, at its best learning rate per metric."""
+
+    name: str
+    best_lr: dict[str, float | None]
+    mean_loss: float
+    final_loss: float
+    test_loss: float
+    curves: list[list[float]]
+    seconds: float
+    per_seed: dict[str, list[float]] = field(default_factory=dict)
+    grid: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _finite_or_inf(x: float) -> float:
+    return x if math.isfinite(x) else float("inf")
+
+
+@torch.no_grad()
+def _split_loss(instance: TaskInstance, model: nn.Module, split: Any) -> float:
+    if split is None:
+        return float("nan")
+    inputs, targets = split
+    return _finite_or_inf(float(instance.loss(call_model(model, inputs), targets)))
+
+
+def run_once(
+    family: TaskFamily,
+    seed: int,
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    steps: int,
+) -> RunResult:
+    """Train one instance of ``family`` for ``steps`` steps with an ordinary training loop."""
+    instance = family.sample(seed)
+    model = instance.model
+    optimizer = make_optimizer(model.parameters())
+    losses: list[float] = []
+    start = time.perf_counter()
+    for _ in range(steps):
+        inputs, targets = instance.next_batch()
+        optimizer.zero_grad(set_to_none=True)
+        loss = instance.loss(call_model(model, inputs), targets)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            losses.append(float("inf"))
+            break
+        loss.backward()
+        optimizer.step()
+        losses.append(value)
+    seconds = time.perf_counter() - start
+    if len(losses) < steps or any(not math.isfinite(p.detach().abs().sum()) for p in model.parameters()):
+        return RunResult(losses, float("inf"), float("inf"), float("inf"), seconds)
+    train = instance.train_set
+    final = _split_loss(instance, model, train)
+    if train is None:  # no whole split: the loss on the next minibatch stands in for it
+        inputs, targets = instance.next_batch()
+        with torch.no_grad():
+            final = _finite_or_inf(float(instance.loss(call_model(model, inputs), targets)))
+    return RunResult(losses, sum(losses) / len(losses), final, _split_loss(instance, model, instance.test_set), seconds)
+
+
+class ResultCache:
+    """JSON cache of baseline runs so that reruns of a comparison are quick."""
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.data: dict[str, Any] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                self.data = {}  # a corrupt cache is only a cache: start over
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> RunResult | None:
+        hit = self.data.get(key)
+        return RunResult(**hit) if hit else None
+
+    def put(self, key: str, result: RunResult) -> None:
+        self.data[key] = asdict(result)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)
+
+
+def _aggregate(name: str, runs: Sequence[RunResult]) -> dict[str, Any]:
+    def mean(xs: Sequence[float]) -> float:
+        return float(sum(xs) / len(xs)) if all(math.isfinite(x) for x in xs) else float("inf")
+
+    return {
+        "mean_loss": mean([r.mean_loss for r in runs]),
+        "final_loss": mean([r.final_loss for r in runs]),
+        "test_loss": mean([r.test_loss for r in runs])
+        if all(math.isfinite(r.test_loss) for r in runs)
+        else float("nan"),
+        "seconds": sum(r.seconds for r in runs),
+    }
+
+
+def tune_baseline(
+    name: str,
+    factory: OptimizerFactory,
+    family: TaskFamily,
+    task_key: str,
+    seeds: Sequence[int],
+    steps: int,
+    grid: Sequence[float] = DEFAULT_GRID,
+    cache: ResultCache | None = None,
+    on_run: Callable[[], None] | None = None,
+    max_widen: int = 4,
+) -> OptimizerSummary:
+    """Run ``factory`` over the lr grid (widened past edge optima) and keep the best lr per metric."""
+    results: dict[float, list[RunResult]] = {}
+
+    def evaluate(lr: float) -> None:
+        runs = []
+        for seed in seeds:
+            key = ResultCache.key(task_key, name, lr, seed, steps)
+            hit = cache.get(key) if cache is not None else None
+            if hit is None:
+                hit = run_once(family, seed, lambda p, lr=lr: factory(p, lr), steps)
+                if cache is not None:
+                    cache.put(key, hit)
+            runs.append(hit)
+            if on_run is not None:
+                on_run()
+        results[lr] = runs
+
+    for lr in grid:
+        evaluate(lr)
+    for _ in range(max_widen):
+        lrs = sorted(results)
+        edges = set()
+        for metric in ("mean_loss", "final_loss"):
+            scores = {lr: _aggregate(name, results[lr])[metric] for lr in lrs}
+            best = min(lrs, key=lambda lr, s=scores: s[lr])
+            if best == lrs[0]:
+                edges.add(round(lrs[0] / math.sqrt(10), 10))
+            elif best == lrs[-1]:
+                edges.add(round(lrs[-1] * math.sqrt(10), 10))
+        if not edges:
+            break
+        for lr in sorted(edges):
+            evaluate(lr)
+
+    lrs = sorted(results)
+    table = {lr: _aggregate(name, results[lr]) for lr in lrs}
+    best_lr: dict[str, float | None] = {}
+    summary: dict[str, float] = {}
+    for metric in METRICS:
+        candidates = [lr for lr in lrs if math.isfinite(table[lr][metric])]
+        if metric == "test_loss":
+            # Held-out loss is reported at the lr that is best on the final training loss.
+            pick = best_lr["final_loss"]
+        else:
+            pick = min(candidates, key=lambda lr: table[lr][metric]) if candidates else None
+            best_lr[metric] = pick
+        summary[metric] = table[pick][metric] if pick is not None else float("inf")
+    chosen = best_lr["final_loss"] if best_lr["final_loss"] is not None else lrs[0]
+    return OptimizerSummary(
+        name=name,
+        best_lr=best_lr,
+        mean_loss=summary["mean_loss"],
+        final_loss=summary["final_loss"],
+        test_loss=summary["test_loss"],
+        curves=[r.losses for r in results[chosen]],
+        seconds=table[chosen]["seconds"],
+        per_seed={
+            "mean_loss": [r.mean_loss for r in results[best_lr["mean_loss"] or chosen]],
+            "final_loss": [r.final_loss for r in results[chosen]],
+        },
+        grid={f"{lr:g}": {k: v for k, v in table[lr].items()} for lr in lrs},
+    )
+
+
+def evaluate_rule(
+    name: str,
+    rule: Any,
+    family: TaskFamily,
+    seeds: Sequence[int],
+    steps: int,
+    lr: float = 1.0,
+    on_run: Callable[[], None] | None = None,
+) -> OptimizerSummary:
+    """Run ``LearnedOptimizer(params, pretrained=rule, lr=lr)`` on every seed."""
+    from learned_optim.optimizer import LearnedOptimizer
+
+    runs = []
+    for seed in seeds:
+        runs.append(run_once(family, seed, lambda p: LearnedOptimizer(p, pretrained=rule, lr=lr), steps))
+        if on_run is not None:
+            on_run()
+    agg = _aggregate(name, runs)
+    return OptimizerSummary(
+        name=name,
+        best_lr={"mean_loss": lr, "final_loss": lr},
+        mean_loss=agg["mean_loss"],
+        final_loss=agg["final_loss"],
+        test_loss=agg["test_loss"],
+        curves=[r.losses for r in runs],
+        seconds=agg["seconds"],
+        per_seed={"mean_loss": [r.mean_loss for r in runs], "final_loss": [r.final_loss for r in runs]},
+    )
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`: every optimizer's summary plus the settings."""
+
+    task: str
+    steps: int
+    seeds: list[int]
+    results: list[OptimizerSummary]
+    baselines: list[str]
+
+    def best_baseline(self, metric: str) -> OptimizerSummary:
+        """The baseline with the lowest value of ``metric``."""
+        pool = [r for r in self.results if r.name in self.baselines]
+        return min(pool, key=lambda r: getattr(r, metric))
+
+    def ratio(self, name: str, metric: str) -> float:
+        """``metric`` of ``name`` divided by the best baseline's."""
+        mine = next(r for r in self.results if r.name == name)
+        best = getattr(self.best_baseline(metric), metric)
+        return getattr(mine, metric) / best if best > 0 else float("nan")
+
+    def wins(self, name: str, metric: str = "final_loss") -> int:
+        """Seeds on which ``name`` beats every baseline (at their best lr) on ``metric``."""
+        mine = next(r for r in self.results if r.name == name).per_seed[metric]
+        others = [r.per_seed[metric] for r in self.results if r.name != name]
+        return sum(1 for i, v in enumerate(mine) if all(v < o[i] for o in others))
+
+    def table(self) -> str:
+        """Markdown table, one row per optimizer."""
+        head = (
+            "| optimizer | lr (a) | lr (b) | (a) mean loss | ratio | (b) final train loss | ratio "
+            "| held-out loss | seconds | seeds won |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        )
+        rows = []
+        for r in self.results:
+            lr_a = r.best_lr.get("mean_loss")
+            lr_b = r.best_lr.get("final_loss")
+            rows.append(
+                f"| {r.name} | {_fmt_lr(lr_a)} | {_fmt_lr(lr_b)} | {r.mean_loss:.4f} | {self.ratio(r.name, 'mean_loss'):.2f} "
+                f"| {r.final_loss:.4f} | {self.ratio(r.name, 'final_loss'):.2f} | {r.test_loss:.4f} "
+                f"| {r.seconds:.1f} | {self.wins(r.name)}/{len(self.seeds)} |"
+            )
+        return head + "\n".join(rows) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, JSON-serialisable."""
+        return {
+            "task": self.task,
+            "steps": self.steps,
+            "seeds": self.seeds,
+            "baselines": self.baselines,
+            "results": [asdict(r) for r in self.results],
+            "ratios": {r.name: {m: self.ratio(r.name, m) for m in ("mean_loss", "final_loss")} for r in self.results},
+        }
+
+
+def _fmt_lr(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:g}"
+
+
+def compare(
+    task: str | TaskFamily,
+    rules: Sequence[Any] = ("default",),
+    steps: int = 100,
+    seeds: int | Sequence[int] = 10,
+    baselines: Sequence[str] = ("adam", "rmsprop", "sgd", "nesterov"),
+    grid: Sequence[float] = DEFAULT_GRID,
+    cache_path: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    rule_names: Sequence[str] | None = None,
+) -> Comparison:
+    """Compare learned rules against tuned baselines on ``task``.
+
+    Args:
+        task: a built-in task name or a :class:`~learned_optim.tasks.TaskFamily`.
+        rules: rules to evaluate: ``"default"``, bundled names, directories, Hub repo ids
+            or :class:`~learned_optim.rules.UpdateRule` objects. All are loaded before any run.
+        steps: training steps per run.
+        seeds: number of evaluation seeds (or the seeds themselves).
+        baselines: names from :data:`BASELINES`.
+        grid: initial learning-rate grid for the baselines.
+        cache_path: JSON file caching baseline runs.
+        progress: show a progress bar.
+        rule_names: labels for ``rules`` in the report.
+    """
+    from learned_optim.weights import DEFAULT_RULE, resolve_rule
+
+    family = get_task(task) if isinstance(task, str) else task
+    task_key = task if isinstance(task, str) else getattr(family, "name", type(family).__name__)
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
+    seed_list = (
+        list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + seeds)) if isinstance(seeds, int) else list(seeds)
+    )
+    loaded = []
+    for item in rules:
+        if isinstance(item, str) and item == "default":
+            loaded.append(("default", resolve_rule(DEFAULT_RULE, is_default=True)))
+        elif isinstance(item, str):
+            loaded.append((item, resolve_rule(item)))
+        else:
+            loaded.append((type(item).__name__, resolve_rule(item)))
+    if rule_names is not None:
+        loaded = [(n, r) for n, (_, r) in zip(rule_names, loaded, strict=True)]
+    cache = ResultCache(cache_path)
+    total = len(seed_list) * (len(loaded) + len(baselines) * len(grid))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"compare {task_key}", unit="run", dynamic_ncols=True)
+    tick = (lambda: bar.update(1)) if bar is not None else None
+    results = []
+    try:
+        for name, rule in loaded:
+            results.append(evaluate_rule(name, rule, family, seed_list, steps, on_run=tick))
+        for b in baselines:
+            results.append(tune_baseline(b, BASELINES[b], family, task_key, seed_list, steps, grid, cache, on_run=tick))
+            cache.save()
+    finally:
+        if bar is not None:
+            bar.close()
+    return Comparison(task=task_key, steps=steps, seeds=seed_list, results=results, baselines=list(baselines))

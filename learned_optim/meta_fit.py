@@ -1,0 +1,573 @@
+"""Meta-training update rules by truncated backpropagation through unrolled optimisation.
+
+The optimizee is the user's ``nn.Module`` run functionally (``torch.func.functional_call``)
+so that its parameters after ``t`` learned steps are a differentiable function of the
+rule's weights. One meta-iteration unrolls ``unroll`` inner steps on a batch of task
+instances, takes one meta-gradient step on the rule, and carries the (detached)
+optimizee parameters and rule state into the next truncation until the instance has
+run ``steps`` steps; then a fresh instance is sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.func import functional_call
+
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
+from learned_optim.weights import save_pretrained
+
+# Seed ranges: meta-training, validation and evaluation instances never share a seed.
+TRAIN_SEEDS = (0, 10**8)
+VALIDATION_SEED_BASE = 10**8
+EVALUATION_SEED_BASE = 2 * 10**8
+
+__all__ = [
+    "EVALUATION_SEED_BASE",
+    "MetaFitConfig",
+    "MetaTrainer",
+    "Task",
+    "meta_fit",
+]
+
+
+@dataclass
+class MetaFitConfig:
+    """Hyper-parameters of meta-training (all saved with checkpoints).
+
+    Attributes:
+        steps: inner steps per task instance (the horizon); with ``random_horizon`` the
+            mean of a heavy-tailed draw.
+        unroll: inner steps per truncation (one meta-gradient step each).
+        meta_iterations: meta-gradient steps in total.
+        meta_lr: Adam learning rate on the rule's weights.
+        instances: task instances optimised side by side in each meta-iteration.
+        meta_loss: ``"log"``: mean over steps of ``log(f_t / f_0)`` (scale-free, so problems
+            of different scales weigh alike); ``"mean"``: mean of ``f_t`` (the paper).
+        second_order: backpropagate through the optimizee's gradients too.
+        clip_grad_norm: meta-gradient norm clip (``0`` disables).
+        random_horizon: draw each instance's horizon from a heavy-tailed distribution.
+        seed: fixes instance sampling and horizons.
+        validate_every: meta-iterations between validations (``0`` disables).
+        validation_instances: held-out instances per validation.
+        checkpoint_every: meta-iterations between checkpoints (when a directory is given).
+    """
+
+    steps: int = 100
+    unroll: int = 20
+    meta_iterations: int = 1000
+    meta_lr: float = 3e-3
+    instances: int = 1
+    meta_loss: str = "log"
+    second_order: bool = False
+    clip_grad_norm: float = 1.0
+    random_horizon: bool = False
+    seed: int = 0
+    validate_every: int = 50
+    validation_instances: int = 4
+    checkpoint_every: int = 50
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        for name in ("steps", "unroll", "meta_iterations", "instances"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_loss not in ("log", "mean"):
+            raise ValueError(f"meta_loss must be 'log' or 'mean', got {self.meta_loss!r}")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
+        if self.validate_every < 0 or self.validation_instances < 1 or self.checkpoint_every < 1:
+            raise ValueError("validate_every must be >= 0, validation_instances and checkpoint_every >= 1")
+
+
+@dataclass
+class _Run:
+    """One task instance being optimised, with what is needed to rebuild it after a restart."""
+
+    family_index: int
+    seed: int
+    horizon: int
+    instance: TaskInstance
+    names: list[str]
+    params: list[Tensor]
+    state: RuleState
+    steps_done: int = 0
+    batches_used: int = 0
+    initial_loss: float = float("nan")
+    pending_batch: Any = None
+
+
+@dataclass
+class MetaFitHistory:
+    """What happened during meta-training (also written to checkpoints)."""
+
+    iteration: int = 0
+    meta_losses: list[float] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    best_validation: float = float("inf")
+    best_iteration: int = -1
+    skipped_updates: int = 0
+    seconds: float = 0.0
+
+
+def _flatten(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _heavy_tailed_horizon(rng: random.Random, mean: int) -> int:
+    # Log-uniform between mean/4 and 4*mean: short unrolls are common, long ones appear.
+    return max(2, round(math.exp(rng.uniform(math.log(mean / 4), math.log(mean * 4)))))
+
+
+class MetaTrainer:
+    """Meta-trains ``rule`` on task families; see :func:`meta_fit` for the arguments."""
+
+    def __init__(
+        self,
+        rule: UpdateRule,
+        tasks: TaskFamily | str | Sequence[TaskFamily | str],
+        config: MetaFitConfig | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
+        time_budget: float | None = None,
+        callback: Callable[[MetaFitHistory], None] | None = None,
+    ) -> None:
+        if not isinstance(rule, UpdateRule):
+            raise TypeError(f"meta_fit expects an UpdateRule as rule, got {type(rule).__name__}")
+        if not any(p.requires_grad for p in rule.parameters()):
+            raise ValueError("the rule has no trainable parameters")
+        self.rule = rule
+        if isinstance(tasks, (TaskFamily, str)):
+            tasks = [tasks]
+        self.families = [get_task(t) if isinstance(t, str) else t for t in tasks]
+        for family in self.families:
+            if not isinstance(family, TaskFamily):
+                raise TypeError(f"tasks must be TaskFamily/Task objects or task names, got {type(family).__name__}")
+        if not self.families:
+            raise ValueError("meta_fit needs at least one task")
+        self.config = config or MetaFitConfig()
+        self.config.check()
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.progress = progress
+        self.time_budget = time_budget
+        self.callback = callback
+        self.meta_optimizer = torch.optim.Adam(rule.parameters(), lr=self.config.meta_lr)
+        self.rng = random.Random(self.config.seed)
+        self.history = MetaFitHistory()
+        self.best_weights = {k: v.detach().clone() for k, v in rule.state_dict().items()}
+        self.runs: list[_Run] = []
+        for family in self.families:
+            probe = family.sample(VALIDATION_SEED_BASE - 1)
+            validate_instance(probe, f"task {getattr(family, 'name', type(family).__name__)!r}")
+
+    # ------------------------------------------------------------------ inner problem
+    def _new_run(self, family_index: int | None = None, seed: int | None = None, horizon: int | None = None) -> _Run:
+        if family_index is None:
+            family_index = self.rng.randrange(len(self.families))
+        if seed is None:
+            seed = self.rng.randrange(*TRAIN_SEEDS)
+        if horizon is None:
+            cfg = self.config
+            horizon = _heavy_tailed_horizon(self.rng, cfg.steps) if cfg.random_horizon else cfg.steps
+        instance = self.families[family_index].sample(seed)
+        named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
+        params = [p.detach().clone().float() for _, p in named]
+        state = self.rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
+        return _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
+
+    def _next_batch(self, run: _Run) -> Any:
+        run.batches_used += 1
+        return run.instance.next_batch()
+
+    def _unroll(self, runs: Sequence[_Run]) -> Tensor:
+        """Run ``unroll`` steps of every run with autograd to the rule; return the meta-loss."""
+        cfg = self.config
+        params = [[p.requires_grad_(True) for p in run.params] for run in runs]
+        states = [run.state for run in runs]
+        sizes = [_flatten(ps).numel() for ps in params]
+        terms: list[list[Tensor]] = [[] for _ in runs]
+        length = min(cfg.unroll, min(run.horizon - run.steps_done for run in runs))
+        for t in range(length + 1):
+            grads = []
+            for i, run in enumerate(runs):
+                if run.pending_batch is None:
+                    run.pending_batch = self._next_batch(run)
+                loss = functional_loss(run.instance, run.names, params[i], run.pending_batch)
+                if math.isnan(run.initial_loss):
+                    run.initial_loss = max(float(loss.detach()), 1e-12)
+                if t > 0:
+                    terms[i].append(loss)
+                if t == length:
+                    break
+                run.pending_batch = None
+                # retain_graph: the same loss is also a term of the meta-loss.
+                g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
+                grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
+            if t == length:
+                break
+            flat_grad = torch.cat(grads)
+            flat_state = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+            context = None
+            if getattr(self.rule, "needs_segments", False):
+                context = _segments_for(params)
+            update, new_state = self.rule(flat_grad, flat_state, context)
+            offset = 0
+            for i in range(len(runs)):
+                upd = update[offset : offset + sizes[i]]
+                states[i] = {k: v[offset : offset + sizes[i]] for k, v in new_state.items()}
+                pos = 0
+                new_params = []
+                for p in params[i]:
+                    new_params.append(p + upd[pos : pos + p.numel()].view_as(p))
+                    pos += p.numel()
+                params[i] = new_params
+                offset += sizes[i]
+        per_run = []
+        for i, run in enumerate(runs):
+            stacked = torch.stack(terms[i])
+            if cfg.meta_loss == "log":
+                # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
+                per_run.append(torch.log(stacked.clamp_min(1e-12) / run.initial_loss).mean())
+            else:
+                per_run.append(stacked.mean())
+            run.params = [p.detach() for p in params[i]]
+            run.state = {k: v.detach() for k, v in states[i].items()}
+            run.steps_done += length
+        return torch.stack(per_run).mean()
+
+    # ------------------------------------------------------------------ outer loop
+    def step(self) -> float:
+        """One meta-iteration; returns the meta-loss (NaN if the update was skipped)."""
+        cfg = self.config
+        while len(self.runs) < cfg.instances:
+            self.runs.append(self._new_run())
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        meta_loss = self._unroll(self.runs)
+        value = float(meta_loss.detach())
+        ok = math.isfinite(value)
+        if ok:
+            meta_loss.backward()
+            grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            ok = bool(torch.isfinite(total))
+            if ok and cfg.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.rule.parameters(), cfg.clip_grad_norm)
+        if ok:
+            self.meta_optimizer.step()
+        else:
+            self.history.skipped_updates += 1
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            # A diverged trajectory is dropped: its parameters may already be non-finite.
+            self.runs = [r for r in self.runs if all(torch.isfinite(p).all() for p in r.params)]
+        self.runs = [r for r in self.runs if r.steps_done < r.horizon]
+        self.history.iteration += 1
+        self.history.meta_losses.append(value)
+        return value
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean meta-objective of the current rule over held-out instances (full horizon)."""
+        cfg = self.config
+        scores = []
+        for i in range(cfg.validation_instances):
+            family_index = i % len(self.families)
+            run = self._new_run(family_index, VALIDATION_SEED_BASE + i, cfg.steps)
+            losses = rollout(self.rule, run.instance, cfg.steps)
+            f0 = max(losses[0], 1e-12)
+            trace = torch.tensor(losses[1:])
+            if not torch.isfinite(trace).all():
+                scores.append(float("inf"))
+            elif cfg.meta_loss == "log":
+                scores.append(float(torch.log(trace.clamp_min(1e-12) / f0).mean()))
+            else:
+                scores.append(float(trace.mean()))
+        return float(sum(scores) / len(scores))
+
+    def run(self) -> UpdateRule:
+        """Meta-train until ``meta_iterations`` (or the time budget); returns the best rule."""
+        cfg = self.config
+        start = time.perf_counter() - self.history.seconds
+        bar = _progress_bar(cfg.meta_iterations, self.history.iteration, self.progress)
+        try:
+            while self.history.iteration < cfg.meta_iterations:
+                value = self.step()
+                it = self.history.iteration
+                self.history.seconds = time.perf_counter() - start
+                if cfg.validate_every and (it % cfg.validate_every == 0 or it == cfg.meta_iterations):
+                    score = self.validate()
+                    self.history.validation.append((it, score))
+                    if score < self.history.best_validation:
+                        self.history.best_validation = score
+                        self.history.best_iteration = it
+                        self.best_weights = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        meta_loss=f"{value:.4f}",
+                        best_val=f"{self.history.best_validation:.4f}",
+                        skipped=self.history.skipped_updates,
+                    )
+                if self.checkpoint_dir is not None and (it % cfg.checkpoint_every == 0 or it == cfg.meta_iterations):
+                    self.save_checkpoint(self.checkpoint_dir)
+                if self.callback is not None:
+                    self.callback(self.history)
+                if self.time_budget is not None and self.history.seconds > self.time_budget:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        if cfg.validate_every and self.history.best_iteration >= 0:
+            self.rule.load_state_dict(self.best_weights)
+        return self.rule
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike[str]) -> None:
+        """Write everything needed to continue exactly: rule, meta-optimizer, runs, RNG."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        for k, v in self.rule.state_dict().items():
+            tensors[f"rule/{k}"] = v.detach().contiguous()
+        for k, v in self.best_weights.items():
+            tensors[f"best/{k}"] = v.contiguous()
+        for index, p in enumerate(self.rule.parameters()):
+            st = self.meta_optimizer.state.get(p, {})
+            for key, value in st.items():
+                tensors[f"meta_opt/{index}/{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+        runs_meta = []
+        for r_index, run in enumerate(self.runs):
+            for p_index, p in enumerate(run.params):
+                tensors[f"run/{r_index}/param/{p_index}"] = p.contiguous()
+            for k, v in run.state.items():
+                tensors[f"run/{r_index}/state/{k}"] = v.contiguous()
+            runs_meta.append(
+                {
+                    "family_index": run.family_index,
+                    "seed": run.seed,
+                    "horizon": run.horizon,
+                    "steps_done": run.steps_done,
+                    "batches_used": run.batches_used,
+                    "initial_loss": run.initial_loss,
+                    "has_pending_batch": run.pending_batch is not None,
+                }
+            )
+        meta = {
+            "rule_type": self.rule.rule_type,
+            "rule_config": self.rule.config,
+            "config": asdict(self.config),
+            "history": asdict(self.history),
+            "rng_state": _rng_to_json(self.rng.getstate()),
+            "runs": runs_meta,
+        }
+        tmp_weights = directory / "checkpoint.safetensors.tmp"
+        tmp_meta = directory / "checkpoint.json.tmp"
+        save_file(tensors, str(tmp_weights))
+        tmp_meta.write_text(json.dumps(meta))
+        # Replace the pair; the JSON goes last and names a complete weights file.
+        os.replace(tmp_weights, directory / "checkpoint.safetensors")
+        os.replace(tmp_meta, directory / "checkpoint.json")
+        save_pretrained(self.rule, directory / "last")
+
+    def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
+        """Continue from :meth:`save_checkpoint`'s files (the configs must match)."""
+        directory = Path(directory)
+        meta_path = directory / "checkpoint.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: no checkpoint to resume from")
+        meta = json.loads(meta_path.read_text())
+        if meta["rule_type"] != self.rule.rule_type or meta["rule_config"] != self.rule.config:
+            raise ValueError(
+                f"{meta_path}: checkpoint is for rule {meta['rule_type']} {meta['rule_config']}, "
+                f"not {self.rule.rule_type} {self.rule.config}"
+            )
+        saved_cfg = meta["config"]
+        ours = asdict(self.config)
+        differing = {k for k in ours if k != "meta_iterations" and saved_cfg.get(k) != ours[k]}
+        if differing:
+            raise ValueError(f"{meta_path}: meta-training settings differ from the checkpoint's: {sorted(differing)}")
+        tensors = load_file(str(directory / "checkpoint.safetensors"))
+        self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule/")})
+        self.best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        for index, p in enumerate(self.rule.parameters()):
+            prefix = f"meta_opt/{index}/"
+            st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if st:
+                self.meta_optimizer.state[p] = st
+        history = meta["history"]
+        history["validation"] = [tuple(v) for v in history["validation"]]
+        self.history = MetaFitHistory(**history)
+        self.rng.setstate(_rng_from_json(meta["rng_state"]))
+        self.runs = []
+        for r_index, info in enumerate(meta["runs"]):
+            run = self._new_run(info["family_index"], info["seed"], info["horizon"])
+            for _ in range(info["batches_used"]):
+                run.instance.next_batch()
+            run.batches_used = info["batches_used"]
+            run.steps_done = info["steps_done"]
+            run.initial_loss = info["initial_loss"]
+            if info["has_pending_batch"]:
+                # The pending batch was the last one drawn: draw again from a fresh stream.
+                replay = self.families[run.family_index].sample(run.seed)
+                for _ in range(info["batches_used"] - 1):
+                    replay.next_batch()
+                run.pending_batch = replay.next_batch()
+            run.params = [tensors[f"run/{r_index}/param/{i}"] for i in range(len(run.params))]
+            run.state = {k: tensors[f"run/{r_index}/state/{k}"] for k in run.state}
+            self.runs.append(run)
+
+
+def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor], batch: Any) -> Tensor:
+    """The instance's loss on ``batch`` with its model's parameters replaced by ``params``."""
+    inputs, targets = batch
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    output = functional_call(instance.model, dict(zip(names, params, strict=True)), args)
+    value = instance.loss(output, targets)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(f"task {instance.name!r}: loss must return a scalar tensor")
+    return value.reshape(())
+
+
+def _segments_for(params: Sequence[Sequence[Tensor]]) -> StepContext:
+    lengths = [p.numel() for ps in params for p in ps]
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return StepContext(segment_ids=ids, num_segments=len(lengths))
+
+
+def _rng_to_json(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _rng_from_json(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="meta-fit", unit="it", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.0) -> list[float]:
+    """Optimise ``instance`` for ``steps`` steps with ``rule`` (functionally, like meta-training).
+
+    Returns the ``steps + 1`` training minibatch losses ``f(θ_0), …, f(θ_steps)``.
+    """
+    named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    params = [p.detach().clone().float() for _, p in named]
+    state = rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
+    context = None
+    if getattr(rule, "needs_segments", False):
+        context = _segments_for([params])
+    losses = []
+    for t in range(steps + 1):
+        inputs, targets = instance.next_batch()
+        with torch.enable_grad():
+            leaves = [p.requires_grad_(True) for p in params]
+            loss = functional_loss(instance, names, leaves, (inputs, targets))
+            losses.append(float(loss))
+            if t == steps:
+                break
+            grads = torch.autograd.grad(loss, leaves)
+        update, state = rule(_flatten(grads), state, context)
+        pos = 0
+        new_params = []
+        for p in params:
+            new_params.append(p.detach() + lr * update[pos : pos + p.numel()].view_as(p))
+            pos += p.numel()
+        params = new_params
+    return losses
+
+
+def meta_fit(
+    rule: UpdateRule,
+    task: TaskFamily | str | Sequence[TaskFamily | str],
+    steps: int = 100,
+    unroll: int = 20,
+    meta_iterations: int = 1000,
+    *,
+    meta_lr: float = 3e-3,
+    instances: int = 1,
+    meta_loss: str = "log",
+    second_order: bool = False,
+    clip_grad_norm: float = 1.0,
+    random_horizon: bool = False,
+    seed: int = 0,
+    validate_every: int = 50,
+    validation_instances: int = 4,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    progress: bool = True,
+    time_budget: float | None = None,
+    callback: Callable[[MetaFitHistory], None] | None = None,
+) -> UpdateRule:
+    """Meta-train ``rule`` in place on a problem class and return it.
+
+    Args:
+        rule: the update rule to train (e.g. ``CoordinateLSTM()``).
+        task: a :class:`~learned_optim.tasks.Task` built from your own ``nn.Module``, a
+            built-in task name (``learned_optim.tasks.list_tasks()``), or a list of them
+            (each instance picks one at random).
+        steps: inner optimisation steps per instance (horizon).
+        unroll: inner steps per truncation.
+        meta_iterations: number of meta-gradient steps.
+        meta_lr: Adam learning rate on the rule's weights.
+        instances: instances optimised side by side per meta-iteration (one rule call).
+        meta_loss: ``"log"`` (mean log loss ratio) or ``"mean"`` (mean loss).
+        second_order: differentiate through the optimizee's gradients.
+        clip_grad_norm: meta-gradient norm clip.
+        random_horizon: heavy-tailed random horizons around ``steps``.
+        seed: makes the run deterministic.
+        validate_every: validate on held-out instances every this many iterations and
+            keep the best weights (``0``: keep the last weights).
+        validation_instances: instances per validation.
+        checkpoint_dir: write checkpoints here every ``checkpoint_every`` iterations.
+        checkpoint_every: iterations between checkpoints.
+        resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
+        progress: show a progress bar.
+        time_budget: stop after this many seconds of meta-training.
+        callback: called with the history after each iteration.
+
+    Returns:
+        The rule (the same object), holding the best validated weights.
+    """
+    config = MetaFitConfig(
+        steps=steps,
+        unroll=unroll,
+        meta_iterations=meta_iterations,
+        meta_lr=meta_lr,
+        instances=instances,
+        meta_loss=meta_loss,
+        second_order=second_order,
+        clip_grad_norm=clip_grad_norm,
+        random_horizon=random_horizon,
+        seed=seed,
+        validate_every=validate_every,
+        validation_instances=validation_instances,
+        checkpoint_every=checkpoint_every,
+    )
+    trainer = MetaTrainer(rule, task, config, checkpoint_dir, progress, time_budget, callback)
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        if (Path(checkpoint_dir) / "checkpoint.json").is_file():
+            trainer.load_checkpoint(checkpoint_dir)
+    result = trainer.run()
+    result.meta_fit_history = trainer.history  # type: ignore[attr-defined]
+    return result

@@ -1,0 +1,544 @@
+"""LearnedOptimizer as a drop-in torch.optim optimizer: mechanics, checkpoints, edge cases."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import learned_optim
+from learned_optim import CoordinateLSTM, LearnedOptimizer, StepContext, UpdateRule
+from learned_optim.weights import DEFAULT_RULE, PretrainedError
+
+
+class NegGrad(UpdateRule):
+    """Plain gradient descent: update = -grad, no state (so results are predictable)."""
+
+    rule_type = "_test_opt_neg_grad"
+
+    def state_spec(self):
+        return {}
+
+    def forward(self, grad, state, context=None):
+        return -grad, state
+
+
+class Momentum(UpdateRule):
+    """Heavy ball with one float of state per coordinate: m = beta * m + g, update = -m."""
+
+    rule_type = "_test_opt_momentum"
+
+    def __init__(self, beta: float = 0.5) -> None:
+        super().__init__()
+        self.config = {"beta": float(beta)}
+        self.beta = float(beta)
+
+    def state_spec(self):
+        return {"m": ()}
+
+    def forward(self, grad, state, context=None):
+        m = self.beta * state["m"].float() + grad
+        return -m, {"m": m.to(state["m"].dtype)}
+
+
+class SegmentIds(UpdateRule):
+    """update = index of the tensor each coordinate belongs to (checks StepContext)."""
+
+    rule_type = "_test_opt_segment_ids"
+    needs_segments = True
+
+    def state_spec(self):
+        return {}
+
+    def forward(self, grad, state, context=None):
+        assert isinstance(context, StepContext)
+        assert context.segment_ids.shape == grad.shape
+        assert int(context.segment_ids.max()) == context.num_segments - 1
+        return context.segment_ids.to(grad.dtype), state
+
+
+def _lstm(seed: int = 0, **kwargs) -> CoordinateLSTM:
+    torch.manual_seed(seed)
+    rule = CoordinateLSTM(**kwargs)
+    with torch.no_grad():  # a livelier read-out than the init so steps move the params visibly
+        rule.output.weight.normal_(0.0, 1.0)
+    return rule
+
+
+def _params(shapes, dtype=torch.float32, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def _set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def _rule_state(opt, p):
+    return {k: v.clone() for k, v in opt.state[p].items()}
+
+
+# ---------------------------------------------------------------------------- mechanics
+
+
+def test_zero_grad_and_closure_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = LearnedOptimizer(model.parameters(), pretrained=_lstm())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        calls.append(loss)
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = opt.step(closure)
+    assert len(calls) == 1 and loss is calls[0]
+    assert loss.requires_grad  # the closure ran with grad enabled despite step's no_grad
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert opt.step() is None
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    after = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no gradients: nothing moves
+    assert all(torch.equal(a, p) for a, p in zip(after, model.parameters(), strict=True))
+
+
+def test_param_groups_lr_and_decoupled_weight_decay_exact():
+    a, b, c = _params([(3, 4), (5,), (2,)])
+    start = [p.detach().clone() for p in (a, b, c)]
+    opt = LearnedOptimizer(
+        [{"params": [a], "lr": 0.1, "weight_decay": 0.5}, {"params": [b, c], "lr": 0.02}],
+        pretrained=NegGrad(),
+        lr=0.3,
+        weight_decay=0.01,
+    )
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.02]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.01]
+    _set_grads([a, b, c], seed=2)
+    grads = [p.grad.clone() for p in (a, b, c)]
+    opt.step()
+    for p, p0, g, lr, wd in zip((a, b, c), start, grads, (0.1, 0.02, 0.02), (0.5, 0.01, 0.01), strict=True):
+        expected = p0 * (1 - lr * wd) + lr * (-g)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_momentum_rule_state_evolves_per_coordinate():
+    (p,) = _params([(6,)])
+    p0 = p.detach().clone()
+    opt = LearnedOptimizer([p], pretrained=Momentum(beta=0.5), lr=0.1, weight_decay=0.0)
+    g1, g2 = torch.randn(6), torch.randn(6)
+    p.grad = g1.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["rule.m"], g1, rtol=0, atol=0)
+    p.grad = g2.clone()
+    opt.step()
+    m2 = 0.5 * g1 + g2
+    torch.testing.assert_close(opt.state[p]["rule.m"], m2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(p.detach(), p0 - 0.1 * g1 - 0.1 * m2, rtol=0, atol=1e-6)
+    assert opt.state[p]["rule.m"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weight_decay_factor_is_not_rounded(dtype):
+    # 1 - lr * wd = 0.9 is 0.8984375 in bf16: decay and update are taken in fp32, then rounded once.
+    (p,) = _params([(256,)], dtype=dtype)
+    p0 = p.detach().clone()
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=0.5, weight_decay=0.2)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), (p0.float() * 0.9).to(dtype))
+    p1 = p.detach().clone()
+    _set_grads([p], seed=3)
+    g = p.grad.float()
+    opt.step()
+    assert torch.equal(p.detach(), (p1.float() * 0.9 - 0.5 * g).to(dtype))
+
+
+def test_float64_params_get_float64_weight_decay():
+    p = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=1e-3, weight_decay=1e-4)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), 1.0 - 1e-3 * 1e-4, dtype=torch.float64))
+
+
+def test_lr_scheduler_scales_the_step():
+    (p,) = _params([(4,)])
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=0.4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
+    g = torch.randn(4)
+    deltas = []
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        sched.step()
+        deltas.append(p.detach() - before)
+    for delta, lr in zip(deltas, (0.4, 0.1, 0.025), strict=True):
+        torch.testing.assert_close(delta, -lr * g, rtol=1e-5, atol=1e-7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.25**3)
+
+
+def test_step_context_segment_ids():
+    params = _params([(3,), (2, 2), (1,)])
+    start = [p.detach().clone() for p in params]
+    opt = LearnedOptimizer(params, pretrained=SegmentIds(), lr=0.5)
+    _set_grads(params, seed=0)
+    opt.step()
+    for i, (p, p0) in enumerate(zip(params, start, strict=True)):
+        torch.testing.assert_close(p.detach(), p0 + 0.5 * i, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _quadratic_grads(params, step):
+    # Gradients that depend on the parameters, so any divergence after resume shows.
+    loss = sum(((p.float() - 0.1 * step) ** 2 * (i + 1)).sum() for i, p in enumerate(params))
+    grads = torch.autograd.grad(loss, params)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_state_dict_resume_is_bit_identical(dtype):
+    shapes = [(4, 3), (7,), (2, 2, 2)]
+    params = _params(shapes, dtype=dtype)
+    opt = LearnedOptimizer(params, pretrained=_lstm(), lr=0.05, weight_decay=0.01, chunk_size=10)
+    for step in range(3):
+        _quadratic_grads(params, step)
+        opt.step()
+    # torch.save/torch.load(weights_only=True) is how checkpoints travel; it must accept ours.
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    saved_params = [p.detach().clone() for p in params]
+    for step in range(3, 6):
+        _quadratic_grads(params, step)
+        opt.step()
+
+    resumed = [nn.Parameter(p.clone()) for p in saved_params]
+    # A differently initialised rule of the same config: the checkpoint restores its weights.
+    opt2 = LearnedOptimizer(resumed, pretrained=_lstm(seed=123), lr=0.05, weight_decay=0.01, chunk_size=10)
+    buffer.seek(0)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    for p in resumed:
+        for key, value in opt2.state[p].items():
+            assert value.dtype == torch.float32, key  # not cast to the parameter dtype
+    for step in range(3, 6):
+        _quadratic_grads(resumed, step)
+        opt2.step()
+
+    for p, q in zip(params, resumed, strict=True):
+        assert p.dtype == q.dtype == dtype
+        assert torch.equal(p.detach(), q.detach())
+        assert opt.state[p].keys() == opt2.state[q].keys() == {"rule.h", "rule.c"}
+        for key in opt.state[p]:
+            assert opt2.state[q][key].dtype == torch.float32
+            assert torch.equal(opt.state[p][key], opt2.state[q][key]), key
+    for key, value in opt.rule.state_dict().items():
+        assert torch.equal(value, opt2.rule.state_dict()[key])
+
+
+def test_load_state_dict_does_not_alias_the_checkpoint():
+    params = _params([(5,)])
+    opt = LearnedOptimizer(params, pretrained=_lstm())
+    _set_grads(params, 0)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    snapshot = copy.deepcopy(sd)
+    opt.load_state_dict(sd)
+    _set_grads(params, 1)
+    opt.step()
+    for key, value in sd["state"][0].items():
+        assert torch.equal(value, snapshot["state"][0][key])
+
+
+def test_load_state_dict_with_a_different_rule_raises():
+    params = _params([(5,)])
+    opt = LearnedOptimizer(params, pretrained=_lstm(hidden_size=20))
+    _set_grads(params, 0)
+    opt.step()
+    sd = opt.state_dict()
+    other = LearnedOptimizer(_params([(5,)]), pretrained=_lstm(hidden_size=8))
+    with pytest.raises(ValueError, match="different update rule"):
+        other.load_state_dict(sd)
+    other_type = LearnedOptimizer(_params([(5,)]), pretrained=Momentum())
+    with pytest.raises(ValueError, match="different update rule"):
+        other_type.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------- odd parameters
+
+
+def test_params_without_grad_are_skipped_and_keep_state():
+    a, b = _params([(4,), (3,)])
+    opt = LearnedOptimizer([a, b], pretrained=_lstm(), weight_decay=0.1)
+    _set_grads([a, b], 0)
+    opt.step()
+    a_before, a_state = a.detach().clone(), _rule_state(opt, a)
+    b_before, b_state = b.detach().clone(), _rule_state(opt, b)
+    a.grad = None
+    b.grad = torch.randn(3)
+    opt.step()
+    assert torch.equal(a.detach(), a_before)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in a_state.items())
+    assert not torch.equal(b.detach(), b_before)
+    assert not torch.equal(opt.state[b]["rule.h"], b_state["rule.h"])
+    c = nn.Parameter(torch.randn(2))  # never had a gradient: no state at all
+    opt.add_param_group({"params": [c]})
+    opt.step()
+    assert c not in opt.state or not opt.state[c]
+
+
+def test_empty_parameter_is_fine():
+    a, b = nn.Parameter(torch.empty(0, 3)), nn.Parameter(torch.randn(3))
+    opt = LearnedOptimizer([a, b], pretrained=NegGrad(), lr=0.5)
+    a.grad, b.grad = torch.empty(0, 3), torch.ones(3)
+    b0 = b.detach().clone()
+    opt.step()
+    torch.testing.assert_close(b.detach(), b0 - 0.5)
+
+
+def test_sparse_gradient_raises():
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = LearnedOptimizer(emb.parameters(), pretrained=_lstm())
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_complex_params_are_handled_as_real_view():
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(3, 2, dtype=torch.complex64, generator=gen))
+    q = nn.Parameter(p.detach().clone())
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=0.1)
+    sgd = torch.optim.SGD([q], lr=0.1)
+    target = torch.randn(3, 2, dtype=torch.complex64, generator=gen)
+    for o, x in ((opt, p), (sgd, q)):
+        ((x - target).abs() ** 2).sum().backward()
+        o.step()
+    torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-7)
+
+    r = nn.Parameter(torch.randn(4, dtype=torch.complex64, generator=gen))
+    opt = LearnedOptimizer([r], pretrained=_lstm())
+    r0 = r.detach().clone()
+    r.grad = torch.randn(4, dtype=torch.complex64, generator=gen)
+    opt.step()
+    assert r.dtype == torch.complex64
+    assert opt.state[r]["rule.h"].shape == (8, 2, 20)  # one LSTM state per real coordinate
+    assert not torch.equal(torch.view_as_real(r.detach()), torch.view_as_real(r0))
+
+
+def test_non_contiguous_params():
+    gen = torch.Generator().manual_seed(0)
+    t = nn.Parameter(torch.randn(4, 3, generator=gen).t())  # transposed
+    cl = nn.Parameter(torch.randn(2, 3, 4, 5, generator=gen).to(memory_format=torch.channels_last))
+    assert not t.is_contiguous() and cl.is_contiguous(memory_format=torch.channels_last)
+    strides = (t.stride(), cl.stride())
+    refs = [nn.Parameter(x.detach().contiguous()) for x in (t, cl)]
+    rule = _lstm()
+    opt = LearnedOptimizer([t, cl], pretrained=rule, weight_decay=0.1, chunk_size=17)
+    opt_ref = LearnedOptimizer(refs, pretrained=rule, weight_decay=0.1, chunk_size=17)
+    for step in range(2):
+        grads = [torch.randn(x.shape, generator=gen) for x in (t, cl)]
+        for x, r, g in zip((t, cl), refs, grads, strict=True):
+            x.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        opt_ref.step()
+        assert (t.stride(), cl.stride()) == strides  # the layout is kept
+        for x, r in zip((t, cl), refs, strict=True):
+            assert torch.equal(x.detach(), r.detach()), step
+
+
+# ---------------------------------------------------------------------------- non-finite gradients
+
+
+def _two_params_after_one_step(nonfinite):
+    a, b = _params([(4,), (3,)])
+    opt = LearnedOptimizer([a, b], pretrained=_lstm(), weight_decay=0.1, nonfinite=nonfinite)
+    _set_grads([a, b], 0)
+    opt.step()
+    return a, b, opt
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_skip(bad):
+    a, b, opt = _two_params_after_one_step("skip")
+    a0, a_state = a.detach().clone(), _rule_state(opt, a)
+    b0, b_state = b.detach().clone(), _rule_state(opt, b)
+    a.grad = torch.tensor([1.0, bad, 0.5, -0.5])
+    b.grad = torch.randn(3)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(a.detach(), a0)  # not even weight decay
+    assert all(torch.equal(opt.state[a][k], v) for k, v in a_state.items())
+    assert not torch.equal(b.detach(), b0)
+    assert not torch.equal(opt.state[b]["rule.c"], b_state["rule.c"])
+    assert torch.isfinite(b.detach()).all()
+    assert all(torch.isfinite(v).all() for v in opt.state[b].values())
+
+
+def test_nonfinite_skip_without_warning():
+    a, b = _params([(4,), (3,)])
+    opt = LearnedOptimizer([a, b], pretrained=_lstm(), warn_nonfinite=False)
+    a.grad = torch.full((4,), float("nan"))
+    b.grad = torch.randn(3)
+    a0 = a.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert torch.equal(a.detach(), a0)
+
+
+def test_nonfinite_error_changes_nothing():
+    a, b, opt = _two_params_after_one_step("error")
+    a0, a_state = a.detach().clone(), _rule_state(opt, a)
+    b0, b_state = b.detach().clone(), _rule_state(opt, b)
+    a.grad = torch.randn(4)
+    b.grad = torch.tensor([0.0, float("inf"), 1.0])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    assert torch.equal(a.detach(), a0) and torch.equal(b.detach(), b0)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in a_state.items())
+    assert all(torch.equal(opt.state[b][k], v) for k, v in b_state.items())
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def test_maximize_negates_the_gradient():
+    (p,) = _params([(5,)])
+    p0 = p.detach().clone()
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=0.1, maximize=True)
+    g = torch.randn(5)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), p0 + 0.1 * g, rtol=0, atol=1e-7)
+
+    rule = _lstm()
+    x, y = _params([(6,)], seed=3)[0], _params([(6,)], seed=3)[0]
+    opt_max = LearnedOptimizer([x], pretrained=rule, maximize=True)
+    opt_min = LearnedOptimizer([y], pretrained=rule)
+    for _ in range(2):
+        g = torch.randn(6)
+        x.grad, y.grad = g.clone(), -g
+        opt_max.step()
+        opt_min.step()
+    assert torch.equal(x.detach(), y.detach())
+    assert torch.equal(opt_max.state[x]["rule.h"], opt_min.state[y]["rule.h"])
+
+
+@pytest.mark.parametrize("rule_factory", [Momentum, _lstm], ids=["momentum", "lstm"])
+def test_chunked_equals_unchunked(rule_factory):
+    shapes = [(5,), (3, 4), (17,), (2, 3, 5), (1,), (64,)]
+    rule = rule_factory()
+    runs = []
+    for chunk_size in (1 << 20, 7, 1, 16):
+        params = _params(shapes)
+        opt = LearnedOptimizer(params, pretrained=rule, lr=0.5, weight_decay=0.1, chunk_size=chunk_size)
+        for step in range(3):
+            _set_grads(params, seed=10 + step)
+            opt.step()
+        runs.append((params, opt))
+    # An elementwise rule must agree bit for bit. The LSTM's gate matmul may round the last
+    # bit differently with the number of rows (CPU BLAS kernels), so it gets a 1e-6 margin.
+    exact = rule_factory is Momentum
+    (ref, ref_opt), *others = runs
+    for params, opt in others:
+        for p, q in zip(ref, params, strict=True):
+            pairs = [(p.detach(), q.detach())] + [(ref_opt.state[p][k], opt.state[q][k]) for k in ref_opt.state[p]]
+            for x, y in pairs:
+                if exact:
+                    assert torch.equal(x, y)
+                else:
+                    torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_grad_scaler_skips_inf_steps_and_applies_others():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = LearnedOptimizer(model.parameters(), pretrained=NegGrad(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x = torch.randn(5, 3)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss = model(x).pow(2).sum()
+    true_grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    for p, p0, g in zip(model.parameters(), before, true_grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g, rtol=1e-5, atol=1e-6)
+    assert scaler.get_scale() == 2.0**8
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(model(x).pow(2).sum() * float("inf")).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scaler skips the step: our non-finite path never runs
+        scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), before, strict=True))
+    assert scaler.get_scale() == 2.0**7
+
+
+# ---------------------------------------------------------------------------- construction
+
+
+def test_default_rule():
+    params = _params([(3,)])
+    if DEFAULT_RULE not in learned_optim.list_pretrained():
+        with pytest.raises(PretrainedError, match="not bundled") as info:
+            LearnedOptimizer(params)
+        message = str(info.value)
+        assert DEFAULT_RULE in message
+        assert "Bundled rules" in message
+        assert str(learned_optim.list_pretrained() or "none") in message
+    else:
+        opt = LearnedOptimizer(params)
+        assert isinstance(opt.rule, UpdateRule)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -0.1}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"state_dtype": torch.int32}, "state_dtype"),
+    ],
+)
+def test_bad_constructor_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LearnedOptimizer(_params([(3,)]), pretrained=NegGrad(), **kwargs)
+
+
+def test_pretrained_must_be_a_rule():
+    with pytest.raises(TypeError, match="UpdateRule"):
+        LearnedOptimizer(_params([(3,)]), pretrained=nn.Linear(2, 2))
+    with pytest.raises(TypeError):
+        LearnedOptimizer(_params([(3,)]), pretrained=3)
+
+
+def test_state_dtype_bf16_state():
+    (p,) = _params([(4,)])
+    opt = LearnedOptimizer([p], pretrained=_lstm(), state_dtype=torch.bfloat16)
+    _set_grads([p], 0)
+    opt.step()
+    assert opt.state[p]["rule.h"].dtype == torch.bfloat16
+    assert opt.rule_class is CoordinateLSTM

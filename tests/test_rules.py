@@ -1,0 +1,200 @@
+"""Update rules: gradient preprocessing, the coordinatewise LSTM, configs and the registry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from learned_optim.rules import RULE_TYPES, CoordinateLSTM, UpdateRule, get_rule_class
+from learned_optim.rules.preprocess import log_sign_preprocess
+
+
+def _hand_preprocess(g: float, p: float) -> tuple[float, float]:
+    """Appendix A of Andrychowicz et al. 2016, written out for one number."""
+    if abs(g) >= math.exp(-p):
+        return math.log(abs(g)) / p, math.copysign(1.0, g)
+    return -1.0, math.exp(p) * g
+
+
+@pytest.mark.parametrize("p", [10.0, 5.0, 2.5])
+def test_log_sign_preprocess_matches_hand_computation(p):
+    threshold = math.exp(-p)
+    large = [1.0, -2.0, 123.0, -threshold * 20, 0.5, threshold * 1.0001]
+    small = [threshold * 0.5, -threshold * 0.999, 1e-9, -1e-12, 0.0]
+    boundary = [threshold, -threshold]  # |g| = e^-p exactly: the large branch
+    values = large + small + boundary
+    grad = torch.tensor(values, dtype=torch.float64)
+    out = log_sign_preprocess(grad, p)
+    assert out.shape == (len(values), 2)
+    assert out.dtype == torch.float64
+    expected = torch.tensor([_hand_preprocess(v, p) for v in values], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # Both branches meet at the boundary: (-1, ±1) from either side.
+    torch.testing.assert_close(out[-2:], torch.tensor([[-1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64))
+    assert (out[: len(large), 0] > -1).all() and (out[: len(large), 1].abs() == 1).all()
+    assert (out[len(large) : len(large) + len(small), 0] == -1).all()
+
+
+def test_log_sign_preprocess_fp32_and_boundary():
+    p = 10.0
+    # The float32 number nearest e^-p must land in the large branch, not flip branches.
+    g = torch.tensor([math.exp(-p), -math.exp(-p), 3.0, 1e-7], dtype=torch.float32)
+    out = log_sign_preprocess(g, p)
+    assert out.dtype == torch.float32
+    exp = torch.tensor(
+        [[-1.0, 1.0], [-1.0, -1.0], [math.log(3.0) / p, 1.0], [-1.0, math.exp(p) * 1e-7]], dtype=torch.float32
+    )
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_log_sign_preprocess_rejects_bad_p():
+    with pytest.raises(ValueError, match="preprocess_p"):
+        log_sign_preprocess(torch.ones(3), 0.0)
+    with pytest.raises(ValueError, match="preprocess_p"):
+        CoordinateLSTM(preprocess_p=-1.0)
+
+
+def test_log_sign_preprocess_has_finite_gradients():
+    # Meta-training differentiates through the features; zeros and tiny values must not give NaN.
+    g = torch.tensor([0.0, 1e-30, -1e-6, 1e-3, -4.0], requires_grad=True)
+    out = log_sign_preprocess(g, 10.0)
+    (grad,) = torch.autograd.grad(out.sum(), g)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad[:3], torch.full((3,), math.exp(10.0)))  # small branch: d(e^p g)/dg
+    torch.testing.assert_close(grad[3:], 1.0 / (10.0 * g.detach()[3:]))  # large branch: d(log|g|/p)/dg
+
+
+def test_preprocess_off_uses_scaled_raw_gradient():
+    rule = CoordinateLSTM(hidden_size=4, preprocess=False, input_scale=3.0)
+    g = torch.tensor([1.0, -2.0, 1e-9])
+    torch.testing.assert_close(rule.features(g), (g * 3.0).unsqueeze(-1))
+    assert rule.weights[0].shape == (16, 1 + 4)  # one input feature + hidden
+    on = CoordinateLSTM(hidden_size=4)
+    assert on.weights[0].shape == (16, 2 + 4)
+    state = rule.init_state(3)
+    update, new_state = rule(g, state)
+    assert update.shape == (3,)
+    assert torch.isfinite(update).all()
+    assert set(new_state) == {"h", "c"}
+
+
+@pytest.mark.parametrize("preprocess", [True, False])
+def test_batched_lstm_equals_per_coordinate_loop(preprocess):
+    torch.manual_seed(0)
+    rule = CoordinateLSTM(hidden_size=6, num_layers=2, preprocess=preprocess, output_scale=0.5)
+    with torch.no_grad():  # bigger read-out so the updates are not all ~0
+        rule.output.weight.normal_()
+    n = 13
+    grad = torch.randn(n) * torch.logspace(-8, 2, n)
+    state = {k: torch.randn_like(v) for k, v in rule.init_state(n).items()}
+    with torch.no_grad():
+        update, new_state = rule(grad, state)
+        for i in range(n):
+            u_i, s_i = rule(grad[i : i + 1], {k: v[i : i + 1] for k, v in state.items()})
+            torch.testing.assert_close(u_i, update[i : i + 1], rtol=1e-6, atol=1e-7)
+            for k in state:
+                torch.testing.assert_close(s_i[k], new_state[k][i : i + 1], rtol=1e-6, atol=1e-7)
+    assert update.abs().min() > 0
+    for k in state:
+        assert new_state[k].shape == state[k].shape
+        assert not torch.equal(new_state[k], state[k])
+
+
+def test_gradients_reach_all_rule_parameters_through_unroll():
+    torch.manual_seed(0)
+    rule = CoordinateLSTM(hidden_size=8)
+    a = torch.rand(10) + 0.5
+    b = torch.randn(10)
+
+    def f(x):
+        return (a * (x - b) ** 2).sum()
+
+    x = torch.zeros(10, requires_grad=True)
+    state = rule.init_state(10)
+    meta_loss = torch.zeros(())
+    for _ in range(5):
+        (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+        update, state = rule(g, state)
+        x = x + update
+        meta_loss = meta_loss + f(x)
+    meta_loss.backward()
+    names = [name for name, _ in rule.named_parameters()]
+    assert len(names) == 2 * 2 + 2  # weight + bias per layer, read-out weight + bias
+    for name, param in rule.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_config_round_trip_rebuilds_same_structure():
+    rule = CoordinateLSTM(
+        hidden_size=7, num_layers=3, preprocess=False, preprocess_p=4.0, input_scale=2.0, output_scale=0.3
+    )
+    assert sorted(rule.config) == sorted(CoordinateLSTM.config_keys())
+    config = json.loads(json.dumps(rule.config))  # must survive config.json
+    rebuilt = get_rule_class(rule.rule_type)(**config)
+    assert type(rebuilt) is CoordinateLSTM
+    assert rebuilt.config == rule.config
+    assert rebuilt.state_spec() == rule.state_spec() == {"h": (3, 7), "c": (3, 7)}
+    shapes = {k: v.shape for k, v in rule.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    rebuilt.load_state_dict(rule.state_dict())
+    g = torch.randn(5)
+    with torch.no_grad():
+        u1, _ = rule(g, rule.init_state(5))
+        u2, _ = rebuilt(g, rebuilt.init_state(5))
+    assert torch.equal(u1, u2)
+
+
+def test_state_bytes_per_coordinate():
+    rule = CoordinateLSTM()
+    assert rule.state_bytes_per_coordinate() == 320  # 2 layers x 20 units x (h, c) x 4 bytes
+    assert rule.state_bytes_per_coordinate(torch.bfloat16) == 160
+    assert CoordinateLSTM(hidden_size=5, num_layers=1).state_bytes_per_coordinate() == 40
+    state = rule.init_state(3)
+    assert sum(v[0].numel() * v.element_size() for v in state.values()) == 320
+
+
+def test_lstm_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="hidden_size"):
+        CoordinateLSTM(hidden_size=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        CoordinateLSTM(num_layers=0)
+
+
+def test_registry_and_subclass_registration():
+    assert get_rule_class("CoordinateLSTM") is CoordinateLSTM
+    with pytest.raises(ValueError, match="CoordinateLSTM"):  # lists the known types
+        get_rule_class("NoSuchRule")
+
+    try:
+
+        class _Tweaked(CoordinateLSTM):  # inherits rule_type; must not take over the registered name
+            pass
+
+        assert RULE_TYPES["CoordinateLSTM"] is CoordinateLSTM
+        assert _Tweaked.rule_type == "CoordinateLSTM"
+    finally:
+        RULE_TYPES["CoordinateLSTM"] = CoordinateLSTM
+
+    class _Own(UpdateRule):
+        rule_type = "_test_rules_own"
+
+        def state_spec(self):
+            return {}
+
+    try:
+        assert get_rule_class("_test_rules_own") is _Own
+    finally:
+        RULE_TYPES.pop("_test_rules_own", None)
+
+
+def test_base_class_requires_implementation():
+    rule = UpdateRule()
+    with pytest.raises(NotImplementedError):
+        rule.state_spec()
+    with pytest.raises(NotImplementedError):
+        rule(torch.zeros(1), {})

@@ -1,0 +1,382 @@
+"""Tests of the built-in task families (learned_optim.tasks)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from learned_optim.tasks import (
+    TASKS,
+    MLPVariations,
+    MNISTConvFamily,
+    MNISTMLPFamily,
+    QuadraticFamily,
+    TeacherFamily,
+    XORFamily,
+    call_model,
+    get_task,
+    load_mnist,
+    load_mnist_folder,
+    make_xor_dataset,
+    validate_instance,
+)
+from learned_optim.tasks.mnist import VENDORED_DIR
+
+EXPECTED_TASKS = {
+    "quadratic",
+    "mnist-mlp",
+    "mnist-mlp-relu",
+    "mnist-mlp-40",
+    "mnist-mlp-2layer",
+    "mnist-mlp-mixed",
+    "mnist-conv",
+    "xor",
+    "teacher",
+}
+# Plain-SGD learning rates that are safe for each family (the quadratic's curvature is large).
+SGD_LR = {"quadratic": 0.002, "xor": 0.5, "teacher": 0.05}
+ALL_TASKS = sorted(TASKS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The task models are tiny: intra-op threads only add synchronisation, which becomes
+    # very slow when the 2 cores are shared with other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _loss(instance, batch) -> Tensor:
+    return instance.loss(call_model(instance.model, batch[0]), batch[1])
+
+
+def _batches_equal(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_registry_has_all_families():
+    assert set(TASKS) >= EXPECTED_TASKS
+    for name in EXPECTED_TASKS:
+        assert get_task(name).name == name
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_instance_is_valid_and_plain_sgd_decreases_loss(name):
+    instance = get_task(name).sample(0)
+    validate_instance(instance, name)
+    assert instance.train_set is not None
+    # A fixed slice of the training split keeps the conv net's evaluations cheap.
+    subset = (instance.train_set[0][:2000], instance.train_set[1][:2000])
+    with torch.no_grad():
+        before = _loss(instance, subset)
+    assert before.ndim == 0
+    assert math.isfinite(before.item())
+    optimizer = torch.optim.SGD(instance.model.parameters(), lr=SGD_LR.get(name, 0.5))
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = _loss(instance, instance.next_batch())
+        assert loss.ndim == 0 and math.isfinite(loss.item())
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = _loss(instance, subset)
+    assert math.isfinite(after.item())
+    assert after.item() < 0.99 * before.item(), f"{name}: {before.item():.4f} -> {after.item():.4f}"
+    if instance.test_set is not None:
+        assert math.isfinite(_loss(instance, instance.test_set).item())
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_same_seed_same_instance_and_batches(name):
+    family = get_task(name)
+    a, b = family.sample(3), family.sample(3)
+    assert a.name == b.name
+    state_a, state_b = a.model.state_dict(), b.model.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    for _ in range(4):
+        assert _batches_equal(a.next_batch(), b.next_batch())
+    assert _batches_equal(a.train_set, b.train_set)
+    if a.test_set is not None:
+        assert _batches_equal(a.test_set, b.test_set)
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_different_seed_different_instance(name):
+    family = get_task(name)
+    a, b = family.sample(3), family.sample(4)
+    first_a = next(iter(a.model.parameters()))
+    first_b = next(iter(b.model.parameters()))
+    assert first_a.shape != first_b.shape or not torch.equal(first_a, first_b)
+    batch_a, batch_b = a.next_batch(), b.next_batch()
+    assert batch_a[0].shape != batch_b[0].shape or not _batches_equal(batch_a, batch_b)
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_sampling_leaves_global_rng_untouched(name):
+    family = get_task(name)
+    state = torch.get_rng_state()
+    instance = family.sample(7)
+    for _ in range(3):
+        instance.next_batch()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_init_is_not_correlated_with_data():
+    # Data and initial point come from separate streams: θ0 must not repeat W's entries.
+    instance = QuadraticFamily().sample(0)
+    weights, _ = instance.train_set
+    theta = instance.model.theta.detach()
+    assert not torch.equal(theta, weights.flatten()[: theta.numel()])
+
+
+@pytest.mark.parametrize(
+    ("family", "input_shape", "target_shape", "output_shape"),
+    [
+        (QuadraticFamily(), (10, 10), (10,), (10,)),
+        (QuadraticFamily(dim=4), (4, 4), (4,), (4,)),
+        (MNISTMLPFamily(), (128, 784), (128,), (128, 10)),
+        (MNISTMLPFamily(hidden_sizes=(20, 20), batch_size=32), (32, 784), (32,), (32, 10)),
+        (MNISTConvFamily(), (128, 1, 28, 28), (128,), (128, 10)),
+        (TeacherFamily(), (64, 10), (64, 1), (64, 1)),
+        (TeacherFamily(input_dim=5, output_dim=3, batch_size=16), (16, 5), (16, 3), (16, 3)),
+        (XORFamily(train_size=120), (120, 10), (120,), (120,)),
+        (XORFamily(dim=3, train_size=100, batch_size=25), (25, 3), (25,), (25,)),
+    ],
+)
+def test_shapes(family, input_shape, target_shape, output_shape):
+    instance = family.sample(0)
+    inputs, targets = instance.next_batch()
+    assert tuple(inputs.shape) == input_shape
+    assert tuple(targets.shape) == target_shape
+    assert inputs.dtype == torch.float32
+    assert tuple(call_model(instance.model, inputs).shape) == output_shape
+
+
+def test_quadratic_is_deterministic_problem():
+    instance = QuadraticFamily().sample(1)
+    weights, target = instance.train_set
+    for _ in range(3):
+        batch = instance.next_batch()
+        assert torch.equal(batch[0], weights) and torch.equal(batch[1], target)
+    theta = instance.model.theta.detach()
+    expected = ((weights @ theta - target) ** 2).sum()
+    assert torch.allclose(_loss(instance, instance.train_set), expected)
+    assert [name for name, _ in instance.model.named_parameters()] == ["theta"]
+
+
+def test_minibatches_cover_an_epoch_without_repeats():
+    instance = MNISTMLPFamily(batch_size=1000).sample(0)
+    train_x, train_y = instance.train_set
+    epoch = [instance.next_batch() for _ in range(8)]
+    seen_x = torch.cat([x for x, _ in epoch])
+    seen_y = torch.cat([y for _, y in epoch])
+    # 8 batches of 1000 are one epoch of the 8,000 images: a permutation of the training set.
+    weights = torch.linspace(1, 2, 784, dtype=torch.float64)
+    keys_seen = (seen_x.double() @ weights).sort().values
+    keys_train = (train_x.double() @ weights).sort().values
+    assert torch.allclose(keys_seen, keys_train)
+    assert torch.equal(seen_y.bincount(minlength=10), train_y.bincount(minlength=10))
+    assert not torch.equal(seen_x[:1000], train_x[:1000])  # shuffled, not in file order
+    assert not torch.equal(instance.next_batch()[0], epoch[0][0])  # reshuffled next epoch
+
+
+# --- MNIST -------------------------------------------------------------------------------
+
+
+def test_vendored_mnist_files_match_md5():
+    expected = {
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    }
+    readme = (VENDORED_DIR / "README.md").read_text()
+    for name, md5 in expected.items():
+        assert hashlib.md5((VENDORED_DIR / name).read_bytes()).hexdigest() == md5
+        assert md5 in readme
+    assert "CC BY-SA 3.0" in readme and "LeCun" in readme and "Cortes" in readme
+
+
+def test_mnist_split():
+    (train_x, train_y), (test_x, test_y) = load_mnist()
+    assert train_x.shape == (8000, 784) and test_x.shape == (2000, 784)
+    assert train_y.shape == (8000,) and test_y.shape == (2000,)
+    assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
+    for images, labels in ((train_x, train_y), (test_x, test_y)):
+        assert images.min().item() == 0.0 and images.max().item() == 1.0
+        assert set(labels.unique().tolist()) == set(range(10))
+    assert load_mnist()[0][0].data_ptr() == train_x.data_ptr()  # cached, not re-read
+    instance = MNISTMLPFamily().sample(0)
+    assert instance.train_set[0].shape == (8000, 784)
+    assert instance.test_set[0].shape == (2000, 784)
+    assert torch.equal(instance.test_set[1], test_y)
+
+
+def test_mnist_mixed_varies_across_seeds():
+    family = get_task("mnist-mlp-mixed")
+    archs = [family.architecture(seed) for seed in range(30)]
+    assert {len(hidden) for hidden, _ in archs} == {1, 2}
+    assert {act for _, act in archs} == {"sigmoid", "relu", "tanh"}
+    widths = {w for hidden, _ in archs for w in hidden}
+    assert len(widths) > 10 and min(widths) >= 10 and max(widths) <= 64
+    names = {family.sample(seed).name for seed in range(30)}
+    assert len(names) > 20
+    # The instance's network is the drawn architecture, and its name says so.
+    hidden, act = archs[5]
+    instance = family.sample(5)
+    linear_widths = [m.out_features for m in instance.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear_widths == [*hidden, 10]
+    assert "-".join(map(str, (784, *hidden, 10))) in instance.name and act in instance.name
+    assert family.architecture(5) == archs[5]
+
+
+def test_mnist_family_arguments_are_checked():
+    with pytest.raises(ValueError, match="activation"):
+        MNISTMLPFamily(activation="swish-ish")
+    with pytest.raises(ValueError, match="activation"):
+        MLPVariations(activations=("relu", "nope"))
+    with pytest.raises(ValueError, match="batch_size"):
+        MNISTConvFamily(batch_size=0)
+
+
+def _write_idx(path: Path, magic: int, array: Tensor) -> None:
+    payload = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.numpy().tobytes()
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def _fake_mnist(folder: Path, n_train: int = 6, n_test: int = 4, gz: bool = True) -> None:
+    g = torch.Generator().manual_seed(0)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=g, dtype=torch.uint8)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", 0x803, images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", 0x801, labels)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_mnist_folder(tmp_path, gz):
+    _fake_mnist(tmp_path, gz=gz)
+    (train_x, train_y), (test_x, test_y) = load_mnist_folder(tmp_path)
+    assert train_x.shape == (6, 784) and test_x.shape == (4, 784)
+    assert train_y.dtype == torch.int64 and test_y.shape == (4,)
+    assert train_x.min().item() >= 0.0 and train_x.max().item() <= 1.0
+    family = MNISTMLPFamily(batch_size=2, data=((train_x, train_y), (test_x, test_y)))
+    instance = family.sample(0)
+    assert instance.train_set[0].data_ptr() == train_x.data_ptr()  # used as given, no copy
+    assert instance.next_batch()[0].shape == (2, 784)
+
+
+def test_load_mnist_folder_missing_folder_or_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_mnist_folder(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError) as info:
+        load_mnist_folder(tmp_path)
+    message = str(info.value)
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        assert name in message
+    _fake_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks t10k-labels-idx1-ubyte"):
+        load_mnist_folder(tmp_path)
+
+
+def test_load_mnist_folder_rejects_bad_files(tmp_path):
+    _fake_mnist(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    _write_idx(labels, 0x803, torch.zeros(6, dtype=torch.uint8))  # images magic on a labels file
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz.*magic"):
+        load_mnist_folder(tmp_path)
+    labels.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz"):
+        load_mnist_folder(tmp_path)
+
+
+# --- XOR -------------------------------------------------------------------------------
+
+
+def test_xor_datasets_are_balanced_and_standardised():
+    family = XORFamily()
+    for seed in range(40):
+        data = family.dataset(seed)
+        train_x, train_y = data.train
+        test_x, test_y = data.test
+        assert train_x.shape[0] + test_x.shape[0] == 200
+        assert 50 <= train_x.shape[0] <= 150
+        labels = torch.cat([train_y, test_y])
+        assert set(labels.unique().tolist()) <= {0.0, 1.0}
+        fraction = labels.mean().item()
+        assert min(fraction, 1 - fraction) >= 0.15
+        assert data.minority_fraction == pytest.approx(min(fraction, 1 - fraction))
+        assert torch.allclose(train_x.mean(0), torch.zeros(10), atol=1e-5)
+        assert torch.allclose(train_x.std(0), torch.ones(10), atol=1e-4)
+    splits = {family.dataset(seed).train[0].shape[0] for seed in range(40)}
+    assert len(splits) > 10  # the split varies across instances
+
+
+def test_xor_rejection_and_noise_parameters():
+    strict = [make_xor_dataset(seed, min_minority=0.4) for seed in range(10)]
+    assert all(d.minority_fraction >= 0.4 for d in strict)
+    assert any(d.attempts > 1 for d in strict)
+    assert make_xor_dataset(0, noise_mean=0.0).noise_scale == 0.0
+    scales = torch.tensor([make_xor_dataset(seed, noise_mean=0.05).noise_scale for seed in range(200)])
+    assert 0.03 < scales.mean().item() < 0.07
+    data = make_xor_dataset(1, n_samples=50, n_train=30, dim=4)
+    assert data.train[0].shape == (30, 4) and data.test[0].shape == (20, 4)
+    with pytest.raises(ValueError, match="n_train"):
+        make_xor_dataset(0, n_samples=10, n_train=20)
+
+
+def test_xor_noise_free_labels_are_an_xor_of_two_half_spaces():
+    # Without noise the classes are exactly separable by a small ReLU network: plain
+    # full-batch training must get (nearly) all training points right.
+    family = XORFamily(train_size=150, noise_mean=0.0)
+    instance = family.sample(2)
+    optimizer = torch.optim.Adam(instance.model.parameters(), lr=0.02)
+    for _ in range(300):
+        optimizer.zero_grad()
+        _loss(instance, instance.next_batch()).backward()
+        optimizer.step()
+    inputs, labels = instance.train_set
+    accuracy = ((instance.model(inputs) > 0).float() == labels).float().mean().item()
+    assert accuracy > 0.95
+
+
+# --- teacher -----------------------------------------------------------------------------
+
+
+def test_teacher_targets_are_a_relu_network_of_the_inputs():
+    family = TeacherFamily(n_train=256, n_test=128, noise_std=0.0)
+    instance = family.sample(0)
+    train_x, train_y = instance.train_set
+    test_x, _ = instance.test_set
+    assert train_x.shape == (256, 10) and test_x.shape == (128, 10)
+    assert 0.05 < train_y.var().item() < 20.0  # non-degenerate targets
+    # A student of the same shape can fit them far below the targets' variance.
+    optimizer = torch.optim.Adam(instance.model.parameters(), lr=0.01)
+    for _ in range(400):
+        optimizer.zero_grad()
+        _loss(instance, instance.next_batch()).backward()
+        optimizer.step()
+    assert _loss(instance, instance.train_set).item() < 0.1 * train_y.var().item()
+    noisy = TeacherFamily(n_train=256, n_test=128, noise_std=0.5).sample(0)
+    assert torch.equal(noisy.train_set[0], train_x)
+    assert not torch.equal(noisy.train_set[1], train_y)

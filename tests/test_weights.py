@@ -1,0 +1,299 @@
+"""Saving and loading rules: config.json + model.safetensors, validation, name resolution."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import learned_optim
+from learned_optim import CoordinateLSTM, LearnedOptimizer, UpdateRule
+from learned_optim import weights as weights_module
+from learned_optim.weights import (
+    CONFIG_NAME,
+    DEFAULT_RULE,
+    WEIGHTS_NAME,
+    PretrainedError,
+    list_pretrained,
+    load_from_directory,
+    load_rule,
+    resolve_rule,
+    save_pretrained,
+)
+
+
+@pytest.fixture
+def rule():
+    torch.manual_seed(0)
+    return CoordinateLSTM(hidden_size=6, num_layers=2, output_scale=0.2)
+
+
+@pytest.fixture
+def saved(tmp_path, rule):
+    directory = tmp_path / "rule"
+    save_pretrained(rule, directory)
+    return directory
+
+
+def _edit_config(directory, edit):
+    path = directory / CONFIG_NAME
+    raw = json.loads(path.read_text())
+    edit(raw)
+    path.write_text(json.dumps(raw))
+
+
+def _param():
+    return [torch.nn.Parameter(torch.randn(3))]
+
+
+# ---------------------------------------------------------------------------- save
+
+
+def test_save_writes_exactly_config_and_safetensors(saved, rule):
+    assert sorted(os.listdir(saved)) == [CONFIG_NAME, WEIGHTS_NAME]
+    config = json.loads((saved / CONFIG_NAME).read_text())
+    assert config["format"] == "learned_optim.rule"
+    assert config["format_version"] == 1
+    assert config["rule_type"] == "CoordinateLSTM"
+    assert config["config"] == rule.config
+    raw = (saved / WEIGHTS_NAME).read_bytes()
+    assert not raw.startswith(b"\x80")  # not a pickle
+    assert not raw.startswith(b"PK")  # not a torch.save zip archive
+    with safe_open(str(saved / WEIGHTS_NAME), framework="pt") as f:
+        assert set(f.keys()) == set(rule.state_dict())
+
+
+def test_save_with_model_card_and_metadata(tmp_path, rule):
+    save_pretrained(rule, tmp_path / "r", model_card="# my rule\n", metadata={"task": "quadratic"})
+    assert sorted(os.listdir(tmp_path / "r")) == sorted([CONFIG_NAME, "README.md", WEIGHTS_NAME])
+    assert (tmp_path / "r" / "README.md").read_text() == "# my rule\n"
+    assert json.loads((tmp_path / "r" / CONFIG_NAME).read_text())["metadata"] == {"task": "quadratic"}
+    rule.save_pretrained(str(tmp_path / "m"))  # the method form
+    assert sorted(os.listdir(tmp_path / "m")) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_saved_files_follow_the_umask(tmp_path, rule):
+    # Rules are shared and shipped: the files must not come out owner-only (mkstemp's 0600).
+    old = os.umask(0o022)
+    try:
+        save_pretrained(rule, tmp_path / "r", model_card="card")
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md"):
+        assert stat.S_IMODE(os.stat(tmp_path / "r" / name).st_mode) == 0o644, name
+
+
+def test_save_overwrites_and_rejects_non_rules(saved, rule):
+    with torch.no_grad():
+        rule.output.bias.fill_(0.5)
+    save_pretrained(rule, saved)
+    assert sorted(os.listdir(saved)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary files left
+    assert float(load_from_directory(saved).output.bias.detach()) == 0.5
+    with pytest.raises(TypeError, match="UpdateRule"):
+        save_pretrained(torch.nn.Linear(2, 2), saved)
+
+
+# ---------------------------------------------------------------------------- load
+
+
+def test_load_round_trip(saved, rule):
+    loaded = load_from_directory(saved)
+    assert type(loaded) is CoordinateLSTM
+    assert loaded.config == rule.config
+    expected = rule.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype
+        assert torch.equal(got[key], value), key
+    for loaded_rule in (
+        load_rule(str(saved)),
+        UpdateRule.from_pretrained(str(saved)),
+        CoordinateLSTM.from_pretrained(str(saved)),
+    ):
+        assert all(torch.equal(loaded_rule.state_dict()[k], v) for k, v in expected.items())
+    g = torch.randn(4)
+    with torch.no_grad():
+        assert torch.equal(rule(g, rule.init_state(4))[0], loaded(g, loaded.init_state(4))[0])
+
+
+def test_from_pretrained_checks_the_class(saved):
+    class _Other(UpdateRule):
+        pass
+
+    with pytest.raises(TypeError, match="CoordinateLSTM"):
+        _Other.from_pretrained(str(saved))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c.update(rule_type="NoSuchRule"), "unknown rule type 'NoSuchRule'"),
+        (lambda c: c.update(rule_type=["CoordinateLSTM"]), "rule_type"),
+        (lambda c: c.pop("rule_type"), "missing key 'rule_type'"),
+        (lambda c: c["config"].pop("hidden_size"), r"missing config keys \['hidden_size'\]"),
+        (lambda c: c["config"].update(dropout=0.1), r"unexpected config keys \['dropout'\]"),
+        (lambda c: c.update(config=[1, 2]), "'config' must be a JSON object"),
+        (lambda c: c.update(format="something-else"), "format"),
+        (lambda c: c.update(format_version=99), "format_version 99"),
+        (lambda c: c["config"].update(hidden_size=0), "invalid config"),
+        (lambda c: c["config"].update(preprocess_p=0.0), "invalid config"),
+    ],
+)
+def test_bad_config_names_the_file(saved, edit, match):
+    _edit_config(saved, edit)
+    with pytest.raises(PretrainedError, match=match) as info:
+        load_from_directory(saved)
+    assert str(saved / CONFIG_NAME) in str(info.value)
+
+
+def test_tensor_shape_disagreeing_with_config(saved):
+    _edit_config(saved, lambda c: c["config"].update(hidden_size=8))
+    with pytest.raises(PretrainedError, match="shape") as info:
+        load_from_directory(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+def test_missing_or_extra_tensors(saved, rule):
+    tensors = {k: v.clone() for k, v in rule.state_dict().items()}
+    tensors.pop("output.bias")
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(PretrainedError, match=r"missing.*output\.bias") as info:
+        load_from_directory(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+    tensors = {k: v.clone() for k, v in rule.state_dict().items()}
+    tensors["extra"] = torch.zeros(2)
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(PretrainedError, match=r"unexpected.*extra"):
+        load_from_directory(saved)
+
+
+def test_non_finite_or_integer_tensors(saved, rule):
+    tensors = {k: v.clone() for k, v in rule.state_dict().items()}
+    tensors["output.bias"] = torch.tensor([float("nan")])
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(PretrainedError, match="non-finite"):
+        load_from_directory(saved)
+    tensors["output.bias"] = torch.tensor([1], dtype=torch.int64)
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(PretrainedError, match="dtype"):
+        load_from_directory(saved)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 0.0, 8 / 10_000])
+def test_truncated_safetensors(saved, keep):
+    path = saved / WEIGHTS_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(PretrainedError, match="not a valid safetensors file") as info:
+        load_from_directory(saved)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_safetensors(saved):
+    path = saved / WEIGHTS_NAME
+    path.write_bytes(b"\x80\x04\x95 definitely a pickle, not tensors" * 4)
+    with pytest.raises(PretrainedError, match="not a valid safetensors file") as info:
+        load_from_directory(saved)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+def test_missing_file(saved, name):
+    (saved / name).unlink()
+    with pytest.raises(PretrainedError, match="file not found") as info:
+        load_from_directory(saved)
+    assert str(saved / name) in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2]", b'"a string"', b"\xff\xfe\x00garbage"])
+def test_invalid_json(saved, content):
+    path = saved / CONFIG_NAME
+    path.write_bytes(content)
+    with pytest.raises(PretrainedError, match="JSON") as info:
+        load_from_directory(saved)
+    assert str(path) in str(info.value)
+
+
+def test_config_that_is_a_directory(saved):
+    (saved / CONFIG_NAME).unlink()
+    (saved / CONFIG_NAME).mkdir()
+    with pytest.raises(PretrainedError) as info:
+        load_from_directory(saved)
+    assert str(saved / CONFIG_NAME) in str(info.value)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(PretrainedError, match="not a directory"):
+        load_from_directory(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------- name resolution
+
+
+def test_local_directory_for_the_optimizer(saved, rule, monkeypatch):
+    monkeypatch.chdir(saved.parent)
+    opt = LearnedOptimizer(_param(), pretrained="./rule")
+    assert type(opt.rule) is CoordinateLSTM
+    assert all(torch.equal(opt.rule.state_dict()[k], v) for k, v in rule.state_dict().items())
+    assert opt.rule is not rule
+    opt2 = LearnedOptimizer(_param(), pretrained=saved)  # a Path works too
+    assert opt2.rule.config == rule.config
+
+
+@pytest.mark.parametrize("name", ["./does-not-exist", "/no/such/dir/anywhere", "~/no-such-rule-dir-xyz", "a/b/c"])
+def test_bad_path(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PretrainedError, match="no such directory") as info:
+        LearnedOptimizer(_param(), pretrained=name)
+    assert name in str(info.value)
+
+
+def test_unknown_plain_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PretrainedError, match="not a bundled rule"):
+        resolve_rule("no-such-bundled-rule")
+
+
+def test_existing_file_is_not_a_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "somefile").write_text("x")
+    with pytest.raises(PretrainedError, match="no such directory"):
+        resolve_rule("somefile")
+
+
+def test_list_pretrained_of_the_package():
+    names = list_pretrained()
+    assert names == sorted(names)
+    for name in names:
+        assert isinstance(load_rule(name), UpdateRule)
+
+
+def test_bundled_lookup(tmp_path, rule, monkeypatch):
+    bundle = tmp_path / "bundle"
+    save_pretrained(rule, bundle / "tiny-lstm")
+    save_pretrained(rule, bundle / DEFAULT_RULE)
+    (bundle / "not-a-rule").mkdir()  # directories without config.json are not listed
+    monkeypatch.setattr(weights_module, "bundled_dir", lambda: bundle)
+    assert learned_optim.list_pretrained() == sorted(["tiny-lstm", DEFAULT_RULE])
+    monkeypatch.chdir(tmp_path)  # a bundled name wins over nothing local; no cwd lookups needed
+    loaded = load_rule("tiny-lstm")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in rule.state_dict().items())
+    opt = LearnedOptimizer(_param(), pretrained="tiny-lstm")
+    assert opt.rule.config == rule.config
+    default = LearnedOptimizer(_param())  # the default name resolves once it is bundled
+    assert default.rule.config == rule.config
+
+
+def test_missing_default_lists_bundled_names(tmp_path, rule, monkeypatch):
+    bundle = tmp_path / "bundle"
+    save_pretrained(rule, bundle / "only-this-one")
+    monkeypatch.setattr(weights_module, "bundled_dir", lambda: bundle)
+    with pytest.raises(PretrainedError, match="only-this-one") as info:
+        LearnedOptimizer(_param())
+    assert DEFAULT_RULE in str(info.value)
