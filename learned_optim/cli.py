@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import shlex
 import sys
 import time
@@ -21,14 +22,19 @@ def _load_task(spec: str) -> Any:
     if ":" not in spec:
         return get_task(spec)
     module_name, _, attr = spec.partition(":")
+    # ValueError, not SystemExit(message): main() turns it into "error: ..." and exit code 2
+    # like every other bad argument (SystemExit with a message exits with 1).
     try:
         obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise SystemExit(f"error: cannot load task {spec!r}: {err}") from None
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot load task {spec!r}: {err}") from None
     if not isinstance(obj, TaskFamily) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except TypeError as err:
+            raise ValueError(f"cannot build task {spec!r}: calling it failed: {err}") from None
     if not isinstance(obj, TaskFamily):
-        raise SystemExit(f"error: {spec!r} is a {type(obj).__name__}, expected a learned_optim Task/TaskFamily")
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, expected a learned_optim Task/TaskFamily")
     return obj
 
 
@@ -66,20 +72,36 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     checkpoints = out / "checkpoint"
-    trainer = MetaTrainer(rule, tasks, config, checkpoints, progress=not args.quiet, time_budget=args.time_budget)
+    start = time.time()
+
+    def log_line(history: Any) -> None:
+        if args.log_every and history.iteration % args.log_every == 0:
+            recent = history.meta_losses[-args.log_every :]
+            val = history.validation[-1][1] if history.validation else float("nan")
+            print(
+                f"it {history.iteration} meta_loss {sum(recent) / len(recent):.4f} val {val:.4f} "
+                f"best {history.best_validation:.4f}@{history.best_iteration} skipped {history.skipped_updates} "
+                f"{time.time() - start:.0f}s",
+                flush=True,
+            )
+
+    trainer = MetaTrainer(
+        rule, tasks, config, checkpoints, progress=not args.quiet, time_budget=args.time_budget, callback=log_line
+    )
     if args.resume and (checkpoints / "checkpoint.json").is_file():
         trainer.load_checkpoint(checkpoints)
         print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
     elif not args.resume and (checkpoints / "checkpoint.json").is_file() and not args.overwrite:
-        raise SystemExit(f"error: {checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
+        raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
     rule = trainer.run()
     h = trainer.history
     metadata = {
-        "command": "learned-optim " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": _command_line(args),
         "meta_iterations": h.iteration,
         "meta_training_seconds": round(h.seconds, 1),
         "best_iteration": h.best_iteration,
-        "best_validation": h.best_validation,
+        # JSON has no Infinity: no validation (or none finite) is written as null.
+        "best_validation": h.best_validation if math.isfinite(h.best_validation) else None,
         "skipped_updates": h.skipped_updates,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -94,6 +116,10 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         f"at {h.best_iteration}, skipped updates {h.skipped_updates})"
     )
     return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    return "learned-optim " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -117,7 +143,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(result.table())
-    paths = write_report(result, out, command="learned-optim " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    paths = write_report(result, out, command=_command_line(args))
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -161,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     mf.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
     mf.add_argument("--quiet", action="store_true", help="no progress bar")
+    mf.add_argument("--log-every", type=int, default=0, help="print a log line every N meta-iterations")
     mf.set_defaults(func=cmd_meta_fit)
 
     cp = sub.add_parser("compare", help="compare learned rules with tuned Adam, RMSprop, SGD, Nesterov")
@@ -182,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``learned-optim`` command."""
     args = build_parser().parse_args(argv)
+    # The command recorded in reports and metadata: argv when called as main([...]), not
+    # the host program's sys.argv.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:

@@ -274,20 +274,25 @@ class Comparison:
     baselines: list[str]
 
     def best_baseline(self, metric: str) -> OptimizerSummary:
-        """The baseline with the lowest value of ``metric``."""
+        """The baseline with the lowest value of ``metric`` (ValueError if there are none)."""
         pool = [r for r in self.results if r.name in self.baselines]
+        if not pool:
+            raise ValueError("the comparison has no baselines")
         return min(pool, key=lambda r: getattr(r, metric))
 
     def ratio(self, name: str, metric: str) -> float:
-        """``metric`` of ``name`` divided by the best baseline's."""
+        """``metric`` of ``name`` divided by the best baseline's (NaN without baselines)."""
         mine = next(r for r in self.results if r.name == name)
+        if not any(r.name in self.baselines for r in self.results):
+            return float("nan")
         best = getattr(self.best_baseline(metric), metric)
         return getattr(mine, metric) / best if best > 0 else float("nan")
 
     def wins(self, name: str, metric: str = "final_loss") -> int:
         """Seeds on which ``name`` beats every baseline (at their best lr) on ``metric``."""
         mine = next(r for r in self.results if r.name == name).per_seed[metric]
-        others = [r.per_seed[metric] for r in self.results if r.name != name]
+        # Only the baselines count: other learned rules in the comparison are not opponents.
+        others = [r.per_seed[metric] for r in self.results if r.name != name and r.name in self.baselines]
         return sum(1 for i, v in enumerate(mine) if all(v < o[i] for o in others))
 
     def table(self) -> str:
@@ -301,8 +306,9 @@ class Comparison:
             lr_a = r.best_lr.get("mean_loss")
             lr_b = r.best_lr.get("final_loss")
             rows.append(
-                f"| {r.name} | {_fmt_lr(lr_a)} | {_fmt_lr(lr_b)} | {r.mean_loss:.4f} | {self.ratio(r.name, 'mean_loss'):.2f} "
-                f"| {r.final_loss:.4f} | {self.ratio(r.name, 'final_loss'):.2f} | {r.test_loss:.4f} "
+                f"| {r.name} | {_fmt_lr(lr_a)} | {_fmt_lr(lr_b)} | {r.mean_loss:.4f} "
+                f"| {self.ratio(r.name, 'mean_loss'):.2f} | {r.final_loss:.4f} "
+                f"| {self.ratio(r.name, 'final_loss'):.2f} | {r.test_loss:.4f} "
                 f"| {r.seconds:.1f} | {self.wins(r.name)}/{len(self.seeds)} |"
             )
         return head + "\n".join(rows) + "\n"
@@ -368,6 +374,15 @@ def compare(
             loaded.append((type(item).__name__, resolve_rule(item)))
     if rule_names is not None:
         loaded = [(n, r) for n, (_, r) in zip(rule_names, loaded, strict=True)]
+    # Results are looked up by name (ratios, wins, report): two rules of the same class,
+    # or a rule named like a baseline, must not share one.
+    taken = set(baselines)
+    for i, (name, rule) in enumerate(loaded):
+        unique, k = name, 2
+        while unique in taken:
+            unique, k = f"{name} ({k})", k + 1
+        taken.add(unique)
+        loaded[i] = (unique, rule)
     cache = ResultCache(cache_path)
     total = len(seed_list) * (len(loaded) + len(baselines) * len(grid))
     bar = None

@@ -183,7 +183,9 @@ class MetaTrainer:
             horizon = _heavy_tailed_horizon(self.rng, cfg.steps) if cfg.random_horizon else cfg.steps
         instance = self.families[family_index].sample(seed)
         named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
-        params = [p.detach().clone().float() for _, p in named]
+        # The model's own dtype (a float64 model gets float64 inputs); the rule computes in
+        # its dtype and its update is cast back.
+        params = [p.detach().clone() for _, p in named]
         state = self.rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
         return _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
 
@@ -210,7 +212,8 @@ class MetaTrainer:
                 if t > 0:
                     terms[i].append(loss)
                 if t == length:
-                    break
+                    # Only the final loss is needed; every run still has to record it.
+                    continue
                 run.pending_batch = None
                 # retain_graph: the same loss is also a term of the meta-loss.
                 g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
@@ -230,7 +233,7 @@ class MetaTrainer:
                 pos = 0
                 new_params = []
                 for p in params[i]:
-                    new_params.append(p + upd[pos : pos + p.numel()].view_as(p))
+                    new_params.append(p + upd[pos : pos + p.numel()].view_as(p).to(p.dtype))
                     pos += p.numel()
                 params[i] = new_params
                 offset += sizes[i]
@@ -319,11 +322,15 @@ class MetaTrainer:
                         best_val=f"{self.history.best_validation:.4f}",
                         skipped=self.history.skipped_updates,
                     )
-                if self.checkpoint_dir is not None and (it % cfg.checkpoint_every == 0 or it == cfg.meta_iterations):
+                checkpoint_due = it % cfg.checkpoint_every == 0 or it == cfg.meta_iterations
+                if self.checkpoint_dir is not None and checkpoint_due:
                     self.save_checkpoint(self.checkpoint_dir)
                 if self.callback is not None:
                     self.callback(self.history)
                 if self.time_budget is not None and self.history.seconds > self.time_budget:
+                    # Stopping early: checkpoint here so that a resume loses nothing.
+                    if self.checkpoint_dir is not None and not checkpoint_due:
+                        self.save_checkpoint(self.checkpoint_dir)
                     break
         finally:
             if bar is not None:
@@ -412,17 +419,16 @@ class MetaTrainer:
         self.runs = []
         for r_index, info in enumerate(meta["runs"]):
             run = self._new_run(info["family_index"], info["seed"], info["horizon"])
+            # Replay the instance's data stream to where it was; the pending batch (if
+            # any) is the last one drawn.
+            batch = None
             for _ in range(info["batches_used"]):
-                run.instance.next_batch()
+                batch = run.instance.next_batch()
             run.batches_used = info["batches_used"]
             run.steps_done = info["steps_done"]
             run.initial_loss = info["initial_loss"]
             if info["has_pending_batch"]:
-                # The pending batch was the last one drawn: draw again from a fresh stream.
-                replay = self.families[run.family_index].sample(run.seed)
-                for _ in range(info["batches_used"] - 1):
-                    replay.next_batch()
-                run.pending_batch = replay.next_batch()
+                run.pending_batch = batch
             run.params = [tensors[f"run/{r_index}/param/{i}"] for i in range(len(run.params))]
             run.state = {k: tensors[f"run/{r_index}/state/{k}"] for k in run.state}
             self.runs.append(run)
@@ -469,7 +475,7 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
     """
     named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
-    params = [p.detach().clone().float() for _, p in named]
+    params = [p.detach().clone() for _, p in named]
     state = rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
     context = None
     if getattr(rule, "needs_segments", False):
@@ -480,7 +486,7 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
         with torch.enable_grad():
             leaves = [p.requires_grad_(True) for p in params]
             loss = functional_loss(instance, names, leaves, (inputs, targets))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if t == steps:
                 break
             grads = torch.autograd.grad(loss, leaves)
@@ -488,7 +494,7 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
         pos = 0
         new_params = []
         for p in params:
-            new_params.append(p.detach() + lr * update[pos : pos + p.numel()].view_as(p))
+            new_params.append(p.detach() + (lr * update[pos : pos + p.numel()]).view_as(p).to(p.dtype))
             pos += p.numel()
         params = new_params
     return losses
@@ -562,12 +568,11 @@ def meta_fit(
         validation_instances=validation_instances,
         checkpoint_every=checkpoint_every,
     )
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
     trainer = MetaTrainer(rule, task, config, checkpoint_dir, progress, time_budget, callback)
-    if resume:
-        if checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
-        if (Path(checkpoint_dir) / "checkpoint.json").is_file():
-            trainer.load_checkpoint(checkpoint_dir)
+    if resume and (Path(checkpoint_dir) / "checkpoint.json").is_file():
+        trainer.load_checkpoint(checkpoint_dir)
     result = trainer.run()
     result.meta_fit_history = trainer.history  # type: ignore[attr-defined]
     return result

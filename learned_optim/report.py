@@ -1,0 +1,94 @@
+"""Reports of a :class:`~learned_optim.compare.Comparison`: Markdown, JSON and learning-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from learned_optim.compare import Comparison
+
+
+def plot_curves(result: Comparison, path: str | Path) -> Path | None:
+    """Learning curves (mean and min–max over seeds, log-scale loss) as PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for summary in result.results:
+        curves = [c for c in summary.curves if len(c) == result.steps and all(math.isfinite(v) for v in c)]
+        if not curves:
+            continue
+        steps = range(1, result.steps + 1)
+        mean = [sum(c[t] for c in curves) / len(curves) for t in range(result.steps)]
+        low = [min(c[t] for c in curves) for t in range(result.steps)]
+        high = [max(c[t] for c in curves) for t in range(result.steps)]
+        lr = summary.best_lr.get("final_loss")
+        # lr is None when every grid point diverged by the end (the curves may still be finite).
+        label = summary.name if summary.name not in result.baselines or lr is None else f"{summary.name} (lr={lr:g})"
+        (line,) = ax.plot(steps, mean, label=label, linewidth=2 if summary.name not in result.baselines else 1.2)
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training minibatch loss")
+    ax.set_title(f"{result.task}, {len(result.seeds)} seeds (mean, min-max)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown(result: Comparison, command: str | None = None) -> str:
+    """The report as Markdown: settings, the table and how baselines were tuned."""
+    lines = [f"# {result.task}: learned rules vs tuned baselines", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    lines += [
+        f"{result.steps} steps, {len(result.seeds)} evaluation seeds (each fixes initialisation and minibatch "
+        "order for every optimizer). Baselines at their best grid learning rate for each metric; "
+        "(a) mean training minibatch loss over the run, (b) loss on the whole training split after the "
+        "last step; ratios are to the best baseline on that metric; held-out loss at the lr best on (b).",
+        "",
+        result.table(),
+    ]
+    return "\n".join(lines)
+
+
+def write_report(result: Comparison, out: str | Path, command: str | None = None) -> list[Path]:
+    """Write ``report.md``, ``report.json`` and ``curves.png`` (if matplotlib is installed) to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The task name may be a user's free-form label: keep the file names inside ``out``.
+    stem = re.sub(r"[^\w.\-]+", "_", f"{result.task}-{result.steps}")
+    paths = []
+    md = out / f"{stem}.md"
+    md.write_text(markdown(result, command))
+    paths.append(md)
+    js = out / f"{stem}.json"
+    payload = result.to_json()
+    payload["command"] = command
+    js.write_text(json.dumps(_finite_json(payload), indent=1, allow_nan=False))
+    paths.append(js)
+    png = plot_curves(result, out / f"{stem}.png")
+    if png is not None:
+        paths.append(png)
+    return paths
+
+
+def _finite_json(value: object) -> object:
+    # JSON has no inf/NaN: a diverged run is written as the string "inf" / "nan".
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value

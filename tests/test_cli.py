@@ -1,0 +1,91 @@
+"""The ``learned-optim`` command line (run in-process through ``learned_optim.cli.main``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_optim import CoordinateLSTM
+from learned_optim.cli import main
+from learned_optim.tasks import list_tasks
+
+
+def run_cli(argv: list[str]) -> int:
+    """main()'s exit code, also when argparse exits through SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
+def test_list_prints_tasks_and_rules(capsys):
+    assert run_cli(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "bundled rules:" in out
+    tasks_line = next(line for line in out.splitlines() if line.startswith("tasks:"))
+    assert [t.strip() for t in tasks_line.removeprefix("tasks:").split(",")] == list_tasks()
+    assert "quadratic" in tasks_line and "mnist-mlp" in tasks_line
+
+
+def test_compare_tiny_task_writes_reports(tmp_path, capsys):
+    rule_dir = tmp_path / "rule"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CoordinateLSTM(hidden_size=8).save_pretrained(str(rule_dir))
+    out = tmp_path / "results"
+    argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", str(rule_dir), "--steps", "5", "--seeds", "2",
+            "--baselines", "sgd,adam", "--out", str(out), "--quiet"]  # fmt: skip
+    assert run_cli(argv) == 0
+    stdout = capsys.readouterr().out
+    assert f"| {rule_dir} |" in stdout and "| sgd |" in stdout and "| adam |" in stdout
+    for suffix in ("md", "json", "png"):
+        path = out / f"tiny-5.{suffix}"
+        assert path.is_file() and path.stat().st_size > 0
+        assert f"wrote {path}" in stdout
+    report = json.loads((out / "tiny-5.json").read_text())
+    assert [r["name"] for r in report["results"]] == [str(rule_dir), "sgd", "adam"]
+    assert report["command"].startswith("learned-optim compare --task tiny_tasks:tiny")  # not pytest's argv
+    assert (out / ".cache" / "tiny.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("no-such-task", "unknown task 'no-such-task'; built-in tasks: "),
+        ("no_such_module:tiny", "cannot load task 'no_such_module:tiny': No module named 'no_such_module'"),
+        ("tiny_tasks:no_such_attr", "cannot load task 'tiny_tasks:no_such_attr'"),
+        ("tiny_tasks:tiny_model", "'tiny_tasks:tiny_model' is a Sequential, expected a learned_optim Task/TaskFamily"),
+        ("tiny_tasks:TRAIN_X", "'tiny_tasks:TRAIN_X' is a Tensor"),
+    ],
+    ids=["unknown-name", "no-module", "no-attribute", "factory-of-a-module", "not-callable"],
+)
+def test_bad_task_exits_2_with_a_message(task, message, capsys, tmp_path):
+    assert run_cli(["compare", "--task", task, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # nothing was run or written
+
+
+def test_bad_task_in_a_real_process(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "learned_optim.cli", "meta-fit", "--task", "no-such-task", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "error: unknown task 'no-such-task'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_rule_exits_2(tmp_path, capsys):
+    argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", "./no-such-dir", "--out", str(tmp_path), "--quiet"]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "no-such-dir" in err and "Traceback" not in err

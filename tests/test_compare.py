@@ -1,0 +1,213 @@
+"""compare: the fair-comparison harness, its lr search, its errors, its cache, its reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.image
+import pytest
+import torch
+from tiny_tasks import Counter, half_square, make_tiny
+
+from learned_optim import CoordinateLSTM
+from learned_optim.compare import BASELINES, Comparison, ResultCache, compare, run_once, tune_baseline
+from learned_optim.report import write_report
+from learned_optim.weights import PretrainedError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def small_rule(seed: int = 0) -> CoordinateLSTM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CoordinateLSTM(hidden_size=8)
+
+
+def _reject_constant(name: str) -> None:
+    raise AssertionError(f"JSON holds the non-standard token {name}")
+
+
+def table_rows(table: str) -> list[list[str]]:
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_end_to_end_table_and_report(tmp_path):
+    task = make_tiny()
+    result = compare(
+        task,
+        rules=[small_rule(0), small_rule(1)],
+        steps=10,
+        seeds=2,
+        grid=(0.01, 0.1, 1.0, 1e6),  # 1e6 diverges: the report must cope with inf
+        progress=False,
+    )
+    names = ["CoordinateLSTM", "CoordinateLSTM (2)", "adam", "rmsprop", "sgd", "nesterov"]
+    assert [r.name for r in result.results] == names  # same-class rules get distinct names
+    assert result.seeds == [2 * 10**8, 2 * 10**8 + 1]
+    rows = table_rows(result.table())
+    assert [row[0] for row in rows] == names
+    assert all(len(row) == 10 for row in rows)
+    for summary in result.results:
+        assert len(summary.curves) == 2 and all(len(c) == 10 for c in summary.curves)
+        assert math.isfinite(summary.final_loss) and math.isfinite(summary.test_loss)
+    sgd = next(r for r in result.results if r.name == "sgd")
+    assert sgd.grid["1e+06"]["final_loss"] == math.inf
+    assert sgd.best_lr["final_loss"] in (0.01, 0.1, 1.0)
+    # ratios are relative to the best baseline: the best one has ratio exactly 1
+    best = min(r.final_loss for r in result.results if r.name in result.baselines)
+    assert min(result.ratio(r.name, "final_loss") for r in result.results if r.name in result.baselines) == 1.0
+    assert result.ratio("CoordinateLSTM", "final_loss") == pytest.approx(result.results[0].final_loss / best)
+
+    paths = write_report(result, tmp_path / "report", command="learned-optim compare --test")
+    assert sorted(p.suffix for p in paths) == [".json", ".md", ".png"]
+    assert all(p.is_file() and p.parent == tmp_path / "report" for p in paths)
+    md = next(p for p in paths if p.suffix == ".md").read_text()
+    assert "learned-optim compare --test" in md
+    assert all(f"| {name} |" in md for name in names)
+
+    text = next(p for p in paths if p.suffix == ".json").read_text()
+    data = json.loads(text, parse_constant=_reject_constant)
+    assert data["task"] == "tiny" and data["steps"] == 10 and data["command"] == "learned-optim compare --test"
+    assert [r["name"] for r in data["results"]] == names
+    sgd_json = next(r for r in data["results"] if r["name"] == "sgd")
+    assert sgd_json["grid"]["1e+06"]["final_loss"] == "inf"
+
+    png = next(p for p in paths if p.suffix == ".png")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.shape[2] in (3, 4)
+
+
+def test_report_file_names_stay_in_the_output_folder(tmp_path):
+    result = compare(make_tiny(name="my/task"), rules=[], steps=3, seeds=1, baselines=["sgd"], grid=(0.1,),
+                     progress=False)  # fmt: skip
+    paths = write_report(result, tmp_path)
+    assert sorted(p.name for p in paths) == ["my_task-3.json", "my_task-3.md", "my_task-3.png"]
+    assert all(p.parent == tmp_path for p in paths)
+
+
+def test_comparison_without_baselines_still_tabulates():
+    result = compare(make_tiny(), rules=[small_rule()], steps=5, seeds=1, baselines=(), progress=False)
+    assert [row[0] for row in table_rows(result.table())] == ["CoordinateLSTM"]
+    assert math.isnan(result.ratio("CoordinateLSTM", "final_loss"))
+
+
+def test_wins_count_only_baselines():
+    def summary(name, per_seed):
+        return type("S", (), {"name": name, "per_seed": {"final_loss": per_seed}})()
+
+    result = Comparison(
+        task="t", steps=1, seeds=[0, 1], baselines=["sgd"],
+        results=[summary("a", [1.0, 1.0]), summary("b", [0.5, 0.5]), summary("sgd", [2.0, 0.1])],
+    )  # fmt: skip
+    # "a" loses to the other learned rule "b" on both seeds but beats the baseline on seed 0.
+    assert result.wins("a") == 1
+    assert result.wins("sgd") == 2  # a baseline is compared with the other baselines only (none)
+
+
+# ---------------------------------------------------------------------------- lr search
+def test_run_once_sgd_on_half_square_converges_in_one_step_at_lr_1():
+    run = run_once(half_square(), 0, lambda p: torch.optim.SGD(p, lr=1.0), steps=5)
+    assert run.losses[0] > 0 and run.losses[1:] == [0.0] * 4
+    assert run.final_loss == 0.0 and run.mean_loss == pytest.approx(run.losses[0] / 5)
+
+
+def test_lr_search_picks_the_known_best():
+    grid = (0.01, 0.1, 1.0, 10.0)
+    summary = tune_baseline("sgd", BASELINES["sgd"], half_square(), "half-square", [0, 1], 10, grid)
+    assert summary.best_lr == {"mean_loss": 1.0, "final_loss": 1.0}
+    assert summary.final_loss == 0.0
+    assert sorted(float(lr) for lr in summary.grid) == list(grid)  # best was interior: no widening
+
+    result = compare(half_square(), rules=[], steps=10, seeds=2, baselines=["sgd"], grid=grid, progress=False)
+    assert result.results[0].best_lr["final_loss"] == 1.0
+
+
+def test_lr_search_widens_past_an_edge():
+    # f = 15 ||θ||²: the best SGD lr is 1/30; the initial grid (1e-3, 3e-3) is far below it.
+    family = half_square(scale=30.0)
+    result = compare(family, rules=[], steps=10, seeds=2, baselines=["sgd"], grid=(1e-3, 3e-3), progress=False)
+    sgd = result.results[0]
+    lrs = sorted(float(lr) for lr in sgd.grid)
+    assert lrs[0] == 1e-3  # nothing below: the low edge was never best
+    assert lrs[-1] > 3e-3 * 10  # widened upward by several half-decades
+    for metric in ("mean_loss", "final_loss"):
+        best = sgd.best_lr[metric]
+        assert lrs[0] < best < lrs[-1], (metric, best, lrs)  # interior
+        assert best == pytest.approx(0.03)
+
+    # max_widen bounds the search.
+    capped = tune_baseline("sgd", BASELINES["sgd"], family, "hs30", [0], 10, (1e-3, 3e-3), max_widen=1)
+    assert len(capped.grid) == 3
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.fixture
+def counted():
+    counter = Counter()
+    return counter, make_tiny(model=counter)
+
+
+def test_bad_task_name():
+    with pytest.raises(ValueError, match="unknown task 'no-such-task'"):
+        compare("no-such-task", rules=[], progress=False)
+
+
+def test_bad_baseline_name_fails_before_any_run(counted):
+    counter, task = counted
+    with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['adamw'\]"):
+        compare(task, rules=[small_rule()], baselines=["sgd", "adamw"], steps=2, seeds=1, progress=False)
+    assert counter.calls == 0
+
+
+def test_missing_rule_fails_before_any_run(counted):
+    counter, task = counted
+    with pytest.raises(PretrainedError, match="no-such-dir"):
+        compare(task, rules=[small_rule(), "./no-such-dir"], baselines=["sgd"], steps=2, seeds=1, progress=False)
+    assert counter.calls == 0
+
+
+def test_corrupt_rule_fails_before_any_run(counted, tmp_path):
+    counter, task = counted
+    folder = tmp_path / "rule"
+    small_rule().save_pretrained(str(folder))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(PretrainedError, match="not valid JSON"):
+        compare(task, rules=[str(folder)], baselines=["sgd"], steps=2, seeds=1, progress=False)
+    assert counter.calls == 0
+
+
+# ---------------------------------------------------------------------------- cache
+def _numbers(result: Comparison) -> list[tuple]:
+    return [(r.name, r.best_lr, r.mean_loss, r.final_loss, r.test_loss, r.curves, r.per_seed) for r in result.results]
+
+
+def test_cache_skips_baseline_reruns(counted, tmp_path):
+    counter, task = counted
+    cache_path = tmp_path / "cache" / "tiny.json"
+    settings = dict(steps=5, seeds=2, grid=(0.01, 0.1, 1.0), baselines=["sgd", "adam"], cache_path=cache_path,
+                    progress=False)  # fmt: skip
+    first = compare(task, rules=[small_rule()], **settings)
+    first_calls = counter.calls
+    assert first_calls >= 2 * (1 + 2 * 3)  # the rule and every baseline lr, on two seeds
+    assert cache_path.is_file()
+    assert len(json.loads(cache_path.read_text())) == sum(len(r.grid) for r in first.results[1:]) * 2
+
+    counter.calls = 0
+    second = compare(task, rules=[small_rule()], **settings)
+    assert counter.calls == 2  # only the learned rule ran again (once per seed)
+    assert _numbers(second) == _numbers(first)
+    assert [r.grid for r in second.results] == [r.grid for r in first.results]
+
+    # Another cache object reading the same file sees the same runs.
+    cache = ResultCache(cache_path)
+    assert len(cache.data) == len(json.loads(cache_path.read_text()))
+
+
+def test_corrupt_cache_is_ignored(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text("{broken")
+    assert ResultCache(path).data == {}

@@ -1,0 +1,355 @@
+"""meta_fit: it learns, it resumes exactly, it takes plain user modules, it fails clearly."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_tasks import TRAIN_X, TRAIN_Y, make_tiny, tiny, tiny_loader, tiny_model, tiny_sampler
+from torch import nn
+
+from learned_optim import CoordinateLSTM, LearnedOptimizer
+from learned_optim.cli import main
+from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaFitConfig, MetaTrainer, meta_fit, rollout
+from learned_optim.tasks import Task, TaskError, get_task
+
+
+def small_rule(seed: int = 0, **kwargs) -> CoordinateLSTM:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CoordinateLSTM(hidden_size=8, **kwargs)
+
+
+def weights(rule: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in rule.state_dict().items()}
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def relative_loss(rule: CoordinateLSTM, family, steps: int = 20, n: int = 4) -> float:
+    """Mean over held-out instances of (mean loss over the run) / (initial loss)."""
+    scores = []
+    for i in range(n):
+        losses = rollout(rule, family.sample(EVALUATION_SEED_BASE + i), steps)
+        scores.append(sum(losses[1:]) / steps / losses[0])
+    return sum(scores) / n
+
+
+# ---------------------------------------------------------------------------- learning
+def test_meta_fit_lowers_meta_loss_on_quadratics():
+    family = get_task("quadratic")
+    rule = small_rule()
+    before = relative_loss(rule, family)
+    out = meta_fit(
+        rule, "quadratic", steps=20, unroll=5, meta_iterations=60, meta_lr=1e-2, validate_every=0, progress=False
+    )
+    assert out is rule
+    history = rule.meta_fit_history
+    assert history.iteration == 60 and len(history.meta_losses) == 60
+    assert history.skipped_updates == 0
+    early = sum(history.meta_losses[:12]) / 12
+    late = sum(history.meta_losses[-12:]) / 12
+    assert late < early - 0.5, (early, late)
+    # The untrained rule barely moves (ratio ~1); the trained one must at least halve the loss.
+    after = relative_loss(rule, family)
+    assert before > 0.9
+    assert after < 0.5 * before, (before, after)
+
+
+def test_validation_keeps_best_weights():
+    rule = small_rule()
+    meta_fit(
+        rule, "quadratic", steps=10, unroll=5, meta_iterations=8, meta_lr=1e-2,
+        validate_every=2, validation_instances=1, progress=False,
+    )  # fmt: skip
+    history = rule.meta_fit_history
+    assert [it for it, _ in history.validation] == [2, 4, 6, 8]
+    best_it, best = min(history.validation, key=lambda v: v[1])
+    assert history.best_iteration == best_it and history.best_validation == best
+
+
+# ---------------------------------------------------------------------------- resume
+class Interrupt(Exception):
+    pass
+
+
+def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
+    settings = dict(
+        steps=7, unroll=3, meta_iterations=meta_iterations, meta_lr=1e-2, checkpoint_every=4,
+        validate_every=2, validation_instances=1, instances=2,
+    )  # fmt: skip
+    settings.update(overrides)
+    return MetaFitConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "task_factory, overrides",
+    [
+        (lambda: make_tiny(), {}),  # sampler data, two instances side by side
+        (lambda: make_tiny(data=tiny_loader()), {"instances": 1, "random_horizon": True}),  # DataLoader data
+    ],
+    ids=["sampler-2-instances", "dataloader-random-horizon"],
+)
+def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, overrides):
+    total = 12
+    base = small_rule()
+
+    straight = copy.deepcopy(base)
+    straight_trainer = MetaTrainer(straight, task_factory(), _config(total, **overrides), progress=False)
+    straight_trainer.run()
+
+    # Interrupted at iteration 6; the last checkpoint is the one of iteration 4.
+    def crash(history):
+        if history.iteration == 6:
+            raise Interrupt
+
+    first = copy.deepcopy(base)
+    with pytest.raises(Interrupt):
+        MetaTrainer(first, task_factory(), _config(total, **overrides), tmp_path, progress=False, callback=crash).run()
+
+    resumed = copy.deepcopy(base)  # a fresh process would rebuild the rule from scratch
+    trainer = MetaTrainer(resumed, task_factory(), _config(total, **overrides), tmp_path, progress=False)
+    trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 4
+    # The checkpoint is in the middle of an instance: carried parameters, rule state and
+    # a pending minibatch are what is being restored.
+    assert trainer.runs
+    assert all(0 < run.steps_done < run.horizon for run in trainer.runs)
+    assert all(run.pending_batch is not None and run.batches_used > 0 for run in trainer.runs)
+    assert any(run.state["h"].abs().sum() > 0 for run in trainer.runs)
+    trainer.run()
+
+    assert trainer.history.meta_losses == straight_trainer.history.meta_losses
+    assert trainer.history.validation == straight_trainer.history.validation
+    assert same_weights(weights(resumed), weights(straight))
+    # and the resumed run did learn something (it is not trivially equal to the start)
+    assert not same_weights(weights(resumed), weights(base))
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    rule = small_rule()
+    MetaTrainer(rule, tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    other = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2, unroll=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unroll"):
+        other.load_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        other.load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_meta_fit_resume_flag_continues_from_checkpoint(tmp_path):
+    common = dict(steps=7, unroll=3, meta_lr=1e-2, validate_every=0, checkpoint_every=2, progress=False)
+    straight = meta_fit(small_rule(), tiny, meta_iterations=7, **common)
+    meta_fit(small_rule(), tiny, meta_iterations=5, checkpoint_dir=tmp_path, **common)
+    resumed = meta_fit(small_rule(), tiny, meta_iterations=7, checkpoint_dir=tmp_path, resume=True, **common)
+    assert resumed.meta_fit_history.meta_losses == straight.meta_fit_history.meta_losses
+    assert same_weights(weights(resumed), weights(straight))
+
+
+def test_time_budget_stop_writes_a_checkpoint(tmp_path):
+    # A budget of 0 s stops after the first iteration, which is not a checkpoint iteration.
+    trainer = MetaTrainer(
+        small_rule(), tiny, _config(20, checkpoint_every=10, validate_every=0), tmp_path, progress=False, time_budget=0
+    )
+    trainer.run()
+    assert trainer.history.iteration == 1
+    resumed = MetaTrainer(small_rule(), tiny, _config(20, checkpoint_every=10, validate_every=0), progress=False)
+    resumed.load_checkpoint(tmp_path)
+    assert resumed.history.iteration == 1
+
+
+def _cli_meta_fit(out, iterations, *extra):
+    return main(
+        [
+            "meta-fit", "--task", "tiny_tasks:tiny", "--out", str(out), "--rule-config", '{"hidden_size": 8}',
+            "--steps", "7", "--unroll", "3", "--meta-iterations", str(iterations), "--meta-lr", "0.01",
+            "--checkpoint-every", "2", "--validate-every", "0", "--seed", "3", "--quiet", *extra,
+        ]
+    )  # fmt: skip
+
+
+def test_cli_resume_equals_straight_run(tmp_path, capsys):
+    with torch.random.fork_rng(devices=[]):  # the CLI seeds the global RNG
+        assert _cli_meta_fit(tmp_path / "straight", 8) == 0
+        assert _cli_meta_fit(tmp_path / "split", 5) == 0  # stops mid-instance (7 steps = 3 + 3 + 1)
+        # Starting again without --resume must not silently clobber the checkpoint.
+        capsys.readouterr()
+        assert _cli_meta_fit(tmp_path / "split", 8) == 2
+        assert "--resume" in capsys.readouterr().err
+        assert _cli_meta_fit(tmp_path / "split", 8, "--resume") == 0
+    assert "resumed at meta-iteration 5" in capsys.readouterr().err
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "split" / "model.safetensors"))
+    assert same_weights(straight, resumed)
+    config = (tmp_path / "split" / "config.json").read_text()
+    assert "Infinity" not in config and "NaN" not in config  # written as strict JSON
+    assert "--resume" in config  # the recorded command is this one, not pytest's argv
+
+
+# ---------------------------------------------------------------------------- user tasks
+def test_plain_module_task_with_sampler_and_dataloader():
+    sampled = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_sampler, name="sampled")
+    loaded = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_loader(), name="loaded")
+    rule = meta_fit(
+        small_rule(), [sampled, loaded], steps=20, unroll=5, meta_iterations=40, meta_lr=1e-2,
+        validate_every=20, validation_instances=2, progress=False,
+    )  # fmt: skip
+    history = rule.meta_fit_history
+    assert history.skipped_updates == 0
+    assert all(math.isfinite(v) for v in history.meta_losses)
+    assert all(torch.isfinite(p).all() for p in rule.parameters())
+
+    # The meta-trained rule drives an ordinary training loop on the DataLoader.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = tiny_model()
+        optimizer = LearnedOptimizer(model.parameters(), pretrained=rule)
+        with torch.no_grad():
+            start = nn.functional.mse_loss(model(TRAIN_X), TRAIN_Y).item()
+        for _ in range(3):
+            for x, y in tiny_loader():
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.step()
+    with torch.no_grad():
+        end = nn.functional.mse_loss(model(TRAIN_X), TRAIN_Y).item()
+    assert math.isfinite(end) and end < 0.5 * start, (start, end)
+
+
+def test_float64_model():
+    def sampler(generator):
+        x, y = tiny_sampler(generator)
+        return x.double(), y.double()
+
+    task = Task(model=lambda: tiny_model().double(), loss=nn.functional.mse_loss, data=sampler, name="double")
+    rule = small_rule()
+    before = weights(rule)
+    meta_fit(rule, task, steps=6, unroll=3, meta_iterations=3, validate_every=3, validation_instances=1, progress=False)
+    assert rule.meta_fit_history.skipped_updates == 0
+    assert not same_weights(weights(rule), before)
+    losses = rollout(rule, task.sample(EVALUATION_SEED_BASE), 4)
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+
+
+# ---------------------------------------------------------------------------- errors
+def _fit(task, **kwargs):
+    settings = dict(steps=5, unroll=5, meta_iterations=2, validate_every=0, progress=False)
+    settings.update(kwargs)
+    return meta_fit(small_rule(), task, **settings)
+
+
+def test_loss_returning_non_scalar():
+    task = Task(model=tiny_model, loss=lambda out, y: (out - y) ** 2, data=tiny_sampler)
+    with pytest.raises(TaskError, match=r"loss must return a scalar tensor, got \(16, 1\)"):
+        _fit(task)
+
+
+def test_model_without_parameters():
+    task = Task(model=nn.Tanh, loss=nn.functional.mse_loss, data=tiny_sampler)
+    with pytest.raises(TaskError, match="no trainable parameters"):
+        _fit(task)
+
+
+def test_model_factory_not_returning_a_module():
+    task = Task(model=lambda: "not a module", loss=nn.functional.mse_loss, data=tiny_sampler)
+    with pytest.raises(TaskError, match=r"model factory returned str, expected an nn\.Module"):
+        _fit(task)
+
+
+def test_data_that_runs_out():
+    batches = (tiny_sampler(torch.Generator().manual_seed(i)) for i in range(4))  # a one-shot generator
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=batches)
+    with pytest.raises(TaskError, match="data ran out after"):
+        _fit(task, steps=10, meta_iterations=4)
+
+
+def test_empty_data():
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=[])
+    with pytest.raises(TaskError, match="ran out after 0 batch"):
+        _fit(task)
+
+
+def test_resume_without_checkpoint_dir():
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        _fit("quadratic", resume=True)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"unroll": 0}, "unroll must be >= 1, got 0"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"meta_loss": "bogus"}, "meta_loss must be 'log' or 'mean', got 'bogus'"),
+        ({"meta_lr": 0.0}, "meta_lr must be > 0"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),
+    ],
+)
+def test_invalid_config(setting, message):
+    with pytest.raises(ValueError, match=message):
+        _fit("quadratic", **setting)
+
+
+def test_rule_and_tasks_type_errors():
+    with pytest.raises(TypeError, match="UpdateRule"):
+        meta_fit(nn.Linear(2, 2), "quadratic", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tasks must be"):
+        meta_fit(small_rule(), [42], progress=False)  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        meta_fit(small_rule(), "nope", progress=False)
+
+
+# ---------------------------------------------------------------------------- non-finite
+def test_nan_meta_loss_skips_the_update():
+    poison = {"on": False}
+
+    def loss(out, y):
+        value = nn.functional.mse_loss(out, y)
+        return value * float("nan") if poison["on"] else value
+
+    task = Task(model=tiny_model, loss=loss, data=tiny_sampler, name="poisoned")
+    snapshots = [weights(rule := small_rule())]
+
+    def callback(history):
+        snapshots.append(weights(rule))
+        poison["on"] = history.iteration == 3  # iteration 4 sees NaN losses
+
+    meta_fit(
+        rule, task, steps=20, unroll=5, meta_iterations=6, meta_lr=1e-2, validate_every=0,
+        progress=False, callback=callback,
+    )  # fmt: skip
+    history = rule.meta_fit_history
+    assert history.skipped_updates == 1
+    assert math.isnan(history.meta_losses[3])
+    assert all(math.isfinite(v) for i, v in enumerate(history.meta_losses) if i != 3)
+    # snapshots[i] = weights after iteration i
+    assert same_weights(snapshots[4], snapshots[3])  # the skipped iteration changed nothing
+    assert not same_weights(snapshots[5], snapshots[4])  # training goes on afterwards
+    assert not same_weights(snapshots[3], snapshots[2])
+    assert all(torch.isfinite(v).all() for snap in snapshots for v in snap.values())
+
+
+def test_exploding_rule_skips_every_update():
+    rule = small_rule(output_scale=1e30)  # updates of ~1e28: the optimizee loss overflows to inf
+    before = weights(rule)
+    meta_fit(rule, tiny, steps=6, unroll=3, meta_iterations=4, validate_every=0, progress=False)
+    history = rule.meta_fit_history
+    assert history.skipped_updates == 4
+    assert all(not math.isfinite(v) for v in history.meta_losses)
+    assert same_weights(weights(rule), before)
+
+
+# ---------------------------------------------------------------------------- determinism
+def test_same_seed_same_weights_different_seed_differs():
+    def fit(seed):
+        rule = small_rule()
+        meta_fit(rule, "quadratic", steps=10, unroll=5, meta_iterations=6, meta_lr=1e-2, validate_every=0,
+                 seed=seed, progress=False)  # fmt: skip
+        return weights(rule)
+
+    first, again, other = fit(0), fit(0), fit(1)
+    assert same_weights(first, again)
+    assert not same_weights(first, other)
