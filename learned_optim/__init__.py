@@ -5,13 +5,14 @@
 """
 
 from learned_optim.optimizer import LearnedOptimizer
-from learned_optim.rules import CoordinateLSTM, StepContext, UpdateRule
+from learned_optim.rules import CoordinateLSTM, HierarchicalRNN, StepContext, UpdateRule
 from learned_optim.weights import list_pretrained, load_rule, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CoordinateLSTM",
+    "HierarchicalRNN",
     "LearnedOptimizer",
     "StepContext",
     "UpdateRule",

@@ -129,8 +129,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    family = _load_task(args.task)
     rules = [r for r in args.rules.split(",") if r]
+    args.seeds_given = args.seeds is not None
+    if args.seeds is None:
+        args.seeds = 10
+    if args.suite:
+        return _run_suite(args, rules)
+    family = _load_task(args.task)
     task_name = args.task if ":" not in args.task else args.task.split(":")[-1]
     out = Path(args.out)
     result = compare(
@@ -146,6 +151,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     paths = write_report(result, out, command=_command_line(args))
     for p in paths:
         print(f"wrote {p}")
+    return 0
+
+
+def _run_suite(args: argparse.Namespace, rules: list[str]) -> int:
+    from learned_optim.report import plot_curves
+    from learned_optim.suites import run_suite
+
+    out = Path(args.out)
+    seeds = args.seeds if args.seeds_given else None
+    result = run_suite(
+        args.suite,
+        rules,
+        seeds=seeds,
+        progress=not args.quiet,
+        cache_dir=str(out / ".cache"),
+        baselines=args.baselines.split(","),
+    )
+    text = result.markdown()
+    print(text)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / f"suite-{args.suite}.md"
+    report.write_text(f"```\n{_command_line(args)}\n```\n\n{text}")
+    print(f"wrote {report}")
+    for comparison in result.comparisons:
+        png = plot_curves(comparison, out / f"suite-{args.suite}-{comparison.task}-{comparison.steps}.png")
+        if png is not None:
+            print(f"wrote {png}")
     return 0
 
 
@@ -194,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--task", default="mnist-mlp", help="task name or module:attribute")
     cp.add_argument("--rules", default="default", help="comma separated: default, bundled names, dirs, Hub ids")
     cp.add_argument("--steps", type=int, default=100)
-    cp.add_argument("--seeds", type=int, default=10)
+    cp.add_argument("--seeds", type=int, default=None, help="evaluation seeds (default 10; seed-xor: 500)")
+    cp.add_argument("--suite", choices=("paper", "seed-xor"), default=None, help="run a benchmark suite")
     cp.add_argument("--baselines", default="adam,rmsprop,sgd,nesterov")
     cp.add_argument("--out", default="results")
     cp.add_argument("--threads", type=int, default=0)

@@ -168,8 +168,13 @@ def tune_baseline(
     cache: ResultCache | None = None,
     on_run: Callable[[], None] | None = None,
     max_widen: int = 4,
+    tune_test: bool = False,
 ) -> OptimizerSummary:
-    """Run ``factory`` over the lr grid (widened past edge optima) and keep the best lr per metric."""
+    """Run ``factory`` over the lr grid (widened past edge optima) and keep the best lr per metric.
+
+    The held-out loss is reported at the lr best on the final training loss, or, with
+    ``tune_test``, at the lr best on the held-out loss itself (the most favourable choice).
+    """
     results: dict[float, list[RunResult]] = {}
 
     def evaluate(lr: float) -> None:
@@ -209,12 +214,15 @@ def tune_baseline(
     summary: dict[str, float] = {}
     for metric in METRICS:
         candidates = [lr for lr in lrs if math.isfinite(table[lr][metric])]
-        if metric == "test_loss":
+        if metric == "test_loss" and not tune_test:
             # Held-out loss is reported at the lr that is best on the final training loss.
             pick = best_lr["final_loss"]
         else:
             pick = min(candidates, key=lambda lr: table[lr][metric]) if candidates else None
-            best_lr[metric] = pick
+            if metric != "test_loss":
+                best_lr[metric] = pick
+            else:
+                best_lr["test_loss"] = pick
         summary[metric] = table[pick][metric] if pick is not None else float("inf")
     chosen = best_lr["final_loss"] if best_lr["final_loss"] is not None else lrs[0]
     return OptimizerSummary(
@@ -228,6 +236,7 @@ def tune_baseline(
         per_seed={
             "mean_loss": [r.mean_loss for r in results[best_lr["mean_loss"] or chosen]],
             "final_loss": [r.final_loss for r in results[chosen]],
+            "test_loss": [r.test_loss for r in results[best_lr.get("test_loss") or chosen]],
         },
         grid={f"{lr:g}": {k: v for k, v in table[lr].items()} for lr in lrs},
     )
@@ -259,7 +268,11 @@ def evaluate_rule(
         test_loss=agg["test_loss"],
         curves=[r.losses for r in runs],
         seconds=agg["seconds"],
-        per_seed={"mean_loss": [r.mean_loss for r in runs], "final_loss": [r.final_loss for r in runs]},
+        per_seed={
+            "mean_loss": [r.mean_loss for r in runs],
+            "final_loss": [r.final_loss for r in runs],
+            "test_loss": [r.test_loss for r in runs],
+        },
     )
 
 
@@ -339,6 +352,8 @@ def compare(
     cache_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
     rule_names: Sequence[str] | None = None,
+    tune_test: bool = False,
+    task_label: str | None = None,
 ) -> Comparison:
     """Compare learned rules against tuned baselines on ``task``.
 
@@ -353,11 +368,14 @@ def compare(
         cache_path: JSON file caching baseline runs.
         progress: show a progress bar.
         rule_names: labels for ``rules`` in the report.
+        tune_test: report baselines' held-out loss at the lr best on held-out loss.
+        task_label: name of the task in reports and in the cache key (default: its name).
     """
     from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
     family = get_task(task) if isinstance(task, str) else task
     task_key = task if isinstance(task, str) else getattr(family, "name", type(family).__name__)
+    task_key = task_label or task_key
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
@@ -396,7 +414,11 @@ def compare(
         for name, rule in loaded:
             results.append(evaluate_rule(name, rule, family, seed_list, steps, on_run=tick))
         for b in baselines:
-            results.append(tune_baseline(b, BASELINES[b], family, task_key, seed_list, steps, grid, cache, on_run=tick))
+            results.append(
+                tune_baseline(
+                    b, BASELINES[b], family, task_key, seed_list, steps, grid, cache, on_run=tick, tune_test=tune_test
+                )
+            )
             cache.save()
     finally:
         if bar is not None:

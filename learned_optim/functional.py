@@ -30,6 +30,7 @@ class StepEntry:
     lr: float
     weight_decay: float
     maximize: bool
+    segment_state: RuleState | None = None  # per-tensor rule state, each ``(1, ...)``
 
 
 @dataclass
@@ -71,6 +72,7 @@ def learned_step(
     entries: Sequence[StepEntry],
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     nonfinite: str = "skip",
+    global_state: RuleState | None = None,
 ) -> Tensor | None:
     """Update ``entries`` in place with one step of ``rule``.
 
@@ -80,6 +82,7 @@ def learned_step(
         chunk_size: coordinates per rule call.
         nonfinite: ``"skip"`` leaves a parameter with a non-finite gradient and its state
             unchanged; ``"error"`` raises before anything is modified.
+        global_state: the rule's global state, updated in place (rules with tensor-level state).
 
     Returns:
         A bool tensor marking the entries that were skipped (``None`` if no entries).
@@ -110,7 +113,10 @@ def learned_step(
     flat_grads = [e.grad.reshape(-1) for e in entries]
     compute_dtype = torch.float32
     needs_segments = getattr(rule, "needs_segments", False)
+    hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
     keys = list(entries[0].state)
+    # Per-tensor sums the rule reports, added up over the chunks a tensor spans.
+    sums: list[dict[str, Tensor]] = [{} for _ in entries]
 
     for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size):
         lengths = [piece.stop - piece.start for piece in chunk]
@@ -129,14 +135,27 @@ def learned_step(
         keep_coord = torch.cat([keep[p.entry_index].expand(n) for p, n in zip(chunk, lengths, strict=True)])
         grad = torch.where(keep_coord, grad, 0.0)
         context = None
-        if needs_segments:
+        if needs_segments or hierarchical:
+            segment_state = None
+            if hierarchical:
+                segment_state = {
+                    k: torch.cat([entries[p.entry_index].segment_state[k] for p in chunk])
+                    for k in entries[0].segment_state
+                }
             context = StepContext(
                 segment_ids=torch.cat(
                     [torch.full((n,), j, dtype=torch.int64, device=device) for j, n in enumerate(lengths)]
                 ),
                 num_segments=len(chunk),
+                segment_state=segment_state,
+                global_state=global_state,
             )
         update, new_state = rule(grad, state, context)
+        if context is not None:
+            for j, piece in enumerate(chunk):
+                acc = sums[piece.entry_index]
+                for k, v in context.segment_sums.items():
+                    acc[k] = v[j] if k not in acc else acc[k] + v[j]
         update = torch.where(keep_coord, update, 0.0)
 
         offset = 0
@@ -159,4 +178,32 @@ def learned_step(
     for e, flat in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():
             e.param.copy_(flat.view(e.param.shape))
+    if hierarchical:
+        _finalize(rule, entries, sums, keep, global_state)
     return skipped
+
+
+def _finalize(
+    rule: UpdateRule,
+    entries: Sequence[StepEntry],
+    sums: list[dict[str, Tensor]],
+    keep: Tensor,
+    global_state: RuleState | None,
+) -> None:
+    """Advance tensor-level and global state once per step; skipped tensors keep theirs."""
+    if global_state is None:
+        raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to learned_step")
+    seg_keys = list(entries[0].segment_state or {})
+    segment_state = {k: torch.cat([e.segment_state[k] for e in entries]) for k in seg_keys}
+    stacked = {}
+    for k in {k for s in sums for k in s}:
+        template = next(s[k] for s in sums if k in s)
+        # A zero-size tensor contributes no chunk piece, hence no sums.
+        stacked[k] = torch.stack([s.get(k, torch.zeros_like(template)) for s in sums])
+    counts = torch.tensor([float(e.param.numel()) for e in entries], device=keep.device)
+    new_segment, new_global = rule.finalize(segment_state, global_state, stacked, counts)
+    for i, e in enumerate(entries):
+        for k in seg_keys:
+            e.segment_state[k].copy_(torch.where(keep[i], new_segment[k][i : i + 1], e.segment_state[k]))
+    for k, v in new_global.items():
+        global_state[k].copy_(v)

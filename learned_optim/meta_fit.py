@@ -103,6 +103,8 @@ class _Run:
     names: list[str]
     params: list[Tensor]
     state: RuleState
+    segment_state: RuleState = field(default_factory=dict)
+    global_state: RuleState = field(default_factory=dict)
     steps_done: int = 0
     batches_used: int = 0
     initial_loss: float = float("nan")
@@ -163,6 +165,7 @@ class MetaTrainer:
         self.progress = progress
         self.time_budget = time_budget
         self.callback = callback
+        self.hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
         self.meta_optimizer = torch.optim.Adam(rule.parameters(), lr=self.config.meta_lr)
         self.rng = random.Random(self.config.seed)
         self.history = MetaFitHistory()
@@ -187,7 +190,10 @@ class MetaTrainer:
         # its dtype and its update is cast back.
         params = [p.detach().clone() for _, p in named]
         state = self.rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
-        return _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
+        run = _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
+        run.segment_state = self.rule.init_segment_state(len(params))
+        run.global_state = self.rule.init_global_state()
+        return run
 
     def _next_batch(self, run: _Run) -> Any:
         run.batches_used += 1
@@ -220,12 +226,23 @@ class MetaTrainer:
                 grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
             if t == length:
                 break
-            flat_grad = torch.cat(grads)
-            flat_state = {k: torch.cat([s[k] for s in states]) for k in states[0]}
-            context = None
-            if getattr(self.rule, "needs_segments", False):
-                context = _segments_for(params)
-            update, new_state = self.rule(flat_grad, flat_state, context)
+            if self.hierarchical:
+                # Tensor-level and global state belong to one problem: one rule call per run.
+                parts = []
+                for i, run in enumerate(runs):
+                    upd, states[i], run.segment_state, run.global_state = self.rule.full_step(
+                        grads[i], states[i], *_segment_ids(params[i]), run.segment_state, run.global_state
+                    )
+                    parts.append(upd)
+                update = torch.cat(parts)
+                new_state = {k: torch.cat([st[k] for st in states]) for k in states[0]}
+            else:
+                flat_grad = torch.cat(grads)
+                flat_state = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+                context = None
+                if getattr(self.rule, "needs_segments", False):
+                    context = _segments_for(params)
+                update, new_state = self.rule(flat_grad, flat_state, context)
             offset = 0
             for i in range(len(runs)):
                 upd = update[offset : offset + sizes[i]]
@@ -247,6 +264,8 @@ class MetaTrainer:
                 per_run.append(stacked.mean())
             run.params = [p.detach() for p in params[i]]
             run.state = {k: v.detach() for k, v in states[i].items()}
+            run.segment_state = {k: v.detach() for k, v in run.segment_state.items()}
+            run.global_state = {k: v.detach() for k, v in run.global_state.items()}
             run.steps_done += length
         return torch.stack(per_run).mean()
 
@@ -358,7 +377,11 @@ class MetaTrainer:
             for p_index, p in enumerate(run.params):
                 tensors[f"run/{r_index}/param/{p_index}"] = p.contiguous()
             for k, v in run.state.items():
-                tensors[f"run/{r_index}/state/{k}"] = v.contiguous()
+                tensors[f"run/{r_index}/state/{k}"] = v.detach().contiguous()
+            for k, v in run.segment_state.items():
+                tensors[f"run/{r_index}/segment/{k}"] = v.detach().contiguous()
+            for k, v in run.global_state.items():
+                tensors[f"run/{r_index}/global/{k}"] = v.detach().contiguous()
             runs_meta.append(
                 {
                     "family_index": run.family_index,
@@ -431,6 +454,8 @@ class MetaTrainer:
                 run.pending_batch = batch
             run.params = [tensors[f"run/{r_index}/param/{i}"] for i in range(len(run.params))]
             run.state = {k: tensors[f"run/{r_index}/state/{k}"] for k in run.state}
+            run.segment_state = {k: tensors[f"run/{r_index}/segment/{k}"] for k in run.segment_state}
+            run.global_state = {k: tensors[f"run/{r_index}/global/{k}"] for k in run.global_state}
             self.runs.append(run)
 
 
@@ -443,6 +468,12 @@ def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequen
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError(f"task {instance.name!r}: loss must return a scalar tensor")
     return value.reshape(())
+
+
+def _segment_ids(params: Sequence[Tensor]) -> tuple[Tensor, int]:
+    """Segment id of every coordinate of ``params`` (one segment per tensor) and their number."""
+    lengths = torch.tensor([p.numel() for p in params])
+    return torch.repeat_interleave(torch.arange(len(params)), lengths), len(params)
 
 
 def _segments_for(params: Sequence[Sequence[Tensor]]) -> StepContext:
@@ -477,9 +508,9 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
     names = [n for n, _ in named]
     params = [p.detach().clone() for _, p in named]
     state = rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
-    context = None
-    if getattr(rule, "needs_segments", False):
-        context = _segments_for([params])
+    segment_ids, num_segments = _segment_ids(params)
+    segment_state = rule.init_segment_state(num_segments)
+    global_state = rule.init_global_state()
     losses = []
     for t in range(steps + 1):
         inputs, targets = instance.next_batch()
@@ -490,7 +521,9 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
             if t == steps:
                 break
             grads = torch.autograd.grad(loss, leaves)
-        update, state = rule(_flatten(grads), state, context)
+        update, state, segment_state, global_state = rule.full_step(
+            _flatten(grads), state, segment_ids, num_segments, segment_state, global_state
+        )
         pos = 0
         new_params = []
         for p in params:

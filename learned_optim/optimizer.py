@@ -21,6 +21,7 @@ from learned_optim.rules.registry import get_rule_class
 from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
 STATE_PREFIX = "rule."
+SEGMENT_PREFIX = "rule.segment."
 
 
 class LearnedOptimizer(Optimizer):
@@ -91,11 +92,19 @@ class LearnedOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.warn_nonfinite = warn_nonfinite
         self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
+        # Hierarchical rules keep state shared by all tensors (e.g. a global RNN).
+        self._global_state: dict[str, Tensor] | None = None
+        self._hierarchical = bool(self.rule.segment_state_spec() or self.rule.global_state_spec())
 
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: Tensor, numel: int) -> dict[str, Tensor]:
-        fresh = self.rule.init_state(numel, device=p.device, dtype=self.state_dtype)
-        return {STATE_PREFIX + k: v for k, v in fresh.items()}
+        rule = self._rule_for(p.device)
+        fresh = {
+            STATE_PREFIX + k: v for k, v in rule.init_state(numel, device=p.device, dtype=self.state_dtype).items()
+        }
+        segment = rule.init_segment_state(1, device=p.device, dtype=self.state_dtype)
+        fresh.update({SEGMENT_PREFIX + k: v for k, v in segment.items()})
+        return fresh
 
     def _rule_for(self, device: torch.device) -> UpdateRule:
         """The rule on ``device`` (a cached copy if the user's rule lives elsewhere)."""
@@ -138,15 +147,19 @@ class LearnedOptimizer(Optimizer):
                     )
                 if grad.shape != p.shape:
                     raise RuntimeError(
-                        f"gradient shape {tuple(grad.shape)} does not match parameter shape "
-                        f"{tuple(p.shape)}"
+                        f"gradient shape {tuple(grad.shape)} does not match parameter shape {tuple(p.shape)}"
                     )
                 param_view = torch.view_as_real(p) if p.is_complex() else p
                 grad_view = torch.view_as_real(grad) if grad.is_complex() else grad
                 state = self.state[p]
                 if not state:
                     state.update(self._init_param_state(p, param_view.numel()))
-                rule_state = {k[len(STATE_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
+                rule_state = {
+                    k[len(STATE_PREFIX) :]: v
+                    for k, v in state.items()
+                    if k.startswith(STATE_PREFIX) and not k.startswith(SEGMENT_PREFIX)
+                }
+                segment_state = {k[len(SEGMENT_PREFIX) :]: v for k, v in state.items() if k.startswith(SEGMENT_PREFIX)}
                 entries_by_device.setdefault(p.device, []).append(
                     StepEntry(
                         param=param_view,
@@ -155,15 +168,24 @@ class LearnedOptimizer(Optimizer):
                         lr=group["lr"],
                         weight_decay=group["weight_decay"],
                         maximize=group["maximize"],
+                        segment_state=segment_state,
                     )
                 )
 
+        if self._hierarchical and len(entries_by_device) > 1:
+            raise RuntimeError(
+                f"{self.rule.rule_type} keeps state shared by all parameters: put them on one device "
+                f"(got {sorted(str(d) for d in entries_by_device)})"
+            )
         for device, entries in entries_by_device.items():
+            if self._hierarchical and self._global_state is None:
+                self._global_state = self._rule_for(device).init_global_state(device, self.state_dtype)
             skipped = learned_step(
                 self._rule_for(device),
                 entries,
                 chunk_size=self.chunk_size,
                 nonfinite=self.nonfinite,
+                global_state=self._global_state,
             )
             if skipped is not None and self.warn_nonfinite and bool(skipped.any()):
                 warnings.warn(
@@ -184,19 +206,22 @@ class LearnedOptimizer(Optimizer):
             "config": dict(self.rule.config),
             "weights": {k: v.detach().clone() for k, v in self.rule.state_dict().items()},
         }
+        if self._global_state is not None:
+            sd["rule_global_state"] = {k: v.detach().clone() for k, v in self._global_state.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict``; the rule's state keeps its own dtype (not the parameter's)."""
         state_dict = dict(state_dict)
         rule_sd = state_dict.pop("rule", None)
+        global_sd = state_dict.pop("rule_global_state", None)
         if rule_sd is not None and (
             rule_sd.get("rule_type") != self.rule.rule_type or rule_sd.get("config") != self.rule.config
         ):
             raise ValueError(
-                    "optimizer state_dict was saved with a different update rule "
-                    f"({rule_sd.get('rule_type')} {rule_sd.get('config')}) than this optimizer's "
-                    f"({self.rule.rule_type} {self.rule.config}); build the optimizer with the "
+                "optimizer state_dict was saved with a different update rule "
+                f"({rule_sd.get('rule_type')} {rule_sd.get('config')}) than this optimizer's "
+                f"({self.rule.rule_type} {self.rule.config}); build the optimizer with the "
                 "same `pretrained` rule before loading"
             )
         # Optimizer.load_state_dict casts float state to the parameter dtype; remember ours.
@@ -216,6 +241,9 @@ class LearnedOptimizer(Optimizer):
         if rule_sd is not None:
             self.rule.load_state_dict(rule_sd["weights"])
             self._rule_copies.clear()
+        if global_sd is not None:
+            device = next((p.device for g in self.param_groups for p in g["params"]), None)
+            self._global_state = {k: v.detach().to(device=device).clone() for k, v in global_sd.items()}
 
     @property
     def rule_class(self) -> type[UpdateRule]:

@@ -9,7 +9,7 @@ under ``no_grad`` and inside ``meta_fit`` with autograd through the rule's weigh
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -27,10 +27,20 @@ class StepContext:
             ``segment_ids[i]`` of this batch. Rules that need per-tensor statistics
             (for instance the hierarchical RNN) reduce over it.
         num_segments: number of distinct tensors in the batch.
+        segment_state: per-tensor state of the batch's tensors, each ``(num_segments, ...)``
+            (rules with a :meth:`UpdateRule.segment_state_spec`).
+        global_state: state shared by all tensors of the optimizer (rules with a
+            :meth:`UpdateRule.global_state_spec`).
+        segment_sums: filled by the rule: per-segment sums ``(num_segments, k)`` of whatever
+            its :meth:`UpdateRule.finalize` needs. The caller adds them up over chunks (a
+            tensor may span several) before calling ``finalize`` once per step.
     """
 
     segment_ids: Tensor | None = None
     num_segments: int = 0
+    segment_state: RuleState | None = None
+    global_state: RuleState | None = None
+    segment_sums: dict[str, Tensor] = field(default_factory=dict)
 
 
 class UpdateRule(nn.Module):
@@ -69,6 +79,77 @@ class UpdateRule(nn.Module):
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-coordinate state: name -> trailing shape (the leading dim is the coordinate)."""
         raise NotImplementedError(f"{type(self).__name__} must implement state_spec()")
+
+    needs_segments: ClassVar[bool] = False
+
+    def segment_state_spec(self) -> dict[str, tuple[int, ...]]:
+        """Per-tensor state: name -> trailing shape (none by default)."""
+        return {}
+
+    def global_state_spec(self) -> dict[str, tuple[int, ...]]:
+        """State shared by all tensors: name -> shape (none by default)."""
+        return {}
+
+    def init_segment_state(
+        self, num_segments: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RuleState:
+        """Fresh per-tensor state for ``num_segments`` tensors."""
+        return {
+            name: torch.zeros((num_segments, *shape), device=device, dtype=dtype)
+            for name, shape in self.segment_state_spec().items()
+        }
+
+    def init_global_state(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RuleState:
+        """Fresh global state."""
+        return {
+            name: torch.zeros(shape, device=device, dtype=dtype) for name, shape in self.global_state_spec().items()
+        }
+
+    def finalize(
+        self,
+        segment_state: RuleState,
+        global_state: RuleState,
+        segment_sums: dict[str, Tensor],
+        counts: Tensor,
+    ) -> tuple[RuleState, RuleState]:
+        """Advance the per-tensor and global state once all coordinates of a step are done.
+
+        Args:
+            segment_state: state of every tensor of the step, ``(num_tensors, ...)``.
+            global_state: the global state.
+            segment_sums: the sums the rule wrote in ``StepContext.segment_sums``, added up
+                per tensor over all chunks, ``(num_tensors, k)``.
+            counts: coordinates per tensor, ``(num_tensors,)``.
+        """
+        return segment_state, global_state
+
+    def full_step(
+        self,
+        grad: Tensor,
+        state: RuleState,
+        segment_ids: Tensor,
+        num_segments: int,
+        segment_state: RuleState | None = None,
+        global_state: RuleState | None = None,
+    ) -> tuple[Tensor, RuleState, RuleState, RuleState]:
+        """One step over *all* coordinates of a problem at once (forward, then :meth:`finalize`).
+
+        Used where everything fits in one batch (meta-training, tests). Returns
+        ``(update, new_state, new_segment_state, new_global_state)``.
+        """
+        if segment_state is None:
+            segment_state = self.init_segment_state(num_segments, grad.device)
+        if global_state is None:
+            global_state = self.init_global_state(grad.device)
+        context = StepContext(segment_ids, num_segments, segment_state, global_state)
+        update, new_state = self(grad, state, context)
+        if not self.segment_state_spec() and not self.global_state_spec():
+            return update, new_state, segment_state, global_state
+        counts = torch.bincount(segment_ids, minlength=num_segments).to(grad.dtype)
+        new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
+        return update, new_state, new_segment, new_global
 
     def init_state(
         self, n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32

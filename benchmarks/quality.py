@@ -1,0 +1,128 @@
+"""Quality of learned rules against tuned baselines on a set of (task, horizon) problems.
+
+Each problem is a `learned_optim.compare.compare` run: Adam, RMSprop, SGD and Nesterov SGD at
+their best half-decade grid learning rate per metric, on evaluation seeds never used in
+meta-training; every seed fixes initialisation and minibatch order for every optimizer.
+Prints, per rule and problem, (a) mean training minibatch loss over the run and (b) the
+whole-training-split loss after the last step, as ratios to the best baseline, plus the
+lr-robustness sweep.
+
+    python benchmarks/quality.py --rules lstm-mnist --problems mnist --seeds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from learned_optim.compare import BASELINES, EVALUATION_SEED_BASE, compare, evaluate_rule, run_once
+from learned_optim.tasks import get_task
+from learned_optim.weights import resolve_rule
+
+PROBLEMS = {
+    # Issue 3: MNIST and its generalisation settings (Andrychowicz et al. 2016, section 3.2).
+    "mnist": [
+        ("mnist-mlp", 100),
+        ("mnist-mlp", 200),
+        ("mnist-mlp-40", 100),
+        ("mnist-mlp-2layer", 100),
+        ("mnist-mlp-relu", 100),
+    ],
+    "quadratic": [("quadratic", 100)],
+    # Issue 4: tasks outside the hierarchical RNN's meta-training set.
+    "general": [
+        ("mnist-mlp", 200),
+        ("mnist-mlp-relu", 200),
+        ("mnist-conv", 200),
+        ("xor", 200),
+        ("teacher", 200),
+        ("mnist-mlp", 1000),
+    ],
+}
+
+
+def lr_sweep(rule_name: str, task: str, steps: int, seeds: list[int]) -> dict[str, dict[float, float]]:
+    """Final training loss of the rule at lr multipliers 0.1..10, and of Adam over the same 100x range."""
+    family = get_task(task)
+    rule = resolve_rule(rule_name)
+    out: dict[str, dict[float, float]] = {rule_name: {}, "adam": {}}
+    for mult in (0.1, 0.3, 1.0, 3.0, 10.0):
+        out[rule_name][mult] = evaluate_rule(rule_name, rule, family, seeds, steps, lr=mult).final_loss
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
+        runs = [run_once(family, s, lambda p, lr=lr: BASELINES["adam"](p, lr), steps) for s in seeds]
+        out["adam"][lr] = sum(r.final_loss for r in runs) / len(runs)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rules", required=True, help="comma separated rules (bundled names, dirs, Hub ids)")
+    parser.add_argument("--problems", default="mnist", help=f"comma separated sets: {', '.join(PROBLEMS)}")
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--out", default="results/quality")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr-sweep", default="", help="task:steps for the lr-robustness sweep, e.g. mnist-mlp:100")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rules = args.rules.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    start = time.perf_counter()
+    for problem_set in args.problems.split(","):
+        for task, steps in PROBLEMS[problem_set]:
+            c = compare(task, rules, steps, args.seeds, cache_path=out / ".cache" / f"{task}.json", progress=False)
+            best_a, best_b = c.best_baseline("mean_loss"), c.best_baseline("final_loss")
+            for name in rules:
+                r = next(x for x in c.results if x.name == name)
+                rows.append(
+                    {
+                        "rule": name,
+                        "task": task,
+                        "steps": steps,
+                        "mean_loss": r.mean_loss,
+                        "final_loss": r.final_loss,
+                        "ratio_a": c.ratio(name, "mean_loss"),
+                        "ratio_b": c.ratio(name, "final_loss"),
+                        "best_a": f"{best_a.name}@{best_a.best_lr['mean_loss']:g}",
+                        "best_b": f"{best_b.name}@{best_b.best_lr['final_loss']:g}",
+                        "adam_1e-3_final": c_grid(c, "adam", 1e-3),
+                    }
+                )
+            print(c.table(), flush=True)
+    print("| rule | task | steps | (a) ratio | (b) ratio | best baseline (a) | best baseline (b) | (b) vs Adam 1e-3 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        vs_adam = row["final_loss"] / row["adam_1e-3_final"] if row["adam_1e-3_final"] else float("nan")
+        print(
+            f"| {row['rule']} | {row['task']} | {row['steps']} | {row['ratio_a']:.2f} | {row['ratio_b']:.2f} "
+            f"| {row['best_a']} | {row['best_b']} | {vs_adam:.2f} |"
+        )
+    sweep = None
+    if args.lr_sweep:
+        task, steps = args.lr_sweep.split(":")
+        seeds = list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + args.seeds))
+        sweep = {r: lr_sweep(r, task, int(steps), seeds) for r in rules}
+        for table in sweep.values():
+            for name, values in table.items():
+                finite = [v for v in values.values() if v == v]
+                spread = max(finite) / min(finite) if finite else float("nan")
+                cells = ", ".join(f"{k:g}: {v:.4f}" for k, v in values.items())
+                print(f"lr sweep {task}:{steps} {name}: {cells} (max/min {spread:.2f})")
+    print(f"total {time.perf_counter() - start:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    (out / "quality.json").write_text(json.dumps({"rows": rows, "lr_sweep": sweep}, indent=1, default=str))
+
+
+def c_grid(c, name: str, lr: float) -> float:
+    """Final training loss of baseline ``name`` at exactly ``lr`` (Adam's untuned default)."""
+    r = next(x for x in c.results if x.name == name)
+    entry = r.grid.get(f"{lr:g}")
+    return entry["final_loss"] if entry else float("nan")
+
+
+if __name__ == "__main__":
+    main()

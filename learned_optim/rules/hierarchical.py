@@ -1,0 +1,217 @@
+"""The hierarchical RNN optimizer of Wichrowska et al. 2017, "Learned Optimizers that Scale and
+Generalize".
+
+Three levels of GRUs. A small *parameter* GRU runs per coordinate on scale-free gradient
+features; a *tensor* GRU per parameter tensor reads the mean of its coordinates' hidden
+states; a *global* GRU reads the mean of the tensor states. Each level biases the one below
+(the tensor GRU the parameter GRU's gates, the global GRU the tensor GRU's gates), and all
+initial states are learned.
+
+Per coordinate the parameter GRU sees
+- gradient averages at ``timescales`` time scales (each twice as long as the one before),
+  each divided by the root of a running mean square at the same time scale,
+- the log gradient magnitude at each time scale relative to their mean,
+- the coordinate's log learning rate relative to its tensor's mean,
+
+and outputs a direction (normalised to unit RMS per tensor) and a change of its own log
+learning rate. The step is ``exp(log_lr) * direction``. A linear path from the features to
+the direction starts the rule out as normalised momentum (Adam-like) at ``init_lr``, which
+meta-training then improves.
+
+Tensor membership arrives as segment ids (``StepContext``), so per-tensor means are one
+segmented reduction over the flat batch, never a loop over tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+
+_EPS = 1e-24
+
+
+def gru_cell(x_gates: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """GRU cell given the input's gate pre-activations ``x_gates`` ``(n, 3H)`` (reset, update, new)."""
+    h_gates = torch.addmm(b_hh, h, w_hh.t())
+    hidden = h.shape[-1]
+    rz = torch.sigmoid(x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden])
+    r, z = rz[:, :hidden], rz[:, hidden:]
+    candidate = torch.tanh(x_gates[:, 2 * hidden :] + r * h_gates[:, 2 * hidden :])
+    return candidate + z * (h - candidate)
+
+
+def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    """Sum of ``values`` ``(n, k)`` per segment: ``(num_segments, k)``."""
+    out = values.new_zeros((num_segments, values.shape[-1]))
+    return out.index_add(0, segment_ids, values)
+
+
+class HierarchicalRNN(UpdateRule):
+    """Hierarchical RNN update rule (Wichrowska et al. 2017).
+
+    Args:
+        param_hidden: units of the per-coordinate GRU (paper: 10).
+        tensor_hidden: units of the per-tensor GRU (paper: 20).
+        global_hidden: units of the global GRU (paper: 20).
+        timescales: gradient-average time scales; scale ``i`` uses decay ``1 - 0.5**(i+1)``.
+        init_lr: initial learning rate of every coordinate (``exp`` of the learned initial log lr).
+        lr_change_scale: multiplies the GRU's log-learning-rate change per step.
+        min_lr: lower bound of each coordinate's learning rate.
+        max_lr: upper bound of each coordinate's learning rate.
+    """
+
+    rule_type = "HierarchicalRNN"
+    needs_segments = True
+
+    def __init__(
+        self,
+        param_hidden: int = 10,
+        tensor_hidden: int = 20,
+        global_hidden: int = 20,
+        timescales: int = 4,
+        init_lr: float = 1e-3,
+        lr_change_scale: float = 0.1,
+        min_lr: float = 1e-8,
+        max_lr: float = 10.0,
+    ) -> None:
+        super().__init__()
+        if min(param_hidden, tensor_hidden, global_hidden, timescales) < 1:
+            raise ValueError("hidden sizes and timescales must be >= 1")
+        if not 0 < min_lr <= init_lr <= max_lr:
+            raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
+        self.config = {
+            "param_hidden": int(param_hidden),
+            "tensor_hidden": int(tensor_hidden),
+            "global_hidden": int(global_hidden),
+            "timescales": int(timescales),
+            "init_lr": float(init_lr),
+            "lr_change_scale": float(lr_change_scale),
+            "min_lr": float(min_lr),
+            "max_lr": float(max_lr),
+        }
+        p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
+        self.p, self.t, self.g, self.k = p, t, g, k
+        self.lr_change_scale = float(lr_change_scale)
+        self.log_min_lr, self.log_max_lr = math.log(min_lr), math.log(max_lr)
+        self.register_buffer("decays", torch.tensor([1.0 - 0.5 ** (i + 1) for i in range(k)]), persistent=False)
+        n_features = 2 * k + 1
+        self.param_in = nn.Linear(n_features, 3 * p)
+        self.param_hh = nn.Linear(p, 3 * p)
+        self.param_out = nn.Linear(p, 2)  # direction, change of log lr
+        self.direct = nn.Linear(n_features, 1, bias=False)  # features -> direction skip path
+        self.tensor_in = nn.Linear(p, 3 * t)
+        self.tensor_hh = nn.Linear(t, 3 * t)
+        self.tensor_to_param = nn.Linear(t, 3 * p, bias=False)
+        self.global_in = nn.Linear(t, 3 * g)
+        self.global_hh = nn.Linear(g, 3 * g)
+        self.global_to_tensor = nn.Linear(g, 3 * t, bias=False)
+        self.param_h0 = nn.Parameter(torch.zeros(p))
+        self.tensor_h0 = nn.Parameter(torch.zeros(t))
+        self.global_h0 = nn.Parameter(torch.zeros(g))
+        self.log_lr0 = nn.Parameter(torch.tensor(math.log(init_lr)))
+        with torch.no_grad():
+            for layer in (self.param_out, self.tensor_to_param, self.global_to_tensor):
+                layer.weight.mul_(0.1)
+            self.param_out.bias.zero_()
+            # Start as normalised momentum at the longest time scale: m_K / rms_K.
+            self.direct.weight.zero_()
+            self.direct.weight[0, k - 1] = -1.0
+
+    def state_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"h": (self.p,), "m": (self.k,), "v": (self.k,), "log_lr": (1,)}
+
+    def segment_state_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"h": (self.t,), "mean_log_lr": (1,)}
+
+    def global_state_spec(self) -> dict[str, tuple[int, ...]]:
+        return {"h": (self.g,)}
+
+    def init_state(
+        self, n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RuleState:
+        state = super().init_state(n, device, dtype)
+        state["h"] = self.param_h0.to(device=device, dtype=dtype).expand(n, self.p).clone()
+        state["log_lr"] = self.log_lr0.to(device=device, dtype=dtype).expand(n, 1).clone()
+        return state
+
+    def init_segment_state(
+        self, num_segments: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RuleState:
+        return {
+            "h": self.tensor_h0.to(device=device, dtype=dtype).expand(num_segments, self.t).clone(),
+            "mean_log_lr": self.log_lr0.to(device=device, dtype=dtype).expand(num_segments, 1).clone(),
+        }
+
+    def init_global_state(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> RuleState:
+        return {"h": self.global_h0.to(device=device, dtype=dtype).clone()}
+
+    def forward(self, grad: Tensor, state: RuleState, context: StepContext | None = None) -> tuple[Tensor, RuleState]:
+        dtype = self.param_in.weight.dtype
+        n = grad.shape[0]
+        if context is None or context.segment_ids is None:
+            # A lone batch without layout is one tensor with fresh tensor/global state.
+            context = StepContext(
+                torch.zeros(n, dtype=torch.int64, device=grad.device), 1, self.init_segment_state(1, grad.device)
+            )
+        ids, num = context.segment_ids, context.num_segments
+        segment_state = context.segment_state or self.init_segment_state(num, grad.device)
+        g = grad.to(dtype).unsqueeze(-1)
+        decays = self.decays.to(dtype)
+        m = decays * state["m"].to(dtype) + (1 - decays) * g
+        v = decays * state["v"].to(dtype) + (1 - decays) * g * g
+        log_rms = 0.5 * torch.log(v + _EPS)
+        scaled_m = m * torch.exp(-log_rms)
+        relative_log_rms = log_rms - log_rms.mean(-1, keepdim=True)
+        log_lr = state["log_lr"].to(dtype)
+        relative_log_lr = log_lr - segment_state["mean_log_lr"].to(dtype)[ids]
+        features = torch.cat((scaled_m, relative_log_rms.clamp(-10, 10) / 10, relative_log_lr), dim=-1)
+
+        tensor_bias = self.tensor_to_param(segment_state["h"].to(dtype))[ids]
+        h = gru_cell(
+            self.param_in(features) + tensor_bias, state["h"].to(dtype), self.param_hh.weight, self.param_hh.bias
+        )
+        out = self.param_out(h)
+        direction = out[:, 0] + self.direct(features).squeeze(-1)
+        log_lr = (log_lr + self.lr_change_scale * out[:, 1:2]).clamp(self.log_min_lr, self.log_max_lr)
+        # Unit RMS per tensor: the step size lives in the learning rate, not the direction.
+        mean_square = segment_sum(direction.unsqueeze(-1) ** 2, ids, num)
+        counts = torch.zeros(num, dtype=dtype, device=grad.device).index_add(0, ids, torch.ones_like(direction))
+        rms = torch.sqrt(mean_square.squeeze(-1) / counts.clamp_min(1) + 1e-16)
+        update = torch.exp(log_lr.squeeze(-1)) * direction / rms[ids]
+
+        context.segment_sums = {"h": segment_sum(h, ids, num), "log_lr": segment_sum(log_lr, ids, num)}
+        new_state = {
+            "h": h.to(state["h"].dtype),
+            "m": m.to(state["m"].dtype),
+            "v": v.to(state["v"].dtype),
+            "log_lr": log_lr.to(state["log_lr"].dtype),
+        }
+        return update, new_state
+
+    def finalize(
+        self,
+        segment_state: RuleState,
+        global_state: RuleState,
+        segment_sums: dict[str, Tensor],
+        counts: Tensor,
+    ) -> tuple[RuleState, RuleState]:
+        dtype = self.tensor_in.weight.dtype
+        denom = counts.to(dtype).clamp_min(1).unsqueeze(-1)
+        mean_param_h = segment_sums["h"].to(dtype) / denom
+        tensor_h = segment_state["h"].to(dtype)
+        global_h = global_state["h"].to(dtype)
+        gates = self.tensor_in(mean_param_h) + self.global_to_tensor(global_h)
+        new_tensor_h = gru_cell(gates, tensor_h, self.tensor_hh.weight, self.tensor_hh.bias)
+        global_gates = self.global_in(new_tensor_h.mean(0, keepdim=True))
+        new_global_h = gru_cell(global_gates, global_h.unsqueeze(0), self.global_hh.weight, self.global_hh.bias)
+        new_segment = {
+            "h": new_tensor_h.to(segment_state["h"].dtype),
+            "mean_log_lr": (segment_sums["log_lr"].to(dtype) / denom).to(segment_state["mean_log_lr"].dtype),
+        }
+        return new_segment, {"h": new_global_h.squeeze(0).to(global_state["h"].dtype)}
