@@ -65,6 +65,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         second_order=args.second_order,
         clip_grad_norm=args.clip,
         random_horizon=args.random_horizon,
+        meta_grad_fraction=args.meta_grad_fraction,
         seed=args.seed,
         validate_every=args.validate_every,
         validation_instances=args.validation_instances,
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--second-order", action="store_true")
     mf.add_argument("--clip", type=float, default=1.0, help="meta-gradient norm clip (0: off)")
     mf.add_argument("--random-horizon", action="store_true", help="heavy-tailed random horizons around --steps")
+    mf.add_argument(
+        "--meta-grad-fraction", type=float, default=1.0, help="backpropagate through this fraction of coordinates"
+    )
     mf.add_argument("--validate-every", type=int, default=50)
     mf.add_argument("--validation-instances", type=int, default=4)
     mf.add_argument("--checkpoint-every", type=int, default=25)

@@ -190,9 +190,18 @@ def _finalize(
     keep: Tensor,
     global_state: RuleState | None,
 ) -> None:
-    """Advance tensor-level and global state once per step; skipped tensors keep theirs."""
+    """Advance tensor-level and global state once per step; skipped tensors keep theirs.
+
+    The global state advances when at least one tensor stepped; it reads what the rule's
+    ``finalize`` makes of all tensors of the step, a skipped one included (its sums come from a
+    zero gradient and its own new state is discarded). A step that skipped every tensor
+    changes nothing, global state included.
+    """
     if global_state is None:
         raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to learned_step")
+    if all(e.param.numel() == 0 for e in entries):
+        # Only empty tensors: no coordinate ran through the rule (no sums), nothing to advance.
+        return
     seg_keys = list(entries[0].segment_state or {})
     segment_state = {k: torch.cat([e.segment_state[k] for e in entries]) for k in seg_keys}
     stacked = {}
@@ -205,5 +214,6 @@ def _finalize(
     for i, e in enumerate(entries):
         for k in seg_keys:
             e.segment_state[k].copy_(torch.where(keep[i], new_segment[k][i : i + 1], e.segment_state[k]))
+    any_kept = keep.any()  # a device-side flag: no read back to the host
     for k, v in new_global.items():
-        global_state[k].copy_(v)
+        global_state[k].copy_(torch.where(any_kept, v, global_state[k]))

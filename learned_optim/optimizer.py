@@ -244,6 +244,10 @@ class LearnedOptimizer(Optimizer):
         if global_sd is not None:
             device = next((p.device for g in self.param_groups for p in g["params"]), None)
             self._global_state = {k: v.detach().to(device=device).clone() for k, v in global_sd.items()}
+        else:
+            # Saved before any step: like the per-parameter state, the global state starts afresh
+            # (keeping ours would pair fresh tensor states with a stale global state).
+            self._global_state = None
 
     @property
     def rule_class(self) -> type[UpdateRule]:

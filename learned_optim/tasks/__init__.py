@@ -40,6 +40,7 @@ def get_task(name: str) -> TaskFamily:
 # The built-in families register themselves on import; imported last because they use
 # register_task above.
 from learned_optim.tasks.mnist import MLPVariations, MNISTConvFamily, MNISTMLPFamily, load_mnist, load_mnist_folder  # noqa: E402
+from learned_optim.tasks.problem_set import ProblemModel, ProblemSet  # noqa: E402
 from learned_optim.tasks.quadratic import QuadraticFamily  # noqa: E402
 from learned_optim.tasks.synthetic import XORDataset, XORFamily, make_xor_dataset  # noqa: E402
 from learned_optim.tasks.teacher import TeacherFamily  # noqa: E402
@@ -50,6 +51,8 @@ __all__ = [
     "MLPVariations",
     "MNISTConvFamily",
     "MNISTMLPFamily",
+    "ProblemModel",
+    "ProblemSet",
     "QuadraticFamily",
     "Task",
     "TaskError",
