@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -22,6 +23,9 @@ def _load_task(spec: str) -> Any:
     if ":" not in spec:
         return get_task(spec)
     module_name, _, attr = spec.partition(":")
+    # Like `python -m`, let a task module in the working directory be found.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     # ValueError, not SystemExit(message): main() turns it into "error: ..." and exit code 2
     # like every other bad argument (SystemExit with a message exits with 1).
     try:

@@ -40,11 +40,19 @@ class _Piece:
     stop: int
 
 
-def plan_chunks(numels: Sequence[int], chunk_size: int) -> Iterator[list[_Piece]]:
-    """Cut the concatenation of tensors of sizes ``numels`` into chunks of ``chunk_size``."""
+def plan_chunks(numels: Sequence[int], chunk_size: int, keep_whole: bool = False) -> Iterator[list[_Piece]]:
+    """Cut the concatenation of tensors of sizes ``numels`` into chunks of ``chunk_size``.
+
+    With ``keep_whole``, a tensor that fits in one chunk never straddles two (it opens a new
+    chunk instead), so rules with per-tensor statistics see it whole, as in meta-training;
+    only tensors larger than a chunk are split.
+    """
     chunk: list[_Piece] = []
     room = chunk_size
     for index, numel in enumerate(numels):
+        if keep_whole and chunk and numel <= chunk_size and numel > room:
+            yield chunk
+            chunk, room = [], chunk_size
         start = 0
         while start < numel:
             take = min(room, numel - start)
@@ -118,7 +126,7 @@ def learned_step(
     # Per-tensor sums the rule reports, added up over the chunks a tensor spans.
     sums: list[dict[str, Tensor]] = [{} for _ in entries]
 
-    for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size):
+    for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size, keep_whole=needs_segments or hierarchical):
         lengths = [piece.stop - piece.start for piece in chunk]
         grad_parts = []
         for piece in chunk:
@@ -126,10 +134,7 @@ def learned_step(
             g = flat_grads[piece.entry_index][piece.start : piece.stop].to(compute_dtype)
             grad_parts.append(-g if e.maximize else g)
         grad = torch.cat(grad_parts) if len(grad_parts) > 1 else grad_parts[0]
-        state = {
-            k: torch.cat([entries[p.entry_index].state[k][p.start : p.stop] for p in chunk])
-            for k in keys
-        }
+        state = {k: torch.cat([entries[p.entry_index].state[k][p.start : p.stop] for p in chunk]) for k in keys}
         # Built from views and fills: repeat_interleave with device repeats would read their
         # sum back to the host (a sync per chunk on GPU).
         keep_coord = torch.cat([keep[p.entry_index].expand(n) for p, n in zip(chunk, lengths, strict=True)])

@@ -198,10 +198,11 @@ class MetaTrainer:
         # The model's own dtype (a float64 model gets float64 inputs); the rule computes in
         # its dtype and its update is cast back.
         params = [p.detach().clone() for _, p in named]
-        state = self.rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
+        device = params[0].device
+        state = self.rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
         run = _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
-        run.segment_state = self.rule.init_segment_state(len(params))
-        run.global_state = self.rule.init_global_state()
+        run.segment_state = self.rule.init_segment_state(len(params), device=device)
+        run.global_state = self.rule.init_global_state(device=device)
         return run
 
     def _next_batch(self, run: _Run) -> Any:
@@ -511,7 +512,8 @@ def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequen
 def _segment_ids(params: Sequence[Tensor]) -> tuple[Tensor, int]:
     """Segment id of every coordinate of ``params`` (one segment per tensor) and their number."""
     lengths = torch.tensor([p.numel() for p in params])
-    return torch.repeat_interleave(torch.arange(len(params)), lengths), len(params)
+    ids = torch.repeat_interleave(torch.arange(len(params)), lengths)
+    return ids.to(params[0].device), len(params)
 
 
 def _segments_for(params: Sequence[Sequence[Tensor]]) -> StepContext:
@@ -545,10 +547,12 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
     named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     params = [p.detach().clone() for _, p in named]
-    state = rule.init_state(sum(p.numel() for p in params), dtype=torch.float32)
+    device = params[0].device
+    state = rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
     segment_ids, num_segments = _segment_ids(params)
-    segment_state = rule.init_segment_state(num_segments)
-    global_state = rule.init_global_state()
+    segment_ids = segment_ids.to(device)
+    segment_state = rule.init_segment_state(num_segments, device=device)
+    global_state = rule.init_global_state(device=device)
     losses = []
     for t in range(steps + 1):
         inputs, targets = instance.next_batch()

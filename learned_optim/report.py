@@ -63,7 +63,7 @@ def markdown(result: Comparison, command: str | None = None) -> str:
 
 
 def write_report(result: Comparison, out: str | Path, command: str | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.json`` and ``curves.png`` (if matplotlib is installed) to ``out``."""
+    """Write ``<task>-<steps>.md``, ``.json`` and ``.png`` (the plot if matplotlib is installed) to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # The task name may be a user's free-form label: keep the file names inside ``out``.

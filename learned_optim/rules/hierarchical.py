@@ -187,6 +187,8 @@ class HierarchicalRNN(UpdateRule):
         direction = out[:, 0] + self.direct(features).squeeze(-1)
         log_lr = (log_lr + self.lr_change_scale * out[:, 1:2]).clamp(self.log_min_lr, self.log_max_lr)
         # Unit RMS per tensor: the step size lives in the learning rate, not the direction.
+        # Per segment of *this batch*: where LearnedOptimizer's chunks split a tensor, each
+        # piece is normalised on its own (everything else is exact across chunks).
         square_sum = segment_sum(direction.unsqueeze(-1) ** 2, ids, num).squeeze(-1)
         counts = segment_sum(torch.ones_like(direction).unsqueeze(-1), ids, num).squeeze(-1)
         rms = torch.sqrt(square_sum / counts.clamp_min(1) + 1e-16).to(dtype)

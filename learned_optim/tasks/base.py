@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from learned_optim.tasks._common import derive_seed
+
 Batch = tuple[Any, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -124,9 +126,9 @@ class Task(TaskFamily):
         if not callable(self.model):
             raise TaskError(f"task {self.name!r}: model must be a factory returning an nn.Module")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(derive_seed(seed, "init"))
             module = self.model()
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(derive_seed(seed, "data"))
             # DataLoader shuffling draws from the global RNG when an epoch starts.
             batches = _seeded_stream(self.data, generator, seed, f"task {self.name!r}")
         if not isinstance(module, nn.Module):
@@ -149,7 +151,8 @@ class Task(TaskFamily):
 
 
 def _seeded_stream(data: Any, generator: torch.Generator, seed: int, source: str) -> Iterator[Batch]:
-    epoch_seeds = itertools.count(seed * 1_000_003)
+    # Separate streams: equal seeds would tie the initial weights to the data.
+    epoch_seeds = itertools.count(derive_seed(seed, "epochs") >> 8)
     yield from _epochs_with_seed(data, generator, epoch_seeds, source)
 
 

@@ -1,0 +1,542 @@
+"""HierarchicalRNN: segmented statistics, chunked steps, checkpoints, skipping, meta-training."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+
+import pytest
+import torch
+from test_meta_fit import Interrupt, _config, same_weights, weights
+from tiny_tasks import TRAIN_X, TRAIN_Y, make_tiny, tiny_model
+from torch import nn
+
+from learned_optim import HierarchicalRNN, LearnedOptimizer
+from learned_optim.functional import plan_chunks
+from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaTrainer, meta_fit, rollout
+from learned_optim.rules.base import StepContext
+from learned_optim.tasks import get_task
+from learned_optim.weights import load_rule
+
+
+def noisy_rule(seed: int = 0, **config) -> HierarchicalRNN:
+    """A HierarchicalRNN whose weights are all perturbed, so every level visibly matters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        rule = HierarchicalRNN(**config)
+        with torch.no_grad():
+            for p in rule.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return rule
+
+
+def fresh_rule(seed: int = 0, **config) -> HierarchicalRNN:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HierarchicalRNN(**config)
+
+
+def segment_ids(sizes) -> torch.Tensor:
+    return torch.cat([torch.full((n,), s, dtype=torch.int64) for s, n in enumerate(sizes)])
+
+
+def spy_on_finalize(rule: HierarchicalRNN) -> list[dict]:
+    """Record the sums and counts every ``finalize`` call receives."""
+    calls: list[dict] = []
+    original = rule.finalize
+
+    def spy(segment_state, global_state, segment_sums, counts):
+        calls.append({"sums": {k: v.clone() for k, v in segment_sums.items()}, "counts": counts.clone()})
+        return original(segment_state, global_state, segment_sums, counts)
+
+    rule.finalize = spy
+    return calls
+
+
+def gru_reference(x: torch.Tensor, h: torch.Tensor, w_ih, b_ih, w_hh, b_hh) -> torch.Tensor:
+    """torch.nn.GRUCell with the given weights (an implementation independent of the rule's)."""
+    with torch.random.fork_rng(devices=[]):
+        cell = nn.GRUCell(w_ih.shape[1], w_hh.shape[1])
+    with torch.no_grad():
+        for name, value in (("weight_ih", w_ih), ("bias_ih", b_ih), ("weight_hh", w_hh), ("bias_hh", b_hh)):
+            getattr(cell, name).copy_(value)
+        return cell(x, h)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> None:
+    """Tight closeness (sums may come in float64: values are compared, not dtypes)."""
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------- segmented statistics
+@torch.no_grad()
+def test_segment_sums_means_and_normalisation_match_a_loop_over_tensors():
+    rule = noisy_rule()
+    sizes = [5, 1, 17, 40]
+    scales = torch.tensor([1e-3, 10.0, 1.0, 0.1])
+    num, n = len(sizes), sum(sizes)
+    gen = torch.Generator().manual_seed(0)
+    # Interleaved membership: the segmented reductions must not assume contiguous tensors.
+    ids = segment_ids(sizes)[torch.randperm(n, generator=gen)]
+    state, seg, glob = rule.init_state(n), rule.init_segment_state(num), rule.init_global_state()
+    for _ in range(3):  # non-trivial state at every level first
+        grad = torch.randn(n, generator=gen) * scales[ids]
+        _, state, seg, glob = rule.full_step(grad, state, ids, num, seg, glob)
+
+    grad = torch.randn(n, generator=gen) * scales[ids]
+    context = StepContext(ids, num, seg, glob)
+    update, new_state = rule(grad, state, context)
+    calls = spy_on_finalize(rule)
+    update_full, _, new_seg, new_glob = rule.full_step(grad, state, ids, num, seg, glob)
+    assert torch.equal(update_full, update)
+    (call,) = calls
+    assert call["counts"].tolist() == sizes
+    mean_h, mean_log_lr = [], []
+    for s, size in enumerate(sizes):
+        mask = ids == s
+        # What the rule reports: sums over exactly this tensor's coordinates.
+        close(context.segment_sums["h"][s], new_state["h"][mask].double().sum(0))
+        close(context.segment_sums["log_lr"][s], new_state["log_lr"][mask].double().sum(0))
+        # What finalize receives from full_step: the same sums, and the tensor sizes.
+        close(call["sums"]["h"][s], new_state["h"][mask].double().sum(0))
+        close(call["sums"]["h"][s] / size, new_state["h"][mask].mean(0))
+        mean_h.append(new_state["h"][mask].mean(0))
+        mean_log_lr.append(new_state["log_lr"][mask].mean(0))
+        # Direction normalised per tensor: update / lr has unit RMS whatever the gradient scale.
+        direction = update[mask] / torch.exp(new_state["log_lr"][mask, 0])
+        assert direction.pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-5)
+    close(new_seg["mean_log_lr"], torch.stack(mean_log_lr))
+
+    # The tensor GRU reads each tensor's mean parameter state (biased by the global state), the
+    # global GRU the mean of the new tensor states; torch.nn.GRUCell as the reference.
+    global_bias = rule.global_to_tensor(glob["h"])
+    expected_tensor_h = torch.cat(
+        [
+            gru_reference(
+                mean_h[s][None], seg["h"][s : s + 1], rule.tensor_in.weight, rule.tensor_in.bias + global_bias,
+                rule.tensor_hh.weight, rule.tensor_hh.bias,
+            )
+            for s in range(num)
+        ]
+    )  # fmt: skip
+    close(new_seg["h"], expected_tensor_h, 1e-5)
+    expected_global_h = gru_reference(
+        expected_tensor_h.mean(0, keepdim=True), glob["h"][None], rule.global_in.weight, rule.global_in.bias,
+        rule.global_hh.weight, rule.global_hh.bias,
+    )[0]  # fmt: skip
+    close(new_glob["h"], expected_global_h, 1e-5)
+
+    # Each coordinate's log-lr feature is relative to *its* tensor's mean: shifting one
+    # tensor's mean_log_lr changes exactly that tensor's coordinates.
+    shifted = {k: v.clone() for k, v in seg.items()}
+    shifted["mean_log_lr"][2] += 1.0
+    update_shifted, _ = rule(grad, state, StepContext(ids, num, shifted, glob))
+    changed = update_shifted != update
+    assert changed[ids == 2].any() and not changed[ids != 2].any()
+
+
+@torch.no_grad()
+def test_means_of_a_large_tensor_are_accurate():
+    # Summed one coordinate after the other in float32, the mean of 200_000 log learning
+    # rates near -7 drifted by ~1e-3 (and the chunked and unchunked steps disagreed).
+    rule = noisy_rule()
+    n = 200_000
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    _, new_state, new_seg, _ = rule.full_step(grad, rule.init_state(n), torch.zeros(n, dtype=torch.int64), 1)
+    expected = new_state["log_lr"].double().mean(0, keepdim=True)
+    torch.testing.assert_close(new_seg["mean_log_lr"].double(), expected, rtol=1e-7, atol=0)
+
+
+@torch.no_grad()
+def test_lone_batch_without_layout_is_one_tensor():
+    rule = noisy_rule()
+    grad = torch.randn(30)
+    state = rule.init_state(30)
+    update, new_state = rule(grad, state)
+    update_full, state_full, _, _ = rule.full_step(grad, state, torch.zeros(30, dtype=torch.int64), 1)
+    assert torch.equal(update, update_full)
+    assert all(torch.equal(new_state[k], state_full[k]) for k in new_state)
+
+
+# ---------------------------------------------------------------------------- through LearnedOptimizer
+SHAPES = [(1,), (3,), (10, 100), (50, 1000)]  # 1, 3, 1000 and 50_000 coordinates
+SCALES = [1e-3, 10.0, 1.0, 0.1]
+
+
+def _grads(shapes, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=gen) * SCALES[i % len(SCALES)] for i, s in enumerate(shapes)] for _ in range(steps)
+    ]
+
+
+def _optimizer_run(rule, shapes, steps, chunk_size):
+    """``steps`` optimizer steps with fixed gradients; params start at zero, so the
+    parameter deltas are the rule's updates to within rounding of their own size."""
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = LearnedOptimizer(params, pretrained=rule, chunk_size=chunk_size)
+    updates = []
+    for step_grads in _grads(shapes, steps):
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        opt.step()
+        updates.append(torch.cat([p.detach().reshape(-1) for p in params]) - before)
+    state = {k: torch.cat([opt.state[p]["rule." + k] for p in params]) for k in rule.state_spec()}
+    seg = {k: torch.cat([opt.state[p]["rule.segment." + k] for p in params]) for k in rule.segment_state_spec()}
+    return [p.detach() for p in params], state, seg, opt.state_dict()["rule_global_state"], updates
+
+
+@torch.no_grad()
+def _reference_run(rule, shapes, steps):
+    """The same steps as one ``full_step`` over the concatenation of all tensors."""
+    sizes = [math.prod(s) for s in shapes]
+    ids, num = segment_ids(sizes), len(sizes)
+    flat = torch.zeros(sum(sizes))
+    state, seg, glob = rule.init_state(flat.numel()), rule.init_segment_state(num), rule.init_global_state()
+    updates, log_lrs = [], []
+    for step_grads in _grads(shapes, steps):
+        grad = torch.cat([g.reshape(-1) for g in step_grads])
+        update, state, seg, glob = rule.full_step(grad, state, ids, num, seg, glob)
+        flat = flat + update
+        updates.append(update)
+        log_lrs.append(state["log_lr"][:, 0])
+    params = [t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
+    return params, state, seg, glob, updates, log_lrs
+
+
+@pytest.mark.parametrize("shapes", [[(6, 5)], SHAPES], ids=["one-tensor", "1-3-1000-50000"])
+def test_one_big_chunk_equals_full_step(shapes):
+    rule = noisy_rule()
+    params, state, seg, glob, _ = _optimizer_run(rule, shapes, steps=2, chunk_size=1 << 20)
+    ref_params, ref_state, ref_seg, ref_glob, _, _ = _reference_run(rule, shapes, steps=2)
+    for p, q in zip(params, ref_params, strict=True):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-9)
+    for got, ref in ((state, ref_state), (seg, ref_seg), (glob, ref_glob)):
+        assert got.keys() == ref.keys()
+        for k in got:
+            assert torch.allclose(got[k], ref[k], rtol=1e-6, atol=1e-7), k
+    assert seg["h"].shape == (len(shapes), rule.t) and glob["h"].shape == (rule.g,)
+    assert all(p.abs().max() > 0 for p in params)
+
+
+@pytest.mark.parametrize("chunk_size", [4096, 600])
+def test_chunks_that_split_tensors(chunk_size):
+    """What chunking changes, and what it does not.
+
+    The per-coordinate state (h, m, v, log_lr) of a coordinate depends only on its gradient,
+    its own state and its tensor's state from the previous step, and the tensor-level inputs
+    of ``finalize`` are sums over coordinates added up across chunks. So with the same
+    gradients the per-coordinate, per-tensor and global state equal the unchunked step's
+    for *every* tensor, split or not (up to float summation order), step after step, and
+    tensors that are not split get the unchunked update.
+
+    The direction, though, is normalised to unit RMS per *piece* of a tensor within a chunk,
+    not per tensor: each piece of a split tensor is the unchunked update rescaled by a
+    constant of its own, such that update / lr has unit RMS over the piece. So the
+    parameters of a split tensor (and, once gradients depend on parameters, everything
+    after) differ from the unchunked step.
+    """
+    rule = noisy_rule()
+    steps = 2
+    calls = spy_on_finalize(rule)
+    _, state, seg, glob, updates = _optimizer_run(rule, SHAPES, steps, chunk_size)
+    assert len(calls) == steps  # finalize once per step, not once per chunk
+    del rule.finalize  # the spy
+    _, ref_state, ref_seg, ref_glob, ref_updates, ref_log_lrs = _reference_run(rule, SHAPES, steps)
+
+    for k in state:
+        close(state[k], ref_state[k])
+    for k in seg:
+        close(seg[k], ref_seg[k], 1e-5)
+    close(glob["h"], ref_glob["h"], 1e-5)
+
+    sizes = [math.prod(s) for s in SHAPES]
+    ids = segment_ids(sizes)
+    # The mean inputs of the tensor GRU: this step's per-coordinate states summed per tensor
+    # over all the chunks it spans, and the true tensor sizes.
+    last = calls[-1]
+    assert last["counts"].tolist() == sizes
+    for s in range(len(sizes)):
+        for k in ("h", "log_lr"):
+            torch.testing.assert_close(last["sums"][k][s].double(), state[k][ids == s].double().sum(0))
+
+    pieces = [piece for chunk in plan_chunks(sizes, chunk_size) for piece in chunk]
+    split = {i for i in range(len(sizes)) if sum(p.entry_index == i for p in pieces) > 1}
+    assert split and split != set(range(len(sizes)))
+    offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for update, ref_update, log_lr in zip(updates, ref_updates, ref_log_lrs, strict=True):
+        for piece in pieces:
+            lo, hi = offsets[piece.entry_index] + piece.start, offsets[piece.entry_index] + piece.stop
+            got, expected = update[lo:hi], ref_update[lo:hi]
+            if piece.entry_index not in split:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-9)
+                continue
+            lr = torch.exp(log_lr[lo:hi])
+            assert (got / lr).pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-4)  # unit RMS per piece
+            # The unchunked direction has unit RMS over the whole tensor, not over this piece.
+            piece_rms = (expected / lr).pow(2).mean().sqrt()
+            torch.testing.assert_close(got, expected / piece_rms, rtol=1e-4, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _train(model, opt, steps, start):
+    """Minibatch steps on the tiny regression; the gradients depend on the parameters."""
+    dtype = next(model.parameters()).dtype
+    for i in range(start, start + steps):
+        rows = slice(16 * (i % 8), 16 * (i % 8) + 16)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(TRAIN_X[rows].to(dtype)), TRAIN_Y[rows].to(dtype)).backward()
+        opt.step()
+
+
+def _snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    return params, states, {k: v.clone() for k, v in opt.state_dict()["rule_global_state"].items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("via_file", [False, True], ids=["in-memory", "torch.save"])
+def test_state_dict_round_trip_is_bit_identical(dtype, via_file):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tiny_model().to(dtype)
+    # lr 30: the rule's initial learning rate is 1e-3, and bf16 parameters must visibly move.
+    # chunk_size 20 splits the 24-coordinate weight of the first layer over two chunks.
+    opt = LearnedOptimizer(model.parameters(), pretrained=noisy_rule(), lr=30.0, chunk_size=20)
+    _train(model, opt, 3, start=0)
+    saved = copy.deepcopy(opt.state_dict())  # the live state is updated in place, as in torch
+    saved_model = copy.deepcopy(model.state_dict())
+    assert {"rule.h", "rule.m", "rule.v", "rule.log_lr", "rule.segment.h", "rule.segment.mean_log_lr"} == set(
+        saved["state"][0]
+    )
+    assert saved["state"][0]["rule.segment.h"].shape == (1, 20)
+    assert set(saved["rule_global_state"]) == {"h"}
+    if via_file:
+        buffer = io.BytesIO()
+        torch.save(saved, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+    _train(model, opt, 4, start=3)
+    expected = _snapshot(model, opt)
+
+    resumed_model = tiny_model().to(dtype)
+    resumed_model.load_state_dict(saved_model)
+    # Same rule config, different weights: the checkpoint restores them.
+    resumed = LearnedOptimizer(resumed_model.parameters(), pretrained=noisy_rule(seed=5), lr=30.0, chunk_size=20)
+    resumed.load_state_dict(saved)
+    for p in resumed_model.parameters():
+        assert p.dtype == dtype
+        assert all(v.dtype == torch.float32 for v in resumed.state[p].values())  # not cast to bf16
+    assert all(v.dtype == torch.float32 for v in resumed.state_dict()["rule_global_state"].values())
+    _train(resumed_model, resumed, 4, start=3)
+    got = _snapshot(resumed_model, resumed)
+
+    for p, q in zip(expected[0], got[0], strict=True):
+        assert torch.equal(p, q)
+    for s, t in zip(expected[1], got[1], strict=True):
+        assert s.keys() == t.keys()
+        assert all(torch.equal(s[k], t[k]) for k in s)
+    assert expected[2].keys() == got[2].keys() and all(torch.equal(expected[2][k], got[2][k]) for k in expected[2])
+    # It did train: the parameters moved after the checkpoint.
+    assert not all(torch.equal(p, q.to(dtype)) for p, q in zip(expected[0], saved_model.values(), strict=True))
+
+
+def test_loading_a_state_dict_from_before_any_step_starts_afresh():
+    def setup():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = tiny_model()
+        return model, LearnedOptimizer(model.parameters(), pretrained=noisy_rule(), lr=30.0)
+
+    model, opt = setup()
+    empty = copy.deepcopy(opt.state_dict())
+    start = copy.deepcopy(model.state_dict())
+    _train(model, opt, 2, start=0)
+    model.load_state_dict(start)
+    opt.load_state_dict(empty)  # no per-parameter state, no global state: both start afresh
+    _train(model, opt, 2, start=0)
+
+    fresh_model, fresh_opt = setup()
+    _train(fresh_model, fresh_opt, 2, start=0)
+    expected, got = _snapshot(fresh_model, fresh_opt), _snapshot(model, opt)
+    assert all(torch.equal(p, q) for p, q in zip(expected[0], got[0], strict=True))
+    assert torch.equal(expected[2]["h"], got[2]["h"])
+
+
+# ---------------------------------------------------------------------------- skipping
+def _step_three(grads, with_none: bool, nonfinite="skip"):
+    """Params a, b, c (and d, whose grad is None, if ``with_none``) after steps with ``grads``."""
+    gen = torch.Generator().manual_seed(0)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3), (5,), (7,), (2, 2)]]
+    if not with_none:
+        params = params[:3]
+    opt = LearnedOptimizer(params, pretrained=noisy_rule(), lr=10.0, weight_decay=0.1, nonfinite=nonfinite)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=False):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    return params, opt
+
+
+def test_params_without_grad_are_left_out_of_every_level():
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=gen) for s in [(4, 3), (5,), (7,)]] + [None] for _ in range(3)]
+    params, opt = _step_three(grads, with_none=True)
+    d = params[3]
+    assert d not in opt.state or not opt.state[d]
+    # The same as an optimizer that never had d: d is no tensor of the step at any level
+    # (its absence changes neither the global state nor the other tensors' states).
+    ref_params, ref_opt = _step_three([g[:3] for g in grads], with_none=False)
+    for p, q in zip(params, ref_params, strict=False):
+        assert torch.equal(p.detach(), q.detach())
+        assert all(torch.equal(opt.state[p][k], ref_opt.state[q][k]) for k in ref_opt.state[q])
+    assert torch.equal(opt.state_dict()["rule_global_state"]["h"], ref_opt.state_dict()["rule_global_state"]["h"])
+
+
+def test_nonfinite_gradient_skips_the_parameter_and_keeps_its_tensor_state():
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=gen) for s in [(4, 3), (5,), (7,)]] for _ in range(2)]
+    params, opt = _step_three(grads[:1], with_none=False)
+    a, b, _ = params
+    before = [p.detach().clone() for p in params]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    global_h = opt.state_dict()["rule_global_state"]["h"]
+
+    bad = grads[1][1].clone()
+    bad[2] = float("nan")
+    for p, g in zip(params, [grads[1][0], bad, grads[1][2]], strict=True):
+        p.grad = g
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert torch.equal(b.detach(), before[1])  # not even weight decay
+    assert opt.state[b].keys() == states[1].keys()
+    assert all(torch.equal(opt.state[b][k], v) for k, v in states[1].items())  # rule.* and rule.segment.*
+    for i in (0, 2):
+        assert not torch.equal(params[i].detach(), before[i])
+        assert not torch.equal(opt.state[params[i]]["rule.segment.h"], states[i]["rule.segment.h"])
+    assert not torch.equal(opt.state_dict()["rule_global_state"]["h"], global_h)
+    assert all(torch.isfinite(v).all() for p in params for v in opt.state[p].values())
+
+    # A step in which every gradient is non-finite is a no-op, global state included.
+    snapshot = ([p.detach().clone() for p in params], {k: v.clone() for k, v in opt.state[a].items()})
+    global_h = opt.state_dict()["rule_global_state"]["h"]
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, snapshot[0], strict=True))
+    assert all(torch.equal(opt.state[a][k], v) for k, v in snapshot[1].items())
+    assert torch.equal(opt.state_dict()["rule_global_state"]["h"], global_h)
+
+
+# ---------------------------------------------------------------------------- saving the rule
+def test_save_pretrained_and_load_rule_round_trip(tmp_path):
+    config = dict(param_hidden=6, tensor_hidden=5, global_hidden=4, timescales=3, init_lr=3e-3, lr_change_scale=0.2)
+    rule = noisy_rule(**config)
+    rule.save_pretrained(str(tmp_path))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rule_type"] == "HierarchicalRNN"
+    assert written["config"] == rule.config
+    assert (tmp_path / "model.safetensors").is_file()
+
+    for loaded in (load_rule(str(tmp_path)), HierarchicalRNN.from_pretrained(str(tmp_path))):
+        assert type(loaded) is HierarchicalRNN and loaded.config == rule.config
+        assert same_weights(weights(loaded), weights(rule))
+        sizes = [3, 1, 20]
+        ids, n = segment_ids(sizes), sum(sizes)
+        gen = torch.Generator().manual_seed(0)
+        outs = []
+        for r in (rule, loaded):
+            with torch.no_grad():
+                state, seg, glob = r.init_state(n), r.init_segment_state(3), r.init_global_state()
+                for _ in range(3):
+                    update, state, seg, glob = r.full_step(
+                        torch.randn(n, generator=gen.manual_seed(0)), state, ids, 3, seg, glob
+                    )
+            outs.append((update, state, seg, glob))
+        for x, y in zip(*outs, strict=True):
+            if isinstance(x, dict):
+                assert all(torch.equal(x[k], y[k]) for k in x)
+            else:
+                assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------- meta-training
+def _held_out_score(rule, family, steps=30, n=3):
+    """Mean over held-out instances of (mean loss over the run) / (initial loss)."""
+    scores = []
+    for i in range(n):
+        losses = rollout(rule, family.sample(EVALUATION_SEED_BASE + i), steps)
+        scores.append(sum(losses[1:]) / steps / losses[0])
+    return sum(scores) / n
+
+
+def test_meta_fit_trains_the_rule_on_quadratics():
+    family = get_task("quadratic")
+    rule = fresh_rule()
+    before = _held_out_score(rule, family)
+    meta_fit(
+        rule, "quadratic", steps=30, unroll=10, meta_iterations=36, instances=2, meta_lr=1e-2,
+        validate_every=12, validation_instances=2, progress=False,
+    )  # fmt: skip
+    history = rule.meta_fit_history
+    assert history.iteration == 36 and history.skipped_updates == 0
+    # Every 3 iterations is one whole instance pair (3 truncations of 10 steps): compare whole ones.
+    early, late = sum(history.meta_losses[:6]) / 6, sum(history.meta_losses[-6:]) / 6
+    assert late < early - 0.2, (early, late)
+    assert [it for it, _ in history.validation] == [12, 24, 36]
+    assert history.validation[-1][1] < history.validation[0][1] < 0
+    after = _held_out_score(rule, family)
+    assert after < before - 0.1, (before, after)
+
+
+def test_meta_fit_resume_equals_straight_run(tmp_path):
+    """Interrupted at iteration 6 (last checkpoint: 4, mid-instance), resumed, run to 12."""
+    total = 12
+    straight = fresh_rule()
+    straight_trainer = MetaTrainer(straight, make_tiny(), _config(total), progress=False)
+    straight_trainer.run()
+
+    def crash(history):
+        if history.iteration == 6:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        MetaTrainer(fresh_rule(), make_tiny(), _config(total), tmp_path, progress=False, callback=crash).run()
+
+    resumed = fresh_rule()
+    trainer = MetaTrainer(resumed, make_tiny(), _config(total), tmp_path, progress=False)
+    trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 4
+    assert len(trainer.runs) == 2 and all(0 < run.steps_done < run.horizon for run in trainer.runs)
+    initial = fresh_rule()
+    for run in trainer.runs:
+        # Tensor-level and global state were carried through the checkpoint (not re-initialised).
+        assert run.segment_state["h"].shape == (4, initial.t) and run.global_state["h"].shape == (initial.g,)
+        assert not torch.equal(run.segment_state["h"], initial.init_segment_state(4)["h"].detach())
+        assert not torch.equal(run.global_state["h"], initial.init_global_state()["h"].detach())
+    trainer.run()
+
+    assert trainer.history.meta_losses == straight_trainer.history.meta_losses
+    assert trainer.history.validation == straight_trainer.history.validation
+    assert same_weights(weights(resumed), weights(straight))
+    assert not same_weights(weights(resumed), weights(initial))
+
+
+def test_empty_tensors():
+    empty, full = nn.Parameter(torch.empty(0, 3)), nn.Parameter(torch.randn(3))
+    opt = LearnedOptimizer([empty, full], pretrained=noisy_rule())
+    empty.grad = torch.empty(0, 3)
+    opt.step()  # a step with nothing but an empty tensor changes nothing (and does not crash)
+    fresh = opt.rule.init_segment_state(1)
+    assert all(torch.equal(opt.state[empty]["rule.segment." + k], v.detach()) for k, v in fresh.items())
+    assert torch.equal(opt.state_dict()["rule_global_state"]["h"], opt.rule.init_global_state()["h"].detach())
+    full.grad = torch.ones(3)
+    before = full.detach().clone()
+    opt.step()
+    assert opt.state[empty]["rule.segment.h"].shape == (1, opt.rule.t)
+    assert not torch.equal(full.detach(), before) and torch.isfinite(full.detach()).all()
