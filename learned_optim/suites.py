@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,8 +120,10 @@ def classical_baselines(n: int) -> dict[str, tuple[float, float]] | None:
     except ImportError:
         return None
     models = {
-        "logistic regression L2 (CV)": lambda: LogisticRegressionCV(cv=3, max_iter=500),
-        "logistic regression L1 (CV)": lambda: LogisticRegressionCV(cv=3, penalty="l1", solver="liblinear"),
+        "logistic regression L2 (CV)": lambda: LogisticRegressionCV(cv=3, max_iter=500, scoring="neg_log_loss"),
+        "logistic regression L1 (CV)": lambda: LogisticRegressionCV(
+            cv=3, penalty="l1", solver="liblinear", scoring="neg_log_loss"
+        ),
         "linear SVM": lambda: SVC(kernel="linear", probability=True, random_state=0),
         "RBF SVM": lambda: SVC(kernel="rbf", probability=True, random_state=0),
     }
@@ -131,7 +134,10 @@ def classical_baselines(n: int) -> dict[str, tuple[float, float]] | None:
         dataset = family.dataset(seed)  # the same datasets the optimizers see
         (xtr, ytr), (xte, yte) = dataset.train, dataset.test
         for name, make in models.items():
-            model = make().fit(xtr.numpy(), ytr.numpy())
+            with warnings.catch_warnings():
+                # scikit-learn's parameter deprecations vary by release; the models are the same.
+                warnings.simplefilter("ignore", FutureWarning)
+                model = make().fit(xtr.numpy(), ytr.numpy())
             proba = model.predict_proba(xte.numpy())
             scores[name].append(float(log_loss(yte.numpy(), proba, labels=[0.0, 1.0])))
     return {name: (statistics.fmean(v), statistics.pstdev(v)) for name, v in scores.items()}
