@@ -42,20 +42,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--machine", default="", help="how meta-training ran (default: this machine)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", default="results/.cache", help="folder caching baseline runs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rule_dir = Path(args.rule_dir)
     config = json.loads((rule_dir / "config.json").read_text())
     meta = config.get("metadata", {})
     machine = (
-        args.machine or f"{cpu_name()}, {meta.get('threads', '?')} torch thread(s), torch {meta.get('torch', '?')}"
+        args.machine
+        or f"{cpu_name()} (2 cores), {meta.get('threads', '?')} torch thread(s), torch {meta.get('torch', '?')}"
     )
     rows = []
     tables = []
     start = time.perf_counter()
     for spec in args.problems.split(","):
         task, steps = spec.split(":")
-        c = compare(task, [str(rule_dir)], int(steps), args.seeds, progress=False, rule_names=["this rule"])
+        c = compare(
+            task,
+            [str(rule_dir)],
+            int(steps),
+            args.seeds,
+            cache_path=Path(args.cache) / f"{task}.json",
+            progress=False,
+            rule_names=["this rule"],
+        )
         rows.append(
             f"| {task} | {steps} | {c.ratio('this rule', 'mean_loss'):.2f} | {c.ratio('this rule', 'final_loss'):.2f} "
             f"| {c.best_baseline('mean_loss').name} | {c.best_baseline('final_loss').name} |"
@@ -74,6 +84,9 @@ def main() -> None:
 ```
 {meta.get("command", "(command not recorded)")}
 ```
+
+then `config.json` and `model.safetensors` of the `--out` folder are copied into `pretrained/{rule_dir.name}/`.
+Meta-training is deterministic for a seed on a given machine and torch version.
 
 - Meta-training: {meta.get("meta_iterations", "?")} meta-iterations, {meta.get("meta_training_seconds", "?")} s
   wall-clock on {machine}, {meta.get("date", "?")}; best validation at iteration

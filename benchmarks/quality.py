@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", default="results/.cache", help="folder caching baseline runs")
     parser.add_argument("--lr-sweep", default="", help="task:steps for the lr-robustness sweep, e.g. mnist-mlp:100")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,7 +76,7 @@ def main() -> None:
     start = time.perf_counter()
     for problem_set in args.problems.split(","):
         for task, steps in PROBLEMS[problem_set]:
-            c = compare(task, rules, steps, args.seeds, cache_path=out / ".cache" / f"{task}.json", progress=False)
+            c = compare(task, rules, steps, args.seeds, cache_path=Path(args.cache) / f"{task}.json", progress=False)
             best_a, best_b = c.best_baseline("mean_loss"), c.best_baseline("final_loss")
             for name in rules:
                 r = next(x for x in c.results if x.name == name)
