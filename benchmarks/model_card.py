@@ -92,6 +92,7 @@ Meta-training is deterministic for a seed on a given machine and torch version.
   wall-clock on {machine}, {meta.get("date", "?")}; best validation at iteration
   {meta.get("best_iteration", "?")}; {meta.get("skipped_updates", 0)} skipped (non-finite) updates.
   Other jobs shared the 2 cores during the run, so the time is an upper bound.
+{("- " + meta["note"] + ".") if meta.get("note") else ""}
 
 ## Evaluation
 

@@ -125,16 +125,20 @@ class ResultCache:
 
     @staticmethod
     def key(*parts: Any) -> str:
+        """Cache key of a run (task, optimizer, lr, seed, steps)."""
         return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str) -> RunResult | None:
+        """The cached run, or None."""
         hit = self.data.get(key)
         return RunResult(**hit) if hit else None
 
     def put(self, key: str, result: RunResult) -> None:
+        """Remember a run (written by :meth:`save`)."""
         self.data[key] = asdict(result)
 
     def save(self) -> None:
+        """Write the cache atomically (no-op without a path)."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)

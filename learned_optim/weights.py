@@ -29,7 +29,7 @@ MODEL_CARD_NAME = "README.md"
 FORMAT_NAME = "learned_optim.rule"
 FORMAT_VERSION = 1
 # The rule LearnedOptimizer uses when no `pretrained` is given.
-DEFAULT_RULE = "lstm-general"
+DEFAULT_RULE = "lstm-mnist-mixed"
 
 
 class PretrainedError(ValueError):
