@@ -81,6 +81,7 @@ def learned_step(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     nonfinite: str = "skip",
     global_state: RuleState | None = None,
+    host_check: bool = False,
 ) -> Tensor | None:
     """Update ``entries`` in place with one step of ``rule``.
 
@@ -91,6 +92,9 @@ def learned_step(
         nonfinite: ``"skip"`` leaves a parameter with a non-finite gradient and its state
             unchanged; ``"error"`` raises before anything is modified.
         global_state: the rule's global state, updated in place (rules with tensor-level state).
+        host_check: read the non-finite flags back once per step and, when every gradient is
+            finite (the usual case), skip the per-coordinate masking; without it the step is
+            free of host synchronisation (for CUDA graphs) and always masks.
 
     Returns:
         A bool tensor marking the entries that were skipped (``None`` if no entries).
@@ -103,6 +107,7 @@ def learned_step(
         bad = [i for i, s in enumerate(skipped.tolist()) if s]
         raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
     keep = ~skipped
+    masked = not host_check or bool(skipped.any())
 
     # Decoupled weight decay factors (1 for skipped parameters), applied with the update below.
     # They stay in at least fp32: rounded to bf16 first, 1 - lr * wd would be off by up to 2^-9
@@ -134,11 +139,16 @@ def learned_step(
             g = flat_grads[piece.entry_index][piece.start : piece.stop].to(compute_dtype)
             grad_parts.append(-g if e.maximize else g)
         grad = torch.cat(grad_parts) if len(grad_parts) > 1 else grad_parts[0]
-        state = {k: torch.cat([entries[p.entry_index].state[k][p.start : p.stop] for p in chunk]) for k in keys}
+        if len(chunk) == 1:  # one slice of one tensor: a view, no copy
+            state = {k: entries[chunk[0].entry_index].state[k][chunk[0].start : chunk[0].stop] for k in keys}
+        else:
+            state = {k: torch.cat([entries[p.entry_index].state[k][p.start : p.stop] for p in chunk]) for k in keys}
         # Built from views and fills: repeat_interleave with device repeats would read their
         # sum back to the host (a sync per chunk on GPU).
-        keep_coord = torch.cat([keep[p.entry_index].expand(n) for p, n in zip(chunk, lengths, strict=True)])
-        grad = torch.where(keep_coord, grad, 0.0)
+        keep_coord = None
+        if masked:
+            keep_coord = torch.cat([keep[p.entry_index].expand(n) for p, n in zip(chunk, lengths, strict=True)])
+            grad = torch.where(keep_coord, grad, 0.0)
         context = None
         if needs_segments or hierarchical:
             segment_state = None
@@ -161,7 +171,8 @@ def learned_step(
                 acc = sums[piece.entry_index]
                 for k, v in context.segment_sums.items():
                     acc[k] = v[j] if k not in acc else acc[k] + v[j]
-        update = torch.where(keep_coord, update, 0.0)
+        if keep_coord is not None:
+            update = torch.where(keep_coord, update, 0.0)
 
         offset = 0
         for piece, length in zip(chunk, lengths, strict=True):
@@ -169,8 +180,11 @@ def learned_step(
             sl = slice(offset, offset + length)
             for k in keys:
                 old = e.state[k][piece.start : piece.stop]
-                mask = keep_coord[sl].view(-1, *([1] * (old.dim() - 1)))
-                old.copy_(torch.where(mask, new_state[k][sl], old))
+                if keep_coord is None:
+                    old.copy_(new_state[k][sl])
+                else:
+                    mask = keep_coord[sl].view(-1, *([1] * (old.dim() - 1)))
+                    old.copy_(torch.where(mask, new_state[k][sl], old))
             target = flat_params[piece.entry_index][piece.start : piece.stop]
             factor = factors[piece.entry_index]
             if factor is None:

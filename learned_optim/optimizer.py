@@ -186,6 +186,7 @@ class LearnedOptimizer(Optimizer):
                 chunk_size=self.chunk_size,
                 nonfinite=self.nonfinite,
                 global_state=self._global_state,
+                host_check=self.warn_nonfinite,
             )
             if skipped is not None and self.warn_nonfinite and bool(skipped.any()):
                 warnings.warn(

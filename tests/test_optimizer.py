@@ -542,3 +542,25 @@ def test_state_dtype_bf16_state():
     opt.step()
     assert opt.state[p]["rule.h"].dtype == torch.bfloat16
     assert opt.rule_class is CoordinateLSTM
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_sync_free_step_matches_checked_step(poison):
+    # warn_nonfinite=False never reads flags back (always masks); results must not change.
+    results = []
+    for warn in (True, False):
+        params = _params([(5, 3), (7,)], seed=3)
+        opt = LearnedOptimizer(params, pretrained=_lstm(), warn_nonfinite=warn, chunk_size=4)
+        for step in range(3):
+            _set_grads(params, seed=step)
+            if poison and step == 1:
+                params[0].grad[0, 0] = float("nan")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step()
+        results.append(([p.detach().clone() for p in params], [dict(opt.state[p]) for p in params]))
+    (p1, s1), (p2, s2) = results
+    for a, b in zip(p1, p2, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(s1, s2, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
