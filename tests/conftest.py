@@ -8,6 +8,8 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _one_thread():
+    # The test models are tiny: intra-op threads only add synchronisation, which is very
+    # slow when the 2 cores are shared with other processes.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -23,15 +23,6 @@ from learned_optim.tasks.problem_set import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: intra-op threads only add overhead on the shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loss(instance, batch) -> Tensor:
     return instance.loss(call_model(instance.model, batch[0]), batch[1])
 

@@ -45,16 +45,6 @@ SGD_LR = {"quadratic": 0.002, "xor": 0.5, "teacher": 0.05, "problem-set": 0.01, 
 ALL_TASKS = sorted(TASKS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The task models are tiny: intra-op threads only add synchronisation, which becomes
-    # very slow when the 2 cores are shared with other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loss(instance, batch) -> Tensor:
     return instance.loss(call_model(instance.model, batch[0]), batch[1])
 
