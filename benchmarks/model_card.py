@@ -29,7 +29,7 @@ def cpu_name() -> str:
             if line.startswith("Model name:"):
                 return line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
-        pass
+        pass  # no lscpu: fall back to what the platform module knows
     return platform.processor() or "unknown CPU"
 
 
