@@ -59,11 +59,22 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     tasks = [_load_task(t) for t in args.task.split(",")]
     rule = _build_rule(args)
+    if args.init:
+        from learned_optim.weights import resolve_rule
+
+        start_rule = resolve_rule(args.init)
+        if start_rule.rule_type != rule.rule_type or start_rule.config != rule.config:
+            raise SystemExit(
+                f"--init {args.init}: its rule is {start_rule.rule_type} {start_rule.config}, "
+                f"not the {rule.rule_type} {rule.config} asked for by --rule/--rule-config"
+            )
+        rule.load_state_dict(start_rule.state_dict())
     config = MetaFitConfig(
         steps=args.steps,
         unroll=args.unroll,
         meta_iterations=args.meta_iterations,
         meta_lr=args.meta_lr,
+        meta_lr_schedule=args.meta_lr_schedule,
         instances=args.instances,
         meta_loss=args.meta_loss,
         second_order=args.second_order,
@@ -211,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")
     mf.add_argument("--meta-iterations", type=int, default=1000)
     mf.add_argument("--meta-lr", type=float, default=3e-3)
+    mf.add_argument("--meta-lr-schedule", choices=("constant", "cosine"), default="constant")
+    mf.add_argument("--init", default=None, help="start from these weights (bundled name, folder or Hub id)")
     mf.add_argument("--instances", type=int, default=1, help="task instances per meta-iteration")
     mf.add_argument("--meta-loss", choices=("log", "mean"), default="log")
     mf.add_argument("--second-order", action="store_true")

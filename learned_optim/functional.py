@@ -236,3 +236,151 @@ def _finalize(
     any_kept = keep.any()  # a device-side flag: no read back to the host
     for k, v in new_global.items():
         global_state[k].copy_(torch.where(any_kept, v, global_state[k]))
+
+
+# ---------------------------------------------------------------------- fused path
+
+FUSED_CHUNK_SIZE = 1 << 22
+
+
+class FlatState:
+    """The per-coordinate rule state of many parameter tensors in one buffer per key.
+
+    A fused kernel then runs over all tensors of a step at once; each tensor's state is a
+    view into the buffers (``views(i)``), which is what the optimizer keeps per parameter.
+    """
+
+    def __init__(self, buffers: RuleState, numels: Sequence[int]) -> None:
+        self.buffers = buffers
+        self.numels = list(numels)
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self._segment_ids: Tensor | None = None
+
+    @classmethod
+    def gather(cls, states: Sequence[RuleState], numels: Sequence[int]) -> FlatState:
+        """Copy ``states`` (one per tensor, same keys) into fresh contiguous buffers."""
+        buffers = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+        return cls(buffers, numels)
+
+    def views(self, index: int) -> RuleState:
+        """Tensor ``index``'s state as views into the buffers."""
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        return {k: v[start:stop] for k, v in self.buffers.items()}
+
+    def holds(self, states: Sequence[RuleState]) -> bool:
+        """Whether ``states`` are exactly this arena's views (same tensors, same places, same keys)."""
+        if len(states) != len(self.numels):
+            return False
+        for index, state in enumerate(states):
+            if state.keys() != self.buffers.keys():
+                return False
+            start = self.offsets[index]
+            for k, v in state.items():
+                buf = self.buffers[k]
+                if (
+                    v.shape[0] != self.numels[index]
+                    or v.dtype != buf.dtype
+                    or v.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+                    or v.storage_offset() != start * buf.stride(0)
+                ):
+                    return False
+        return True
+
+    def segment_ids(self) -> Tensor:
+        """``(N,)`` int32: the tensor index of every coordinate (built once, on first use)."""
+        if self._segment_ids is None:
+            device = next(iter(self.buffers.values())).device
+            self._segment_ids = torch.cat(
+                [torch.full((n,), i, dtype=torch.int32, device=device) for i, n in enumerate(self.numels)]
+            )
+        return self._segment_ids
+
+
+@torch.no_grad()
+def fused_learned_step(
+    rule: UpdateRule,
+    impl: str,
+    entries: Sequence[StepEntry],
+    flat: FlatState,
+    chunk_size: int = FUSED_CHUNK_SIZE,
+    nonfinite: str = "skip",
+    host_check: bool = False,
+) -> Tensor | None:
+    """:func:`learned_step` through the rule's fused kernel ``impl``.
+
+    The entries' state must be ``flat``'s views (see :class:`FlatState`). Gradients are
+    flattened once per chunk of ``chunk_size`` coordinates (the only temporaries: that
+    copy and the update), the kernel runs once per chunk over every tensor in it, and the
+    updates are applied with foreach ops, one per learning rate. Same semantics as the
+    eager path: weight decay, ``maximize``, non-finite skipping.
+    """
+    if not entries:
+        return None
+    device = entries[0].param.device
+    skipped = nonfinite_mask([e.grad for e in entries])
+    if nonfinite == "error" and bool(skipped.any()):
+        bad = [i for i, s in enumerate(skipped.tolist()) if s]
+        raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
+    keep = ~skipped
+    masked = not host_check or bool(skipped.any())
+    keep_flags = keep.to(torch.uint8) if masked else None
+    segment_ids = flat.segment_ids() if masked else None
+
+    flat_params = [e.param.view(-1) if e.param.is_contiguous() else e.param.contiguous().view(-1) for e in entries]
+    flat_grads = [e.grad.reshape(-1) for e in entries]
+
+    # Decoupled weight decay first (skipped tensors keep their values), then the update.
+    for i, e in enumerate(entries):
+        if e.weight_decay != 0.0:
+            factor_dtype = torch.promote_types(e.param.dtype, torch.float32)
+            decayed = torch.full((), 1.0 - e.lr * e.weight_decay, dtype=factor_dtype, device=device)
+            factor = torch.where(keep[i], decayed, 1.0) if masked else decayed
+            flat_params[i].copy_(flat_params[i].to(factor_dtype) * factor)
+
+    total = flat.offsets[-1]
+    for chunk_start in range(0, total, chunk_size):
+        chunk_stop = min(chunk_start + chunk_size, total)
+        pieces = _pieces_between(flat.offsets, chunk_start, chunk_stop)
+        grad_parts = []
+        for index, start, stop in pieces:
+            g = flat_grads[index][start:stop]
+            if g.dtype != torch.float32:
+                g = g.float()
+            grad_parts.append(-g if entries[index].maximize else g)
+        grad = torch.cat(grad_parts) if len(grad_parts) > 1 else grad_parts[0]
+        update = torch.empty(chunk_stop - chunk_start, dtype=torch.float32, device=device)
+        state = {k: v[chunk_start:chunk_stop] for k, v in flat.buffers.items()}
+        rule.fused_step(
+            impl,
+            grad.contiguous(),
+            state,
+            update,
+            keep=keep_flags,
+            segment_ids=segment_ids[chunk_start:chunk_stop] if segment_ids is not None else None,
+        )
+        by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+        offset = 0
+        for index, start, stop in pieces:
+            targets, updates = by_lr.setdefault(entries[index].lr, ([], []))
+            targets.append(flat_params[index][start:stop])
+            # fp32 updates for every dtype: a bf16 param gets one rounding, as on the eager path.
+            updates.append(update[offset : offset + stop - start])
+            offset += stop - start
+        for lr, (targets, updates) in by_lr.items():
+            torch._foreach_add_(targets, updates, alpha=lr)
+    for e, flat_param in zip(entries, flat_params, strict=True):
+        if not e.param.is_contiguous():
+            e.param.copy_(flat_param.view(e.param.shape))
+    return skipped
+
+
+def _pieces_between(offsets: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """``(tensor index, local start, local stop)`` of every tensor overlapping ``[start, stop)``."""
+    pieces = []
+    for index in range(len(offsets) - 1):
+        lo, hi = max(offsets[index], start), min(offsets[index + 1], stop)
+        if lo < hi:
+            pieces.append((index, lo - offsets[index], hi - offsets[index]))
+    return pieces

@@ -53,6 +53,9 @@ class MetaFitConfig:
         unroll: inner steps per truncation (one meta-gradient step each).
         meta_iterations: meta-gradient steps in total.
         meta_lr: Adam learning rate on the rule's weights.
+        meta_lr_schedule: ``"constant"``, or ``"cosine"``: decays ``meta_lr`` to 5% of it
+            at ``meta_iterations`` (late meta-gradient noise otherwise keeps moving the rule
+            away from its best validation).
         instances: task instances optimised side by side in each meta-iteration.
         meta_loss: ``"log"``: mean over steps of ``log(f_t / f_0)`` (scale-free, so problems
             of different scales weigh alike); ``"mean"``: mean of ``f_t`` (the paper).
@@ -73,6 +76,7 @@ class MetaFitConfig:
     unroll: int = 20
     meta_iterations: int = 1000
     meta_lr: float = 3e-3
+    meta_lr_schedule: str = "constant"
     instances: int = 1
     meta_loss: str = "log"
     second_order: bool = False
@@ -93,6 +97,8 @@ class MetaFitConfig:
             raise ValueError(f"meta_loss must be 'log' or 'mean', got {self.meta_loss!r}")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
+        if self.meta_lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"meta_lr_schedule must be 'constant' or 'cosine', got {self.meta_lr_schedule!r}")
         if not 0 < self.meta_grad_fraction <= 1:
             raise ValueError(f"meta_grad_fraction must be in (0, 1], got {self.meta_grad_fraction}")
         if self.meta_grad_fraction < 1 and self.second_order:
@@ -307,9 +313,20 @@ class MetaTrainer:
         return update, state_all, new_subset_state
 
     # ------------------------------------------------------------------ outer loop
+    def meta_lr_at(self, iteration: int) -> float:
+        """The meta learning rate of meta-iteration ``iteration`` (a function of it alone, so resume is exact)."""
+        cfg = self.config
+        if cfg.meta_lr_schedule == "constant":
+            return cfg.meta_lr
+        progress = min(iteration / max(cfg.meta_iterations, 1), 1.0)
+        floor = 0.05
+        return cfg.meta_lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
     def step(self) -> float:
         """One meta-iteration; returns the meta-loss (NaN if the update was skipped)."""
         cfg = self.config
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = self.meta_lr_at(self.history.iteration)
         while len(self.runs) < cfg.instances:
             self.runs.append(self._new_run())
         self.meta_optimizer.zero_grad(set_to_none=True)
@@ -583,6 +600,7 @@ def meta_fit(
     meta_iterations: int = 1000,
     *,
     meta_lr: float = 3e-3,
+    meta_lr_schedule: str = "constant",
     instances: int = 1,
     meta_loss: str = "log",
     second_order: bool = False,
@@ -610,6 +628,7 @@ def meta_fit(
         unroll: inner steps per truncation.
         meta_iterations: number of meta-gradient steps.
         meta_lr: Adam learning rate on the rule's weights.
+        meta_lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 5% of ``meta_lr``).
         instances: instances optimised side by side per meta-iteration (one rule call).
         meta_loss: ``"log"`` (mean log loss ratio) or ``"mean"`` (mean loss).
         second_order: differentiate through the optimizee's gradients.
@@ -636,6 +655,7 @@ def meta_fit(
         unroll=unroll,
         meta_iterations=meta_iterations,
         meta_lr=meta_lr,
+        meta_lr_schedule=meta_lr_schedule,
         instances=instances,
         meta_loss=meta_loss,
         second_order=second_order,

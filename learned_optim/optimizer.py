@@ -15,12 +15,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from learned_optim.functional import DEFAULT_CHUNK_SIZE, StepEntry, learned_step
+from learned_optim.functional import (
+    DEFAULT_CHUNK_SIZE,
+    FUSED_CHUNK_SIZE,
+    FlatState,
+    StepEntry,
+    fused_learned_step,
+    learned_step,
+)
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import get_rule_class
 from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
 STATE_PREFIX = "rule."
+IMPLS = ("auto", "eager", "triton")
 SEGMENT_PREFIX = "rule.segment."
 
 
@@ -50,6 +58,12 @@ class LearnedOptimizer(Optimizer):
             and warns; ``"error"`` raises ``FloatingPointError`` before anything changes.
         warn_nonfinite: with ``nonfinite="skip"``, warn when a step was skipped. The check
             reads one flag back from the device; turn it off for CUDA-graph capture.
+        impl: how the rule runs: ``"eager"`` (its PyTorch ``forward`` over chunks of all
+            tensors), ``"triton"`` (one fused Triton kernel per chunk; CUDA, or any device
+            under ``TRITON_INTERPRET=1``), or ``"auto"`` (default): the fused kernel on CUDA
+            when the rule has one and Triton is installed, else eager. With a fused kernel
+            the state of all parameters of a device lives in one buffer per key, and
+            ``self.state[p]`` holds views into it.
         revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
         cache_dir: Hub cache directory when ``pretrained`` is a repo id.
     """
@@ -66,6 +80,7 @@ class LearnedOptimizer(Optimizer):
         state_dtype: torch.dtype = torch.float32,
         nonfinite: str = "skip",
         warn_nonfinite: bool = True,
+        impl: str = "auto",
         revision: str | None = None,
         cache_dir: str | None = None,
     ) -> None:
@@ -77,6 +92,8 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
         defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize}
@@ -95,6 +112,17 @@ class LearnedOptimizer(Optimizer):
         # Hierarchical rules keep state shared by all tensors (e.g. a global RNN).
         self._global_state: dict[str, Tensor] | None = None
         self._hierarchical = bool(self.rule.segment_state_spec() or self.rule.global_state_spec())
+        self.impl = impl
+        if impl != "auto" and impl != "eager" and impl not in self.rule.fused_impls():
+            from learned_optim.rules.lstm_triton import triton_available
+
+            hint = "" if triton_available() else " (is the `triton` package installed?)"
+            raise ValueError(
+                f"impl={impl!r}: rule {self.rule.rule_type} has no such fused kernel{hint}; "
+                f"it has {self.rule.fused_impls() or 'none'}. Use impl='eager' or 'auto'."
+            )
+        # Per device: the flat state buffers a fused kernel runs over.
+        self._flat_states: dict[torch.device, FlatState] = {}
 
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: Tensor, numel: int) -> dict[str, Tensor]:
@@ -118,6 +146,36 @@ class LearnedOptimizer(Optimizer):
             self._rule_copies[key] = cached
         return cached
 
+    def impl_for(self, device: torch.device) -> str:
+        """The implementation a step on ``device`` uses (``impl`` with ``"auto"`` resolved)."""
+        from learned_optim.rules.lstm_triton import triton_usable_on
+
+        if self.impl == "eager":
+            return "eager"
+        if self.impl == "auto":
+            fused = "triton" in self.rule.fused_impls() and device.type == "cuda" and triton_usable_on(device)
+            return "triton" if fused else "eager"
+        if not triton_usable_on(device):
+            raise RuntimeError(
+                f"impl={self.impl!r} runs on CUDA devices (or anywhere under TRITON_INTERPRET=1), "
+                f"not on {device}; use impl='auto' or 'eager'"
+            )
+        return self.impl
+
+    def _flat_state_for(self, device: torch.device, entries: list[StepEntry], params: list[Tensor]) -> FlatState:
+        """The device's flat state buffers, rebuilt (state copied in, views handed out) when the
+        set of parameters changed or their state tensors were replaced (e.g. by load_state_dict)."""
+        flat = self._flat_states.get(device)
+        if flat is not None and flat.holds([e.state for e in entries]):
+            return flat
+        flat = FlatState.gather([e.state for e in entries], [e.param.numel() for e in entries])
+        for index, (entry, p) in enumerate(zip(entries, params, strict=True)):
+            views = flat.views(index)
+            entry.state = views
+            self.state[p].update({STATE_PREFIX + k: v for k, v in views.items()})
+        self._flat_states[device] = flat
+        return flat
+
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -135,6 +193,7 @@ class LearnedOptimizer(Optimizer):
                 loss = closure()
 
         entries_by_device: dict[torch.device, list[StepEntry]] = {}
+        params_by_device: dict[torch.device, list[Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -171,6 +230,7 @@ class LearnedOptimizer(Optimizer):
                         segment_state=segment_state,
                     )
                 )
+                params_by_device.setdefault(p.device, []).append(p)
 
         if self._hierarchical and len(entries_by_device) > 1:
             raise RuntimeError(
@@ -180,14 +240,26 @@ class LearnedOptimizer(Optimizer):
         for device, entries in entries_by_device.items():
             if self._hierarchical and self._global_state is None:
                 self._global_state = self._rule_for(device).init_global_state(device, self.state_dtype)
-            skipped = learned_step(
-                self._rule_for(device),
-                entries,
-                chunk_size=self.chunk_size,
-                nonfinite=self.nonfinite,
-                global_state=self._global_state,
-                host_check=self.warn_nonfinite,
-            )
+            impl = self.impl_for(device)
+            if impl == "eager":
+                skipped = learned_step(
+                    self._rule_for(device),
+                    entries,
+                    chunk_size=self.chunk_size,
+                    nonfinite=self.nonfinite,
+                    global_state=self._global_state,
+                    host_check=self.warn_nonfinite,
+                )
+            else:
+                skipped = fused_learned_step(
+                    self._rule_for(device),
+                    impl,
+                    entries,
+                    self._flat_state_for(device, entries, params_by_device[device]),
+                    chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
+                    nonfinite=self.nonfinite,
+                    host_check=self.warn_nonfinite,
+                )
             if skipped is not None and self.warn_nonfinite and bool(skipped.any()):
                 warnings.warn(
                     f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "

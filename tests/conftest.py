@@ -1,9 +1,17 @@
-"""Shared test settings: one torch thread (tests run beside other CPU-heavy jobs)."""
+"""Shared test settings: one torch thread (tests run beside other CPU-heavy jobs); Triton's
+interpreter where there is no GPU, so the fused kernels are tested on CPU too."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Read when Triton kernels are defined: set before learned_optim imports its kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 
 @pytest.fixture(autouse=True)

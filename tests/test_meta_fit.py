@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -78,6 +79,19 @@ class Interrupt(Exception):
     pass
 
 
+def test_cosine_meta_lr_decays_from_meta_lr_to_five_percent():
+    trainer = MetaTrainer(small_rule(), tiny, _config(10, meta_lr_schedule="cosine"), progress=False)
+    rates = [trainer.meta_lr_at(i) for i in range(11)]
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(5e-4)
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    trainer.step()
+    assert trainer.meta_optimizer.param_groups[0]["lr"] == pytest.approx(rates[0])
+    trainer.step()
+    assert trainer.meta_optimizer.param_groups[0]["lr"] == pytest.approx(rates[1])
+    with pytest.raises(ValueError, match="meta_lr_schedule"):
+        MetaFitConfig(meta_lr_schedule="linear").check()
+
+
 def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
     settings = dict(
         steps=7, unroll=3, meta_iterations=meta_iterations, meta_lr=1e-2, checkpoint_every=4,
@@ -92,8 +106,9 @@ def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
     [
         (lambda: make_tiny(), {}),  # sampler data, two instances side by side
         (lambda: make_tiny(data=tiny_loader()), {"instances": 1, "random_horizon": True}),  # DataLoader data
+        (lambda: make_tiny(), {"meta_lr_schedule": "cosine"}),
     ],
-    ids=["sampler-2-instances", "dataloader-random-horizon"],
+    ids=["sampler-2-instances", "dataloader-random-horizon", "cosine-meta-lr"],
 )
 def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, overrides):
     total = 12

@@ -176,6 +176,32 @@ class UpdateRule(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 
+    def fused_impls(self) -> tuple[str, ...]:
+        """Names of the fused kernels this rule has besides its eager ``forward`` (none by default)."""
+        return ()
+
+    def fused_step(
+        self,
+        impl: str,
+        grad: Tensor,
+        state: RuleState,
+        update: Tensor,
+        keep: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> None:
+        """The step of :meth:`forward` as one fused kernel, writing ``state`` in place.
+
+        Args:
+            impl: one of :meth:`fused_impls`.
+            grad: ``(n,)`` gradients.
+            state: contiguous per-coordinate state, updated in place.
+            update: ``(n,)`` fp32 output buffer for the update (before ``lr``).
+            keep: optional per-tensor flags; coordinates of a tensor whose flag is false keep
+                their state and get a zero update.
+            segment_ids: ``(n,)`` int32 tensor index of each coordinate (needed with ``keep``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no fused kernel {impl!r}")
+
     def state_bytes_per_coordinate(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of optimizer state this rule keeps per parameter coordinate."""
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -97,6 +97,28 @@ class CoordinateLSTM(UpdateRule):
             self.output.weight.uniform_(-0.01, 0.01)
             self.output.bias.zero_()
 
+    def fused_impls(self) -> tuple[str, ...]:
+        from learned_optim.rules.lstm_triton import triton_available
+
+        return ("triton",) if triton_available() else ()
+
+    def fused_step(
+        self,
+        impl: str,
+        grad: Tensor,
+        state: RuleState,
+        update: Tensor,
+        keep: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> None:
+        if impl != "triton":
+            raise NotImplementedError(f"CoordinateLSTM has no fused kernel {impl!r}; it has {self.fused_impls()}")
+        from learned_optim.rules.lstm_triton import lstm_step_triton, pack_lstm_weights
+
+        # Packed once and reused until the weights change (their version counters move).
+        self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
+        lstm_step_triton(self, self._packed, grad, state["h"], state["c"], update, keep, segment_ids)
+
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}
 

@@ -1,0 +1,268 @@
+"""Fused Triton kernel of :class:`~learned_optim.rules.lstm.CoordinateLSTM`'s step.
+
+One program handles ``BLOCK`` coordinates end to end: it reads their gradients and
+LSTM state, applies the log/sign preprocessing, runs every LSTM layer (the shared
+weights, zero-padded to ``HP`` units, are read from cache; the gate products are
+``tl.dot`` tiles so they run on matrix units), writes the new state in place and the
+update. It must match :meth:`CoordinateLSTM.forward` (tested against it; on CPU through
+Triton's interpreter, ``TRITON_INTERPRET=1``).
+
+Nothing here reads device values back to the host, so a step can be captured in a CUDA
+graph. Triton is optional: :func:`triton_available` says whether this module can run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is an optional dependency (GPU installs of torch bring it).
+    triton = None
+    tl = None
+
+__all__ = ["PackedLSTMWeights", "lstm_step_triton", "pack_lstm_weights", "triton_available", "triton_usable_on"]
+
+BLOCK = 64
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed."""
+    return triton is not None
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on ``device``: CUDA, or any device under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _padded(n: int) -> int:
+    # tl.dot needs each dimension to be a power of two >= 16.
+    return max(16, 1 << (n - 1).bit_length())
+
+
+class PackedLSTMWeights:
+    """The rule's weights laid out for the kernel (gate-major, zero-padded), plus a key to detect changes."""
+
+    def __init__(self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, key: tuple[Any, ...]) -> None:
+        self.wx, self.wh, self.bias, self.out, self.key = wx, wh, bias, out, key
+
+
+def _weights_key(rule: torch.nn.Module) -> tuple[Any, ...]:
+    # Tensor versions change on every in-place update (optimizer steps, load_state_dict).
+    return tuple((p.data_ptr(), p._version, p.device) for p in rule.parameters())
+
+
+def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = None) -> PackedLSTMWeights:
+    """Pack ``rule``'s weights for the kernel; returns ``cached`` when they have not changed.
+
+    ``wx[l, q, k, j]`` is the weight from input ``k`` of layer ``l`` to unit ``j`` of gate
+    ``q`` (input, forget, output, cell); ``wh`` likewise from the layer's own hidden state.
+    """
+    key = _weights_key(rule)
+    if cached is not None and cached.key == key:
+        return cached
+    hidden, layers = rule.hidden_size, rule.num_layers
+    hp = _padded(hidden)
+    first = rule.output.weight
+    wx = first.new_zeros(layers, 4, hp, hp, dtype=torch.float32)
+    wh = torch.zeros_like(wx)
+    bias = first.new_zeros(layers, 4, hp, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in range(layers):
+            weight = rule.weights[layer].detach().float()  # (4H, in + H)
+            fan_in = weight.shape[1] - hidden
+            gates = weight.view(4, hidden, fan_in + hidden)
+            wx[layer, :, :fan_in, :hidden] = gates[:, :, :fan_in].transpose(1, 2)
+            wh[layer, :, :hidden, :hidden] = gates[:, :, fan_in:].transpose(1, 2)
+            bias[layer, :, :hidden] = rule.biases[layer].detach().float().view(4, hidden)
+        out = first.new_zeros(hp + 1, dtype=torch.float32)
+        out[:hidden] = rule.output.weight.detach().float().view(-1)
+        out[hp] = rule.output.bias.detach().float().view(())  # read by the kernel: no .item() sync
+    return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, key)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def _tanh(x):
+        # The eager rule's formula: 2 sigmoid(2x) - 1.
+        return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _gate(
+        inp, h, wx_ptr, wh_ptr, b_ptr, layer: tl.constexpr, q: tl.constexpr, HP: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        k = tl.arange(0, HP)
+        j = tl.arange(0, HP)
+        tile = ((layer * 4 + q) * HP + k[:, None]) * HP + j[None, :]
+        acc = tl.dot(inp, tl.load(wx_ptr + tile), input_precision=PRECISION)
+        acc = tl.dot(h, tl.load(wh_ptr + tile), acc, input_precision=PRECISION)
+        return acc + tl.load(b_ptr + (layer * 4 + q) * HP + j)[None, :]
+
+    @triton.jit
+    def _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, q: tl.constexpr, HP: tl.constexpr, PRECISION: tl.constexpr):
+        # Layer 0 has one or two input features: outer products instead of a padded matmul.
+        k = tl.arange(0, HP)
+        j = tl.arange(0, HP)
+        acc = tl.dot(h, tl.load(wh_ptr + (q * HP + k[:, None]) * HP + j[None, :]), input_precision=PRECISION)
+        acc += x0[:, None] * tl.load(wx_ptr + q * HP * HP + j)[None, :]
+        acc += x1[:, None] * tl.load(wx_ptr + (q * HP + 1) * HP + j)[None, :]
+        return acc + tl.load(b_ptr + q * HP + j)[None, :]
+
+    @triton.jit
+    def _lstm_kernel(
+        grad_ptr,
+        h_ptr,
+        c_ptr,
+        update_ptr,
+        keep_ptr,
+        segment_ptr,
+        wx_ptr,
+        wh_ptr,
+        b_ptr,
+        out_ptr,
+        n,
+        preprocess_p,
+        input_scale,
+        output_scale,
+        L: tl.constexpr,
+        H: tl.constexpr,
+        HP: tl.constexpr,
+        PREPROCESS: tl.constexpr,
+        MASKED: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        in_range = rows < n
+        g = tl.load(grad_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
+        write = in_range
+        if MASKED:
+            # Per-tensor keep flags, looked up through each coordinate's tensor index.
+            segment = tl.load(segment_ptr + rows, mask=in_range, other=0)
+            keep = tl.load(keep_ptr + segment, mask=in_range, other=0) != 0
+            write = in_range & keep
+            g = tl.where(keep, g, 0.0)
+        if PREPROCESS:
+            floor = tl.exp(-preprocess_p)
+            magnitude = tl.abs(g)
+            large = magnitude >= floor
+            x0 = tl.where(large, tl.log(tl.maximum(magnitude, floor)) / preprocess_p, -1.0)
+            sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
+            x1 = tl.where(large, sign, g * tl.exp(preprocess_p))
+        else:
+            x0 = g * input_scale
+            x1 = tl.zeros_like(g)
+        j = tl.arange(0, HP)
+        unit_ok = j < H
+        tile_mask = in_range[:, None] & unit_ok[None, :]
+        store_mask = write[:, None] & unit_ok[None, :]
+        inp = tl.zeros((BLOCK_SIZE, HP), dtype=tl.float32)
+        for layer in tl.static_range(L):
+            offsets = rows[:, None] * (L * H) + layer * H + j[None, :]
+            h = tl.load(h_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            c = tl.load(c_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            if layer == 0:
+                gi = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 0, HP, PRECISION)
+                gf = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 1, HP, PRECISION)
+                go = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 2, HP, PRECISION)
+                gg = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 3, HP, PRECISION)
+            else:
+                gi = _gate(inp, h, wx_ptr, wh_ptr, b_ptr, layer, 0, HP, PRECISION)
+                gf = _gate(inp, h, wx_ptr, wh_ptr, b_ptr, layer, 1, HP, PRECISION)
+                go = _gate(inp, h, wx_ptr, wh_ptr, b_ptr, layer, 2, HP, PRECISION)
+                gg = _gate(inp, h, wx_ptr, wh_ptr, b_ptr, layer, 3, HP, PRECISION)
+            c = _sigmoid(gf) * c + _sigmoid(gi) * _tanh(gg)
+            h = _sigmoid(go) * _tanh(c)
+            # Padded units stay exactly zero (zero weights, zero state), so they never leak.
+            h = tl.where(unit_ok[None, :], h, 0.0)
+            tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(c_ptr + offsets, c.to(c_ptr.dtype.element_ty), mask=store_mask)
+            inp = h
+        w_out = tl.load(out_ptr + j)
+        b_out = tl.load(out_ptr + HP)
+        update = (tl.sum(inp * w_out[None, :], axis=1) + b_out) * output_scale
+        update = tl.where(write, update, 0.0)
+        tl.store(update_ptr + rows, update, mask=in_range)
+
+
+def lstm_step_triton(
+    rule: torch.nn.Module,
+    packed: PackedLSTMWeights,
+    grad: Tensor,
+    h: Tensor,
+    c: Tensor,
+    update: Tensor,
+    keep: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+    precision: str = "tf32x3",
+) -> None:
+    """One fused LSTM step over ``n`` coordinates; writes ``h``/``c`` in place and ``update``.
+
+    Args:
+        rule: the :class:`CoordinateLSTM` (its config; weights come from ``packed``).
+        packed: :func:`pack_lstm_weights` of ``rule``.
+        grad: ``(n,)`` gradients (any float dtype; computed in fp32).
+        h, c: ``(n, num_layers, hidden_size)`` contiguous state (fp32 or bf16/fp16 storage).
+        update: ``(n,)`` fp32 output, the rule's update before ``lr``.
+        keep: optional per-tensor flags (``uint8``/``bool``); coordinates of a tensor whose
+            flag is 0 keep their state and get a zero update.
+        segment_ids: ``(n,)`` int32 tensor index of each coordinate (with ``keep``).
+        precision: ``tl.dot`` input precision on GPU: ``"tf32x3"`` (fp32 accuracy on matrix
+            units), ``"ieee"`` (plain fp32) or ``"tf32"`` (fastest, ~1e-3 relative error).
+    """
+    if triton is None:
+        raise RuntimeError("the Triton LSTM kernel needs the `triton` package (pip install triton)")
+    n = grad.numel()
+    if n == 0:
+        return
+    for name, t in (("h", h), ("c", c)):
+        if not t.is_contiguous() or t.shape != (n, rule.num_layers, rule.hidden_size):
+            raise ValueError(
+                f"state {name!r} must be contiguous with shape {(n, rule.num_layers, rule.hidden_size)}, "
+                f"got {tuple(t.shape)}"
+            )
+    masked = keep is not None
+    if masked and segment_ids is None:
+        raise ValueError("keep needs segment_ids")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        precision = "ieee"  # the interpreter computes dots in numpy fp32
+    grid = (triton.cdiv(n, BLOCK),)
+    _lstm_kernel[grid](
+        grad,
+        h,
+        c,
+        update,
+        keep.view(torch.uint8) if masked and keep.dtype == torch.bool else (keep if masked else grad),
+        segment_ids if masked else grad,
+        packed.wx,
+        packed.wh,
+        packed.bias,
+        packed.out,
+        n,
+        float(rule.preprocess_p),
+        float(rule.input_scale),
+        float(rule.output_scale),
+        L=rule.num_layers,
+        H=rule.hidden_size,
+        HP=_padded(rule.hidden_size),
+        PREPROCESS=bool(rule.preprocess),
+        MASKED=masked,
+        BLOCK_SIZE=BLOCK,
+        PRECISION=precision,
+        num_warps=4,
+    )
+

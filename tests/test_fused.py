@@ -1,0 +1,305 @@
+"""The fused Triton LSTM kernel against the eager rule, and LearnedOptimizer's impl dispatch.
+
+Without a GPU these run through Triton's interpreter (conftest sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
+
+lstm_triton = pytest.importorskip("learned_optim.rules.lstm_triton")
+if not lstm_triton.triton_available():
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# bf16 keeps 8 significant bits: two roundings of the same fp32 value to bf16 differ by at most
+# one unit in the last place, 2^-7 of the value.
+BF16_STATE_RTOL = 2**-7
+# One step matches the eager rule within 1e-5 relative; over a few steps of training the
+# last-bit differences (exp, summation order) compound, through the parameters too.
+TRAJECTORY_RTOL = 1e-4
+
+
+def _trained_like(rule: CoordinateLSTM, seed: int = 0) -> CoordinateLSTM:
+    # Random weights larger than the init, so every gate and both layers matter.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return rule.to(DEVICE)
+
+
+def _inputs(rule: CoordinateLSTM, n: int, seed: int = 1, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # Magnitudes from 1e-9 to 10, exact zeros, and values below the preprocessing cut-off exp(-p).
+    grad = torch.randn(n, generator=g) * torch.logspace(-9, 1, n)
+    grad[::17] = 0.0
+    state = {
+        k: (torch.randn((n, *shape), generator=g) * 0.5).to(dtype)
+        for k, shape in rule.state_spec().items()
+    }
+    return grad.to(DEVICE), {k: v.to(DEVICE) for k, v in state.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"hidden_size": 7},
+        {"hidden_size": 20, "num_layers": 1},
+        {"hidden_size": 5, "num_layers": 3},
+        {"preprocess": False, "input_scale": 3.0},
+        {"preprocess_p": 4.0, "output_scale": 0.5},
+    ],
+    ids=["paper", "hidden7", "one-layer", "three-layers", "raw-grad", "p4"],
+)
+def test_kernel_matches_eager_fp32(config):
+    rule = _trained_like(CoordinateLSTM(**config))
+    grad, state = _inputs(rule, 300)
+    with torch.no_grad():
+        expected_update, expected_state = rule(grad, state)
+    h, c = state["h"].clone(), state["c"].clone()
+    update = torch.empty_like(grad)
+    rule.fused_step("triton", grad, {"h": h, "c": c}, update)
+    assert _rel(update, expected_update) < 1e-5
+    assert _rel(h, expected_state["h"]) < 1e-5
+    assert _rel(c, expected_state["c"]) < 1e-5
+
+
+def test_kernel_with_bf16_state_matches_eager_with_bf16_state():
+    rule = _trained_like(CoordinateLSTM())
+    grad, state = _inputs(rule, 200, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected_update, expected_state = rule(grad, state)
+    h, c = state["h"].clone(), state["c"].clone()
+    update = torch.empty_like(grad)
+    rule.fused_step("triton", grad, {"h": h, "c": c}, update)
+    assert h.dtype == torch.bfloat16 and c.dtype == torch.bfloat16
+    # Both compute in fp32 from the same bf16 state; only the final rounding can differ by one ulp.
+    assert _rel(update, expected_update) < 1e-5
+    for key, value in (("h", h), ("c", c)):
+        assert torch.allclose(value.float(), expected_state[key].float(), rtol=BF16_STATE_RTOL, atol=1e-6)
+
+
+def test_kernel_keep_flags_leave_skipped_tensors_untouched():
+    rule = _trained_like(CoordinateLSTM())
+    grad, state = _inputs(rule, 150)
+    segment_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate((70, 50, 30))]).to(DEVICE)
+    keep = torch.tensor([True, False, True], device=DEVICE)
+    with torch.no_grad():
+        expected_update, expected_state = rule(grad, state)
+    h, c = state["h"].clone(), state["c"].clone()
+    update = torch.full_like(grad, float("nan"))
+    rule.fused_step("triton", grad, {"h": h, "c": c}, update, keep=keep, segment_ids=segment_ids)
+    kept = (segment_ids != 1).cpu()
+    assert torch.equal(update[~kept], torch.zeros_like(update[~kept]))
+    assert torch.equal(h[~kept], state["h"][~kept]) and torch.equal(c[~kept], state["c"][~kept])
+    assert _rel(update[kept], expected_update[kept]) < 1e-5
+    assert _rel(h[kept], expected_state["h"][kept]) < 1e-5
+
+
+def test_packed_weights_follow_rule_updates():
+    rule = _trained_like(CoordinateLSTM())
+    grad, state = _inputs(rule, 100)
+    first = torch.empty_like(grad)
+    rule.fused_step("triton", grad, {k: v.clone() for k, v in state.items()}, first)
+    with torch.no_grad():
+        rule.output.weight.mul_(2.0)  # in place: the kernel must not keep using stale packed weights
+        expected, _ = rule(grad, state)
+    second = torch.empty_like(grad)
+    rule.fused_step("triton", grad, {k: v.clone() for k, v in state.items()}, second)
+    assert _rel(second, expected) < 1e-5
+    assert not torch.allclose(first, second)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Sigmoid(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)).to(DEVICE)
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    return [
+        {"params": model[0].parameters(), "lr": 0.3, "weight_decay": 0.1},
+        {"params": model[2].parameters(), "maximize": False},
+        {"params": model[4].parameters(), "lr": 0.7},
+    ]
+
+
+def _train(impl: str, steps: int = 4, poison_step: int | None = None, **kwargs) -> tuple[nn.Module, LearnedOptimizer]:
+    model = _model()
+    rule = _trained_like(CoordinateLSTM(), seed=3)
+    opt = LearnedOptimizer(_groups(model), pretrained=rule, impl=impl, **kwargs)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        x = torch.randn(16, 6, generator=g).to(DEVICE)
+        y = torch.randint(0, 3, (16,), generator=g).to(DEVICE)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == poison_step:
+            model[2].weight.grad[0, 0] = float("nan")
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("warn_nonfinite", [True, False], ids=["host-check", "sync-free"])
+def test_optimizer_triton_matches_eager(warn_nonfinite):
+    eager, _ = _train("eager", warn_nonfinite=warn_nonfinite)
+    fused, opt = _train("triton", warn_nonfinite=warn_nonfinite)
+    assert opt.impl_for(DEVICE) == "triton"
+    for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
+        assert _rel(b, a) < TRAJECTORY_RTOL
+
+
+def test_optimizer_triton_skips_nonfinite_tensor_like_eager():
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        eager, eager_opt = _train("eager", poison_step=2)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        fused, fused_opt = _train("triton", poison_step=2)
+    for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
+        assert torch.isfinite(b).all()
+        assert _rel(b, a) < TRAJECTORY_RTOL
+    for p_eager, p_fused in zip(eager.parameters(), fused.parameters(), strict=True):
+        for key in ("rule.h", "rule.c"):
+            assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
+
+
+def test_fused_state_lives_in_one_buffer_and_resumes_across_impls():
+    model, opt = _train("triton", steps=2)
+    buffers = {opt.state[p]["rule.h"].untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(buffers) == 1  # every parameter's state is a view of one flat buffer
+
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+
+    def resume(impl: str) -> nn.Module:
+        saved.seek(0)
+        checkpoint = torch.load(saved, weights_only=True)
+        resumed = _model()
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_opt = LearnedOptimizer(
+            _groups(resumed), pretrained=_trained_like(CoordinateLSTM(), seed=3), impl=impl
+        )
+        resumed_opt.load_state_dict(checkpoint["opt"])
+        g = torch.Generator().manual_seed(9)
+        for _ in range(2):
+            x = torch.randn(16, 6, generator=g).to(DEVICE)
+            y = torch.randint(0, 3, (16,), generator=g).to(DEVICE)
+            resumed_opt.zero_grad()
+            nn.functional.cross_entropy(resumed(x), y).backward()
+            resumed_opt.step()
+        return resumed
+
+    from_eager, from_fused = resume("eager"), resume("triton")
+    for a, b in zip(from_eager.parameters(), from_fused.parameters(), strict=True):
+        assert _rel(b, a) < TRAJECTORY_RTOL
+
+
+def test_fused_rebuilds_its_buffer_when_a_parameter_stops_getting_gradients():
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM()), impl="triton")
+    x, y = torch.randn(8, 6).to(DEVICE), torch.randint(0, 3, (8,)).to(DEVICE)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    frozen = model[0].weight
+    before = opt.state[frozen]["rule.h"].clone()
+    frozen_value = frozen.detach().clone()
+    opt.zero_grad()
+    frozen.requires_grad_(False)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert torch.equal(opt.state[frozen]["rule.h"], before)
+    assert torch.equal(frozen, frozen_value)
+
+
+def test_impl_errors_name_what_is_wrong(monkeypatch):
+    params = [nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="impl must be one of"):
+        LearnedOptimizer(params, impl="cuda")
+    with pytest.raises(ValueError, match="HierarchicalRNN has no such fused kernel"):
+        LearnedOptimizer(params, pretrained=HierarchicalRNN(), impl="triton")
+    opt = LearnedOptimizer(params, pretrained=CoordinateLSTM(), impl="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="runs on CUDA devices"):
+        opt.impl_for(torch.device("cpu"))
+
+
+def test_auto_picks_triton_on_cuda_only():
+    opt = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=CoordinateLSTM())
+    assert opt.impl_for(torch.device("cpu")) == "eager"
+    eager_only = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=HierarchicalRNN())
+    assert eager_only.impl_for(torch.device("cpu")) == "eager"
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+def test_cuda_graph_captures_a_training_step():
+    model = _model()
+    opt = LearnedOptimizer(
+        model.parameters(), pretrained=_trained_like(CoordinateLSTM()), impl="triton", warn_nonfinite=False
+    )
+    x = torch.randn(16, 6, device=DEVICE)
+    y = torch.randint(0, 3, (16,), device=DEVICE)
+
+    def train_step():
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: state, flat buffer and packed weights are allocated here
+            train_step()
+    torch.cuda.current_stream().wait_stream(side)
+    reference = _model()
+    reference.load_state_dict(model.state_dict())
+    reference_opt = LearnedOptimizer(reference.parameters(), pretrained=opt.rule, impl="triton", warn_nonfinite=False)
+    reference_opt.load_state_dict(opt.state_dict())
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step()
+    for _ in range(3):
+        graph.replay()
+    for _ in range(4):  # capture ran one step; three replays
+        reference_opt.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        reference_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(reference.parameters(), model.parameters(), strict=True):
+        assert _rel(b, a) < TRAJECTORY_RTOL
+
+
+@cuda_only
+def test_torch_compile_of_a_training_step_matches_eager_mode():
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM()), warn_nonfinite=False)
+    reference = _model()
+    reference_opt = LearnedOptimizer(reference.parameters(), pretrained=opt.rule, warn_nonfinite=False)
+    x = torch.randn(16, 6, device=DEVICE)
+    y = torch.randint(0, 3, (16,), device=DEVICE)
+
+    @torch.compile(fullgraph=False)
+    def compiled_step():
+        opt.step()
+
+    for _ in range(3):
+        for m, o, step in ((model, opt, compiled_step), (reference, reference_opt, reference_opt.step)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            step()
+    for a, b in zip(reference.parameters(), model.parameters(), strict=True):
+        assert _rel(b, a) < TRAJECTORY_RTOL
