@@ -28,7 +28,7 @@ from learned_optim.rules.registry import get_rule_class
 from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
 STATE_PREFIX = "rule."
-IMPLS = ("auto", "eager", "triton")
+IMPLS = ("auto", "eager", "triton", "cpu")
 SEGMENT_PREFIX = "rule.segment."
 
 
@@ -60,9 +60,10 @@ class LearnedOptimizer(Optimizer):
             reads one flag back from the device; turn it off for CUDA-graph capture.
         impl: how the rule runs: ``"eager"`` (its PyTorch ``forward`` over chunks of all
             tensors), ``"triton"`` (one fused Triton kernel per chunk; CUDA, or any device
-            under ``TRITON_INTERPRET=1``), or ``"auto"`` (default): the fused kernel on CUDA
-            when the rule has one and Triton is installed, else eager. With a fused kernel
-            the state of all parameters of a device lives in one buffer per key, and
+            under ``TRITON_INTERPRET=1``), ``"cpu"`` (a fused C kernel, compiled on first use
+            with the system's C compiler), or ``"auto"`` (default): the rule's fused kernel
+            for the device when it has one that can run here, else eager. With a fused
+            kernel the state of all parameters of a device lives in one buffer per key, and
             ``self.state[p]`` holds views into it.
         revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
         cache_dir: Hub cache directory when ``pretrained`` is a repo id.
@@ -114,9 +115,14 @@ class LearnedOptimizer(Optimizer):
         self._hierarchical = bool(self.rule.segment_state_spec() or self.rule.global_state_spec())
         self.impl = impl
         if impl != "auto" and impl != "eager" and impl not in self.rule.fused_impls():
+            from learned_optim.rules.lstm_cpu import cpu_kernel_error
             from learned_optim.rules.lstm_triton import triton_available
 
-            hint = "" if triton_available() else " (is the `triton` package installed?)"
+            hint = ""
+            if impl == "triton" and not triton_available():
+                hint = " (is the `triton` package installed?)"
+            elif impl == "cpu" and cpu_kernel_error():
+                hint = f" ({cpu_kernel_error()})"
             raise ValueError(
                 f"impl={impl!r}: rule {self.rule.rule_type} has no such fused kernel{hint}; "
                 f"it has {self.rule.fused_impls() or 'none'}. Use impl='eager' or 'auto'."
@@ -153,13 +159,19 @@ class LearnedOptimizer(Optimizer):
         if self.impl == "eager":
             return "eager"
         if self.impl == "auto":
-            fused = "triton" in self.rule.fused_impls() and device.type == "cuda" and triton_usable_on(device)
-            return "triton" if fused else "eager"
-        if not triton_usable_on(device):
+            fused = self.rule.fused_impls()
+            if device.type == "cuda" and "triton" in fused and triton_usable_on(device):
+                return "triton"
+            if device.type == "cpu" and "cpu" in fused:
+                return "cpu"
+            return "eager"
+        if self.impl == "triton" and not triton_usable_on(device):
             raise RuntimeError(
-                f"impl={self.impl!r} runs on CUDA devices (or anywhere under TRITON_INTERPRET=1), "
+                f"impl='triton' runs on CUDA devices (or anywhere under TRITON_INTERPRET=1), "
                 f"not on {device}; use impl='auto' or 'eager'"
             )
+        if self.impl == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"impl='cpu' runs on CPU tensors, not on {device}; use impl='auto'")
         return self.impl
 
     def _flat_state_for(self, device: torch.device, entries: list[StepEntry], params: list[Tensor]) -> FlatState:

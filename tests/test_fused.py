@@ -1,6 +1,8 @@
-"""The fused Triton LSTM kernel against the eager rule, and LearnedOptimizer's impl dispatch.
+"""The fused LSTM kernels (Triton; C on CPU) against the eager rule, and LearnedOptimizer's
+impl dispatch.
 
-Without a GPU these run through Triton's interpreter (conftest sets TRITON_INTERPRET=1).
+Without a GPU the Triton kernel runs through Triton's interpreter (conftest sets
+TRITON_INTERPRET=1); the C kernel needs a C compiler.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from torch import nn
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
 
-lstm_triton = pytest.importorskip("learned_optim.rules.lstm_triton")
-if not lstm_triton.triton_available():
-    pytest.skip("triton is not installed", allow_module_level=True)
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The fused kernels that can run on this machine's test device.
+KERNELS = [impl for impl in CoordinateLSTM().fused_impls() if impl == "triton" or DEVICE.type == "cpu"]
+if not KERNELS:
+    pytest.skip("no fused kernel can run here (no triton, no C compiler)", allow_module_level=True)
+over_kernels = pytest.mark.parametrize("impl", KERNELS)
 # bf16 keeps 8 significant bits: two roundings of the same fp32 value to bf16 differ by at most
 # one unit in the last place, 2^-7 of the value.
 BF16_STATE_RTOL = 2**-7
@@ -64,27 +67,29 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
     ids=["paper", "hidden7", "one-layer", "three-layers", "raw-grad", "p4"],
 )
-def test_kernel_matches_eager_fp32(config):
+@over_kernels
+def test_kernel_matches_eager_fp32(config, impl):
     rule = _trained_like(CoordinateLSTM(**config))
-    grad, state = _inputs(rule, 300)
+    grad, state = _inputs(rule, 300)  # not a multiple of any block size: a partial last block
     with torch.no_grad():
         expected_update, expected_state = rule(grad, state)
     h, c = state["h"].clone(), state["c"].clone()
     update = torch.empty_like(grad)
-    rule.fused_step("triton", grad, {"h": h, "c": c}, update)
+    rule.fused_step(impl, grad, {"h": h, "c": c}, update)
     assert _rel(update, expected_update) < 1e-5
     assert _rel(h, expected_state["h"]) < 1e-5
     assert _rel(c, expected_state["c"]) < 1e-5
 
 
-def test_kernel_with_bf16_state_matches_eager_with_bf16_state():
+@over_kernels
+def test_kernel_with_bf16_state_matches_eager_with_bf16_state(impl):
     rule = _trained_like(CoordinateLSTM())
     grad, state = _inputs(rule, 200, dtype=torch.bfloat16)
     with torch.no_grad():
         expected_update, expected_state = rule(grad, state)
     h, c = state["h"].clone(), state["c"].clone()
     update = torch.empty_like(grad)
-    rule.fused_step("triton", grad, {"h": h, "c": c}, update)
+    rule.fused_step(impl, grad, {"h": h, "c": c}, update)
     assert h.dtype == torch.bfloat16 and c.dtype == torch.bfloat16
     # Both compute in fp32 from the same bf16 state; only the final rounding can differ by one ulp.
     assert _rel(update, expected_update) < 1e-5
@@ -92,7 +97,8 @@ def test_kernel_with_bf16_state_matches_eager_with_bf16_state():
         assert torch.allclose(value.float(), expected_state[key].float(), rtol=BF16_STATE_RTOL, atol=1e-6)
 
 
-def test_kernel_keep_flags_leave_skipped_tensors_untouched():
+@over_kernels
+def test_kernel_keep_flags_leave_skipped_tensors_untouched(impl):
     rule = _trained_like(CoordinateLSTM())
     grad, state = _inputs(rule, 150)
     segment_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate((70, 50, 30))]).to(DEVICE)
@@ -101,7 +107,7 @@ def test_kernel_keep_flags_leave_skipped_tensors_untouched():
         expected_update, expected_state = rule(grad, state)
     h, c = state["h"].clone(), state["c"].clone()
     update = torch.full_like(grad, float("nan"))
-    rule.fused_step("triton", grad, {"h": h, "c": c}, update, keep=keep, segment_ids=segment_ids)
+    rule.fused_step(impl, grad, {"h": h, "c": c}, update, keep=keep, segment_ids=segment_ids)
     kept = (segment_ids != 1).cpu()
     assert torch.equal(update[~kept], torch.zeros_like(update[~kept]))
     assert torch.equal(h[~kept], state["h"][~kept]) and torch.equal(c[~kept], state["c"][~kept])
@@ -109,16 +115,17 @@ def test_kernel_keep_flags_leave_skipped_tensors_untouched():
     assert _rel(h[kept], expected_state["h"][kept]) < 1e-5
 
 
-def test_packed_weights_follow_rule_updates():
+@over_kernels
+def test_packed_weights_follow_rule_updates(impl):
     rule = _trained_like(CoordinateLSTM())
     grad, state = _inputs(rule, 100)
     first = torch.empty_like(grad)
-    rule.fused_step("triton", grad, {k: v.clone() for k, v in state.items()}, first)
+    rule.fused_step(impl, grad, {k: v.clone() for k, v in state.items()}, first)
     with torch.no_grad():
         rule.output.weight.mul_(2.0)  # in place: the kernel must not keep using stale packed weights
         expected, _ = rule(grad, state)
     second = torch.empty_like(grad)
-    rule.fused_step("triton", grad, {k: v.clone() for k, v in state.items()}, second)
+    rule.fused_step(impl, grad, {k: v.clone() for k, v in state.items()}, second)
     assert _rel(second, expected) < 1e-5
     assert not torch.allclose(first, second)
 
@@ -153,19 +160,21 @@ def _train(impl: str, steps: int = 4, poison_step: int | None = None, **kwargs) 
 
 
 @pytest.mark.parametrize("warn_nonfinite", [True, False], ids=["host-check", "sync-free"])
-def test_optimizer_triton_matches_eager(warn_nonfinite):
+@over_kernels
+def test_optimizer_fused_matches_eager(warn_nonfinite, impl):
     eager, _ = _train("eager", warn_nonfinite=warn_nonfinite)
-    fused, opt = _train("triton", warn_nonfinite=warn_nonfinite)
-    assert opt.impl_for(DEVICE) == "triton"
+    fused, opt = _train(impl, warn_nonfinite=warn_nonfinite)
+    assert opt.impl_for(DEVICE) == impl
     for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
         assert _rel(b, a) < TRAJECTORY_RTOL
 
 
-def test_optimizer_triton_skips_nonfinite_tensor_like_eager():
+@over_kernels
+def test_optimizer_fused_skips_nonfinite_tensor_like_eager(impl):
     with pytest.warns(RuntimeWarning, match="non-finite"):
         eager, eager_opt = _train("eager", poison_step=2)
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        fused, fused_opt = _train("triton", poison_step=2)
+        fused, fused_opt = _train(impl, poison_step=2)
     for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
         assert torch.isfinite(b).all()
         assert _rel(b, a) < TRAJECTORY_RTOL
@@ -174,8 +183,9 @@ def test_optimizer_triton_skips_nonfinite_tensor_like_eager():
             assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
 
 
-def test_fused_state_lives_in_one_buffer_and_resumes_across_impls():
-    model, opt = _train("triton", steps=2)
+@over_kernels
+def test_fused_state_lives_in_one_buffer_and_resumes_across_impls(impl):
+    model, opt = _train(impl, steps=2)
     buffers = {opt.state[p]["rule.h"].untyped_storage().data_ptr() for p in model.parameters()}
     assert len(buffers) == 1  # every parameter's state is a view of one flat buffer
 
@@ -200,14 +210,15 @@ def test_fused_state_lives_in_one_buffer_and_resumes_across_impls():
             resumed_opt.step()
         return resumed
 
-    from_eager, from_fused = resume("eager"), resume("triton")
+    from_eager, from_fused = resume("eager"), resume(impl)
     for a, b in zip(from_eager.parameters(), from_fused.parameters(), strict=True):
         assert _rel(b, a) < TRAJECTORY_RTOL
 
 
-def test_fused_rebuilds_its_buffer_when_a_parameter_stops_getting_gradients():
+@over_kernels
+def test_fused_rebuilds_its_buffer_when_a_parameter_stops_getting_gradients(impl):
     model = _model()
-    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM()), impl="triton")
+    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM()), impl=impl)
     x, y = torch.randn(8, 6).to(DEVICE), torch.randint(0, 3, (8,)).to(DEVICE)
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
@@ -226,19 +237,46 @@ def test_impl_errors_name_what_is_wrong(monkeypatch):
     params = [nn.Parameter(torch.zeros(3))]
     with pytest.raises(ValueError, match="impl must be one of"):
         LearnedOptimizer(params, impl="cuda")
-    with pytest.raises(ValueError, match="HierarchicalRNN has no such fused kernel"):
-        LearnedOptimizer(params, pretrained=HierarchicalRNN(), impl="triton")
-    opt = LearnedOptimizer(params, pretrained=CoordinateLSTM(), impl="triton")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="runs on CUDA devices"):
-        opt.impl_for(torch.device("cpu"))
+    for impl in KERNELS:
+        with pytest.raises(ValueError, match="HierarchicalRNN has no such fused kernel"):
+            LearnedOptimizer(params, pretrained=HierarchicalRNN(), impl=impl)
+    if "triton" in KERNELS:
+        opt = LearnedOptimizer(params, pretrained=CoordinateLSTM(), impl="triton")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(RuntimeError, match="runs on CUDA devices"):
+            opt.impl_for(torch.device("cpu"))
+    if "cpu" in KERNELS:
+        opt = LearnedOptimizer(params, pretrained=CoordinateLSTM(), impl="cpu")
+        with pytest.raises(RuntimeError, match="runs on CPU tensors"):
+            opt.impl_for(torch.device("cuda"))
 
 
-def test_auto_picks_triton_on_cuda_only():
+def test_auto_picks_the_fused_kernel_of_the_device():
     opt = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=CoordinateLSTM())
-    assert opt.impl_for(torch.device("cpu")) == "eager"
+    expected_cpu = "cpu" if "cpu" in CoordinateLSTM().fused_impls() else "eager"
+    assert opt.impl_for(torch.device("cpu")) == expected_cpu  # Triton's interpreter is never picked
+    if torch.cuda.is_available():
+        assert opt.impl_for(torch.device("cuda")) == "triton"
     eager_only = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=HierarchicalRNN())
     assert eager_only.impl_for(torch.device("cpu")) == "eager"
+
+
+def test_cpu_kernel_handles_multithreaded_ranges():
+    if "cpu" not in KERNELS:
+        pytest.skip("no C compiler")
+    rule = _trained_like(CoordinateLSTM())
+    grad, state = _inputs(rule, 3 * 4096 + 77)
+    with torch.no_grad():
+        expected_update, expected_state = rule(grad, state)
+    update = torch.empty_like(grad)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # three ranges, the last one partial
+    try:
+        rule.fused_step("cpu", grad, state, update)
+    finally:
+        torch.set_num_threads(threads)
+    assert _rel(update, expected_update) < 1e-5
+    assert _rel(state["h"], expected_state["h"]) < 1e-5
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -98,9 +98,13 @@ class CoordinateLSTM(UpdateRule):
             self.output.bias.zero_()
 
     def fused_impls(self) -> tuple[str, ...]:
+        from learned_optim.rules import lstm_cpu
         from learned_optim.rules.lstm_triton import triton_available
 
-        return ("triton",) if triton_available() else ()
+        impls = ("triton",) if triton_available() else ()
+        if lstm_cpu.supports(self) and lstm_cpu.cpu_kernel_available():
+            impls += ("cpu",)
+        return impls
 
     def fused_step(
         self,
@@ -111,13 +115,15 @@ class CoordinateLSTM(UpdateRule):
         keep: Tensor | None = None,
         segment_ids: Tensor | None = None,
     ) -> None:
-        if impl != "triton":
-            raise NotImplementedError(f"CoordinateLSTM has no fused kernel {impl!r}; it has {self.fused_impls()}")
+        from learned_optim.rules.lstm_cpu import lstm_step_cpu
         from learned_optim.rules.lstm_triton import lstm_step_triton, pack_lstm_weights
 
+        kernels = {"triton": lstm_step_triton, "cpu": lstm_step_cpu}
+        if impl not in kernels:
+            raise NotImplementedError(f"CoordinateLSTM has no fused kernel {impl!r}; it has {self.fused_impls()}")
         # Packed once and reused until the weights change (their version counters move).
         self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
-        lstm_step_triton(self, self._packed, grad, state["h"], state["c"], update, keep, segment_ids)
+        kernels[impl](self, self._packed, grad, state["h"], state["c"], update, keep, segment_ids)
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}

@@ -1,0 +1,264 @@
+/* Fused CPU kernel of CoordinateLSTM's step (see lstm.py for the eager rule it must match).
+
+   Coordinates are processed in blocks of BLOCK: the block's state is transposed into
+   structure-of-arrays scratch that stays in L1, every gate is computed as a register-tiled
+   product vectorised over the block's coordinates, and the new state is written back in
+   place. Weights use the zero-padded, gate-major layout of lstm_triton.pack_lstm_weights
+   (HP units per gate), so both fused kernels share one packing. Compiled on first use by
+   lstm_cpu.py; threads are the caller's (each call handles one range of coordinates). */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef VECS
+#define VECS 2
+#endif
+#ifndef UNITS_PER_STEP
+#define UNITS_PER_STEP 5
+#endif
+#define LANES 8
+#define BLOCK (VECS * LANES)
+#define MAX_HP 64
+#define MAX_ROW 256 /* layers x hidden */
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline v8 vselect(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+/* exp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (relative error
+   ~2e-7, the accuracy of fp32 itself); x is clamped to [-87, 88], where exp is finite. */
+static inline v8 vexp(v8 x) {
+#if defined(__AVX2__)
+    x = (v8)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+#else
+    x = vselect(x < splat(-87.0f), splat(-87.0f), x);
+    x = vselect(x > splat(88.0f), splat(88.0f), x);
+#endif
+    /* Adding and removing 1.5 * 2^23 rounds to the nearest integer (no -ffast-math here). */
+    const v8 magic = splat(12582912.0f);
+    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    v8 r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
+    v8 p = splat(1.0f / 720.0f);
+    p = p * r + splat(1.0f / 120.0f);
+    p = p * r + splat(1.0f / 24.0f);
+    p = p * r + splat(1.0f / 6.0f);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return p * (v8)bits;
+}
+
+static inline v8 vsigmoid(v8 x) {
+    v8 d = splat(1.0f) + vexp(-x);
+#if defined(__AVX2__)
+    /* Reciprocal estimate (12 bits) refined by one Newton step (~23 bits): cheaper than a
+       division; d >= 1, so no special cases. */
+    v8 r = (v8)_mm256_rcp_ps((__m256)d);
+    return r * (splat(2.0f) - d * r);
+#else
+    return splat(1.0f) / d;
+#endif
+}
+
+/* The eager rule's tanh: 2 sigmoid(2x) - 1. */
+static inline v8 vtanh(v8 x) { return splat(2.0f) * vsigmoid(splat(2.0f) * x) - splat(1.0f); }
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float load_state(const void *base, int bf16, int64_t index) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[index]) : ((const float *)base)[index];
+}
+
+static inline void store_state(void *base, int bf16, int64_t index, float value) {
+    if (bf16)
+        ((uint16_t *)base)[index] = f32_to_bf16(value);
+    else
+        ((float *)base)[index] = value;
+}
+
+/* Block state, AoS (coordinate-major rows of `row` floats) <-> SoA (soa[column][v] holds 8
+   coordinates). Full fp32 blocks use 8x8 register transposes; the rest goes element-wise. */
+#if defined(__AVX2__)
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
+static void gather_block(v8 soa[][VECS], const void *state, int bf16, int64_t b0, int count, int64_t row) {
+    int col = 0;
+#if defined(__AVX2__)
+    if (!bf16 && count == BLOCK) {
+        const float *base = (const float *)state + b0 * row;
+        for (; col + 8 <= row; col += 8)
+            for (int v = 0; v < VECS; v++) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(base + (int64_t)(v * 8 + i) * row + col);
+                transpose8(r);
+                for (int i = 0; i < 8; i++) soa[col + i][v] = (v8)r[i];
+            }
+    }
+#endif
+    for (; col < row; col++)
+        for (int b = 0; b < BLOCK; b++)
+            ((float *)soa[col])[b] = b < count ? load_state(state, bf16, (b0 + b) * row + col) : 0.0f;
+}
+
+static void scatter_block(const v8 soa[][VECS], void *state, int bf16, int64_t b0, int count, int64_t row,
+                          const uint8_t *write, int all_write) {
+    int col = 0;
+#if defined(__AVX2__)
+    if (!bf16 && count == BLOCK && all_write) {
+        float *base = (float *)state + b0 * row;
+        for (; col + 8 <= row; col += 8)
+            for (int v = 0; v < VECS; v++) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = (__m256)soa[col + i][v];
+                transpose8(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(base + (int64_t)(v * 8 + i) * row + col, r[i]);
+            }
+    }
+#endif
+    for (int b = 0; b < count; b++) {
+        if (!write[b]) continue;
+        for (int c = col; c < row; c++) store_state(state, bf16, (b0 + b) * row + c, ((const float *)soa[c])[b]);
+    }
+}
+
+/* acc[g][v] += sum_k w[k][g] * in[k][v] for the first `units` units of the 4 gates: in is
+   (K, VECS) v8, w the (HP rows, HP cols) tile of each gate at w + q*HP*HP. UNITS_PER_STEP
+   units at a time keep UNITS_PER_STEP x VECS accumulators in registers, enough independent
+   FMA chains to hide their latency; `units` is a multiple of UNITS_PER_STEP (padded units
+   have zero weights). */
+static inline void gate_products(v8 acc[][VECS], const v8 in[][VECS], int k_count, const float *w, int hp,
+                                 int units) {
+    for (int q = 0; q < 4; q++) {
+        const float *wq = w + (int64_t)q * hp * hp;
+        for (int j = 0; j < units; j += UNITS_PER_STEP) {
+            v8 a[UNITS_PER_STEP][VECS];
+            for (int u = 0; u < UNITS_PER_STEP; u++)
+                for (int v = 0; v < VECS; v++) a[u][v] = acc[q * hp + j + u][v];
+            for (int k = 0; k < k_count; k++) {
+                const float *wk = wq + k * hp + j;
+                for (int v = 0; v < VECS; v++) {
+                    v8 x = in[k][v];
+                    for (int u = 0; u < UNITS_PER_STEP; u++) a[u][v] += splat(wk[u]) * x;
+                }
+            }
+            for (int u = 0; u < UNITS_PER_STEP; u++)
+                for (int v = 0; v < VECS; v++) acc[q * hp + j + u][v] = a[u][v];
+        }
+    }
+}
+
+/* One step over coordinates [start, stop). State h, c: (n, L, H) contiguous, fp32 or bf16.
+   keep (per tensor, via segment) may be NULL: then every coordinate steps. */
+void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *c_state, int bf16,
+               float *update, const uint8_t *keep, const int32_t *segment, const float *wx, const float *wh,
+               const float *bias, const float *out, int layers, int hidden, int hp, int preprocess,
+               float preprocess_p, float input_scale, float output_scale) {
+    v8 inp[MAX_HP][VECS] __attribute__((aligned(32)));
+    v8 hs[MAX_ROW][VECS] __attribute__((aligned(32)));
+    v8 cs[MAX_ROW][VECS] __attribute__((aligned(32)));
+    v8 acc[4 * MAX_HP][VECS] __attribute__((aligned(32)));
+    float g[BLOCK], upd[BLOCK];
+    uint8_t write[BLOCK];
+    const float floor_ = expf(-preprocess_p), ceil_ = expf(preprocess_p);
+    const int64_t row = (int64_t)layers * hidden;
+    /* Units beyond the hidden size are not computed, but for rounding up to UNITS_PER_STEP. */
+    const int units = (hidden + UNITS_PER_STEP - 1) / UNITS_PER_STEP * UNITS_PER_STEP;
+
+    for (int64_t b0 = start; b0 < stop; b0 += BLOCK) {
+        const int count = (int)(stop - b0 < BLOCK ? stop - b0 : BLOCK);
+        int all_write = 1;
+        for (int b = 0; b < BLOCK; b++) {
+            int ok = b < count && (keep == NULL || keep[segment[b0 + b]]);
+            write[b] = (uint8_t)ok;
+            all_write &= ok;
+            g[b] = ok ? grad[b0 + b] : 0.0f;
+        }
+        /* Every layer's state of the block at once; lanes past `count` compute on zeros. */
+        gather_block(hs, h_state, bf16, b0, count, row);
+        gather_block(cs, c_state, bf16, b0, count, row);
+        float *x0 = (float *)inp[0], *x1 = (float *)inp[1];
+        for (int b = 0; b < BLOCK; b++) {
+            if (preprocess) {
+                float m = fabsf(g[b]);
+                int large = m >= floor_;
+                x0[b] = large ? logf(m > floor_ ? m : floor_) / preprocess_p : -1.0f;
+                float sign = g[b] > 0.0f ? 1.0f : (g[b] < 0.0f ? -1.0f : 0.0f);
+                x1[b] = large ? sign : g[b] * ceil_;
+            } else {
+                x0[b] = g[b] * input_scale;
+            }
+        }
+        int k_count = preprocess ? 2 : 1;
+        for (int l = 0; l < layers; l++) {
+            v8(*hl)[VECS] = hs + l * hidden;
+            v8(*cl)[VECS] = cs + l * hidden;
+            for (int q = 0; q < 4; q++)
+                for (int j = 0; j < units; j++) {
+                    v8 bq = splat(bias[(l * 4 + q) * hp + j]);
+                    for (int v = 0; v < VECS; v++) acc[q * hp + j][v] = bq;
+                }
+            gate_products(acc, (const v8(*)[VECS])inp, k_count, wx + (int64_t)l * 4 * hp * hp, hp, units);
+            gate_products(acc, (const v8(*)[VECS])hl, hidden, wh + (int64_t)l * 4 * hp * hp, hp, units);
+            for (int j = 0; j < hidden; j++)
+                for (int v = 0; v < VECS; v++) {
+                    v8 i = vsigmoid(acc[j][v]), f = vsigmoid(acc[hp + j][v]);
+                    v8 o = vsigmoid(acc[2 * hp + j][v]), cell = vtanh(acc[3 * hp + j][v]);
+                    v8 c = f * cl[j][v] + i * cell;
+                    cl[j][v] = c;
+                    hl[j][v] = o * vtanh(c);
+                }
+            /* The next layer's input (and the read-out's) is this layer's new h. */
+            for (int j = 0; j < hidden; j++)
+                for (int v = 0; v < VECS; v++) inp[j][v] = hl[j][v];
+            k_count = hidden;
+        }
+        scatter_block((const v8(*)[VECS])hs, h_state, bf16, b0, count, row, write, all_write);
+        scatter_block((const v8(*)[VECS])cs, c_state, bf16, b0, count, row, write, all_write);
+        for (int b = 0; b < BLOCK; b++) upd[b] = out[hp];
+        for (int j = 0; j < hidden; j++) {
+            const float w = out[j];
+            const float *hj = (const float *)inp[j];
+            for (int b = 0; b < BLOCK; b++) upd[b] += w * hj[b];
+        }
+        for (int b = 0; b < count; b++) update[b0 + b] = write[b] ? upd[b] * output_scale : 0.0f;
+    }
+}

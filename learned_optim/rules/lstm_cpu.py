@@ -1,0 +1,194 @@
+"""Fused CPU kernel of :class:`~learned_optim.rules.lstm.CoordinateLSTM`'s step.
+
+The kernel (``lstm_cpu.c``, beside this file) is plain C compiled on first use with the
+system's C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache, and called through
+``ctypes``, which releases the GIL: the coordinates are split over torch's intra-op thread
+count, each range in its own thread. It must match :meth:`CoordinateLSTM.forward` (tested
+against it). Where no compiler is found it is simply unavailable and the eager path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from learned_optim.rules.lstm_triton import PackedLSTMWeights
+
+__all__ = ["cpu_kernel_available", "cpu_kernel_error", "lstm_step_cpu", "supports"]
+
+_SOURCE = Path(__file__).with_name("lstm_cpu.c")
+_MAX_HIDDEN = 64  # MAX_HP in the C source
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_load_error: str | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LEARNED_OPTIM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "learned_optim"
+    )
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
+    # AVX2 + FMA where the CPU has them (torch reports what it dispatches to).
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _load() -> ctypes.CDLL | None:
+    """Compile (once per source, flags and compiler; cached on disk) and load the kernel."""
+    global _library, _load_error
+    with _lock:
+        if _library is not None or _load_error is not None:
+            return _library
+        compiler = _compiler()
+        if compiler is None:
+            _load_error = "no C compiler found (set $CC)"
+            return None
+        flags = _flags()
+        source = _SOURCE.read_bytes()
+        key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"lstm_cpu_{key}.so"
+        try:
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                # Built under a temporary name and renamed: concurrent first uses never see half a file.
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+                os.close(fd)
+                try:
+                    subprocess.run(
+                        [compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True
+                    )
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+            library = ctypes.CDLL(str(target))
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            _load_error = f"building {_SOURCE.name} with {compiler} failed: {detail.strip()[:500]}"
+            return None
+        fn = library.lstm_step
+        fn.restype = None
+        i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        # (start, stop, grad, h, c, bf16, update, keep, segment, wx, wh, bias, out, layers, hidden, hp,
+        #  preprocess, preprocess_p, input_scale, output_scale)
+        fn.argtypes = [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3
+        _library = library
+        return library
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the fused CPU kernel could be built and loaded here."""
+    return _load() is not None
+
+
+def cpu_kernel_error() -> str | None:
+    """Why the kernel is unavailable (``None`` when it is available)."""
+    _load()
+    return _load_error
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="learned_optim")
+        return _pool
+
+
+def supports(rule: torch.nn.Module) -> bool:
+    """Whether the CPU kernel handles ``rule``'s config (hidden size up to 64)."""
+    return rule.hidden_size <= _MAX_HIDDEN
+
+
+def lstm_step_cpu(
+    rule: torch.nn.Module,
+    packed: PackedLSTMWeights,
+    grad: Tensor,
+    h: Tensor,
+    c: Tensor,
+    update: Tensor,
+    keep: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+) -> None:
+    """One fused LSTM step over ``n`` CPU coordinates; same contract as ``lstm_step_triton``.
+
+    ``grad`` and ``update`` are fp32; ``h``/``c`` are contiguous ``(n, num_layers, hidden_size)``
+    in fp32 or bf16.
+    """
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_load_error}")
+    n = grad.numel()
+    if n == 0:
+        return
+    if grad.dtype != torch.float32 or update.dtype != torch.float32:
+        raise ValueError("grad and update must be float32")
+    if not supports(rule):
+        raise ValueError(f"the fused CPU kernel handles hidden_size <= {_MAX_HIDDEN}, got {rule.hidden_size}")
+    for name, t in (("h", h), ("c", c)):
+        if t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous():
+            raise ValueError(f"state {name!r} must be contiguous float32 or bfloat16, got {t.dtype}")
+        if t.shape != (n, rule.num_layers, rule.hidden_size):
+            raise ValueError(
+                f"state {name!r} must have shape {(n, rule.num_layers, rule.hidden_size)}, got {tuple(t.shape)}"
+            )
+    if keep is not None:
+        if segment_ids is None or segment_ids.dtype != torch.int32:
+            raise ValueError("keep needs int32 segment_ids")
+        keep = keep.to(torch.uint8).contiguous()
+    grad = grad.contiguous()
+    hp = packed.wx.shape[-1]
+    args = (
+        grad.data_ptr(),
+        h.data_ptr(),
+        c.data_ptr(),
+        int(h.dtype == torch.bfloat16),
+        update.data_ptr(),
+        keep.data_ptr() if keep is not None else None,
+        segment_ids.data_ptr() if keep is not None else None,
+        packed.wx.data_ptr(),
+        packed.wh.data_ptr(),
+        packed.bias.data_ptr(),
+        packed.out.data_ptr(),
+        rule.num_layers,
+        rule.hidden_size,
+        hp,
+        int(rule.preprocess),
+        float(rule.preprocess_p),
+        float(rule.input_scale),
+        float(rule.output_scale),
+    )
+    threads = max(1, min(torch.get_num_threads(), n // 4096))
+    if threads == 1:
+        library.lstm_step(0, n, *args)
+        return
+    # Ranges are multiples of the kernel's 32-coordinate block; ctypes drops the GIL per call.
+    per = -(-n // threads)
+    per = -(-per // 32) * 32
+    bounds = [(start, min(start + per, n)) for start in range(0, n, per)]
+    futures = [_executor(threads).submit(library.lstm_step, lo, hi, *args) for lo, hi in bounds]
+    for future in futures:
+        future.result()
