@@ -1,10 +1,19 @@
-"""Optimizer step time: learned rules (flat chunked path and a naive per-tensor loop) vs AdamW.
+"""Optimizer step time: learned rules on every path vs AdamW, naive loops and the memory floor.
 
 For each model size, every optimizer steps the same parameters with the same gradients;
-times are medians over repeated steps, measured side by side in one run. Also prints the
-rule state bytes per parameter and the peak temporary memory of a step (CPU: tracemalloc
-cannot see torch allocations, so the chunked path's bound is reported analytically as
-chunk_size x per-coordinate temporaries; on CUDA the allocator's peak is measured).
+times are medians over repeated steps, measured side by side in one run. Paths:
+
+- ``eager``: the rule's PyTorch ``forward`` over chunks of all tensors (``impl="eager"``);
+- ``fused``: the rule's fused kernel for the device (C on CPU, Triton on CUDA);
+- ``naive loop``: the rule's own ``forward`` called once per parameter tensor;
+- ``typical port``: what PyTorch ports of the paper do: per tensor, log/sign preprocessing,
+  two ``nn.LSTMCell`` and a ``nn.Linear`` (same weights as the rule).
+
+Also printed: state bytes per parameter; the LSTM's memory-traffic floor (state, gradient
+and parameter bytes read and written per step, divided by the measured copy bandwidth of
+the device) and the fused path's distance to it; peak temporary memory (measured by the
+CUDA allocator on GPU; on CPU the fused path's temporaries are its flat gradient and
+update chunks, min(N, chunk) x 8 bytes).
 
     python benchmarks/step_time.py --sizes 1M,10M --threads 2
 """
@@ -20,7 +29,9 @@ import torch
 from torch import nn
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
+from learned_optim.functional import FUSED_CHUNK_SIZE
 from learned_optim.rules.base import UpdateRule
+from learned_optim.rules.preprocess import log_sign_preprocess
 
 
 def make_params(total: int, device: torch.device, tensors: int = 8) -> list[nn.Parameter]:
@@ -34,7 +45,7 @@ def make_params(total: int, device: torch.device, tensors: int = 8) -> list[nn.P
 
 
 class NaivePerTensor(torch.optim.Optimizer):
-    """A typical port: one rule call per parameter tensor, state per tensor, no chunking."""
+    """One call of the rule's own ``forward`` per parameter tensor, state per tensor."""
 
     def __init__(self, params, rule: UpdateRule) -> None:
         super().__init__(params, {})
@@ -53,20 +64,86 @@ class NaivePerTensor(torch.optim.Optimizer):
                 p.add_(update.view_as(p))
 
 
-def time_steps(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], params, repeats: int) -> float:
+class TypicalPort(torch.optim.Optimizer):
+    """The usual PyTorch port of Andrychowicz et al.: ``nn.LSTMCell`` layers run per tensor."""
+
+    def __init__(self, params, rule: CoordinateLSTM) -> None:
+        super().__init__(params, {})
+        hidden = rule.hidden_size
+        self.cells = []
+        for layer in range(rule.num_layers):
+            fan_in = 2 if layer == 0 else hidden
+            cell = nn.LSTMCell(fan_in, hidden).to(rule.output.weight.device)
+            # The rule's gates are (i, f, o, g); LSTMCell's are (i, f, g, o).
+            order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
+                               torch.arange(2 * hidden, 3 * hidden)])  # fmt: skip
+            with torch.no_grad():
+                weight = rule.weights[layer][order]
+                cell.weight_ih.copy_(weight[:, :fan_in])
+                cell.weight_hh.copy_(weight[:, fan_in:])
+                cell.bias_ih.copy_(rule.biases[layer][order])
+                cell.bias_hh.zero_()
+            self.cells.append(cell)
+        self.readout = rule.output
+        self.scale = rule.output_scale
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    zeros = p.new_zeros(p.numel(), self.cells[0].hidden_size)
+                    state["hc"] = [(zeros.clone(), zeros.clone()) for _ in self.cells]
+                x = log_sign_preprocess(p.grad.reshape(-1))
+                new = []
+                for cell, hc in zip(self.cells, state["hc"], strict=True):
+                    h, c = cell(x, hc)
+                    new.append((h, c))
+                    x = h
+                state["hc"] = new
+                p.add_((self.readout(x).squeeze(-1) * self.scale).view_as(p))
+
+
+def time_steps(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], params, repeats: int) -> tuple[float, int]:
+    """Median ms per step, and the peak temporary bytes of a step (CUDA only, else 0)."""
     opt = make(params)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()  # state allocation happens outside the timing
-    sync = torch.cuda.synchronize if params[0].is_cuda else (lambda: None)
+    cuda = params[0].is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
+    peak = 0
     for _ in range(repeats):
         sync()
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         opt.step()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        if cuda:
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+    del opt
+    return statistics.median(times) * 1e3, peak
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dst.copy_(src)
+    sync()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / min(times)
 
 
 def main() -> None:
@@ -75,7 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip-naive-above", default="20M", help="skip the slow naive loop above this size")
+    parser.add_argument("--skip-naive-above", default="20M", help="skip the slow naive loops above this size")
+    parser.add_argument("--no-hrnn", action="store_true", help="time the LSTM rule only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,40 +162,72 @@ def main() -> None:
     def parse(s: str) -> int:
         return int(float(s[:-1]) * {"K": 1e3, "M": 1e6}[s[-1]]) if s[-1] in "KM" else int(s)
 
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     lstm, hrnn = CoordinateLSTM().to(device), HierarchicalRNN().to(device)
+    fused = "triton" if device.type == "cuda" else "cpu"
+    if fused not in lstm.fused_impls():
+        raise SystemExit(f"the LSTM rule has no {fused!r} kernel here (fused kernels: {lstm.fused_impls()})")
+    bandwidth = copy_bandwidth(device)
     print(
-        f"state bytes/param: LSTM {lstm.state_bytes_per_coordinate()} (fp32), "
-        f"{lstm.state_bytes_per_coordinate(torch.bfloat16)} (bf16); HRNN {hrnn.state_bytes_per_coordinate()}; "
-        "AdamW 8"
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, copy bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
-    print("| params | optimizer | ms/step | vs AdamW (foreach) | vs naive loop |")
-    print("|---|---|---|---|---|")
+    lstm_bytes = {dtype: lstm.state_bytes_per_coordinate(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    print(
+        f"state bytes/param: LSTM {lstm_bytes[torch.float32]} (fp32), {lstm_bytes[torch.bfloat16]} (bf16); "
+        f"HRNN {hrnn.state_bytes_per_coordinate()}; AdamW 8"
+    )
+    print("| params | optimizer | ms/step | vs AdamW | vs naive loop | vs typical port | x floor | peak temp / state |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         n = parse(size)
         params = make_params(n, device)
         total = sum(p.numel() for p in params)
-        results: dict[str, float] = {}
-        results["AdamW foreach"] = time_steps(lambda ps: torch.optim.AdamW(ps, foreach=True), params, args.repeats)
+        rows: dict[str, tuple[float, int]] = {}
+        rows["AdamW foreach"] = time_steps(lambda ps: torch.optim.AdamW(ps, foreach=True), params, args.repeats)
         if device.type == "cuda":
-            results["AdamW fused"] = time_steps(lambda ps: torch.optim.AdamW(ps, fused=True), params, args.repeats)
-        for name, rule in (("LSTM", lstm), ("HRNN", hrnn)):
-            results[f"{name} chunked"] = time_steps(
-                lambda ps, r=rule: LearnedOptimizer(ps, pretrained=r), params, args.repeats
-            )
-            results[f"{name} chunked, bf16 state"] = time_steps(
-                lambda ps, r=rule: LearnedOptimizer(ps, pretrained=r, state_dtype=torch.bfloat16), params, args.repeats
-            )
-            if n <= parse(args.skip_naive_above):
-                results[f"{name} naive per-tensor"] = time_steps(
-                    lambda ps, r=rule: NaivePerTensor(ps, r), params, max(2, args.repeats // 2)
+            rows["AdamW fused"] = time_steps(lambda ps: torch.optim.AdamW(ps, fused=True), params, args.repeats)
+        floors = {}
+        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            for impl in (fused, "eager"):
+                rows[f"LSTM {impl}, {tag} state"] = time_steps(
+                    lambda ps, i=impl, d=dtype: LearnedOptimizer(ps, pretrained=lstm, impl=i, state_dtype=d),
+                    params,
+                    args.repeats,
                 )
-        adam = results["AdamW foreach"]
-        for name, ms in results.items():
+            # Read and write the state; read the gradient; read and write the parameter.
+            floors[tag] = total * (2 * lstm_bytes[dtype] + 4 + 8) / bandwidth * 1e3
+        small = n <= parse(args.skip_naive_above)
+        if small:
+            few = max(2, args.repeats // 2)
+            rows["LSTM naive loop"] = time_steps(lambda ps: NaivePerTensor(ps, lstm), params, few)
+            rows["LSTM typical port"] = time_steps(lambda ps: TypicalPort(ps, lstm), params, few)
+        if not args.no_hrnn:
+            rows["HRNN eager, fp32 state"] = time_steps(
+                lambda ps: LearnedOptimizer(ps, pretrained=hrnn), params, args.repeats
+            )
+            if small:
+                rows["HRNN naive loop"] = time_steps(lambda ps: NaivePerTensor(ps, hrnn), params, few)
+        adam = rows["AdamW foreach"][0]
+        for name, (ms, peak) in rows.items():
             rule_name = name.split()[0]
-            naive = results.get(f"{rule_name} naive per-tensor")
-            vs_naive = f"{naive / ms:.1f}x faster" if naive and "naive" not in name else "-"
-            print(f"| {total / 1e6:.1f}M | {name} | {ms:.1f} | {ms / adam:.0f}x | {vs_naive} |", flush=True)
+            naive = rows.get(f"{rule_name} naive loop", (0.0, 0))[0]
+            port = rows.get(f"{rule_name} typical port", (0.0, 0))[0]
+            is_baseline = "naive" in name or "typical" in name or rule_name == "AdamW"
+            vs_naive = f"{naive / ms:.1f}x faster" if naive and not is_baseline else "-"
+            vs_port = f"{port / ms:.1f}x faster" if port and not is_baseline else "-"
+            floor = "-"
+            temp = "-"
+            if rule_name == "LSTM" and "state" in name:
+                tag = "bf16" if "bf16" in name else "fp32"
+                floor = f"{ms / floors[tag]:.2f}"
+                state_bytes = total * lstm_bytes[torch.bfloat16 if tag == "bf16" else torch.float32]
+                if name.startswith(f"LSTM {fused}"):
+                    measured = peak if device.type == "cuda" else min(total, FUSED_CHUNK_SIZE) * 8
+                    temp = f"{100 * measured / state_bytes:.1f}%"
+                elif device.type == "cuda":
+                    temp = f"{100 * peak / state_bytes:.1f}%"
+            cells = [f"{total / 1e6:.1f}M", name, f"{ms:.1f}", f"{ms / adam:.0f}x", vs_naive, vs_port, floor, temp]
+            print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -344,17 +344,21 @@ def fused_learned_step(
         chunk_stop = min(chunk_start + chunk_size, total)
         pieces = _pieces_between(flat.offsets, chunk_start, chunk_stop)
         grad_parts = []
+        own_copy = len(pieces) > 1  # torch.cat makes a copy
         for index, start, stop in pieces:
             g = flat_grads[index][start:stop]
-            if g.dtype != torch.float32:
+            if g.dtype != torch.float32 or entries[index].maximize:
+                own_copy = True
                 g = g.float()
             grad_parts.append(-g if entries[index].maximize else g)
-        grad = torch.cat(grad_parts) if len(grad_parts) > 1 else grad_parts[0]
-        update = torch.empty(chunk_stop - chunk_start, dtype=torch.float32, device=device)
+        grad = torch.cat(grad_parts) if len(grad_parts) > 1 else grad_parts[0].contiguous()
+        # The kernels read a coordinate's gradient before writing its update, so a gradient
+        # buffer of our own doubles as the update buffer (4 bytes of temporaries per coordinate).
+        update = grad if own_copy else torch.empty(chunk_stop - chunk_start, dtype=torch.float32, device=device)
         state = {k: v[chunk_start:chunk_stop] for k, v in flat.buffers.items()}
         rule.fused_step(
             impl,
-            grad.contiguous(),
+            grad,
             state,
             update,
             keep=keep_flags,

@@ -341,3 +341,23 @@ def test_torch_compile_of_a_training_step_matches_eager_mode():
             step()
     for a, b in zip(reference.parameters(), model.parameters(), strict=True):
         assert _rel(b, a) < TRAJECTORY_RTOL
+
+
+@over_kernels
+def test_fused_step_never_writes_into_the_users_gradients(impl, monkeypatch):
+    # Small chunks, one big tensor after a small one: chunks that are views of .grad at an offset.
+    monkeypatch.setattr("learned_optim.optimizer.FUSED_CHUNK_SIZE", 64)
+    params = [nn.Parameter(torch.randn(5, device=DEVICE)), nn.Parameter(torch.randn(300, device=DEVICE))]
+    opt = LearnedOptimizer(params, pretrained=_trained_like(CoordinateLSTM()), impl=impl, chunk_size=1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in params]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    reference_opt = LearnedOptimizer(reference, pretrained=opt.rule, impl="eager")
+    for p, g in zip(reference, grads, strict=True):
+        p.grad = g.clone()
+    opt.step()
+    reference_opt.step()
+    for p, g, r in zip(params, grads, reference, strict=True):
+        assert torch.equal(p.grad, g)
+        assert _rel(p, r) < 1e-5
