@@ -97,8 +97,9 @@ static inline void store_state(void *base, int bf16, int64_t index, float value)
         ((float *)base)[index] = value;
 }
 
-/* Block state, AoS (coordinate-major rows of `row` floats) <-> SoA (soa[column][v] holds 8
-   coordinates). Full fp32 blocks use 8x8 register transposes; the rest goes element-wise. */
+/* Block state, AoS (coordinate-major rows of `row` values) <-> SoA (soa[column][v] holds 8
+   coordinates). Full blocks use 8x8 register transposes (bf16 widened/rounded on the way);
+   the rest goes element-wise. */
 #if defined(__AVX2__)
 static inline void transpose8(__m256 r[8]) {
     __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -120,15 +121,35 @@ static inline void transpose8(__m256 r[8]) {
 }
 #endif
 
+#if defined(__AVX2__)
+static inline __m256 load8(const void *state, int bf16, int64_t index) {
+    if (!bf16) return _mm256_loadu_ps((const float *)state + index);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)state + index));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+static inline void store8(void *state, int bf16, int64_t index, __m256 value) {
+    if (!bf16) {
+        _mm256_storeu_ps((float *)state + index, value);
+        return;
+    }
+    /* Round to nearest even, as torch does (finite values: the kernel's state is bounded). */
+    __m256i bits = _mm256_castps_si256(value);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)state + index), packed);
+}
+#endif
+
 static void gather_block(v8 soa[][VECS], const void *state, int bf16, int64_t b0, int count, int64_t row) {
     int col = 0;
 #if defined(__AVX2__)
-    if (!bf16 && count == BLOCK) {
-        const float *base = (const float *)state + b0 * row;
+    if (count == BLOCK) {
         for (; col + 8 <= row; col += 8)
             for (int v = 0; v < VECS; v++) {
                 __m256 r[8];
-                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(base + (int64_t)(v * 8 + i) * row + col);
+                for (int i = 0; i < 8; i++) r[i] = load8(state, bf16, (b0 + v * 8 + i) * row + col);
                 transpose8(r);
                 for (int i = 0; i < 8; i++) soa[col + i][v] = (v8)r[i];
             }
@@ -143,14 +164,13 @@ static void scatter_block(const v8 soa[][VECS], void *state, int bf16, int64_t b
                           const uint8_t *write, int all_write) {
     int col = 0;
 #if defined(__AVX2__)
-    if (!bf16 && count == BLOCK && all_write) {
-        float *base = (float *)state + b0 * row;
+    if (count == BLOCK && all_write) {
         for (; col + 8 <= row; col += 8)
             for (int v = 0; v < VECS; v++) {
                 __m256 r[8];
                 for (int i = 0; i < 8; i++) r[i] = (__m256)soa[col + i][v];
                 transpose8(r);
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(base + (int64_t)(v * 8 + i) * row + col, r[i]);
+                for (int i = 0; i < 8; i++) store8(state, bf16, (b0 + v * 8 + i) * row + col, r[i]);
             }
     }
 #endif
