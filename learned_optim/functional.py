@@ -74,6 +74,18 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> Tensor:
     return ~torch.isfinite(torch.stack([m.float() for m in maxima]))
 
 
+def _screen_gradients(entries: Sequence[StepEntry], nonfinite: str, host_check: bool) -> tuple[Tensor, bool]:
+    """Flags of the entries with non-finite gradients, and whether the step must mask per coordinate.
+
+    Raises ``FloatingPointError`` (before anything is modified) when ``nonfinite="error"``.
+    """
+    skipped = nonfinite_mask([e.grad for e in entries])
+    if nonfinite == "error" and bool(skipped.any()):
+        bad = [i for i, s in enumerate(skipped.tolist()) if s]
+        raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
+    return skipped, not host_check or bool(skipped.any())
+
+
 @torch.no_grad()
 def learned_step(
     rule: UpdateRule,
@@ -102,12 +114,8 @@ def learned_step(
     if not entries:
         return None
     device = entries[0].param.device
-    skipped = nonfinite_mask([e.grad for e in entries])
-    if nonfinite == "error" and bool(skipped.any()):
-        bad = [i for i, s in enumerate(skipped.tolist()) if s]
-        raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
+    skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
-    masked = not host_check or bool(skipped.any())
 
     # Decoupled weight decay factors (1 for skipped parameters), applied with the update below.
     # They stay in at least fp32: rounded to bf16 first, 1 - lr * wd would be off by up to 2^-9
@@ -319,12 +327,8 @@ def fused_learned_step(
     if not entries:
         return None
     device = entries[0].param.device
-    skipped = nonfinite_mask([e.grad for e in entries])
-    if nonfinite == "error" and bool(skipped.any()):
-        bad = [i for i, s in enumerate(skipped.tolist()) if s]
-        raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
+    skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
-    masked = not host_check or bool(skipped.any())
     keep_flags = keep.to(torch.uint8) if masked else None
     segment_ids = flat.segment_ids() if masked else None
 

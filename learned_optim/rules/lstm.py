@@ -116,7 +116,8 @@ class CoordinateLSTM(UpdateRule):
         segment_ids: Tensor | None = None,
     ) -> None:
         from learned_optim.rules.lstm_cpu import lstm_step_cpu
-        from learned_optim.rules.lstm_triton import lstm_step_triton, pack_lstm_weights
+        from learned_optim.rules.lstm_pack import pack_lstm_weights
+        from learned_optim.rules.lstm_triton import lstm_step_triton
 
         kernels = {"triton": lstm_step_triton, "cpu": lstm_step_cpu}
         if impl not in kernels:

@@ -3,8 +3,8 @@
    Coordinates are processed in blocks of BLOCK: the block's state is transposed into
    structure-of-arrays scratch that stays in L1, every gate is computed as a register-tiled
    product vectorised over the block's coordinates, and the new state is written back in
-   place. Weights use the zero-padded, gate-major layout of lstm_triton.pack_lstm_weights
-   (HP units per gate), so both fused kernels share one packing. Compiled on first use by
+   place. Weights use the zero-padded, gate-major layout of lstm_pack.pack_lstm_weights
+   (HP units per gate), shared with the Triton kernel. Compiled on first use by
    lstm_cpu.py; threads are the caller's (each call handles one range of coordinates). */
 
 #include <math.h>

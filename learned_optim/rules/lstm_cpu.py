@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from learned_optim.rules.lstm_triton import PackedLSTMWeights
+from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state
 
 __all__ = ["cpu_kernel_available", "cpu_kernel_error", "lstm_step_cpu", "supports"]
 
@@ -148,13 +148,7 @@ def lstm_step_cpu(
         raise ValueError("grad and update must be float32")
     if not supports(rule):
         raise ValueError(f"the fused CPU kernel handles hidden_size <= {_MAX_HIDDEN}, got {rule.hidden_size}")
-    for name, t in (("h", h), ("c", c)):
-        if t.dtype not in (torch.float32, torch.bfloat16) or not t.is_contiguous():
-            raise ValueError(f"state {name!r} must be contiguous float32 or bfloat16, got {t.dtype}")
-        if t.shape != (n, rule.num_layers, rule.hidden_size):
-            raise ValueError(
-                f"state {name!r} must have shape {(n, rule.num_layers, rule.hidden_size)}, got {tuple(t.shape)}"
-            )
+    check_state(rule, n, h, c, dtypes=(torch.float32, torch.bfloat16))
     if keep is not None:
         if segment_ids is None or segment_ids.dtype != torch.int32:
             raise ValueError("keep needs int32 segment_ids")

@@ -14,10 +14,11 @@ graph. Triton is optional: :func:`triton_available` says whether this module can
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state, padded_units
 
 try:
     import triton
@@ -26,7 +27,7 @@ except ImportError:  # Triton is an optional dependency (GPU installs of torch b
     triton = None
     tl = None
 
-__all__ = ["PackedLSTMWeights", "lstm_step_triton", "pack_lstm_weights", "triton_available", "triton_usable_on"]
+__all__ = ["lstm_step_triton", "triton_available", "triton_usable_on"]
 
 BLOCK = 64
 
@@ -41,52 +42,6 @@ def triton_usable_on(device: torch.device) -> bool:
     if triton is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _padded(n: int) -> int:
-    # tl.dot needs each dimension to be a power of two >= 16.
-    return max(16, 1 << (n - 1).bit_length())
-
-
-class PackedLSTMWeights:
-    """The rule's weights laid out for the kernel (gate-major, zero-padded), plus a key to detect changes."""
-
-    def __init__(self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, key: tuple[Any, ...]) -> None:
-        self.wx, self.wh, self.bias, self.out, self.key = wx, wh, bias, out, key
-
-
-def _weights_key(rule: torch.nn.Module) -> tuple[Any, ...]:
-    # Tensor versions change on every in-place update (optimizer steps, load_state_dict).
-    return tuple((p.data_ptr(), p._version, p.device) for p in rule.parameters())
-
-
-def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = None) -> PackedLSTMWeights:
-    """Pack ``rule``'s weights for the kernel; returns ``cached`` when they have not changed.
-
-    ``wx[l, q, k, j]`` is the weight from input ``k`` of layer ``l`` to unit ``j`` of gate
-    ``q`` (input, forget, output, cell); ``wh`` likewise from the layer's own hidden state.
-    """
-    key = _weights_key(rule)
-    if cached is not None and cached.key == key:
-        return cached
-    hidden, layers = rule.hidden_size, rule.num_layers
-    hp = _padded(hidden)
-    first = rule.output.weight
-    wx = first.new_zeros(layers, 4, hp, hp, dtype=torch.float32)
-    wh = torch.zeros_like(wx)
-    bias = first.new_zeros(layers, 4, hp, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in range(layers):
-            weight = rule.weights[layer].detach().float()  # (4H, in + H)
-            fan_in = weight.shape[1] - hidden
-            gates = weight.view(4, hidden, fan_in + hidden)
-            wx[layer, :, :fan_in, :hidden] = gates[:, :, :fan_in].transpose(1, 2)
-            wh[layer, :, :hidden, :hidden] = gates[:, :, fan_in:].transpose(1, 2)
-            bias[layer, :, :hidden] = rule.biases[layer].detach().float().view(4, hidden)
-        out = first.new_zeros(hp + 1, dtype=torch.float32)
-        out[:hidden] = rule.output.weight.detach().float().view(-1)
-        out[hp] = rule.output.bias.detach().float().view(())  # read by the kernel: no .item() sync
-    return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, key)
 
 
 if triton is not None:
@@ -214,7 +169,7 @@ def lstm_step_triton(
 
     Args:
         rule: the :class:`CoordinateLSTM` (its config; weights come from ``packed``).
-        packed: :func:`pack_lstm_weights` of ``rule``.
+        packed: :func:`~learned_optim.rules.lstm_pack.pack_lstm_weights` of ``rule``.
         grad: ``(n,)`` gradients (any float dtype; computed in fp32).
         h, c: ``(n, num_layers, hidden_size)`` contiguous state (fp32 or bf16/fp16 storage).
         update: ``(n,)`` fp32 output, the rule's update before ``lr``.
@@ -229,12 +184,7 @@ def lstm_step_triton(
     n = grad.numel()
     if n == 0:
         return
-    for name, t in (("h", h), ("c", c)):
-        if not t.is_contiguous() or t.shape != (n, rule.num_layers, rule.hidden_size):
-            raise ValueError(
-                f"state {name!r} must be contiguous with shape {(n, rule.num_layers, rule.hidden_size)}, "
-                f"got {tuple(t.shape)}"
-            )
+    check_state(rule, n, h, c)
     masked = keep is not None
     if masked and segment_ids is None:
         raise ValueError("keep needs segment_ids")
@@ -258,7 +208,7 @@ def lstm_step_triton(
         float(rule.output_scale),
         L=rule.num_layers,
         H=rule.hidden_size,
-        HP=_padded(rule.hidden_size),
+        HP=padded_units(rule.hidden_size),
         PREPROCESS=bool(rule.preprocess),
         MASKED=masked,
         BLOCK_SIZE=BLOCK,

@@ -1,0 +1,67 @@
+"""The LSTM rule's weights laid out for its fused kernels (shared by the C and Triton kernels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["PackedLSTMWeights", "check_state", "pack_lstm_weights", "padded_units"]
+
+
+def padded_units(n: int) -> int:
+    """Units per gate in the packed layout: a power of two >= 16 (what ``tl.dot`` needs)."""
+    # tl.dot needs each dimension to be a power of two >= 16.
+    return max(16, 1 << (n - 1).bit_length())
+
+
+class PackedLSTMWeights:
+    """The rule's weights laid out for the kernel (gate-major, zero-padded), plus a key to detect changes."""
+
+    def __init__(self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, key: tuple[Any, ...]) -> None:
+        self.wx, self.wh, self.bias, self.out, self.key = wx, wh, bias, out, key
+
+
+def _weights_key(rule: torch.nn.Module) -> tuple[Any, ...]:
+    # Tensor versions change on every in-place update (optimizer steps, load_state_dict).
+    return tuple((p.data_ptr(), p._version, p.device) for p in rule.parameters())
+
+
+def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = None) -> PackedLSTMWeights:
+    """Pack ``rule``'s weights for the kernel; returns ``cached`` when they have not changed.
+
+    ``wx[l, q, k, j]`` is the weight from input ``k`` of layer ``l`` to unit ``j`` of gate
+    ``q`` (input, forget, output, cell); ``wh`` likewise from the layer's own hidden state.
+    """
+    key = _weights_key(rule)
+    if cached is not None and cached.key == key:
+        return cached
+    hidden, layers = rule.hidden_size, rule.num_layers
+    hp = padded_units(hidden)
+    first = rule.output.weight
+    wx = first.new_zeros(layers, 4, hp, hp, dtype=torch.float32)
+    wh = torch.zeros_like(wx)
+    bias = first.new_zeros(layers, 4, hp, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in range(layers):
+            weight = rule.weights[layer].detach().float()  # (4H, in + H)
+            fan_in = weight.shape[1] - hidden
+            gates = weight.view(4, hidden, fan_in + hidden)
+            wx[layer, :, :fan_in, :hidden] = gates[:, :, :fan_in].transpose(1, 2)
+            wh[layer, :, :hidden, :hidden] = gates[:, :, fan_in:].transpose(1, 2)
+            bias[layer, :, :hidden] = rule.biases[layer].detach().float().view(4, hidden)
+        out = first.new_zeros(hp + 1, dtype=torch.float32)
+        out[:hidden] = rule.output.weight.detach().float().view(-1)
+        out[hp] = rule.output.bias.detach().float().view(())  # read by the kernel: no .item() sync
+    return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, key)
+
+
+def check_state(rule: torch.nn.Module, n: int, h: Tensor, c: Tensor, dtypes: tuple[torch.dtype, ...] = ()) -> None:
+    """Raise ValueError unless ``h`` and ``c`` are contiguous ``(n, num_layers, hidden_size)`` state."""
+    shape = (n, rule.num_layers, rule.hidden_size)
+    for name, t in (("h", h), ("c", c)):
+        if not t.is_contiguous() or t.shape != shape:
+            raise ValueError(f"state {name!r} must be contiguous with shape {shape}, got {tuple(t.shape)}")
+        if dtypes and t.dtype not in dtypes:
+            raise ValueError(f"state {name!r} must be one of {dtypes}, got {t.dtype}")
