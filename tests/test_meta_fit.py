@@ -205,6 +205,25 @@ def test_cli_resume_equals_straight_run(tmp_path, capsys):
     assert "--resume" in config  # the recorded command is this one, not pytest's argv
 
 
+def test_cli_init_starts_from_given_weights_and_checks_the_rule(tmp_path, capsys):
+    with torch.random.fork_rng(devices=[]):
+        assert _cli_meta_fit(tmp_path / "a", 2) == 0
+        # One meta-step of Adam at lr 1e-9 moves each weight by about 1e-9: the result is the
+        # --init weights, not a fresh rule's.
+        second = ["--init", str(tmp_path / "a"), "--meta-lr", "1e-9"]
+        assert _cli_meta_fit(tmp_path / "b", 1, *second) == 0
+    first = load_file(str(tmp_path / "a" / "model.safetensors"))
+    started = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert first.keys() == started.keys()
+    for key in first:
+        assert torch.allclose(first[key], started[key], atol=1e-7)
+    assert not torch.allclose(first["output.weight"], CoordinateLSTM(hidden_size=8).output.weight, atol=1e-3)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--init"):
+        # The default rule config (20 units) is not the 8-unit rule in "a".
+        main(["meta-fit", "--task", "tiny_tasks:tiny", "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "a")])
+
+
 # ---------------------------------------------------------------------------- user tasks
 def test_plain_module_task_with_sampler_and_dataloader():
     sampled = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_sampler, name="sampled")
