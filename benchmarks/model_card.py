@@ -43,6 +43,12 @@ def main() -> None:
     parser.add_argument("--machine", default="", help="how meta-training ran (default: this machine)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="results/.cache", help="folder caching baseline runs")
+    parser.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        help="a command run before the recorded one (e.g. the run whose weights --init starts from); repeatable",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rule_dir = Path(args.rule_dir)
@@ -82,7 +88,7 @@ def main() -> None:
 ## How it was made
 
 ```
-{meta.get("command", "(command not recorded)")}
+{"".join(line + chr(10) for line in args.before)}{meta.get("command", "(command not recorded)")}
 ```
 
 then `config.json` and `model.safetensors` of the `--out` folder are copied into `pretrained/{rule_dir.name}/`.

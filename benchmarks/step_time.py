@@ -13,7 +13,7 @@ Also printed: state bytes per parameter; the LSTM's memory-traffic floor (state,
 and parameter bytes read and written per step, divided by the measured copy bandwidth of
 the device) and the fused path's distance to it; peak temporary memory (measured by the
 CUDA allocator on GPU; on CPU the fused path's temporaries are its flat gradient and
-update chunks, min(N, chunk) x 8 bytes).
+update chunks, from its chunk plan).
 
     python benchmarks/step_time.py --sizes 1M,10M --threads 2
 """
@@ -130,6 +130,13 @@ def time_steps(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], para
     return statistics.median(times) * 1e3, peak
 
 
+def fused_temporary_bytes(params: list[nn.Parameter], chunk_size: int = FUSED_CHUNK_SIZE) -> int:
+    """Peak temporaries of the fused path's step for fp32 gradients: per chunk, either a flat fp32
+    gradient copy that is reused as the update (a chunk spanning several tensors) or an update
+    buffer beside ``.grad`` read in place (a chunk inside one tensor): 4 bytes per coordinate."""
+    return 4 * min(sum(p.numel() for p in params), chunk_size)
+
+
 def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     src = torch.empty(megabytes * 2**20 // 4, device=device)
@@ -222,7 +229,7 @@ def main() -> None:
                 floor = f"{ms / floors[tag]:.2f}"
                 state_bytes = total * lstm_bytes[torch.bfloat16 if tag == "bf16" else torch.float32]
                 if name.startswith(f"LSTM {fused}"):
-                    measured = peak if device.type == "cuda" else min(total, FUSED_CHUNK_SIZE) * 8
+                    measured = peak if device.type == "cuda" else fused_temporary_bytes(params)
                     temp = f"{100 * measured / state_bytes:.1f}%"
                 elif device.type == "cuda":
                     temp = f"{100 * peak / state_bytes:.1f}%"
