@@ -114,6 +114,8 @@ def _executor(threads: int) -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None or _pool._max_workers < threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its idle threads exit; a bigger pool replaces it
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="learned_optim")
         return _pool
 
