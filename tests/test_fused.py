@@ -361,3 +361,16 @@ def test_fused_step_never_writes_into_the_users_gradients(impl, monkeypatch):
     for p, g, r in zip(params, grads, reference, strict=True):
         assert torch.equal(p.grad, g)
         assert _rel(p, r) < 1e-5
+
+
+def test_subclass_that_changes_the_math_gets_no_fused_kernel():
+    class ScaledLSTM(CoordinateLSTM):  # inherits rule_type: not registered
+        def forward(self, grad, state, context=None):
+            update, new_state = super().forward(grad, state, context)
+            return 2 * update, new_state
+
+    rule = ScaledLSTM()
+    assert rule.fused_impls() == ()
+    assert LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule).impl_for(torch.device("cpu")) == "eager"
+    with pytest.raises(ValueError, match="no such fused kernel"):
+        LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule, impl=KERNELS[0])
