@@ -50,7 +50,8 @@ class LearnedOptimizer(Optimizer):
             LR schedulers scale it as usual.
         weight_decay: decoupled weight decay, ``param *= 1 - lr * weight_decay`` each step.
         maximize: maximise the objective instead of minimising it.
-        chunk_size: coordinates per rule call (bounds temporary memory).
+        chunk_size: coordinates per rule call on the eager path (bounds temporary memory);
+            fused kernels use chunks of ``max(chunk_size, 2**22)``.
         state_dtype: dtype of the rule's per-coordinate state (fp32 by default, whatever
             the parameter dtype; the rule always computes in its own dtype).
         nonfinite: what to do with a parameter whose gradient holds inf or NaN:
