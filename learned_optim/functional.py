@@ -335,13 +335,20 @@ def fused_learned_step(
     flat_params = [e.param.view(-1) if e.param.is_contiguous() else e.param.contiguous().view(-1) for e in entries]
     flat_grads = [e.grad.reshape(-1) for e in entries]
 
-    # Decoupled weight decay first (skipped tensors keep their values), then the update.
+    # Decoupled weight decay first (skipped tensors keep their values), then the update. Without
+    # masking, one foreach multiply per distinct factor (computed in fp32 or better, then rounded).
+    by_factor: dict[float, list[Tensor]] = {}
     for i, e in enumerate(entries):
-        if e.weight_decay != 0.0:
-            factor_dtype = torch.promote_types(e.param.dtype, torch.float32)
-            decayed = torch.full((), 1.0 - e.lr * e.weight_decay, dtype=factor_dtype, device=device)
-            factor = torch.where(keep[i], decayed, 1.0) if masked else decayed
-            flat_params[i].copy_(flat_params[i].to(factor_dtype) * factor)
+        if e.weight_decay == 0.0:
+            continue
+        if not masked:
+            by_factor.setdefault(1.0 - e.lr * e.weight_decay, []).append(flat_params[i])
+            continue
+        factor_dtype = torch.promote_types(e.param.dtype, torch.float32)
+        decayed = torch.full((), 1.0 - e.lr * e.weight_decay, dtype=factor_dtype, device=device)
+        flat_params[i].copy_(flat_params[i].to(factor_dtype) * torch.where(keep[i], decayed, 1.0))
+    for factor, targets in by_factor.items():
+        torch._foreach_mul_(targets, factor)
 
     total = flat.offsets[-1]
     for chunk_start in range(0, total, chunk_size):
