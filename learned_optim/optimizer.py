@@ -22,6 +22,7 @@ from learned_optim.functional import (
     StepEntry,
     fused_learned_step,
     learned_step,
+    nonfinite_mask,
 )
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import get_rule_class
@@ -250,6 +251,12 @@ class LearnedOptimizer(Optimizer):
                 f"{self.rule.rule_type} keeps state shared by all parameters: put them on one device "
                 f"(got {sorted(str(d) for d in entries_by_device)})"
             )
+        if self.nonfinite == "error" and len(entries_by_device) > 1:
+            # Every device is screened before any is updated, so an error leaves all untouched.
+            for device, entries in entries_by_device.items():
+                bad = [i for i, s in enumerate(nonfinite_mask([e.grad for e in entries]).tolist()) if s]
+                if bad:
+                    raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} on {device}")
         for device, entries in entries_by_device.items():
             if self._hierarchical and self._global_state is None:
                 self._global_state = self._rule_for(device).init_global_state(device, self.state_dtype)

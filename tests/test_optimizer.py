@@ -415,6 +415,20 @@ def test_nonfinite_error_changes_nothing():
     assert all(torch.equal(opt.state[b][k], v) for k, v in b_state.items())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_nonfinite_error_with_two_devices_changes_nothing_on_either():
+    # The bad gradient is on the device updated last: the first device must stay untouched too.
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    opt = LearnedOptimizer([a, b], pretrained=NegGrad(), lr=0.1, nonfinite="error")
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    a.grad = torch.randn(4)
+    b.grad = torch.tensor([0.0, float("inf"), 1.0], device="cuda")
+    with pytest.raises(FloatingPointError, match="cuda"):
+        opt.step()
+    assert torch.equal(a.detach(), a0) and torch.equal(b.detach(), b0)
+
+
 # ---------------------------------------------------------------------------- options
 
 
