@@ -265,6 +265,7 @@ class FlatState:
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
         self._segment_ids: Tensor | None = None
+        self._views: list[RuleState] | None = None
 
     @classmethod
     def gather(cls, states: Sequence[RuleState], numels: Sequence[int]) -> FlatState:
@@ -273,27 +274,25 @@ class FlatState:
         return cls(buffers, numels)
 
     def views(self, index: int) -> RuleState:
-        """Tensor ``index``'s state as views into the buffers."""
-        start, stop = self.offsets[index], self.offsets[index + 1]
-        return {k: v[start:stop] for k, v in self.buffers.items()}
+        """Tensor ``index``'s state as views into the buffers (the same view objects every call)."""
+        if self._views is None:
+            self._views = [
+                {k: v[start:stop] for k, v in self.buffers.items()}
+                for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)
+            ]
+        return dict(self._views[index])
 
     def holds(self, states: Sequence[RuleState]) -> bool:
-        """Whether ``states`` are exactly this arena's views (same tensors, same places, same keys)."""
-        if len(states) != len(self.numels):
+        """Whether ``states`` are exactly the views this arena handed out.
+
+        An identity check, not a comparison of data pointers: ``torch.compile`` traces it
+        without a graph break, and state replaced by ``load_state_dict`` (new tensors) fails it.
+        """
+        if self._views is None or len(states) != len(self._views):
             return False
-        for index, state in enumerate(states):
-            if state.keys() != self.buffers.keys():
+        for state, views in zip(states, self._views, strict=True):
+            if state.keys() != views.keys() or any(state[k] is not v for k, v in views.items()):
                 return False
-            start = self.offsets[index]
-            for k, v in state.items():
-                buf = self.buffers[k]
-                if (
-                    v.shape[0] != self.numels[index]
-                    or v.dtype != buf.dtype
-                    or v.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
-                    or v.storage_offset() != start * buf.stride(0)
-                ):
-                    return False
         return True
 
     def segment_ids(self) -> Tensor:

@@ -33,6 +33,13 @@ IMPLS = ("auto", "eager", "triton", "cpu")
 SEGMENT_PREFIX = "rule.segment."
 
 
+def _tracing_or_capturing() -> bool:
+    """Whether the step is being traced by torch.compile or captured into a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class LearnedOptimizer(Optimizer):
     """Drop-in ``torch.optim`` optimizer driven by a learned update rule.
 
@@ -257,6 +264,9 @@ class LearnedOptimizer(Optimizer):
                 bad = [i for i, s in enumerate(nonfinite_mask([e.grad for e in entries]).tolist()) if s]
                 if bad:
                     raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} on {device}")
+        # Reading the non-finite flags back (for the warning and the unmasked fast path) is a
+        # host sync: left out while torch.compile traces or a CUDA graph captures the step.
+        host_check = self.warn_nonfinite and not _tracing_or_capturing()
         for device, entries in entries_by_device.items():
             if self._hierarchical and self._global_state is None:
                 self._global_state = self._rule_for(device).init_global_state(device, self.state_dtype)
@@ -268,7 +278,7 @@ class LearnedOptimizer(Optimizer):
                     chunk_size=self.chunk_size,
                     nonfinite=self.nonfinite,
                     global_state=self._global_state,
-                    host_check=self.warn_nonfinite,
+                    host_check=host_check,
                 )
             else:
                 skipped = fused_learned_step(
@@ -278,9 +288,9 @@ class LearnedOptimizer(Optimizer):
                     self._flat_state_for(device, entries, params_by_device[device]),
                     chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
                     nonfinite=self.nonfinite,
-                    host_check=self.warn_nonfinite,
+                    host_check=host_check,
                 )
-            if skipped is not None and self.warn_nonfinite and bool(skipped.any()):
+            if skipped is not None and host_check and bool(skipped.any()):
                 warnings.warn(
                     f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
                     "gradients; their update was skipped and their state kept",

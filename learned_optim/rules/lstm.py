@@ -125,9 +125,12 @@ class CoordinateLSTM(UpdateRule):
         kernels = {"triton": lstm_step_triton, "cpu": lstm_step_cpu}
         if impl not in kernels:
             raise NotImplementedError(f"CoordinateLSTM has no fused kernel {impl!r}; it has {self.fused_impls()}")
-        # Packed once and reused until the weights change (their version counters move).
-        self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
-        kernels[impl](self, self._packed, grad, state["h"], state["c"], update, keep, segment_ids)
+        if torch.compiler.is_compiling():
+            packed = pack_lstm_weights(self)
+        else:
+            # Packed once and reused until the weights change (their version counters move).
+            packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
+        kernels[impl](self, packed, grad, state["h"], state["c"], update, keep, segment_ids)
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}

@@ -140,14 +140,16 @@ def lstm_step_cpu(
     ``grad`` and ``update`` are fp32; ``h``/``c`` are contiguous ``(n, num_layers, hidden_size)``
     in fp32 or bf16.
     """
-    library = _load()
-    if library is None:
+    # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
+    if not torch.compiler.is_compiling() and _load() is None:
         raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_load_error}")
     n = grad.numel()
     if n == 0:
         return
     if grad.dtype != torch.float32 or update.dtype != torch.float32:
         raise ValueError("grad and update must be float32")
+    if update.shape != (n,) or not update.is_contiguous():
+        raise ValueError(f"update must be a contiguous ({n},) tensor, got {tuple(update.shape)}")
     if not supports(rule):
         raise ValueError(f"the fused CPU kernel handles hidden_size <= {_MAX_HIDDEN}, got {rule.hidden_size}")
     check_state(rule, n, h, c, dtypes=(torch.float32, torch.bfloat16))
@@ -155,27 +157,66 @@ def lstm_step_cpu(
         if segment_ids is None or segment_ids.dtype != torch.int32:
             raise ValueError("keep needs int32 segment_ids")
         keep = keep.to(torch.uint8).contiguous()
-    grad = grad.contiguous()
-    hp = packed.wx.shape[-1]
+    torch.ops.learned_optim.lstm_step_cpu(
+        None if grad is update else grad.contiguous(),
+        h,
+        c,
+        update,
+        keep,
+        segment_ids if keep is not None else None,
+        [packed.wx, packed.wh, packed.bias, packed.out],
+        rule.num_layers,
+        rule.hidden_size,
+        bool(rule.preprocess),
+        float(rule.preprocess_p),
+        float(rule.input_scale),
+        float(rule.output_scale),
+    )
+
+
+# A registered op (with declared mutations) so that torch.compile keeps the step in one graph
+# instead of breaking at the ctypes call.
+@torch.library.custom_op("learned_optim::lstm_step_cpu", mutates_args=("h", "c", "update"), device_types="cpu")
+def _lstm_step_cpu_op(
+    grad: Tensor | None,
+    h: Tensor,
+    c: Tensor,
+    update: Tensor,
+    keep: Tensor | None,
+    segment_ids: Tensor | None,
+    packed: list[Tensor],
+    num_layers: int,
+    hidden_size: int,
+    preprocess: bool,
+    preprocess_p: float,
+    input_scale: float,
+    output_scale: float,
+) -> None:
+    """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
+    library = _load()
+    if library is None:
+        raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_load_error}")
+    n = update.numel()
+    wx, wh, bias, out = packed
     args = (
-        grad.data_ptr(),
+        (update if grad is None else grad).data_ptr(),
         h.data_ptr(),
         c.data_ptr(),
         int(h.dtype == torch.bfloat16),
         update.data_ptr(),
         keep.data_ptr() if keep is not None else None,
         segment_ids.data_ptr() if keep is not None else None,
-        packed.wx.data_ptr(),
-        packed.wh.data_ptr(),
-        packed.bias.data_ptr(),
-        packed.out.data_ptr(),
-        rule.num_layers,
-        rule.hidden_size,
-        hp,
-        int(rule.preprocess),
-        float(rule.preprocess_p),
-        float(rule.input_scale),
-        float(rule.output_scale),
+        wx.data_ptr(),
+        wh.data_ptr(),
+        bias.data_ptr(),
+        out.data_ptr(),
+        num_layers,
+        hidden_size,
+        wx.shape[-1],
+        int(preprocess),
+        preprocess_p,
+        input_scale,
+        output_scale,
     )
     threads = max(1, min(torch.get_num_threads(), n // 4096))
     if threads == 1:
@@ -188,3 +229,8 @@ def lstm_step_cpu(
     futures = [_executor(threads).submit(library.lstm_step, lo, hi, *args) for lo, hi in bounds]
     for future in futures:
         future.result()
+
+
+@_lstm_step_cpu_op.register_fake
+def _lstm_step_cpu_fake(*args: object) -> None:
+    return None

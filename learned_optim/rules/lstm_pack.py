@@ -34,9 +34,13 @@ def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = 
     ``wx[l, q, k, j]`` is the weight from input ``k`` of layer ``l`` to unit ``j`` of gate
     ``q`` (input, forget, output, cell); ``wh`` likewise from the layer's own hidden state.
     """
-    key = _weights_key(rule)
-    if cached is not None and cached.key == key:
-        return cached
+    if torch.compiler.is_compiling():
+        # Traced into the compiled graph (a few tiny ops) instead of a host-side cache check.
+        key: tuple[Any, ...] = ()
+    else:
+        key = _weights_key(rule)
+        if cached is not None and cached.key == key:
+            return cached
     hidden, layers = rule.hidden_size, rule.num_layers
     hp = padded_units(hidden)
     first = rule.output.weight

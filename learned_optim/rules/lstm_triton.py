@@ -188,31 +188,82 @@ def lstm_step_triton(
     masked = keep is not None
     if masked and segment_ids is None:
         raise ValueError("keep needs segment_ids")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        precision = "ieee"  # the interpreter computes dots in numpy fp32
-    grid = (triton.cdiv(n, BLOCK),)
-    _lstm_kernel[grid](
-        grad,
+    if update.shape != (n,) or not update.is_contiguous():
+        raise ValueError(f"update must be a contiguous ({n},) tensor, got {tuple(update.shape)}")
+    if masked and keep.dtype == torch.bool:
+        keep = keep.view(torch.uint8)
+    torch.ops.learned_optim.lstm_step_triton(
+        None if grad is update else grad,
         h,
         c,
         update,
-        keep.view(torch.uint8) if masked and keep.dtype == torch.bool else (keep if masked else grad),
-        segment_ids if masked else grad,
-        packed.wx,
-        packed.wh,
-        packed.bias,
-        packed.out,
-        n,
+        keep,
+        segment_ids if masked else None,
+        [packed.wx, packed.wh, packed.bias, packed.out],
+        rule.num_layers,
+        rule.hidden_size,
+        bool(rule.preprocess),
         float(rule.preprocess_p),
         float(rule.input_scale),
         float(rule.output_scale),
-        L=rule.num_layers,
-        H=rule.hidden_size,
-        HP=padded_units(rule.hidden_size),
-        PREPROCESS=bool(rule.preprocess),
+        precision,
+    )
+
+
+# A registered op (with declared mutations): torch.compile keeps the step in one graph and
+# CUDA graphs capture the launch like any other op.
+@torch.library.custom_op("learned_optim::lstm_step_triton", mutates_args=("h", "c", "update"))
+def _lstm_step_triton_op(
+    grad: Tensor | None,
+    h: Tensor,
+    c: Tensor,
+    update: Tensor,
+    keep: Tensor | None,
+    segment_ids: Tensor | None,
+    packed: list[Tensor],
+    num_layers: int,
+    hidden_size: int,
+    preprocess: bool,
+    preprocess_p: float,
+    input_scale: float,
+    output_scale: float,
+    precision: str,
+) -> None:
+    """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
+    n = update.numel()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        precision = "ieee"  # the interpreter computes dots in numpy fp32
+    masked = keep is not None
+    source = update if grad is None else grad
+    wx, wh, bias, out = packed
+    grid = (triton.cdiv(n, BLOCK),)
+    _lstm_kernel[grid](
+        source,
+        h,
+        c,
+        update,
+        keep if masked else source,
+        segment_ids if masked else source,
+        wx,
+        wh,
+        bias,
+        out,
+        n,
+        preprocess_p,
+        input_scale,
+        output_scale,
+        L=num_layers,
+        H=hidden_size,
+        HP=padded_units(hidden_size),
+        PREPROCESS=preprocess,
         MASKED=masked,
         BLOCK_SIZE=BLOCK,
         PRECISION=precision,
         num_warps=4,
     )
+
+
+@_lstm_step_triton_op.register_fake
+def _lstm_step_triton_fake(*args: object) -> None:
+    return None
 
