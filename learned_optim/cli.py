@@ -81,6 +81,8 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         clip_grad_norm=args.clip,
         random_horizon=args.random_horizon,
         meta_grad_fraction=args.meta_grad_fraction,
+        log_floor=args.log_floor,
+        lr_scale_range=args.lr_scale_range,
         seed=args.seed,
         validate_every=args.validate_every,
         validation_instances=args.validation_instances,
@@ -231,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--random-horizon", action="store_true", help="heavy-tailed random horizons around --steps")
     mf.add_argument(
         "--meta-grad-fraction", type=float, default=1.0, help="backpropagate through this fraction of coordinates"
+    )
+    mf.add_argument(
+        "--log-floor", type=float, default=0.0, help="with --meta-loss log: count f_t/f_0 as at least this (0: off)"
+    )
+    mf.add_argument(
+        "--lr-scale-range",
+        type=float,
+        default=1.0,
+        help="scale each training instance's updates by a random factor in [1/R, R] (1: off)",
     )
     mf.add_argument("--validate-every", type=int, default=50)
     mf.add_argument("--validation-instances", type=int, default=4)

@@ -70,6 +70,12 @@ class MetaFitConfig:
             truncation (the rest run under ``no_grad``), scaled up by its inverse. The
             first-order meta-gradient is a sum over coordinates, so this is an unbiased
             estimate that costs a fraction of the backward pass (coordinatewise rules only).
+        log_floor: with ``meta_loss="log"``, each step's ``f_t / f_0`` counts as at least this
+            (``0``: no floor). Problems that can be solved to machine precision otherwise
+            dominate the objective and reward ever-growing steps.
+        lr_scale_range: each meta-training instance's updates are multiplied by a factor drawn
+            log-uniformly from ``[1/r, r]`` (``1``: off; validation always uses 1), so the rule
+            learns to correct a learning rate that is off by that much.
     """
 
     steps: int = 100
@@ -87,6 +93,8 @@ class MetaFitConfig:
     validation_instances: int = 4
     checkpoint_every: int = 50
     meta_grad_fraction: float = 1.0
+    log_floor: float = 0.0
+    lr_scale_range: float = 1.0
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -103,6 +111,10 @@ class MetaFitConfig:
             raise ValueError(f"meta_grad_fraction must be in (0, 1], got {self.meta_grad_fraction}")
         if self.meta_grad_fraction < 1 and self.second_order:
             raise ValueError("meta_grad_fraction < 1 needs first-order meta-gradients (second_order=False)")
+        if not 0 <= self.log_floor < 1:
+            raise ValueError(f"log_floor must be in [0, 1), got {self.log_floor}")
+        if not self.lr_scale_range >= 1:
+            raise ValueError(f"lr_scale_range must be >= 1, got {self.lr_scale_range}")
         if self.validate_every < 0 or self.validation_instances < 1 or self.checkpoint_every < 1:
             raise ValueError("validate_every must be >= 0, validation_instances and checkpoint_every >= 1")
 
@@ -124,6 +136,7 @@ class _Run:
     batches_used: int = 0
     initial_loss: float = float("nan")
     pending_batch: Any = None
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -141,6 +154,12 @@ class MetaFitHistory:
 
 def _flatten(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
+    """``log(f_t / f_0)``, at least ``log(floor)`` when ``floor > 0``."""
+    ratio = torch.log(losses.clamp_min(1e-12) / initial)
+    return ratio.clamp_min(math.log(floor)) if floor > 0 else ratio
 
 
 def _heavy_tailed_horizon(rng: random.Random, mean: int) -> int:
@@ -191,7 +210,13 @@ class MetaTrainer:
             validate_instance(probe, f"task {getattr(family, 'name', type(family).__name__)!r}")
 
     # ------------------------------------------------------------------ inner problem
-    def _new_run(self, family_index: int | None = None, seed: int | None = None, horizon: int | None = None) -> _Run:
+    def _new_run(
+        self,
+        family_index: int | None = None,
+        seed: int | None = None,
+        horizon: int | None = None,
+        lr_scale: float | None = None,
+    ) -> _Run:
         if family_index is None:
             family_index = self.rng.randrange(len(self.families))
         if seed is None:
@@ -199,6 +224,9 @@ class MetaTrainer:
         if horizon is None:
             cfg = self.config
             horizon = _heavy_tailed_horizon(self.rng, cfg.steps) if cfg.random_horizon else cfg.steps
+            if lr_scale is None and self.config.lr_scale_range > 1:
+                bound = math.log(self.config.lr_scale_range)
+                lr_scale = math.exp(self.rng.uniform(-bound, bound))
         instance = self.families[family_index].sample(seed)
         named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
         # The model's own dtype (a float64 model gets float64 inputs); the rule computes in
@@ -207,6 +235,7 @@ class MetaTrainer:
         device = params[0].device
         state = self.rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
         run = _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
+        run.lr_scale = 1.0 if lr_scale is None else float(lr_scale)
         run.segment_state = self.rule.init_segment_state(len(params), device=device)
         run.global_state = self.rule.init_global_state(device=device)
         return run
@@ -272,6 +301,8 @@ class MetaTrainer:
             offset = 0
             for i in range(len(runs)):
                 upd = update[offset : offset + sizes[i]]
+                if runs[i].lr_scale != 1.0:
+                    upd = upd * runs[i].lr_scale
                 states[i] = {k: v[offset : offset + sizes[i]] for k, v in new_state.items()}
                 pos = 0
                 new_params = []
@@ -285,7 +316,7 @@ class MetaTrainer:
             stacked = torch.stack(terms[i])
             if cfg.meta_loss == "log":
                 # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
-                per_run.append(torch.log(stacked.clamp_min(1e-12) / run.initial_loss).mean())
+                per_run.append(_log_ratio(stacked, run.initial_loss, cfg.log_floor).mean())
             else:
                 per_run.append(stacked.mean())
             run.params = [p.detach() for p in params[i]]
@@ -366,7 +397,7 @@ class MetaTrainer:
             if not torch.isfinite(trace).all():
                 scores.append(float("inf"))
             elif cfg.meta_loss == "log":
-                scores.append(float(torch.log(trace.clamp_min(1e-12) / f0).mean()))
+                scores.append(float(_log_ratio(trace, f0, cfg.log_floor).mean()))
             else:
                 scores.append(float(trace.mean()))
         return float(sum(scores) / len(scores))
@@ -445,6 +476,7 @@ class MetaTrainer:
                     "batches_used": run.batches_used,
                     "initial_loss": run.initial_loss,
                     "has_pending_batch": run.pending_batch is not None,
+                    "lr_scale": run.lr_scale,
                 }
             )
         meta = {
@@ -497,7 +529,7 @@ class MetaTrainer:
         self.rng.setstate(_rng_from_json(meta["rng_state"]))
         self.runs = []
         for r_index, info in enumerate(meta["runs"]):
-            run = self._new_run(info["family_index"], info["seed"], info["horizon"])
+            run = self._new_run(info["family_index"], info["seed"], info["horizon"], info.get("lr_scale", 1.0))
             # Replay the instance's data stream to where it was; the pending batch (if
             # any) is the last one drawn.
             batch = None
@@ -607,6 +639,8 @@ def meta_fit(
     clip_grad_norm: float = 1.0,
     random_horizon: bool = False,
     meta_grad_fraction: float = 1.0,
+    log_floor: float = 0.0,
+    lr_scale_range: float = 1.0,
     seed: int = 0,
     validate_every: int = 50,
     validation_instances: int = 4,
@@ -636,6 +670,9 @@ def meta_fit(
         random_horizon: heavy-tailed random horizons around ``steps``.
         meta_grad_fraction: backpropagate through this random fraction of coordinates only
             (unbiased, cheaper meta-gradients for coordinatewise rules).
+        log_floor: lower bound of each step's ``f_t / f_0`` in the ``"log"`` meta-loss (``0``: none).
+        lr_scale_range: multiply each meta-training instance's updates by a random factor in
+            ``[1/r, r]`` (log-uniform) so the rule learns to correct a mis-set learning rate.
         seed: makes the run deterministic.
         validate_every: validate on held-out instances every this many iterations and
             keep the best weights (``0``: keep the last weights).
@@ -662,6 +699,8 @@ def meta_fit(
         clip_grad_norm=clip_grad_norm,
         random_horizon=random_horizon,
         meta_grad_fraction=meta_grad_fraction,
+        log_floor=log_floor,
+        lr_scale_range=lr_scale_range,
         seed=seed,
         validate_every=validate_every,
         validation_instances=validation_instances,

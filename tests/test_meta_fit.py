@@ -107,8 +107,10 @@ def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
         (lambda: make_tiny(), {}),  # sampler data, two instances side by side
         (lambda: make_tiny(data=tiny_loader()), {"instances": 1, "random_horizon": True}),  # DataLoader data
         (lambda: make_tiny(), {"meta_lr_schedule": "cosine"}),
+        # Each instance's random lr scale must come back from the checkpoint.
+        (lambda: make_tiny(), {"lr_scale_range": 10.0, "log_floor": 0.5}),
     ],
-    ids=["sampler-2-instances", "dataloader-random-horizon", "cosine-meta-lr"],
+    ids=["sampler-2-instances", "dataloader-random-horizon", "cosine-meta-lr", "lr-scale-log-floor"],
 )
 def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, overrides):
     total = 12
@@ -320,6 +322,8 @@ def test_resume_without_checkpoint_dir():
         ({"meta_loss": "bogus"}, "meta_loss must be 'log' or 'mean', got 'bogus'"),
         ({"meta_lr": 0.0}, "meta_lr must be > 0"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
+        ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
+        ({"lr_scale_range": 0.5}, "lr_scale_range must be >= 1, got 0.5"),
     ],
 )
 def test_invalid_config(setting, message):
@@ -387,3 +391,42 @@ def test_same_seed_same_weights_different_seed_differs():
     first, again, other = fit(0), fit(0), fit(1)
     assert same_weights(first, again)
     assert not same_weights(first, other)
+
+
+def test_lr_scale_range_draws_log_uniform_scales_for_training_instances_only():
+    trainer = MetaTrainer(small_rule(), make_tiny(), _config(4, lr_scale_range=10.0), progress=False)
+    scales = [trainer._new_run().lr_scale for _ in range(200)]
+    assert all(0.1 <= s <= 10.0 for s in scales)
+    logs = torch.log10(torch.tensor(scales))
+    assert logs.min() < -0.8 and logs.max() > 0.8 and abs(float(logs.mean())) < 0.15
+    # Validation instances (explicit horizon) run at the rule's own scale.
+    assert trainer._new_run(0, 10**8, 7).lr_scale == 1.0
+    # Off by default: no scale, and the random stream is the one of earlier versions.
+    plain = MetaTrainer(small_rule(), make_tiny(), _config(4), progress=False)
+    assert {plain._new_run().lr_scale for _ in range(20)} == {1.0}
+
+
+def test_lr_scale_multiplies_the_updates_applied_in_meta_training():
+    # Same instance, scale 3 vs 1: the first update differs by exactly that factor.
+    rule = small_rule()
+    trainer = MetaTrainer(rule, make_tiny(), _config(4), progress=False)
+    runs = []
+    for scale in (1.0, 3.0):
+        run = trainer._new_run(0, 123, 7, lr_scale=scale)
+        start = [p.clone() for p in run.params]
+        trainer.config.unroll = 1
+        trainer._unroll([run])
+        runs.append([p - q for p, q in zip(run.params, start, strict=True)])
+    for one, three in zip(*runs, strict=True):
+        # Differences of fp32 parameters (|p| < 1) carry up to ~1.2e-7 rounding; steps are ~1e-5.
+        assert torch.allclose(three, 3.0 * one, rtol=0, atol=2.5e-7)
+        assert one.abs().sum() > 0
+
+
+def test_log_floor_bounds_each_steps_log_ratio():
+    from learned_optim.meta_fit import _log_ratio
+
+    losses = torch.tensor([1.0, 1e-2, 1e-6])
+    assert torch.allclose(_log_ratio(losses, 1.0, 0.0), torch.log(losses))
+    floored = _log_ratio(losses, 1.0, 1e-3)
+    assert torch.allclose(floored, torch.tensor([0.0, math.log(1e-2), math.log(1e-3)]))

@@ -68,6 +68,12 @@ def test_same_seed_same_instance(transform_probs):
         assert torch.equal(a.train_set[0], b.train_set[0]) and torch.equal(a.train_set[1], b.train_set[1])
 
 
+def test_data_problem_set_draws_only_data_fitting_kinds_and_quadratics():
+    family = get_task("problem-set-data")
+    kinds = {family.draw(seed).kind for seed in range(200)}
+    assert kinds == {"quadratic", "logistic", "softmax", "mlp-sigmoid", "mlp-relu"}
+
+
 def test_seeds_give_varied_problems():
     family = ProblemSet()
     draws = [family.draw(seed) for seed in range(300)]

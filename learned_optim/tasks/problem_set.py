@@ -632,3 +632,7 @@ NN_HEAVY_WEIGHTS = {
     kind: (3.0 if kind in ("logistic", "softmax", "mlp-sigmoid", "mlp-relu") else 1.0) for kind in PROBLEM_KINDS
 }
 register_task("problem-set-nn", partial(ProblemSet, kinds=NN_HEAVY_WEIGHTS, name="problem-set-nn"))
+# Only the problems that fit data (plus quadratics), most of them minibatched: closer to
+# training networks than the 2-D test functions, which can be solved to machine precision.
+DATA_KINDS = ("quadratic", "logistic", "softmax", "mlp-sigmoid", "mlp-relu")
+register_task("problem-set-data", partial(ProblemSet, kinds=DATA_KINDS, name="problem-set-data"))
