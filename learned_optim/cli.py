@@ -86,6 +86,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         seed=args.seed,
         validate_every=args.validate_every,
         validation_instances=args.validation_instances,
+        validation_steps=args.validation_steps,
         checkpoint_every=args.checkpoint_every,
     )
     out = Path(args.out)
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mf.add_argument("--validate-every", type=int, default=50)
     mf.add_argument("--validation-instances", type=int, default=4)
+    mf.add_argument("--validation-steps", type=int, default=0, help="horizon of validation runs (0: --steps)")
     mf.add_argument("--checkpoint-every", type=int, default=25)
     mf.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     mf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

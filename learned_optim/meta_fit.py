@@ -65,6 +65,8 @@ class MetaFitConfig:
         seed: fixes instance sampling and horizons.
         validate_every: meta-iterations between validations (``0`` disables).
         validation_instances: held-out instances per validation.
+        validation_steps: horizon of the validation runs (``0``: ``steps``). Longer than the
+            meta-training horizons, it selects rules that stay stable past them.
         checkpoint_every: meta-iterations between checkpoints (when a directory is given).
         meta_grad_fraction: backpropagate through a random fraction of the coordinates per
             truncation (the rest run under ``no_grad``), scaled up by its inverse. The
@@ -91,6 +93,7 @@ class MetaFitConfig:
     seed: int = 0
     validate_every: int = 50
     validation_instances: int = 4
+    validation_steps: int = 0
     checkpoint_every: int = 50
     meta_grad_fraction: float = 1.0
     log_floor: float = 0.0
@@ -115,6 +118,8 @@ class MetaFitConfig:
             raise ValueError(f"log_floor must be in [0, 1), got {self.log_floor}")
         if not self.lr_scale_range >= 1:
             raise ValueError(f"lr_scale_range must be >= 1, got {self.lr_scale_range}")
+        if self.validation_steps < 0:
+            raise ValueError(f"validation_steps must be >= 0, got {self.validation_steps}")
         if self.validate_every < 0 or self.validation_instances < 1 or self.checkpoint_every < 1:
             raise ValueError("validate_every must be >= 0, validation_instances and checkpoint_every >= 1")
 
@@ -390,8 +395,9 @@ class MetaTrainer:
         scores = []
         for i in range(cfg.validation_instances):
             family_index = i % len(self.families)
-            run = self._new_run(family_index, VALIDATION_SEED_BASE + i, cfg.steps)
-            losses = rollout(self.rule, run.instance, cfg.steps)
+            horizon = cfg.validation_steps or cfg.steps
+            run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
+            losses = rollout(self.rule, run.instance, horizon)
             f0 = max(losses[0], 1e-12)
             trace = torch.tensor(losses[1:])
             if not torch.isfinite(trace).all():
@@ -644,6 +650,7 @@ def meta_fit(
     seed: int = 0,
     validate_every: int = 50,
     validation_instances: int = 4,
+    validation_steps: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
@@ -677,6 +684,7 @@ def meta_fit(
         validate_every: validate on held-out instances every this many iterations and
             keep the best weights (``0``: keep the last weights).
         validation_instances: instances per validation.
+        validation_steps: horizon of the validation runs (``0``: ``steps``).
         checkpoint_dir: write checkpoints here every ``checkpoint_every`` iterations.
         checkpoint_every: iterations between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
@@ -704,6 +712,7 @@ def meta_fit(
         seed=seed,
         validate_every=validate_every,
         validation_instances=validation_instances,
+        validation_steps=validation_steps,
         checkpoint_every=checkpoint_every,
     )
     if resume and checkpoint_dir is None:

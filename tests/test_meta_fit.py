@@ -324,6 +324,7 @@ def test_resume_without_checkpoint_dir():
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
         ({"lr_scale_range": 0.5}, "lr_scale_range must be >= 1, got 0.5"),
+        ({"validation_steps": -1}, "validation_steps must be >= 0, got -1"),
     ],
 )
 def test_invalid_config(setting, message):
@@ -430,3 +431,20 @@ def test_log_floor_bounds_each_steps_log_ratio():
     assert torch.allclose(_log_ratio(losses, 1.0, 0.0), torch.log(losses))
     floored = _log_ratio(losses, 1.0, 1e-3)
     assert torch.allclose(floored, torch.tensor([0.0, math.log(1e-2), math.log(1e-3)]))
+
+
+def test_validation_steps_sets_the_validation_horizon(monkeypatch):
+    import learned_optim.meta_fit as mf
+
+    horizons = []
+    real_rollout = mf.rollout
+
+    def recording_rollout(rule, instance, steps, *args, **kwargs):
+        horizons.append(steps)
+        return real_rollout(rule, instance, steps, *args, **kwargs)
+
+    monkeypatch.setattr(mf, "rollout", recording_rollout)
+    for validation_steps, expected in ((0, 7), (23, 23)):
+        horizons.clear()
+        MetaTrainer(small_rule(), make_tiny(), _config(2, validation_steps=validation_steps), progress=False).run()
+        assert horizons and set(horizons) == {expected}

@@ -41,7 +41,14 @@ EXPECTED_TASKS = {
     "teacher",
 }
 # Plain-SGD learning rates that are safe for each family (the quadratic's curvature is large).
-SGD_LR = {"quadratic": 0.002, "xor": 0.5, "teacher": 0.05, "problem-set": 0.01, "problem-set-nn": 0.01, "problem-set-data": 0.01}
+SGD_LR = {
+    "quadratic": 0.002,
+    "xor": 0.5,
+    "teacher": 0.05,
+    "problem-set": 0.01,
+    "problem-set-nn": 0.01,
+    "problem-set-data": 0.01,
+}
 ALL_TASKS = sorted(TASKS)
 
 
