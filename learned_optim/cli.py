@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from learned_optim.meta_fit import META_LOSSES
+
 
 def _load_task(spec: str) -> Any:
     """A built-in task name, or ``module.path:attribute`` naming a TaskFamily (or a factory of one)."""
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--meta-lr-schedule", choices=("constant", "cosine"), default="constant")
     mf.add_argument("--init", default=None, help="start from these weights (bundled name, folder or Hub id)")
     mf.add_argument("--instances", type=int, default=1, help="task instances per meta-iteration")
-    mf.add_argument("--meta-loss", choices=("log", "mean"), default="log")
+    mf.add_argument("--meta-loss", choices=META_LOSSES, default="log")
     mf.add_argument("--second-order", action="store_true")
     mf.add_argument("--clip", type=float, default=1.0, help="meta-gradient norm clip (0: off)")
     mf.add_argument("--random-horizon", action="store_true", help="heavy-tailed random horizons around --steps")

@@ -29,6 +29,8 @@ from learned_optim.rules.base import RuleState, StepContext, UpdateRule
 from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.weights import save_pretrained
 
+META_LOSSES = ("log", "mean", "ramp")
+
 # Seed ranges: meta-training, validation and evaluation instances never share a seed.
 TRAIN_SEEDS = (0, 10**8)
 VALIDATION_SEED_BASE = 10**8
@@ -58,7 +60,10 @@ class MetaFitConfig:
             away from its best validation).
         instances: task instances optimised side by side in each meta-iteration.
         meta_loss: ``"log"``: mean over steps of ``log(f_t / f_0)`` (scale-free, so problems
-            of different scales weigh alike); ``"mean"``: mean of ``f_t`` (the paper).
+            of different scales weigh alike); ``"mean"``: mean of ``f_t`` (the paper);
+            ``"ramp"``: mean of ``f_t`` weighted by ``2t / (T + 1)`` over the horizon ``T``
+            (weights of mean 1 growing linearly: the late losses, and the final one most,
+            count more than the first ones).
         second_order: backpropagate through the optimizee's gradients too.
         clip_grad_norm: meta-gradient norm clip (``0`` disables).
         random_horizon: draw each instance's horizon from a heavy-tailed distribution.
@@ -104,8 +109,8 @@ class MetaFitConfig:
         for name in ("steps", "unroll", "meta_iterations", "instances"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.meta_loss not in ("log", "mean"):
-            raise ValueError(f"meta_loss must be 'log' or 'mean', got {self.meta_loss!r}")
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {', '.join(map(repr, META_LOSSES))}, got {self.meta_loss!r}")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
         if self.meta_lr_schedule not in ("constant", "cosine"):
@@ -159,6 +164,11 @@ class MetaFitHistory:
 
 def _flatten(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _ramp_weights(steps: Tensor, horizon: int) -> Tensor:
+    """Weights ``2t / (T + 1)`` of steps ``t = 1..T``: linear in ``t``, mean 1 over the horizon."""
+    return 2.0 * steps / (horizon + 1)
 
 
 def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
@@ -322,6 +332,9 @@ class MetaTrainer:
             if cfg.meta_loss == "log":
                 # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
                 per_run.append(_log_ratio(stacked, run.initial_loss, cfg.log_floor).mean())
+            elif cfg.meta_loss == "ramp":
+                steps = torch.arange(run.steps_done + 1, run.steps_done + len(terms[i]) + 1, dtype=stacked.dtype)
+                per_run.append((stacked * _ramp_weights(steps, run.horizon)).mean())
             else:
                 per_run.append(stacked.mean())
             run.params = [p.detach() for p in params[i]]
@@ -404,6 +417,9 @@ class MetaTrainer:
                 scores.append(float("inf"))
             elif cfg.meta_loss == "log":
                 scores.append(float(_log_ratio(trace, f0, cfg.log_floor).mean()))
+            elif cfg.meta_loss == "ramp":
+                steps = torch.arange(1, len(trace) + 1, dtype=trace.dtype)
+                scores.append(float((trace * _ramp_weights(steps, horizon)).mean()))
             else:
                 scores.append(float(trace.mean()))
         return float(sum(scores) / len(scores))
@@ -671,7 +687,8 @@ def meta_fit(
         meta_lr: Adam learning rate on the rule's weights.
         meta_lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 5% of ``meta_lr``).
         instances: instances optimised side by side per meta-iteration (one rule call).
-        meta_loss: ``"log"`` (mean log loss ratio) or ``"mean"`` (mean loss).
+        meta_loss: ``"log"`` (mean log loss ratio), ``"mean"`` (mean loss) or ``"ramp"``
+            (mean loss weighted linearly towards the end of the horizon).
         second_order: differentiate through the optimizee's gradients.
         clip_grad_norm: meta-gradient norm clip.
         random_horizon: heavy-tailed random horizons around ``steps``.
