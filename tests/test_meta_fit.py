@@ -464,7 +464,7 @@ def test_ramp_meta_loss_weights_steps_linearly_across_truncations():
     reference = rollout(copy.deepcopy(rule), make_tiny().sample(5), 7)
     values = []
     while run.steps_done < run.horizon:
-        values.append(float(trainer._unroll([run])))
+        values.append(float(trainer._unroll([run]).detach()))
     # Truncations of 3, 3 and 1 steps: each is the mean of its weighted losses.
     trace = torch.tensor(reference[1:], dtype=torch.float64)
     w = _ramp_weights(torch.arange(1, 8, dtype=torch.float64), 7)
