@@ -7,12 +7,7 @@
    (HP units per gate), shared with the Triton kernel. Compiled on first use by
    lstm_cpu.py; threads are the caller's (each call handles one range of coordinates). */
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
+#include "vecmath.h"
 
 #ifndef VECS
 #define VECS 2
@@ -24,78 +19,6 @@
 #define BLOCK (VECS * LANES)
 #define MAX_HP 64
 #define MAX_ROW 256 /* layers x hidden */
-
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-
-static inline v8 vselect(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
-
-/* exp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (relative error
-   ~2e-7, the accuracy of fp32 itself); x is clamped to [-87, 88], where exp is finite. */
-static inline v8 vexp(v8 x) {
-#if defined(__AVX2__)
-    x = (v8)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-#else
-    x = vselect(x < splat(-87.0f), splat(-87.0f), x);
-    x = vselect(x > splat(88.0f), splat(88.0f), x);
-#endif
-    /* Adding and removing 1.5 * 2^23 rounds to the nearest integer (no -ffast-math here). */
-    const v8 magic = splat(12582912.0f);
-    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
-    v8 r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
-    v8 p = splat(1.0f / 720.0f);
-    p = p * r + splat(1.0f / 120.0f);
-    p = p * r + splat(1.0f / 24.0f);
-    p = p * r + splat(1.0f / 6.0f);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    return p * (v8)bits;
-}
-
-static inline v8 vsigmoid(v8 x) {
-    v8 d = splat(1.0f) + vexp(-x);
-#if defined(__AVX2__)
-    /* Reciprocal estimate (12 bits) refined by one Newton step (~23 bits): cheaper than a
-       division; d >= 1, so no special cases. */
-    v8 r = (v8)_mm256_rcp_ps((__m256)d);
-    return r * (splat(2.0f) - d * r);
-#else
-    return splat(1.0f) / d;
-#endif
-}
-
-/* The eager rule's tanh: 2 sigmoid(2x) - 1. */
-static inline v8 vtanh(v8 x) { return splat(2.0f) * vsigmoid(splat(2.0f) * x) - splat(1.0f); }
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float load_state(const void *base, int bf16, int64_t index) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[index]) : ((const float *)base)[index];
-}
-
-static inline void store_state(void *base, int bf16, int64_t index, float value) {
-    if (bf16)
-        ((uint16_t *)base)[index] = f32_to_bf16(value);
-    else
-        ((float *)base)[index] = value;
-}
 
 /* Block state, AoS (coordinate-major rows of `row` values) <-> SoA (soa[column][v] holds 8
    coordinates). Full blocks use 8x8 register transposes (bf16 widened/rounded on the way);

@@ -10,93 +10,32 @@ against it). Where no compiler is found it is simply unavailable and the eager p
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
 from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state
 
 __all__ = ["cpu_kernel_available", "cpu_kernel_error", "lstm_step_cpu", "supports"]
 
-_SOURCE = Path(__file__).with_name("lstm_cpu.c")
 _MAX_HIDDEN = 64  # MAX_HP in the C source
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_load_error: str | None = None
-_pool: ThreadPoolExecutor | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LEARNED_OPTIM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "learned_optim"
-    )
-    return Path(root) / "kernels"
+def _configure(library: ctypes.CDLL) -> None:
+    fn = library.lstm_step
+    fn.restype = None
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    # (start, stop, grad, h, c, bf16, update, keep, segment, wx, wh, bias, out, layers, hidden, hp,
+    #  preprocess, preprocess_p, input_scale, output_scale)
+    fn.argtypes = [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _flags() -> list[str]:
-    flags = ["-O3", "-shared", "-fPIC", "-std=gnu11"]
-    # AVX2 + FMA where the CPU has them (torch reports what it dispatches to).
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return flags
+_KERNEL = KernelLibrary("lstm_cpu.c", _configure)
 
 
 def _load() -> ctypes.CDLL | None:
-    """Compile (once per source, flags and compiler; cached on disk) and load the kernel."""
-    global _library, _load_error
-    with _lock:
-        if _library is not None or _load_error is not None:
-            return _library
-        compiler = _compiler()
-        if compiler is None:
-            _load_error = "no C compiler found (set $CC)"
-            return None
-        flags = _flags()
-        source = _SOURCE.read_bytes()
-        key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"lstm_cpu_{key}.so"
-        try:
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # Built under a temporary name and renamed: concurrent first uses never see half a file.
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-                os.close(fd)
-                try:
-                    subprocess.run(
-                        [compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, text=True
-                    )
-                    os.replace(tmp, target)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-            library = ctypes.CDLL(str(target))
-        except (OSError, subprocess.CalledProcessError) as error:
-            detail = getattr(error, "stderr", "") or str(error)
-            _load_error = f"building {_SOURCE.name} with {compiler} failed: {detail.strip()[:500]}"
-            return None
-        fn = library.lstm_step
-        fn.restype = None
-        i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        # (start, stop, grad, h, c, bf16, update, keep, segment, wx, wh, bias, out, layers, hidden, hp,
-        #  preprocess, preprocess_p, input_scale, output_scale)
-        fn.argtypes = [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3
-        _library = library
-        return library
+    return _KERNEL.load()
 
 
 def cpu_kernel_available() -> bool:
@@ -107,17 +46,7 @@ def cpu_kernel_available() -> bool:
 def cpu_kernel_error() -> str | None:
     """Why the kernel is unavailable (``None`` when it is available)."""
     _load()
-    return _load_error
-
-
-def _executor(threads: int) -> ThreadPoolExecutor:
-    global _pool
-    with _lock:
-        if _pool is None or _pool._max_workers < threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)  # its idle threads exit; a bigger pool replaces it
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="learned_optim")
-        return _pool
+    return _KERNEL.error
 
 
 def supports(rule: torch.nn.Module) -> bool:
@@ -142,7 +71,7 @@ def lstm_step_cpu(
     """
     # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
     if not torch.compiler.is_compiling() and _load() is None:
-        raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_load_error}")
+        raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_KERNEL.error}")
     n = grad.numel()
     if n == 0:
         return
@@ -195,7 +124,7 @@ def _lstm_step_cpu_op(
     """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
     library = _load()
     if library is None:
-        raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_load_error}")
+        raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_KERNEL.error}")
     n = update.numel()
     wx, wh, bias, out = packed
     args = (
@@ -218,17 +147,8 @@ def _lstm_step_cpu_op(
         input_scale,
         output_scale,
     )
-    threads = max(1, min(torch.get_num_threads(), n // 4096))
-    if threads == 1:
-        library.lstm_step(0, n, *args)
-        return
     # Ranges are multiples of the kernel's 32-coordinate block; ctypes drops the GIL per call.
-    per = -(-n // threads)
-    per = -(-per // 32) * 32
-    bounds = [(start, min(start + per, n)) for start in range(0, n, per)]
-    futures = [_executor(threads).submit(library.lstm_step, lo, hi, *args) for lo, hi in bounds]
-    for future in futures:
-        future.result()
+    run_parallel(library.lstm_step, [(lo, hi, *args) for lo, hi in split_ranges(n)])
 
 
 @_lstm_step_cpu_op.register_fake

@@ -1,0 +1,113 @@
+/* Vector math shared by the fused CPU kernels (lstm_cpu.c, hrnn_cpu.c): 8-lane fp32 vectors
+   (GCC/Clang vector extensions, AVX2 where compiled for it), exp/log/sigmoid/tanh
+   approximations at fp32 accuracy, and fp32/bf16 state access. */
+#ifndef LEARNED_OPTIM_VECMATH_H
+#define LEARNED_OPTIM_VECMATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline v8 vselect(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+
+/* exp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (relative error
+   ~2e-7, the accuracy of fp32 itself); x is clamped to [-87, 88], where exp is finite. */
+static inline v8 vexp(v8 x) {
+#if defined(__AVX2__)
+    x = (v8)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+#else
+    x = vselect(x < splat(-87.0f), splat(-87.0f), x);
+    x = vselect(x > splat(88.0f), splat(88.0f), x);
+#endif
+    /* Adding and removing 1.5 * 2^23 rounds to the nearest integer (no -ffast-math here). */
+    const v8 magic = splat(12582912.0f);
+    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
+    v8 r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
+    v8 p = splat(1.0f / 720.0f);
+    p = p * r + splat(1.0f / 120.0f);
+    p = p * r + splat(1.0f / 24.0f);
+    p = p * r + splat(1.0f / 6.0f);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return p * (v8)bits;
+}
+
+static inline v8 vsigmoid(v8 x) {
+    v8 d = splat(1.0f) + vexp(-x);
+#if defined(__AVX2__)
+    /* Reciprocal estimate (12 bits) refined by one Newton step (~23 bits): cheaper than a
+       division; d >= 1, so no special cases. */
+    v8 r = (v8)_mm256_rcp_ps((__m256)d);
+    return r * (splat(2.0f) - d * r);
+#else
+    return splat(1.0f) / d;
+#endif
+}
+
+/* tanh(x) = 2 sigmoid(2x) - 1 (the LSTM eager rule computes it this way too). */
+static inline v8 vtanh(v8 x) { return splat(2.0f) * vsigmoid(splat(2.0f) * x) - splat(1.0f); }
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float load_state(const void *base, int bf16, int64_t index) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)base)[index]) : ((const float *)base)[index];
+}
+
+static inline void store_state(void *base, int bf16, int64_t index, float value) {
+    if (bf16)
+        ((uint16_t *)base)[index] = f32_to_bf16(value);
+    else
+        ((float *)base)[index] = value;
+}
+
+/* log of positive normal x (Cephes logf: mantissa in [sqrt(1/2), sqrt(2)), degree-8
+   polynomial, relative error ~1e-7); +inf stays +inf. */
+static inline v8 vlog(v8 x) {
+    v8i bits = (v8i)x;
+    v8i e = ((bits >> 23) & 0xff) - 126; /* x = m * 2^e with m in [0.5, 1) */
+    v8 m = (v8)((bits & 0x807fffff) | 0x3f000000);
+    v8i small = m < splat(0.707106781186547524f); /* -1 where true */
+    e = e + small;
+    v8 t = vselect(small, m + m - splat(1.0f), m - splat(1.0f));
+    v8 z = t * t;
+    v8 y = splat(7.0376836292E-2f);
+    y = y * t + splat(-1.1514610310E-1f);
+    y = y * t + splat(1.1676998740E-1f);
+    y = y * t + splat(-1.2420140846E-1f);
+    y = y * t + splat(1.4249322787E-1f);
+    y = y * t + splat(-1.6668057665E-1f);
+    y = y * t + splat(2.0000714765E-1f);
+    y = y * t + splat(-2.4999993993E-1f);
+    y = y * t + splat(3.3333331174E-1f);
+    y = y * t * z;
+    v8 ef = __builtin_convertvector(e, v8);
+    y = y + ef * splat(-2.12194440e-4f);
+    y = y - splat(0.5f) * z;
+    t = t + y + ef * splat(0.693359375f);
+    return vselect(x == splat(INFINITY), x, t);
+}
+
+#endif
