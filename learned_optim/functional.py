@@ -314,6 +314,7 @@ def fused_learned_step(
     chunk_size: int = FUSED_CHUNK_SIZE,
     nonfinite: str = "skip",
     host_check: bool = False,
+    global_state: RuleState | None = None,
 ) -> Tensor | None:
     """:func:`learned_step` through the rule's fused kernel ``impl``.
 
@@ -322,14 +323,22 @@ def fused_learned_step(
     copy and the update), the kernel runs once per chunk over every tensor in it, and the
     updates are applied with foreach ops, one per learning rate. Same semantics as the
     eager path: weight decay, ``maximize``, non-finite skipping.
+
+    For a rule with tensor-level state (``global_state`` given, updated in place) the kernel
+    runs once over all coordinates: each tensor's update is normalised over the whole tensor,
+    then the tensor and global levels advance (:meth:`UpdateRule.finalize`), as in
+    :func:`learned_step`.
     """
     if not entries:
         return None
     device = entries[0].param.device
+    hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
+    if hierarchical and global_state is None:
+        raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to fused_learned_step")
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
     keep_flags = keep.to(torch.uint8) if masked else None
-    segment_ids = flat.segment_ids() if masked else None
+    segment_ids = flat.segment_ids() if masked or hierarchical else None
 
     flat_params = [e.param.view(-1) if e.param.is_contiguous() else e.param.contiguous().view(-1) for e in entries]
     flat_grads = [e.grad.reshape(-1) for e in entries]
@@ -350,6 +359,16 @@ def fused_learned_step(
         torch._foreach_mul_(targets, factor)
 
     total = flat.offsets[-1]
+    context = None
+    if hierarchical:
+        chunk_size = max(total, 1)  # one pass: a tensor's update is normalised over all of it
+        context = StepContext(
+            segment_ids=segment_ids,
+            num_segments=len(entries),
+            segment_state={k: torch.cat([e.segment_state[k] for e in entries]) for k in entries[0].segment_state},
+            global_state=global_state,
+            segment_counts=torch.tensor(flat.numels, device=device),
+        )
     for chunk_start in range(0, total, chunk_size):
         chunk_stop = min(chunk_start + chunk_size, total)
         pieces = _pieces_between(flat.offsets, chunk_start, chunk_stop)
@@ -373,6 +392,7 @@ def fused_learned_step(
             update,
             keep=keep_flags,
             segment_ids=segment_ids[chunk_start:chunk_stop] if segment_ids is not None else None,
+            context=context,
         )
         by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         offset = 0
@@ -387,6 +407,9 @@ def fused_learned_step(
     for e, flat_param in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():
             e.param.copy_(flat_param.view(e.param.shape))
+    if hierarchical and total > 0:
+        sums = [{k: v[i] for k, v in context.segment_sums.items()} for i in range(len(entries))]
+        _finalize(rule, entries, sums, keep, global_state)
     return skipped
 
 

@@ -289,6 +289,7 @@ class LearnedOptimizer(Optimizer):
                     chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
                     nonfinite=self.nonfinite,
                     host_check=host_check,
+                    global_state=self._global_state,
                 )
             if skipped is not None and host_check and bool(skipped.any()):
                 warnings.warn(

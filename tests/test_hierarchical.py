@@ -176,7 +176,7 @@ def _optimizer_run(rule, shapes, steps, chunk_size):
     """``steps`` optimizer steps with fixed gradients; params start at zero, so the
     parameter deltas are the rule's updates to within rounding of their own size."""
     params = [nn.Parameter(torch.zeros(s)) for s in shapes]
-    opt = LearnedOptimizer(params, pretrained=rule, chunk_size=chunk_size)
+    opt = LearnedOptimizer(params, pretrained=rule, chunk_size=chunk_size, impl="eager")
     updates = []
     for step_grads in _grads(shapes, steps):
         for p, g in zip(params, step_grads, strict=True):

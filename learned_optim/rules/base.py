@@ -34,6 +34,8 @@ class StepContext:
         segment_sums: filled by the rule: per-segment sums ``(num_segments, k)`` of whatever
             its :meth:`UpdateRule.finalize` needs. The caller adds them up over chunks (a
             tensor may span several) before calling ``finalize`` once per step.
+        segment_counts: ``(num_segments,)`` coordinates of each segment in the batch, where
+            the caller knows them (fused steps over whole tensors).
     """
 
     segment_ids: Tensor | None = None
@@ -41,6 +43,7 @@ class StepContext:
     segment_state: RuleState | None = None
     global_state: RuleState | None = None
     segment_sums: dict[str, Tensor] = field(default_factory=dict)
+    segment_counts: Tensor | None = None
 
 
 class UpdateRule(nn.Module):
@@ -188,6 +191,7 @@ class UpdateRule(nn.Module):
         update: Tensor,
         keep: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        context: StepContext | None = None,
     ) -> None:
         """The step of :meth:`forward` as one fused kernel, writing ``state`` in place.
 
@@ -198,7 +202,11 @@ class UpdateRule(nn.Module):
             update: ``(n,)`` fp32 output buffer for the update (before ``lr``).
             keep: optional per-tensor flags; coordinates of a tensor whose flag is false keep
                 their state and get a zero update.
-            segment_ids: ``(n,)`` int32 tensor index of each coordinate (needed with ``keep``).
+            segment_ids: ``(n,)`` int32 tensor index of each coordinate (needed with ``keep``,
+                and by rules with tensor-level state).
+            context: for rules with tensor-level state: the batch's tensors (whole tensors,
+                with ``segment_counts``), their state and the global state; the rule fills
+                ``context.segment_sums`` for :meth:`finalize`, as :meth:`forward` does.
         """
         raise NotImplementedError(f"{type(self).__name__} has no fused kernel {impl!r}")
 

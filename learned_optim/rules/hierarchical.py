@@ -128,6 +128,36 @@ class HierarchicalRNN(UpdateRule):
             self.direct.weight.zero_()
             self.direct.weight[0, k - 1] = -1.0
 
+    def fused_impls(self) -> tuple[str, ...]:
+        from learned_optim.rules import hrnn_cpu
+
+        if any(getattr(type(self), name) is not getattr(HierarchicalRNN, name) for name in ("forward", "finalize")):
+            return ()  # a subclass that changes the math must not get this class's kernel
+        return ("cpu",) if hrnn_cpu.supports(self) and hrnn_cpu.hrnn_kernel_available() else ()
+
+    def fused_step(
+        self,
+        impl: str,
+        grad: Tensor,
+        state: RuleState,
+        update: Tensor,
+        keep: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+        context: StepContext | None = None,
+    ) -> None:
+        from learned_optim.rules.hrnn_cpu import hrnn_step_cpu
+
+        if impl != "cpu":
+            raise NotImplementedError(f"HierarchicalRNN has no fused kernel {impl!r}; it has {self.fused_impls()}")
+        if context is None or segment_ids is None or context.segment_state is None:
+            raise ValueError("HierarchicalRNN.fused_step needs segment_ids and a context with the tensors' state")
+        counts = context.segment_counts
+        if counts is None:
+            counts = torch.bincount(segment_ids.long(), minlength=context.num_segments)
+        context.segment_sums = hrnn_step_cpu(
+            self, grad, state, update, segment_ids, counts, context.segment_state, keep
+        )
+
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return {"h": (self.p,), "m": (self.k,), "v": (self.k,), "log_lr": (1,)}
 

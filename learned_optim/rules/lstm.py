@@ -117,6 +117,7 @@ class CoordinateLSTM(UpdateRule):
         update: Tensor,
         keep: Tensor | None = None,
         segment_ids: Tensor | None = None,
+        context: StepContext | None = None,
     ) -> None:
         from learned_optim.rules.lstm_cpu import lstm_step_cpu
         from learned_optim.rules.lstm_pack import pack_lstm_weights

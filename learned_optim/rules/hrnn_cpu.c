@@ -1,0 +1,126 @@
+/* Fused CPU kernel of HierarchicalRNN's per-coordinate step (see hierarchical.py for the
+   eager rule it must match).
+
+   hrnn_step runs the parameter level for coordinates [start, stop), 8 at a time (one vector
+   lane each): gradient averages and mean squares at K time scales, the 2K+1 features, the
+   P-unit GRU (its input biased by the coordinate's tensor), the read-out, the new log
+   learning rate. It writes the state in place and exp(log lr) * direction into `update`,
+   and adds each tensor's sums (new hidden states, log learning rates, squared directions)
+   into `sums`, this call's own (S, P + 2) float64 block. The caller adds the blocks of all
+   calls, divides every tensor's update by its direction's RMS (hrnn_scale) and advances
+   the tensor and global levels in PyTorch. A coordinate of a tensor whose keep flag is 0
+   runs on a zero gradient and contributes its sums, but keeps its state and gets a zero
+   update, as on the eager path. */
+
+#include "vecmath.h"
+
+#define LANES 8
+#define MAX_P 32
+#define MAX_K 8
+#define MAX_F (2 * MAX_K + 1)
+
+/* State is (n, width) rows; column c of 8 consecutive coordinates into one vector. */
+static inline v8 load_column(const void *state, int bf16, int64_t b0, int count, int width, int c) {
+    v8 out = splat(0.0f);
+    for (int b = 0; b < count; b++) out[b] = load_state(state, bf16, (b0 + b) * width + c);
+    return out;
+}
+
+static inline void store_column(void *state, int bf16, int64_t b0, int count, int width, int c, v8 value,
+                                const int *write) {
+    for (int b = 0; b < count; b++)
+        if (write[b]) store_state(state, bf16, (b0 + b) * width + c, value[b]);
+}
+
+void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state,
+               void *lr_state, int bf16, float *update, const uint8_t *keep, const int32_t *segment,
+               const float *segment_gates, const float *segment_mean_log_lr, const float *w_in, const float *w_hh,
+               const float *b_hh, const float *w_out, const float *b_out, const float *w_direct,
+               const float *decays, int P, int K, float lr_change_scale, float log_min_lr, float log_max_lr,
+               double *sums) {
+    const int F = 2 * K + 1, G = 3 * P;
+    for (int64_t b0 = start; b0 < stop; b0 += LANES) {
+        const int count = (int)(stop - b0 < LANES ? stop - b0 : LANES);
+        int write[LANES], seg[LANES];
+        v8 g = splat(0.0f);
+        for (int b = 0; b < LANES; b++) {
+            seg[b] = b < count ? segment[b0 + b] : segment[b0];
+            write[b] = b < count && (keep == NULL || keep[seg[b]]);
+            if (write[b]) g[b] = grad[b0 + b];
+        }
+
+        /* Gradient averages and mean squares; features (scaled momenta, relative log RMS,
+           relative log learning rate). */
+        v8 feat[MAX_F], m[MAX_K], v[MAX_K], log_rms[MAX_K];
+        v8 mean_log_rms = splat(0.0f);
+        for (int k = 0; k < K; k++) {
+            const v8 d = splat(decays[k]), one_minus_d = splat(1.0f - decays[k]);
+            m[k] = d * load_column(m_state, bf16, b0, count, K, k) + one_minus_d * g;
+            v[k] = d * load_column(v_state, bf16, b0, count, K, k) + one_minus_d * g * g;
+            log_rms[k] = splat(0.5f) * vlog(v[k] + splat(1e-24f));
+            feat[k] = m[k] * vexp(-log_rms[k]);
+            mean_log_rms += log_rms[k];
+        }
+        mean_log_rms = mean_log_rms / splat((float)K);
+        for (int k = 0; k < K; k++) {
+            v8 rel = log_rms[k] - mean_log_rms;
+            rel = vselect(rel < splat(-10.0f), splat(-10.0f), rel);
+            rel = vselect(rel > splat(10.0f), splat(10.0f), rel);
+            feat[K + k] = rel / splat(10.0f);
+        }
+        v8 log_lr = load_column(lr_state, bf16, b0, count, 1, 0);
+        v8 seg_mean = splat(0.0f);
+        for (int b = 0; b < LANES; b++) seg_mean[b] = segment_mean_log_lr[seg[b]];
+        feat[2 * K] = log_lr - seg_mean;
+
+        /* GRU: input gates (the tensor's bias, incl. the input layer's bias, plus w_in . f)
+           and hidden gates (b_hh + w_hh . h), gate order reset, update, new. */
+        v8 h[MAX_P], xg[3 * MAX_P], hg[3 * MAX_P];
+        for (int j = 0; j < P; j++) h[j] = load_column(h_state, bf16, b0, count, P, j);
+        for (int q = 0; q < G; q++) {
+            v8 acc;
+            for (int b = 0; b < LANES; b++) acc[b] = segment_gates[(int64_t)seg[b] * G + q];
+            const float *w = w_in + (int64_t)q * F;
+            for (int f = 0; f < F; f++) acc += splat(w[f]) * feat[f];
+            xg[q] = acc;
+            v8 hacc = splat(b_hh[q]);
+            const float *wh = w_hh + (int64_t)q * P;
+            for (int j = 0; j < P; j++) hacc += splat(wh[j]) * h[j];
+            hg[q] = hacc;
+        }
+        v8 out0 = splat(b_out[0]), out1 = splat(b_out[1]);
+        for (int j = 0; j < P; j++) {
+            v8 r = vsigmoid(xg[j] + hg[j]);
+            v8 z = vsigmoid(xg[P + j] + hg[P + j]);
+            v8 cand = vtanh(xg[2 * P + j] + r * hg[2 * P + j]);
+            h[j] = cand + z * (h[j] - cand);
+            out0 += splat(w_out[j]) * h[j];
+            out1 += splat(w_out[P + j]) * h[j];
+        }
+        v8 direction = out0;
+        for (int f = 0; f < F; f++) direction += splat(w_direct[f]) * feat[f];
+        log_lr = log_lr + splat(lr_change_scale) * out1;
+        log_lr = vselect(log_lr < splat(log_min_lr), splat(log_min_lr), log_lr);
+        log_lr = vselect(log_lr > splat(log_max_lr), splat(log_max_lr), log_lr);
+        v8 step = vexp(log_lr) * direction;
+
+        for (int k = 0; k < K; k++) {
+            store_column(m_state, bf16, b0, count, K, k, m[k], write);
+            store_column(v_state, bf16, b0, count, K, k, v[k], write);
+        }
+        for (int j = 0; j < P; j++) store_column(h_state, bf16, b0, count, P, j, h[j], write);
+        store_column(lr_state, bf16, b0, count, 1, 0, log_lr, write);
+        for (int b = 0; b < count; b++) {
+            update[b0 + b] = write[b] ? step[b] : 0.0f;
+            double *row = sums + (int64_t)seg[b] * (P + 2);
+            for (int j = 0; j < P; j++) row[j] += h[j][b];
+            row[P] += log_lr[b];
+            row[P + 1] += (double)direction[b] * direction[b];
+        }
+    }
+}
+
+/* update[i] *= scale[segment[i]] for i in [start, stop). */
+void hrnn_scale(int64_t start, int64_t stop, float *update, const int32_t *segment, const float *scale) {
+    for (int64_t i = start; i < stop; i++) update[i] *= scale[segment[i]];
+}

@@ -1,0 +1,194 @@
+"""The fused CPU kernel of HierarchicalRNN against its eager rule, and LearnedOptimizer on it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from learned_optim import HierarchicalRNN, LearnedOptimizer
+from learned_optim.rules.base import StepContext
+from learned_optim.rules.hrnn_cpu import hrnn_step_cpu
+
+if "cpu" not in HierarchicalRNN().fused_impls():
+    pytest.skip("the hierarchical RNN's CPU kernel cannot be built here (no C compiler)", allow_module_level=True)
+
+# One step matches the eager rule within 1e-5 relative (exp/log/sigmoid approximations at fp32
+# accuracy); over a few optimizer steps the last-bit differences compound through the params.
+STEP_RTOL = 1e-5
+TRAJECTORY_RTOL = 1e-4
+SIZES = [5, 300, 17, 1, 1000]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _noisy(rule: HierarchicalRNN, seed: int = 0) -> HierarchicalRNN:
+    # Weights well away from the init (which zeroes or scales down several layers).
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return rule
+
+
+def _inputs(rule: HierarchicalRNN, sizes: list[int], seed: int = 1, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    ids = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    grad = torch.randn(n, generator=g) * torch.logspace(-7, 1, n)
+    grad[::13] = 0.0
+    state = rule.init_state(n)
+    state["m"] = torch.randn(state["m"].shape, generator=g) * 0.1
+    state["v"] = torch.rand(state["v"].shape, generator=g) * 0.1
+    state["h"] = torch.randn(state["h"].shape, generator=g) * 0.5
+    state["log_lr"] = state["log_lr"] + torch.randn(state["log_lr"].shape, generator=g) * 0.3
+    state = {k: v.detach().to(dtype) for k, v in state.items()}
+    segment = rule.init_segment_state(len(sizes))
+    segment["h"] = torch.randn(segment["h"].shape, generator=g) * 0.5
+    segment["mean_log_lr"] = segment["mean_log_lr"].detach() + 0.2 * torch.randn(len(sizes), 1, generator=g)
+    segment["h"] = segment["h"].detach()
+    return grad, state, ids, segment
+
+
+def _eager(rule, grad, state, ids, segment, num):
+    context = StepContext(ids, num, segment, rule.init_global_state())
+    with torch.no_grad():
+        update, new_state = rule(grad, {k: v.clone() for k, v in state.items()}, context)
+    return update, new_state, context.segment_sums
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"param_hidden": 7, "timescales": 3}, {"param_hidden": 16, "timescales": 6, "lr_change_scale": 0.5}],
+    ids=["paper", "p7-k3", "p16-k6"],
+)
+def test_kernel_matches_eager_rule(config):
+    rule = _noisy(HierarchicalRNN(**config))
+    grad, state, ids, segment = _inputs(rule, SIZES)
+    expected_update, expected_state, expected_sums = _eager(rule, grad, state, ids, segment, len(SIZES))
+    got_state = {k: v.clone() for k, v in state.items()}
+    update = torch.empty_like(grad)
+    sums = hrnn_step_cpu(rule, grad, got_state, update, ids.int(), torch.tensor(SIZES), segment)
+    assert _rel(update, expected_update) < STEP_RTOL
+    for k in expected_state:
+        assert _rel(got_state[k], expected_state[k]) < STEP_RTOL, k
+    assert sums.keys() == expected_sums.keys()
+    for k in sums:
+        assert _rel(sums[k], expected_sums[k]) < STEP_RTOL, k
+    # Every tensor's update has unit RMS over the tensor, times its learning rates.
+    lr = got_state["log_lr"].squeeze(-1).exp()
+    for i, piece in enumerate((update / lr).split(SIZES)):
+        assert float(piece.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-4), i
+
+
+def test_bf16_state_rounds_like_the_eager_rule():
+    rule = _noisy(HierarchicalRNN())
+    grad, state, ids, segment = _inputs(rule, SIZES, dtype=torch.bfloat16)
+    expected_update, expected_state, _ = _eager(rule, grad, state, ids, segment, len(SIZES))
+    got_state = {k: v.clone() for k, v in state.items()}
+    update = torch.empty_like(grad)
+    hrnn_step_cpu(rule, grad, got_state, update, ids.int(), torch.tensor(SIZES), segment)
+    assert all(v.dtype == torch.bfloat16 for v in got_state.values())
+    assert _rel(update, expected_update) < STEP_RTOL
+    for k in expected_state:
+        # The same fp32 value rounds to the same bf16 value. Where the fp32 values differ in
+        # their last bits (~1e-7 of the state's scale) they may round to neighbours: one bf16
+        # unit (2^-7 relative), or a few for values that small fp32 error is large against.
+        expected = expected_state[k].float()
+        diff = (got_state[k].float() - expected).abs()
+        assert bool((diff <= expected.abs() * 2**-7 + 1e-6 * expected.abs().max()).all()), k
+
+
+def test_skipped_tensor_keeps_its_state_and_gets_no_update():
+    rule = _noisy(HierarchicalRNN())
+    grad, state, ids, segment = _inputs(rule, SIZES)
+    keep = torch.tensor([True, False, True, True, False])
+    zeroed = torch.where(keep[ids], grad, 0.0)
+    expected_update, expected_state, expected_sums = _eager(rule, zeroed, state, ids, segment, len(SIZES))
+    got_state = {k: v.clone() for k, v in state.items()}
+    update = torch.full_like(grad, float("nan"))
+    sums = hrnn_step_cpu(rule, grad, got_state, update, ids.int(), torch.tensor(SIZES), segment, keep=keep)
+    kept = keep[ids]
+    assert torch.equal(update[~kept], torch.zeros(int((~kept).sum())))
+    assert _rel(update[kept], expected_update[kept]) < STEP_RTOL
+    for k in state:
+        assert torch.equal(got_state[k][~kept], state[k][~kept]), k
+        assert _rel(got_state[k][kept], expected_state[k][kept]) < STEP_RTOL, k
+    # A skipped tensor's sums come from a zero gradient, as on the eager path.
+    for k in sums:
+        assert _rel(sums[k], expected_sums[k]) < STEP_RTOL, k
+
+
+def _train(impl: str, steps: int = 6, state_dict=None, model=None):
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    groups = [
+        {"params": model[0].parameters(), "lr": 0.7, "weight_decay": 0.1},
+        {"params": model[2].parameters(), "maximize": False},
+    ]
+    opt = LearnedOptimizer(groups, pretrained=_noisy(HierarchicalRNN()), lr=2.0, impl=impl)
+    if state_dict is not None:
+        opt.load_state_dict(state_dict)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    return model, opt
+
+
+def test_optimizer_on_the_kernel_matches_eager_mode():
+    fused_model, fused_opt = _train("cpu")
+    eager_model, eager_opt = _train("eager")
+    assert fused_opt.impl_for(torch.device("cpu")) == "cpu"
+    for a, b in zip(fused_model.parameters(), eager_model.parameters(), strict=True):
+        assert _rel(a, b) < TRAJECTORY_RTOL
+        for k, v in eager_opt.state[b].items():
+            assert _rel(fused_opt.state[a][k], v) < TRAJECTORY_RTOL, k
+    for k, v in eager_opt._global_state.items():
+        assert _rel(fused_opt._global_state[k], v) < TRAJECTORY_RTOL, k
+
+
+def test_state_dict_moves_between_kernel_and_eager():
+    model, opt = _train("cpu", steps=3)
+    saved_model = copy.deepcopy(model)
+    state = copy.deepcopy(opt.state_dict())
+    continued, _ = _train("cpu", steps=3, state_dict=copy.deepcopy(state), model=copy.deepcopy(saved_model))
+    resumed, _ = _train("eager", steps=3, state_dict=copy.deepcopy(state), model=copy.deepcopy(saved_model))
+    for a, b in zip(continued.parameters(), resumed.parameters(), strict=True):
+        assert _rel(a, b) < TRAJECTORY_RTOL
+
+
+def test_kernel_errors_name_the_problem():
+    rule = HierarchicalRNN()
+    grad, state, ids, segment = _inputs(rule, [10])
+    counts = torch.tensor([10])
+    with pytest.raises(ValueError, match="segment_ids must be an \\(n,\\) int32"):
+        hrnn_step_cpu(rule, grad, state, torch.empty(10), ids, counts, segment)
+    bad = dict(state, h=state["h"][:, :3].contiguous())
+    with pytest.raises(ValueError, match="state 'h' must be contiguous with shape \\(10, 10\\)"):
+        hrnn_step_cpu(rule, grad, bad, torch.empty(10), ids.int(), counts, segment)
+    mixed = dict(state, m=state["m"].double())
+    with pytest.raises(ValueError, match=r"must all be float32 or all bfloat16, got 'm' in torch\.float64"):
+        hrnn_step_cpu(rule, grad, mixed, torch.empty(10), ids.int(), counts, segment)
+
+
+def test_a_subclass_that_changes_the_math_runs_eager():
+    class Scaled(HierarchicalRNN):
+        rule_type = "ScaledHRNNForKernelTest"
+
+        def forward(self, grad, state, context=None):
+            update, new_state = super().forward(grad, state, context)
+            return 2 * update, new_state
+
+    assert Scaled().fused_impls() == ()
+    opt = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=Scaled())
+    assert opt.impl_for(torch.device("cpu")) == "eager"
