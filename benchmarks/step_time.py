@@ -209,9 +209,16 @@ def main() -> None:
             rows["LSTM naive loop"] = time_steps(lambda ps: NaivePerTensor(ps, lstm), params, few)
             rows["LSTM typical port"] = time_steps(lambda ps: TypicalPort(ps, lstm), params, few)
         if not args.no_hrnn:
-            rows["HRNN eager, fp32 state"] = time_steps(
-                lambda ps: LearnedOptimizer(ps, pretrained=hrnn), params, args.repeats
-            )
+            hrnn_impls = [i for i in (fused, "eager") if i == "eager" or i in hrnn.fused_impls()]
+            for impl in hrnn_impls:
+                for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                    if impl == "eager" and dtype == torch.bfloat16:
+                        continue
+                    rows[f"HRNN {impl}, {tag} state"] = time_steps(
+                        lambda ps, i=impl, d=dtype: LearnedOptimizer(ps, pretrained=hrnn, impl=i, state_dtype=d),
+                        params,
+                        args.repeats,
+                    )
             if small:
                 rows["HRNN naive loop"] = time_steps(lambda ps: NaivePerTensor(ps, hrnn), params, few)
         adam = rows["AdamW foreach"][0]

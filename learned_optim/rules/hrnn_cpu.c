@@ -19,17 +19,46 @@
 #define MAX_K 8
 #define MAX_F (2 * MAX_K + 1)
 
-/* State is (n, width) rows; column c of 8 consecutive coordinates into one vector. */
-static inline v8 load_column(const void *state, int bf16, int64_t b0, int count, int width, int c) {
-    v8 out = splat(0.0f);
-    for (int b = 0; b < count; b++) out[b] = load_state(state, bf16, (b0 + b) * width + c);
-    return out;
+/* State is (n, width) rows. A block's rows are contiguous: read them at once (widening bf16)
+   into out[c][b], column c of coordinate b; lanes past `count` get zeros. */
+static inline void load_block(v8 *out, const void *state, int bf16, int64_t b0, int count, int width) {
+    float rows[LANES * (2 * MAX_P)];
+    const int64_t total = (int64_t)count * width;
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)state + b0 * width;
+        for (int64_t i = 0; i < total; i++) rows[i] = bf16_to_f32(src[i]);
+    } else {
+        memcpy(rows, (const float *)state + b0 * width, (size_t)total * sizeof(float));
+    }
+    for (int c = 0; c < width; c++)
+        for (int b = 0; b < LANES; b++) out[c][b] = b < count ? rows[b * width + c] : 0.0f;
 }
 
-static inline void store_column(void *state, int bf16, int64_t b0, int count, int width, int c, v8 value,
-                                const int *write) {
+/* The inverse of load_block for the lanes whose write flag is set (all of them when all_write). */
+static inline void store_block(const v8 *in, void *state, int bf16, int64_t b0, int count, int width,
+                               const int *write, int all_write) {
+    float rows[LANES * (2 * MAX_P)];
+    for (int c = 0; c < width; c++)
+        for (int b = 0; b < count; b++) rows[b * width + c] = in[c][b];
+    if (all_write) {
+        const int64_t total = (int64_t)count * width;
+        if (bf16) {
+            uint16_t *dst = (uint16_t *)state + b0 * width;
+            for (int64_t i = 0; i < total; i++) dst[i] = f32_to_bf16(rows[i]);
+        } else {
+            memcpy((float *)state + b0 * width, rows, (size_t)total * sizeof(float));
+        }
+        return;
+    }
     for (int b = 0; b < count; b++)
-        if (write[b]) store_state(state, bf16, (b0 + b) * width + c, value[b]);
+        if (write[b])
+            for (int c = 0; c < width; c++) store_state(state, bf16, (b0 + b) * width + c, rows[b * width + c]);
+}
+
+static inline float lane_sum(v8 x) {
+    float total = 0.0f;
+    for (int b = 0; b < LANES; b++) total += x[b];
+    return total;
 }
 
 void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state,
@@ -41,13 +70,20 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
     const int F = 2 * K + 1, G = 3 * P;
     for (int64_t b0 = start; b0 < stop; b0 += LANES) {
         const int count = (int)(stop - b0 < LANES ? stop - b0 : LANES);
-        int write[LANES], seg[LANES];
+        int write[LANES], seg[LANES], all_write = 1;
         v8 g = splat(0.0f);
         for (int b = 0; b < LANES; b++) {
             seg[b] = b < count ? segment[b0 + b] : segment[b0];
             write[b] = b < count && (keep == NULL || keep[seg[b]]);
+            all_write &= write[b];
             if (write[b]) g[b] = grad[b0 + b];
         }
+        /* Almost always: all 8 coordinates belong to one tensor. */
+        const int uniform = count == LANES && seg[0] == seg[LANES - 1];
+        v8 m_old[MAX_K], v_old[MAX_K], lr_old[1];
+        load_block(m_old, m_state, bf16, b0, count, K);
+        load_block(v_old, v_state, bf16, b0, count, K);
+        load_block(lr_old, lr_state, bf16, b0, count, 1);
 
         /* Gradient averages and mean squares; features (scaled momenta, relative log RMS,
            relative log learning rate). */
@@ -55,8 +91,8 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
         v8 mean_log_rms = splat(0.0f);
         for (int k = 0; k < K; k++) {
             const v8 d = splat(decays[k]), one_minus_d = splat(1.0f - decays[k]);
-            m[k] = d * load_column(m_state, bf16, b0, count, K, k) + one_minus_d * g;
-            v[k] = d * load_column(v_state, bf16, b0, count, K, k) + one_minus_d * g * g;
+            m[k] = d * m_old[k] + one_minus_d * g;
+            v[k] = d * v_old[k] + one_minus_d * g * g;
             log_rms[k] = splat(0.5f) * vlog(v[k] + splat(1e-24f));
             feat[k] = m[k] * vexp(-log_rms[k]);
             mean_log_rms += log_rms[k];
@@ -68,18 +104,22 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
             rel = vselect(rel > splat(10.0f), splat(10.0f), rel);
             feat[K + k] = rel / splat(10.0f);
         }
-        v8 log_lr = load_column(lr_state, bf16, b0, count, 1, 0);
-        v8 seg_mean = splat(0.0f);
-        for (int b = 0; b < LANES; b++) seg_mean[b] = segment_mean_log_lr[seg[b]];
+        v8 log_lr = lr_old[0];
+        v8 seg_mean = splat(segment_mean_log_lr[seg[0]]);
+        if (!uniform)
+            for (int b = 0; b < LANES; b++) seg_mean[b] = segment_mean_log_lr[seg[b]];
         feat[2 * K] = log_lr - seg_mean;
 
         /* GRU: input gates (the tensor's bias, incl. the input layer's bias, plus w_in . f)
            and hidden gates (b_hh + w_hh . h), gate order reset, update, new. */
         v8 h[MAX_P], xg[3 * MAX_P], hg[3 * MAX_P];
-        for (int j = 0; j < P; j++) h[j] = load_column(h_state, bf16, b0, count, P, j);
+        load_block(h, h_state, bf16, b0, count, P);
+        const float *gates0 = segment_gates + (int64_t)seg[0] * G;
         for (int q = 0; q < G; q++) {
-            v8 acc;
-            for (int b = 0; b < LANES; b++) acc[b] = segment_gates[(int64_t)seg[b] * G + q];
+            /* Two independent chains per gate (input and hidden products). */
+            v8 acc = splat(gates0[q]);
+            if (!uniform)
+                for (int b = 0; b < LANES; b++) acc[b] = segment_gates[(int64_t)seg[b] * G + q];
             const float *w = w_in + (int64_t)q * F;
             for (int f = 0; f < F; f++) acc += splat(w[f]) * feat[f];
             xg[q] = acc;
@@ -104,18 +144,25 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
         log_lr = vselect(log_lr > splat(log_max_lr), splat(log_max_lr), log_lr);
         v8 step = vexp(log_lr) * direction;
 
-        for (int k = 0; k < K; k++) {
-            store_column(m_state, bf16, b0, count, K, k, m[k], write);
-            store_column(v_state, bf16, b0, count, K, k, v[k], write);
-        }
-        for (int j = 0; j < P; j++) store_column(h_state, bf16, b0, count, P, j, h[j], write);
-        store_column(lr_state, bf16, b0, count, 1, 0, log_lr, write);
-        for (int b = 0; b < count; b++) {
-            update[b0 + b] = write[b] ? step[b] : 0.0f;
-            double *row = sums + (int64_t)seg[b] * (P + 2);
-            for (int j = 0; j < P; j++) row[j] += h[j][b];
-            row[P] += log_lr[b];
-            row[P + 1] += (double)direction[b] * direction[b];
+        store_block(m, m_state, bf16, b0, count, K, write, all_write);
+        store_block(v, v_state, bf16, b0, count, K, write, all_write);
+        store_block(h, h_state, bf16, b0, count, P, write, all_write);
+        store_block(&log_lr, lr_state, bf16, b0, count, 1, write, all_write);
+        for (int b = 0; b < count; b++) update[b0 + b] = write[b] ? step[b] : 0.0f;
+        if (uniform) {
+            /* Eight coordinates of one tensor: added up in fp32 first (eight terms), then into
+               the float64 running sums. */
+            double *row = sums + (int64_t)seg[0] * (P + 2);
+            for (int j = 0; j < P; j++) row[j] += lane_sum(h[j]);
+            row[P] += lane_sum(log_lr);
+            row[P + 1] += lane_sum(direction * direction);
+        } else {
+            for (int b = 0; b < count; b++) {
+                double *row = sums + (int64_t)seg[b] * (P + 2);
+                for (int j = 0; j < P; j++) row[j] += h[j][b];
+                row[P] += log_lr[b];
+                row[P + 1] += (double)direction[b] * direction[b];
+            }
         }
     }
 }
