@@ -30,6 +30,11 @@ static inline void load_block(v8 *out, const void *state, int bf16, int64_t b0, 
     } else {
         memcpy(rows, (const float *)state + b0 * width, (size_t)total * sizeof(float));
     }
+    if (count == LANES) {
+        for (int c = 0; c < width; c++)
+            for (int b = 0; b < LANES; b++) out[c][b] = rows[b * width + c];
+        return;
+    }
     for (int c = 0; c < width; c++)
         for (int b = 0; b < LANES; b++) out[c][b] = b < count ? rows[b * width + c] : 0.0f;
 }
@@ -115,18 +120,32 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
         v8 h[MAX_P], xg[3 * MAX_P], hg[3 * MAX_P];
         load_block(h, h_state, bf16, b0, count, P);
         const float *gates0 = segment_gates + (int64_t)seg[0] * G;
-        for (int q = 0; q < G; q++) {
-            /* Two independent chains per gate (input and hidden products). */
-            v8 acc = splat(gates0[q]);
+        /* Three gates at a time (reset, update and new gate of one unit j share nothing):
+           six independent FMA chains hide the FMA latency. */
+        for (int j = 0; j < P; j++) {
+            v8 a0 = splat(gates0[j]), a1 = splat(gates0[P + j]), a2 = splat(gates0[2 * P + j]);
             if (!uniform)
-                for (int b = 0; b < LANES; b++) acc[b] = segment_gates[(int64_t)seg[b] * G + q];
-            const float *w = w_in + (int64_t)q * F;
-            for (int f = 0; f < F; f++) acc += splat(w[f]) * feat[f];
-            xg[q] = acc;
-            v8 hacc = splat(b_hh[q]);
-            const float *wh = w_hh + (int64_t)q * P;
-            for (int j = 0; j < P; j++) hacc += splat(wh[j]) * h[j];
-            hg[q] = hacc;
+                for (int b = 0; b < LANES; b++) {
+                    const float *row = segment_gates + (int64_t)seg[b] * G;
+                    a0[b] = row[j];
+                    a1[b] = row[P + j];
+                    a2[b] = row[2 * P + j];
+                }
+            const float *w0 = w_in + (int64_t)j * F, *w1 = w_in + (int64_t)(P + j) * F, *w2 = w_in + (int64_t)(2 * P + j) * F;
+            for (int f = 0; f < F; f++) {
+                a0 += splat(w0[f]) * feat[f];
+                a1 += splat(w1[f]) * feat[f];
+                a2 += splat(w2[f]) * feat[f];
+            }
+            v8 c0 = splat(b_hh[j]), c1 = splat(b_hh[P + j]), c2 = splat(b_hh[2 * P + j]);
+            const float *u0 = w_hh + (int64_t)j * P, *u1 = w_hh + (int64_t)(P + j) * P, *u2 = w_hh + (int64_t)(2 * P + j) * P;
+            for (int i = 0; i < P; i++) {
+                c0 += splat(u0[i]) * h[i];
+                c1 += splat(u1[i]) * h[i];
+                c2 += splat(u2[i]) * h[i];
+            }
+            xg[j] = a0, xg[P + j] = a1, xg[2 * P + j] = a2;
+            hg[j] = c0, hg[P + j] = c1, hg[2 * P + j] = c2;
         }
         v8 out0 = splat(b_out[0]), out1 = splat(b_out[1]);
         for (int j = 0; j < P; j++) {
