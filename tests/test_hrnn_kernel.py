@@ -192,3 +192,25 @@ def test_a_subclass_that_changes_the_math_runs_eager():
     assert Scaled().fused_impls() == ()
     opt = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=Scaled())
     assert opt.impl_for(torch.device("cpu")) == "eager"
+
+
+@pytest.mark.parametrize("impl", ["cpu", "eager"])
+def test_torch_compile_traces_the_hierarchical_step_in_one_graph(impl):
+    torch._dynamo.reset()
+    model, opt = _train(impl, steps=1)
+    reference = copy.deepcopy(model)
+    groups = [{"params": reference[0].parameters()}, {"params": reference[2].parameters()}]
+    reference_opt = LearnedOptimizer(groups, pretrained=opt.rule, impl="eager")
+    reference_opt.load_state_dict(opt.state_dict())  # state and group settings (lr, weight decay)
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        for m, o, step in ((model, opt, compiled_step), (reference, reference_opt, reference_opt.step)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert _rel(a, b) < TRAJECTORY_RTOL
+    for k, v in reference_opt._global_state.items():
+        assert _rel(opt._global_state[k], v) < TRAJECTORY_RTOL, k

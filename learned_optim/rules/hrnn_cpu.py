@@ -51,7 +51,7 @@ def supports(rule: torch.nn.Module) -> bool:
     return rule.p <= _MAX_P and rule.k <= _MAX_K
 
 
-def _check_state(rule: torch.nn.Module, n: int, state: RuleState) -> torch.dtype:
+def _check_state(rule: torch.nn.Module, n: int, state: RuleState) -> None:
     widths = {"h": rule.p, "m": rule.k, "v": rule.k, "log_lr": 1}
     dtype = state["h"].dtype
     for key, width in widths.items():
@@ -60,7 +60,6 @@ def _check_state(rule: torch.nn.Module, n: int, state: RuleState) -> torch.dtype
             raise ValueError(f"state {key!r} must be contiguous with shape {(n, width)}, got {tuple(t.shape)}")
         if t.dtype != dtype or dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"state tensors must all be float32 or all bfloat16, got {key!r} in {t.dtype}")
-    return dtype
 
 
 @torch.no_grad()
@@ -93,8 +92,8 @@ def hrnn_step_cpu(
         The per-tensor sums :meth:`HierarchicalRNN.finalize` reads: ``h`` ``(S, P)`` and
         ``log_lr`` ``(S, 1)``, float64.
     """
-    library = _KERNEL.load()
-    if library is None:
+    # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
+    if not torch.compiler.is_compiling() and _KERNEL.load() is None:
         raise RuntimeError(f"the fused CPU kernel of the hierarchical RNN is unavailable: {_KERNEL.error}")
     if not supports(rule):
         raise ValueError(f"the fused CPU kernel handles param_hidden <= {_MAX_P} and timescales <= {_MAX_K}")
@@ -103,15 +102,17 @@ def hrnn_step_cpu(
     p = rule.p
     if grad.shape != (n,) or grad.dtype != torch.float32 or update.dtype != torch.float32:
         raise ValueError("grad and update must be (n,) float32 tensors")
+    if not update.is_contiguous():
+        raise ValueError("update must be contiguous (the kernel writes it in place)")
     if segment_ids.shape != (n,) or segment_ids.dtype != torch.int32:
         raise ValueError("segment_ids must be an (n,) int32 tensor")
-    dtype = _check_state(rule, n, state)
+    _check_state(rule, n, state)
     if n == 0:
         return {
             "h": torch.zeros(num_segments, p, dtype=torch.float64),
             "log_lr": torch.zeros(num_segments, 1, dtype=torch.float64),
         }
-    grad, update, segment_ids = grad.contiguous(), update.contiguous(), segment_ids.contiguous()
+    grad, segment_ids = grad.contiguous(), segment_ids.contiguous()
     weights = [
         (rule.tensor_to_param(segment_state["h"].float()) + rule.param_in.bias).float().contiguous(),
         segment_state["mean_log_lr"].float().reshape(num_segments).contiguous(),
@@ -124,24 +125,71 @@ def hrnn_step_cpu(
         rule.decays.float().contiguous(),
     ]
     keep_flags = keep.to(torch.uint8).contiguous() if keep is not None else None
+    sums = torch.ops.learned_optim.hrnn_step_cpu(
+        None if grad is update else grad,
+        state["h"],
+        state["m"],
+        state["v"],
+        state["log_lr"],
+        update,
+        keep_flags,
+        segment_ids,
+        counts.contiguous(),
+        weights,
+        p,
+        rule.k,
+        float(rule.lr_change_scale),
+        float(rule.log_min_lr),
+        float(rule.log_max_lr),
+    )
+    return {"h": sums[:, :p], "log_lr": sums[:, p : p + 1]}
+
+
+# A registered op (declaring what it writes) so that torch.compile keeps the step in one graph
+# instead of breaking at the ctypes calls.
+@torch.library.custom_op(
+    "learned_optim::hrnn_step_cpu", mutates_args=("h", "m", "v", "log_lr", "update"), device_types="cpu"
+)
+def _hrnn_step_cpu_op(
+    grad: Tensor | None,
+    h: Tensor,
+    m: Tensor,
+    v: Tensor,
+    log_lr: Tensor,
+    update: Tensor,
+    keep: Tensor | None,
+    segment_ids: Tensor,
+    counts: Tensor,
+    weights: list[Tensor],
+    param_hidden: int,
+    timescales: int,
+    lr_change_scale: float,
+    log_min_lr: float,
+    log_max_lr: float,
+) -> Tensor:
+    """Both kernel passes; returns the per-tensor float64 sums ``(S, P + 2)`` (h, log lr, direction²)."""
+    library = _KERNEL.load()
+    if library is None:
+        raise RuntimeError(f"the fused CPU kernel of the hierarchical RNN is unavailable: {_KERNEL.error}")
+    n, p = update.numel(), param_hidden
     ranges = split_ranges(n, align=8)
-    partial_sums = torch.zeros(len(ranges), num_segments, p + 2, dtype=torch.float64)
+    partial_sums = torch.zeros(len(ranges), counts.numel(), p + 2, dtype=torch.float64)
     common = (
-        grad.data_ptr(),
-        state["h"].data_ptr(),
-        state["m"].data_ptr(),
-        state["v"].data_ptr(),
-        state["log_lr"].data_ptr(),
-        int(dtype == torch.bfloat16),
+        (update if grad is None else grad).data_ptr(),
+        h.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        log_lr.data_ptr(),
+        int(h.dtype == torch.bfloat16),
         update.data_ptr(),
-        keep_flags.data_ptr() if keep_flags is not None else None,
+        keep.data_ptr() if keep is not None else None,
         segment_ids.data_ptr(),
         *(w.data_ptr() for w in weights),
         p,
-        rule.k,
-        rule.lr_change_scale,
-        rule.log_min_lr,
-        rule.log_max_lr,
+        timescales,
+        lr_change_scale,
+        log_min_lr,
+        log_max_lr,
     )
     run_parallel(
         library.hrnn_step, [(lo, hi, *common, partial_sums[i].data_ptr()) for i, (lo, hi) in enumerate(ranges)]
@@ -153,4 +201,9 @@ def hrnn_step_cpu(
     run_parallel(
         library.hrnn_scale, [(lo, hi, update.data_ptr(), segment_ids.data_ptr(), scale.data_ptr()) for lo, hi in ranges]
     )
-    return {"h": sums[:, :p], "log_lr": sums[:, p : p + 1]}
+    return sums
+
+
+@_hrnn_step_cpu_op.register_fake
+def _hrnn_step_cpu_fake(grad, h, m, v, log_lr, update, keep, segment_ids, counts, weights, param_hidden, *rest):
+    return counts.new_empty((counts.shape[0], param_hidden + 2), dtype=torch.float64)
