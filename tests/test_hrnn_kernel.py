@@ -1,4 +1,5 @@
-"""The fused CPU kernel of HierarchicalRNN against its eager rule, and LearnedOptimizer on it."""
+"""The fused kernels of HierarchicalRNN (C on CPU; Triton, through its interpreter without a
+GPU) against its eager rule, and LearnedOptimizer on them."""
 
 from __future__ import annotations
 
@@ -11,9 +12,34 @@ from torch import nn
 from learned_optim import HierarchicalRNN, LearnedOptimizer
 from learned_optim.rules.base import StepContext
 from learned_optim.rules.hrnn_cpu import hrnn_step_cpu
+from learned_optim.rules.hrnn_triton import hrnn_step_triton, pack_hrnn_weights
 
-if "cpu" not in HierarchicalRNN().fused_impls():
-    pytest.skip("the hierarchical RNN's CPU kernel cannot be built here (no C compiler)", allow_module_level=True)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The kernels that can run on this machine's test device (the C kernel only on CPU).
+KERNELS = [impl for impl in HierarchicalRNN().fused_impls() if impl == "triton" or DEVICE.type == "cpu"]
+if not KERNELS:
+    pytest.skip("no fused kernel of the hierarchical RNN can run here", allow_module_level=True)
+over_kernels = pytest.mark.parametrize("impl", KERNELS)
+
+
+def _kernel_step(impl, rule, grad, state, update, ids, sizes, segment, keep=None):
+    """One kernel step on DEVICE; state and update are written in place (moved back to CPU)."""
+    on = {k: v.to(DEVICE) for k, v in state.items()}
+    out = update.to(DEVICE)
+    args = (grad.to(DEVICE), on, out, ids.int().to(DEVICE), torch.tensor(sizes, device=DEVICE))
+    seg = {k: v.to(DEVICE) for k, v in segment.items()}
+    keep = keep.to(DEVICE) if keep is not None else None
+    with torch.no_grad():
+        if impl == "cpu":
+            sums = hrnn_step_cpu(rule, *args, seg, keep)
+        else:
+            moved = rule.to(DEVICE)
+            sums = hrnn_step_triton(moved, pack_hrnn_weights(moved), *args, seg, keep)
+            rule.to("cpu")
+    for k, v in on.items():
+        state[k].copy_(v.cpu())
+    update.copy_(out.cpu())
+    return {k: v.cpu() for k, v in sums.items()}
 
 # One step matches the eager rule within 1e-5 relative (exp/log/sigmoid approximations at fp32
 # accuracy); over a few optimizer steps the last-bit differences compound through the params.
@@ -67,13 +93,14 @@ def _eager(rule, grad, state, ids, segment, num):
     [{}, {"param_hidden": 7, "timescales": 3}, {"param_hidden": 16, "timescales": 6, "lr_change_scale": 0.5}],
     ids=["paper", "p7-k3", "p16-k6"],
 )
-def test_kernel_matches_eager_rule(config):
+@over_kernels
+def test_kernel_matches_eager_rule(config, impl):
     rule = _noisy(HierarchicalRNN(**config))
     grad, state, ids, segment = _inputs(rule, SIZES)
     expected_update, expected_state, expected_sums = _eager(rule, grad, state, ids, segment, len(SIZES))
     got_state = {k: v.clone() for k, v in state.items()}
     update = torch.empty_like(grad)
-    sums = hrnn_step_cpu(rule, grad, got_state, update, ids.int(), torch.tensor(SIZES), segment)
+    sums = _kernel_step(impl, rule, grad, got_state, update, ids, SIZES, segment)
     assert _rel(update, expected_update) < STEP_RTOL
     for k in expected_state:
         assert _rel(got_state[k], expected_state[k]) < STEP_RTOL, k
@@ -86,13 +113,14 @@ def test_kernel_matches_eager_rule(config):
         assert float(piece.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-4), i
 
 
-def test_bf16_state_rounds_like_the_eager_rule():
+@over_kernels
+def test_bf16_state_rounds_like_the_eager_rule(impl):
     rule = _noisy(HierarchicalRNN())
     grad, state, ids, segment = _inputs(rule, SIZES, dtype=torch.bfloat16)
     expected_update, expected_state, _ = _eager(rule, grad, state, ids, segment, len(SIZES))
     got_state = {k: v.clone() for k, v in state.items()}
     update = torch.empty_like(grad)
-    hrnn_step_cpu(rule, grad, got_state, update, ids.int(), torch.tensor(SIZES), segment)
+    _kernel_step(impl, rule, grad, got_state, update, ids, SIZES, segment)
     assert all(v.dtype == torch.bfloat16 for v in got_state.values())
     assert _rel(update, expected_update) < STEP_RTOL
     for k in expected_state:
@@ -104,7 +132,8 @@ def test_bf16_state_rounds_like_the_eager_rule():
         assert bool((diff <= expected.abs() * 2**-7 + 1e-6 * expected.abs().max()).all()), k
 
 
-def test_skipped_tensor_keeps_its_state_and_gets_no_update():
+@over_kernels
+def test_skipped_tensor_keeps_its_state_and_gets_no_update(impl):
     rule = _noisy(HierarchicalRNN())
     grad, state, ids, segment = _inputs(rule, SIZES)
     keep = torch.tensor([True, False, True, True, False])
@@ -112,7 +141,7 @@ def test_skipped_tensor_keeps_its_state_and_gets_no_update():
     expected_update, expected_state, expected_sums = _eager(rule, zeroed, state, ids, segment, len(SIZES))
     got_state = {k: v.clone() for k, v in state.items()}
     update = torch.full_like(grad, float("nan"))
-    sums = hrnn_step_cpu(rule, grad, got_state, update, ids.int(), torch.tensor(SIZES), segment, keep=keep)
+    sums = _kernel_step(impl, rule, grad, got_state, update, ids, SIZES, segment, keep)
     kept = keep[ids]
     assert torch.equal(update[~kept], torch.zeros(int((~kept).sum())))
     assert _rel(update[kept], expected_update[kept]) < STEP_RTOL
@@ -126,16 +155,16 @@ def test_skipped_tensor_keeps_its_state_and_gets_no_update():
 
 def _train(impl: str, steps: int = 6, state_dict=None, model=None):
     torch.manual_seed(0)
-    model = model or nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    model = model or nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(DEVICE)
     groups = [
         {"params": model[0].parameters(), "lr": 0.7, "weight_decay": 0.1},
         {"params": model[2].parameters(), "maximize": False},
     ]
-    opt = LearnedOptimizer(groups, pretrained=_noisy(HierarchicalRNN()), lr=2.0, impl=impl)
+    opt = LearnedOptimizer(groups, pretrained=_noisy(HierarchicalRNN()).to(DEVICE), lr=2.0, impl=impl)
     if state_dict is not None:
         opt.load_state_dict(state_dict)
-    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
-    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     for _ in range(steps):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -145,10 +174,11 @@ def _train(impl: str, steps: int = 6, state_dict=None, model=None):
     return model, opt
 
 
-def test_optimizer_on_the_kernel_matches_eager_mode():
-    fused_model, fused_opt = _train("cpu")
+@over_kernels
+def test_optimizer_on_the_kernel_matches_eager_mode(impl):
+    fused_model, fused_opt = _train(impl)
     eager_model, eager_opt = _train("eager")
-    assert fused_opt.impl_for(torch.device("cpu")) == "cpu"
+    assert fused_opt.impl_for(DEVICE) == impl
     for a, b in zip(fused_model.parameters(), eager_model.parameters(), strict=True):
         assert _rel(a, b) < TRAJECTORY_RTOL
         for k, v in eager_opt.state[b].items():
@@ -157,16 +187,18 @@ def test_optimizer_on_the_kernel_matches_eager_mode():
         assert _rel(fused_opt._global_state[k], v) < TRAJECTORY_RTOL, k
 
 
-def test_state_dict_moves_between_kernel_and_eager():
-    model, opt = _train("cpu", steps=3)
+@over_kernels
+def test_state_dict_moves_between_kernel_and_eager(impl):
+    model, opt = _train(impl, steps=3)
     saved_model = copy.deepcopy(model)
     state = copy.deepcopy(opt.state_dict())
-    continued, _ = _train("cpu", steps=3, state_dict=copy.deepcopy(state), model=copy.deepcopy(saved_model))
+    continued, _ = _train(impl, steps=3, state_dict=copy.deepcopy(state), model=copy.deepcopy(saved_model))
     resumed, _ = _train("eager", steps=3, state_dict=copy.deepcopy(state), model=copy.deepcopy(saved_model))
     for a, b in zip(continued.parameters(), resumed.parameters(), strict=True):
         assert _rel(a, b) < TRAJECTORY_RTOL
 
 
+@pytest.mark.skipif("cpu" not in KERNELS, reason="needs the C kernel")
 def test_kernel_errors_name_the_problem():
     rule = HierarchicalRNN()
     grad, state, ids, segment = _inputs(rule, [10])
@@ -194,7 +226,7 @@ def test_a_subclass_that_changes_the_math_runs_eager():
     assert opt.impl_for(torch.device("cpu")) == "eager"
 
 
-@pytest.mark.parametrize("impl", ["cpu", "eager"])
+@pytest.mark.parametrize("impl", [*KERNELS, "eager"])
 def test_torch_compile_traces_the_hierarchical_step_in_one_graph(impl):
     torch._dynamo.reset()
     model, opt = _train(impl, steps=1)
@@ -202,9 +234,10 @@ def test_torch_compile_traces_the_hierarchical_step_in_one_graph(impl):
     groups = [{"params": reference[0].parameters()}, {"params": reference[2].parameters()}]
     reference_opt = LearnedOptimizer(groups, pretrained=opt.rule, impl="eager")
     reference_opt.load_state_dict(opt.state_dict())  # state and group settings (lr, weight decay)
-    compiled_step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
-    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3))
-    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(4))
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend=backend)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     for _ in range(3):
         for m, o, step in ((model, opt, compiled_step), (reference, reference_opt, reference_opt.step)):
             o.zero_grad()

@@ -130,10 +130,14 @@ class HierarchicalRNN(UpdateRule):
 
     def fused_impls(self) -> tuple[str, ...]:
         from learned_optim.rules import hrnn_cpu
+        from learned_optim.rules.lstm_triton import triton_available
 
         if any(getattr(type(self), name) is not getattr(HierarchicalRNN, name) for name in ("forward", "finalize")):
-            return ()  # a subclass that changes the math must not get this class's kernel
-        return ("cpu",) if hrnn_cpu.supports(self) and hrnn_cpu.hrnn_kernel_available() else ()
+            return ()  # a subclass that changes the math must not get this class's kernels
+        impls = ("triton",) if triton_available() else ()
+        if hrnn_cpu.supports(self) and hrnn_cpu.hrnn_kernel_available():
+            impls += ("cpu",)
+        return impls
 
     def fused_step(
         self,
@@ -146,16 +150,27 @@ class HierarchicalRNN(UpdateRule):
         context: StepContext | None = None,
     ) -> None:
         from learned_optim.rules.hrnn_cpu import hrnn_step_cpu
+        from learned_optim.rules.hrnn_triton import hrnn_step_triton, pack_hrnn_weights
 
-        if impl != "cpu":
+        if impl not in ("cpu", "triton"):
             raise NotImplementedError(f"HierarchicalRNN has no fused kernel {impl!r}; it has {self.fused_impls()}")
         if context is None or segment_ids is None or context.segment_state is None:
             raise ValueError("HierarchicalRNN.fused_step needs segment_ids and a context with the tensors' state")
         counts = context.segment_counts
         if counts is None:
             counts = torch.bincount(segment_ids.long(), minlength=context.num_segments)
-        context.segment_sums = hrnn_step_cpu(
-            self, grad, state, update, segment_ids, counts, context.segment_state, keep
+        if impl == "cpu":
+            context.segment_sums = hrnn_step_cpu(
+                self, grad, state, update, segment_ids, counts, context.segment_state, keep
+            )
+            return
+        if torch.compiler.is_compiling():
+            packed = pack_hrnn_weights(self)
+        else:
+            # Packed once and reused until the weights change (their version counters move).
+            packed = self._packed = pack_hrnn_weights(self, getattr(self, "_packed", None))
+        context.segment_sums = hrnn_step_triton(
+            self, packed, grad, state, update, segment_ids, counts, context.segment_state, keep
         )
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:

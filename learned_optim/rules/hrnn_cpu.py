@@ -19,7 +19,7 @@ from torch import Tensor
 from learned_optim.rules.base import RuleState
 from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
 
-__all__ = ["hrnn_kernel_available", "hrnn_step_cpu", "supports"]
+__all__ = ["check_step_inputs", "hrnn_kernel_available", "hrnn_step_cpu", "supports"]
 
 _MAX_P = 32  # MAX_P in the C source
 _MAX_K = 8  # MAX_K
@@ -51,7 +51,17 @@ def supports(rule: torch.nn.Module) -> bool:
     return rule.p <= _MAX_P and rule.k <= _MAX_K
 
 
-def _check_state(rule: torch.nn.Module, n: int, state: RuleState) -> None:
+def check_step_inputs(
+    rule: torch.nn.Module, grad: Tensor, state: RuleState, update: Tensor, segment_ids: Tensor
+) -> None:
+    """Raise ValueError naming the first input of a fused hierarchical step that is not as expected."""
+    n = update.numel()
+    if grad.shape != (n,) or grad.dtype != torch.float32 or update.dtype != torch.float32:
+        raise ValueError("grad and update must be (n,) float32 tensors")
+    if not update.is_contiguous():
+        raise ValueError("update must be contiguous (the kernel writes it in place)")
+    if segment_ids.shape != (n,) or segment_ids.dtype != torch.int32:
+        raise ValueError("segment_ids must be an (n,) int32 tensor")
     widths = {"h": rule.p, "m": rule.k, "v": rule.k, "log_lr": 1}
     dtype = state["h"].dtype
     for key, width in widths.items():
@@ -97,16 +107,10 @@ def hrnn_step_cpu(
         raise RuntimeError(f"the fused CPU kernel of the hierarchical RNN is unavailable: {_KERNEL.error}")
     if not supports(rule):
         raise ValueError(f"the fused CPU kernel handles param_hidden <= {_MAX_P} and timescales <= {_MAX_K}")
+    check_step_inputs(rule, grad, state, update, segment_ids)
     n = update.numel()
     num_segments = counts.numel()
     p = rule.p
-    if grad.shape != (n,) or grad.dtype != torch.float32 or update.dtype != torch.float32:
-        raise ValueError("grad and update must be (n,) float32 tensors")
-    if not update.is_contiguous():
-        raise ValueError("update must be contiguous (the kernel writes it in place)")
-    if segment_ids.shape != (n,) or segment_ids.dtype != torch.int32:
-        raise ValueError("segment_ids must be an (n,) int32 tensor")
-    _check_state(rule, n, state)
     if n == 0:
         return {
             "h": torch.zeros(num_segments, p, dtype=torch.float64),
