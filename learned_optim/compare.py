@@ -147,6 +147,32 @@ class ResultCache:
         os.replace(tmp, self.path)
 
 
+def _hash_tensors(digest: Any, item: Any) -> None:
+    """Feed the shapes, dtypes and values of the tensors in ``item`` (nested tuples/lists) to ``digest``."""
+    if isinstance(item, torch.Tensor):
+        t = item.detach().cpu()
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(item, (tuple, list)):
+        for part in item:
+            _hash_tensors(digest, part)
+    else:
+        digest.update(repr(item).encode())
+
+
+def task_fingerprint(family: TaskFamily, seed: int) -> str:
+    """A short hash of what ``family`` builds for ``seed``: the model's initial parameters and the
+    first minibatch. Part of the baseline cache key, so that two tasks that share a name (user
+    tasks, a changed dataset) never share cached runs."""
+    instance = family.sample(seed)
+    digest = hashlib.sha1(str(instance.name).encode())
+    for name, p in instance.model.named_parameters():
+        digest.update(name.encode())
+        _hash_tensors(digest, p)
+    _hash_tensors(digest, instance.next_batch())
+    return digest.hexdigest()[:16]
+
+
 def _aggregate(name: str, runs: Sequence[RunResult]) -> dict[str, Any]:
     def mean(xs: Sequence[float]) -> float:
         return float(sum(xs) / len(xs)) if all(math.isfinite(x) for x in xs) else float("inf")
@@ -373,7 +399,8 @@ def compare(
         progress: show a progress bar.
         rule_names: labels for ``rules`` in the report.
         tune_test: report baselines' held-out loss at the lr best on held-out loss.
-        task_label: name of the task in reports and in the cache key (default: its name).
+        task_label: name of the task in reports and in the cache key (default: its name; the key
+            also holds :func:`task_fingerprint`, so tasks that share a name never share entries).
     """
     from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
@@ -406,6 +433,7 @@ def compare(
         taken.add(unique)
         loaded[i] = (unique, rule)
     cache = ResultCache(cache_path)
+    cache_task = f"{task_key}#{task_fingerprint(family, seed_list[0])}" if cache_path is not None else task_key
     total = len(seed_list) * (len(loaded) + len(baselines) * len(grid))
     bar = None
     if progress:
@@ -420,7 +448,7 @@ def compare(
         for b in baselines:
             results.append(
                 tune_baseline(
-                    b, BASELINES[b], family, task_key, seed_list, steps, grid, cache, on_run=tick, tune_test=tune_test
+                    b, BASELINES[b], family, cache_task, seed_list, steps, grid, cache, on_run=tick, tune_test=tune_test
                 )
             )
             cache.save()

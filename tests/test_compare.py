@@ -8,7 +8,7 @@ import math
 import matplotlib.image
 import pytest
 import torch
-from tiny_tasks import Counter, half_square, make_tiny
+from tiny_tasks import Counter, half_square, make_tiny, tiny_sampler
 
 from learned_optim import CoordinateLSTM
 from learned_optim.compare import BASELINES, Comparison, ResultCache, compare, run_once, tune_baseline
@@ -198,13 +198,31 @@ def test_cache_skips_baseline_reruns(counted, tmp_path):
 
     counter.calls = 0
     second = compare(task, rules=[small_rule()], **settings)
-    assert counter.calls == 2  # only the learned rule ran again (once per seed)
+    # Only the learned rule ran again (once per seed), plus one instance for the task's fingerprint.
+    assert counter.calls == 3
     assert _numbers(second) == _numbers(first)
     assert [r.grid for r in second.results] == [r.grid for r in first.results]
 
     # Another cache object reading the same file sees the same runs.
     cache = ResultCache(cache_path)
     assert len(cache.data) == len(json.loads(cache_path.read_text()))
+
+
+def test_tasks_that_share_a_name_do_not_share_cached_runs(tmp_path):
+    def shifted_sampler(generator):
+        x, y = tiny_sampler(generator)
+        return x, y + 3.0  # other targets, same name, same model
+
+    settings = dict(steps=5, seeds=2, grid=(0.1, 1.0), baselines=["sgd"], cache_path=tmp_path / "cache.json",
+                    progress=False)  # fmt: skip
+    first = compare(make_tiny(name="mine"), rules=[], **settings)
+    counter = Counter()
+    other = compare(make_tiny(name="mine", model=counter, data=shifted_sampler), rules=[], **settings)
+    assert counter.calls > 1 + 2  # its baselines ran instead of coming from the cache
+    assert other.results[0].mean_loss != first.results[0].mean_loss
+    # Both tasks' runs are kept, side by side (each lr of each grid, on two seeds).
+    entries = len(ResultCache(tmp_path / "cache.json").data)
+    assert entries == 2 * (len(first.results[0].grid) + len(other.results[0].grid))
 
 
 def test_corrupt_cache_is_ignored(tmp_path):
