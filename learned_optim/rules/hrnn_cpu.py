@@ -19,7 +19,7 @@ from torch import Tensor
 from learned_optim.rules.base import RuleState
 from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
 
-__all__ = ["check_step_inputs", "hrnn_kernel_available", "hrnn_step_cpu", "supports"]
+__all__ = ["check_step_inputs", "direction_scale", "hrnn_kernel_available", "hrnn_step_cpu", "no_sums", "supports"]
 
 _MAX_P = 32  # MAX_P in the C source
 _MAX_K = 8  # MAX_K
@@ -72,6 +72,20 @@ def check_step_inputs(
             raise ValueError(f"state tensors must all be float32 or all bfloat16, got {key!r} in {t.dtype}")
 
 
+def no_sums(num_segments: int, param_hidden: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """The per-tensor sums of a step over no coordinates."""
+    return {
+        "h": torch.zeros(num_segments, param_hidden, dtype=torch.float64, device=device),
+        "log_lr": torch.zeros(num_segments, 1, dtype=torch.float64, device=device),
+    }
+
+
+def direction_scale(square_sums: Tensor, counts: Tensor) -> Tensor:
+    """``1 / RMS`` of each tensor's direction, as the eager rule computes it (float64), in fp32."""
+    rms = torch.sqrt(square_sums / counts.to(torch.float64).clamp_min(1) + 1e-16)
+    return (1.0 / rms).float().contiguous()
+
+
 @torch.no_grad()
 def hrnn_step_cpu(
     rule: torch.nn.Module,
@@ -112,10 +126,7 @@ def hrnn_step_cpu(
     num_segments = counts.numel()
     p = rule.p
     if n == 0:
-        return {
-            "h": torch.zeros(num_segments, p, dtype=torch.float64),
-            "log_lr": torch.zeros(num_segments, 1, dtype=torch.float64),
-        }
+        return no_sums(num_segments, p)
     grad, segment_ids = grad.contiguous(), segment_ids.contiguous()
     weights = [
         (rule.tensor_to_param(segment_state["h"].float()) + rule.param_in.bias).float().contiguous(),
@@ -199,9 +210,7 @@ def _hrnn_step_cpu_op(
         library.hrnn_step, [(lo, hi, *common, partial_sums[i].data_ptr()) for i, (lo, hi) in enumerate(ranges)]
     )
     sums = partial_sums.sum(0)
-    # Unit RMS per tensor: the eager rule's sqrt(mean square + 1e-16), in float64.
-    rms = torch.sqrt(sums[:, p + 1] / counts.to(torch.float64).clamp_min(1) + 1e-16)
-    scale = (1.0 / rms).float().contiguous()
+    scale = direction_scale(sums[:, p + 1], counts)
     run_parallel(
         library.hrnn_scale, [(lo, hi, update.data_ptr(), segment_ids.data_ptr(), scale.data_ptr()) for lo, hi in ranges]
     )

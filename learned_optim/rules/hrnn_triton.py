@@ -21,13 +21,9 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.base import RuleState
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional, as for the LSTM kernel
-    triton = None
-    tl = None
+from learned_optim.rules.triton_common import sigmoid as _sigmoid
+from learned_optim.rules.triton_common import tanh as _tanh
+from learned_optim.rules.triton_common import tl, triton
 
 __all__ = ["hrnn_step_triton", "pack_hrnn_weights"]
 
@@ -85,14 +81,6 @@ def pack_hrnn_weights(rule: torch.nn.Module, cached: PackedHRNNWeights | None = 
 
 
 if triton is not None:
-
-    @triton.jit
-    def _sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
-
-    @triton.jit
-    def _tanh(x):
-        return 2.0 * _sigmoid(2.0 * x) - 1.0
 
     @triton.jit
     def _hrnn_kernel(
@@ -214,7 +202,7 @@ def hrnn_step_triton(
     ``packed`` is :func:`pack_hrnn_weights` of ``rule``; ``precision`` is the ``tl.dot``
     input precision on GPU (``"tf32x3"``: fp32 accuracy on the matrix units).
     """
-    from learned_optim.rules.hrnn_cpu import check_step_inputs
+    from learned_optim.rules.hrnn_cpu import check_step_inputs, no_sums
 
     if triton is None:
         raise RuntimeError("the Triton kernel needs the `triton` package (pip install triton)")
@@ -222,10 +210,7 @@ def hrnn_step_triton(
     n, num_segments, p = update.numel(), counts.numel(), rule.p
     pp = _padded(p)
     if n == 0:
-        return {
-            "h": torch.zeros(num_segments, p, dtype=torch.float64, device=update.device),
-            "log_lr": torch.zeros(num_segments, 1, dtype=torch.float64, device=update.device),
-        }
+        return no_sums(num_segments, p, update.device)
     segment_gates = update.new_zeros(num_segments, 3, pp)
     segment_gates[:, :, :p] = (rule.tensor_to_param(segment_state["h"].float()) + rule.param_in.bias).view(
         num_segments, 3, p
@@ -290,8 +275,9 @@ def _hrnn_step_triton_op(
         P=param_hidden, K=timescales, PP=pp, KP=kp, MASKED=keep is not None, BLOCK_SIZE=BLOCK, PRECISION=precision,
         num_warps=4,
     )  # fmt: skip
-    rms = torch.sqrt(sums[:, pp + 1] / counts.to(torch.float64).clamp_min(1) + 1e-16)
-    scale = (1.0 / rms).float().contiguous()
+    from learned_optim.rules.hrnn_cpu import direction_scale
+
+    scale = direction_scale(sums[:, pp + 1], counts)
     _scale_kernel[(triton.cdiv(n, 1024),)](update, segment_ids, scale, n, BLOCK_SIZE=1024)
     return sums
 

@@ -19,41 +19,16 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state, padded_units
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is an optional dependency (GPU installs of torch bring it).
-    triton = None
-    tl = None
+from learned_optim.rules.triton_common import sigmoid as _sigmoid
+from learned_optim.rules.triton_common import tanh as _tanh
+from learned_optim.rules.triton_common import tl, triton, triton_available, triton_usable_on
 
 __all__ = ["lstm_step_triton", "triton_available", "triton_usable_on"]
 
 BLOCK = 64
 
 
-def triton_available() -> bool:
-    """Whether Triton is installed."""
-    return triton is not None
-
-
-def triton_usable_on(device: torch.device) -> bool:
-    """Whether the Triton kernel can run on ``device``: CUDA, or any device under ``TRITON_INTERPRET=1``."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if triton is not None:
-
-    @triton.jit
-    def _sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
-
-    @triton.jit
-    def _tanh(x):
-        # The eager rule's formula: 2 sigmoid(2x) - 1.
-        return 2.0 * _sigmoid(2.0 * x) - 1.0
 
     @triton.jit
     def _gate(

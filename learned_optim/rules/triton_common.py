@@ -1,0 +1,44 @@
+"""What the Triton kernels share: the optional import, where they can run, and their
+sigmoid/tanh (the eager rules' formulas)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is an optional dependency (GPU installs of torch bring it).
+    triton = None
+    tl = None
+
+__all__ = ["sigmoid", "tanh", "tl", "triton", "triton_available", "triton_usable_on"]
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed."""
+    return triton is not None
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on ``device``: CUDA, or any device under ``TRITON_INTERPRET=1``."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def sigmoid(x):
+        return 1.0 / (1.0 + tl.exp(-x))
+
+    @triton.jit
+    def tanh(x):
+        # 2 sigmoid(2x) - 1, as the LSTM's eager rule computes it.
+        return 2.0 * sigmoid(2.0 * x) - 1.0
+
+else:
+    sigmoid = tanh = None
