@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.base import RuleState
+from learned_optim.rules.hrnn_cpu import check_step_inputs, direction_scale, no_sums
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
 from learned_optim.rules.triton_common import tl, triton
@@ -202,8 +203,6 @@ def hrnn_step_triton(
     ``packed`` is :func:`pack_hrnn_weights` of ``rule``; ``precision`` is the ``tl.dot``
     input precision on GPU (``"tf32x3"``: fp32 accuracy on the matrix units).
     """
-    from learned_optim.rules.hrnn_cpu import check_step_inputs, no_sums
-
     if triton is None:
         raise RuntimeError("the Triton kernel needs the `triton` package (pip install triton)")
     check_step_inputs(rule, grad, state, update, segment_ids)
@@ -275,8 +274,6 @@ def _hrnn_step_triton_op(
         P=param_hidden, K=timescales, PP=pp, KP=kp, MASKED=keep is not None, BLOCK_SIZE=BLOCK, PRECISION=precision,
         num_warps=4,
     )  # fmt: skip
-    from learned_optim.rules.hrnn_cpu import direction_scale
-
     scale = direction_scale(sums[:, pp + 1], counts)
     _scale_kernel[(triton.cdiv(n, 1024),)](update, segment_ids, scale, n, BLOCK_SIZE=1024)
     return sums
