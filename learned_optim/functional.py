@@ -265,6 +265,7 @@ class FlatState:
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
         self._segment_ids: Tensor | None = None
+        self._segment_counts: Tensor | None = None
         self._views: list[RuleState] | None = None
 
     @classmethod
@@ -294,6 +295,14 @@ class FlatState:
             if state.keys() != views.keys() or any(state[k] is not v for k, v in views.items()):
                 return False
         return True
+
+    def segment_counts(self) -> Tensor:
+        """``(S,)`` coordinates of every tensor, on the buffers' device (built once: no copy from
+        the host in later steps, which a CUDA graph capture would not allow)."""
+        if self._segment_counts is None:
+            device = next(iter(self.buffers.values())).device
+            self._segment_counts = torch.tensor(self.numels, device=device)
+        return self._segment_counts
 
     def segment_ids(self) -> Tensor:
         """``(N,)`` int32: the tensor index of every coordinate (built once, on first use)."""
@@ -367,7 +376,7 @@ def fused_learned_step(
             num_segments=len(entries),
             segment_state={k: torch.cat([e.segment_state[k] for e in entries]) for k in entries[0].segment_state},
             global_state=global_state,
-            segment_counts=torch.tensor(flat.numels, device=device),
+            segment_counts=flat.segment_counts(),
         )
     for chunk_start in range(0, total, chunk_size):
         chunk_stop = min(chunk_start + chunk_size, total)
