@@ -216,6 +216,7 @@ def _finalize(
     sums: list[dict[str, Tensor]],
     keep: Tensor,
     global_state: RuleState | None,
+    counts: Tensor | None = None,
 ) -> None:
     """Advance tensor-level and global state once per step; skipped tensors keep theirs.
 
@@ -236,7 +237,8 @@ def _finalize(
         template = next(s[k] for s in sums if k in s)
         # A zero-size tensor contributes no chunk piece, hence no sums.
         stacked[k] = torch.stack([s.get(k, torch.zeros_like(template)) for s in sums])
-    counts = torch.tensor([float(e.param.numel()) for e in entries], device=keep.device)
+    if counts is None:
+        counts = torch.tensor([float(e.param.numel()) for e in entries], device=keep.device)
     new_segment, new_global = rule.finalize(segment_state, global_state, stacked, counts)
     for i, e in enumerate(entries):
         for k in seg_keys:
@@ -418,7 +420,7 @@ def fused_learned_step(
             e.param.copy_(flat_param.view(e.param.shape))
     if hierarchical and total > 0:
         sums = [{k: v[i] for k, v in context.segment_sums.items()} for i in range(len(entries))]
-        _finalize(rule, entries, sums, keep, global_state)
+        _finalize(rule, entries, sums, keep, global_state, flat.segment_counts())
     return skipped
 
 
