@@ -66,12 +66,14 @@ static inline float lane_sum(v8 x) {
     return total;
 }
 
-void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state,
-               void *lr_state, int bf16, float *update, const uint8_t *keep, const int32_t *segment,
-               const float *segment_gates, const float *segment_mean_log_lr, const float *w_in, const float *w_hh,
-               const float *b_hh, const float *w_out, const float *b_out, const float *w_direct,
-               const float *decays, int P, int K, float lr_change_scale, float log_min_lr, float log_max_lr,
-               double *sums) {
+/* The step for any P and K; inlined into hrnn_step with the default sizes as constants, so
+   that the compiler unrolls the small loops over units, time scales and features. */
+static inline __attribute__((always_inline)) void hrnn_range(
+    int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state, void *lr_state,
+    int bf16, float *update, const uint8_t *keep, const int32_t *segment, const float *segment_gates,
+    const float *segment_mean_log_lr, const float *w_in, const float *w_hh, const float *b_hh, const float *w_out,
+    const float *b_out, const float *w_direct, const float *decays, const int P, const int K, float lr_change_scale,
+    float log_min_lr, float log_max_lr, double *sums) {
     const int F = 2 * K + 1, G = 3 * P;
     for (int64_t b0 = start; b0 < stop; b0 += LANES) {
         const int count = (int)(stop - b0 < LANES ? stop - b0 : LANES);
@@ -184,6 +186,23 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
             }
         }
     }
+}
+
+void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state,
+               void *lr_state, int bf16, float *update, const uint8_t *keep, const int32_t *segment,
+               const float *segment_gates, const float *segment_mean_log_lr, const float *w_in, const float *w_hh,
+               const float *b_hh, const float *w_out, const float *b_out, const float *w_direct,
+               const float *decays, int P, int K, float lr_change_scale, float log_min_lr, float log_max_lr,
+               double *sums) {
+#define HRNN_ARGS(p, k)                                                                                            \
+    start, stop, grad, h_state, m_state, v_state, lr_state, bf16, update, keep, segment, segment_gates,           \
+        segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, p, k, lr_change_scale, log_min_lr, \
+        log_max_lr, sums
+    if (P == 10 && K == 4)
+        hrnn_range(HRNN_ARGS(10, 4)); /* the paper's sizes, HierarchicalRNN's defaults */
+    else
+        hrnn_range(HRNN_ARGS(P, K));
+#undef HRNN_ARGS
 }
 
 /* update[i] *= scale[segment[i]] for i in [start, stop). */
