@@ -24,7 +24,7 @@ from learned_optim.functional import (
     learned_step,
     nonfinite_mask,
 )
-from learned_optim.rules.base import UpdateRule
+from learned_optim.rules.base import StepContext, UpdateRule
 from learned_optim.rules.registry import get_rule_class
 from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
@@ -123,6 +123,9 @@ class LearnedOptimizer(Optimizer):
         self._global_state: dict[str, Tensor] | None = None
         self._hierarchical = bool(self.rule.segment_state_spec() or self.rule.global_state_spec())
         self.impl = impl
+        # "device:impl" -> why the kernel could not run there (impl="auto" then steps eagerly).
+        self._kernel_failures: dict[str, str] = {}
+        self._kernels_checked: set[str] = set()
         if impl != "auto" and impl != "eager" and impl not in self.rule.fused_impls():
             from learned_optim.rules.lstm_cpu import cpu_kernel_error
             from learned_optim.rules.lstm_triton import triton_available
@@ -162,18 +165,23 @@ class LearnedOptimizer(Optimizer):
         return cached
 
     def impl_for(self, device: torch.device) -> str:
-        """The implementation a step on ``device`` uses (``impl`` with ``"auto"`` resolved)."""
+        """The implementation a step on ``device`` uses (``impl`` with ``"auto"`` resolved).
+
+        With ``"auto"``, the chosen kernel is tried once on the device first; if it cannot be
+        built or run there, a ``RuntimeWarning`` says why and the eager path is used instead.
+        """
         from learned_optim.rules.lstm_triton import triton_usable_on
 
         if self.impl == "eager":
             return "eager"
         if self.impl == "auto":
             fused = self.rule.fused_impls()
+            choice = "eager"
             if device.type == "cuda" and "triton" in fused and triton_usable_on(device):
-                return "triton"
-            if device.type == "cpu" and "cpu" in fused:
-                return "cpu"
-            return "eager"
+                choice = "triton"
+            elif device.type == "cpu" and "cpu" in fused:
+                choice = "cpu"
+            return choice if choice == "eager" or self._kernel_runs(device, choice) else "eager"
         if self.impl == "triton" and not triton_usable_on(device):
             raise RuntimeError(
                 f"impl='triton' runs on CUDA devices (or anywhere under TRITON_INTERPRET=1), "
@@ -182,6 +190,45 @@ class LearnedOptimizer(Optimizer):
         if self.impl == "cpu" and device.type != "cpu":
             raise RuntimeError(f"impl='cpu' runs on CPU tensors, not on {device}; use impl='auto'")
         return self.impl
+
+    def _kernel_runs(self, device: torch.device, impl: str) -> bool:
+        """Whether ``impl`` builds and runs on ``device``: tried once on a few coordinates of fresh
+        state before the first step uses it. Where it fails, ``impl="auto"`` warns once and steps
+        eagerly there, before anything was changed (an explicit ``impl`` raises the error instead)."""
+        key = f"{device}:{impl}"
+        if key in self._kernels_checked or _tracing_or_capturing():
+            return key not in self._kernel_failures
+        self._kernels_checked.add(key)
+        rule = self._rule_for(device)
+        n = 64
+        with torch.no_grad():
+            state = {k: v.detach().contiguous() for k, v in rule.init_state(n, device, self.state_dtype).items()}
+            ids = torch.zeros(n, dtype=torch.int32, device=device)
+            context = None
+            if self._hierarchical:
+                segment = rule.init_segment_state(1, device, self.state_dtype)
+                context = StepContext(
+                    segment_ids=ids,
+                    num_segments=1,
+                    segment_state={k: v.detach() for k, v in segment.items()},
+                    global_state={k: v.detach() for k, v in rule.init_global_state(device, self.state_dtype).items()},
+                    segment_counts=torch.tensor([n], device=device),
+                )
+            grad, update = torch.zeros(n, device=device), torch.empty(n, device=device)
+            try:
+                rule.fused_step(impl, grad, state, update, segment_ids=ids, context=context)
+            except Exception as error:  # whatever broke the kernel (a build, a launch), eager is right
+                self._kernel_failures[key] = f"{type(error).__name__}: {error}"
+        if key in self._kernel_failures:
+            warnings.warn(
+                f"LearnedOptimizer: the fused {impl!r} kernel of {self.rule.rule_type} does not run on {device} "
+                f"({self._kernel_failures[key][:300]}); stepping eagerly there. Pass impl='eager' to silence this, "
+                f"or impl={impl!r} to get the error.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return False
+        return True
 
     def _flat_state_for(self, device: torch.device, entries: list[StepEntry], params: list[Tensor]) -> FlatState:
         """The device's flat state buffers, rebuilt (state copied in, views handed out) when the

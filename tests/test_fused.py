@@ -381,3 +381,39 @@ def test_subclass_that_changes_the_math_gets_no_fused_kernel():
     assert LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule).impl_for(torch.device("cpu")) == "eager"
     with pytest.raises(ValueError, match="no such fused kernel"):
         LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule, impl=KERNELS[0])
+
+
+def test_auto_falls_back_to_eager_where_the_kernel_cannot_run(monkeypatch):
+    # A kernel that fails to build or launch on this device (simulated: the class's fused step
+    # raises): "auto" warns once and steps eagerly, before anything was changed; the result is
+    # the eager optimizer's. An explicit impl raises the error instead.
+    impl = "triton" if DEVICE.type == "cuda" else "cpu"  # what "auto" picks on the test device
+    if impl not in KERNELS:
+        pytest.skip(f"no {impl!r} kernel here")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("kernel build failed")
+
+    monkeypatch.setattr(CoordinateLSTM, "fused_step", broken)
+    torch.manual_seed(0)
+    model = _model()
+    reference = _model()
+    reference.load_state_dict(model.state_dict())
+    rule = _trained_like(CoordinateLSTM())
+    opt = LearnedOptimizer(model.parameters(), pretrained=rule)
+    reference_opt = LearnedOptimizer(reference.parameters(), pretrained=rule, impl="eager")
+    x = torch.randn(16, 6, device=DEVICE)
+    y = torch.randint(0, 3, (16,), device=DEVICE)
+    expected = f"fused '{impl}' kernel of CoordinateLSTM does not run.*kernel build failed"
+    with pytest.warns(RuntimeWarning, match=expected):
+        assert opt.impl_for(DEVICE) == "eager"
+    for _ in range(3):
+        for m, o in ((model, opt), (reference, reference_opt)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)
+    explicit = LearnedOptimizer(model.parameters(), pretrained=rule, impl=impl)
+    with pytest.raises(RuntimeError, match="kernel build failed"):
+        explicit.step()
