@@ -138,6 +138,10 @@ def learned_step(
     keys = list(entries[0].state)
     # Per-tensor sums the rule reports, added up over the chunks a tensor spans.
     sums: list[dict[str, Tensor]] = [{} for _ in entries]
+    # A tensor split over chunks, for a rule whose update depends on whole-tensor statistics:
+    # its pieces' updates wait until all of it has run (see UpdateRule.rescale_split_update).
+    rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
+    pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
 
     for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size, keep_whole=needs_segments or hierarchical):
         lengths = [piece.stop - piece.start for piece in chunk]
@@ -183,9 +187,10 @@ def learned_step(
             update = torch.where(keep_coord, update, 0.0)
 
         offset = 0
-        for piece, length in zip(chunk, lengths, strict=True):
+        for j, (piece, length) in enumerate(zip(chunk, lengths, strict=True)):
             e = entries[piece.entry_index]
             sl = slice(offset, offset + length)
+            offset += length
             for k in keys:
                 old = e.state[k][piece.start : piece.stop]
                 if keep_coord is None:
@@ -193,21 +198,36 @@ def learned_step(
                 else:
                     mask = keep_coord[sl].view(-1, *([1] * (old.dim() - 1)))
                     old.copy_(torch.where(mask, new_state[k][sl], old))
+            if rescales and context is not None and length < e.param.numel():
+                piece_sums = {k: v[j] for k, v in context.segment_sums.items()}
+                pending.setdefault(piece.entry_index, []).append((piece, update[sl], piece_sums))
+                continue
             target = flat_params[piece.entry_index][piece.start : piece.stop]
-            factor = factors[piece.entry_index]
-            if factor is None:
-                target.add_(update[sl], alpha=e.lr)
-            else:
-                # Decay and update in the factor's dtype, rounded to the param dtype once: a
-                # bf16 param times an fp32 device tensor would round the factor to bf16 on GPU.
-                target.copy_(torch.add(target.to(factor.dtype) * factor, update[sl], alpha=e.lr))
-            offset += length
+            _apply_update(target, update[sl], e.lr, factors[piece.entry_index])
+    for index, pieces in pending.items():
+        numel = entries[index].param.numel()
+        for piece, piece_update, piece_sums in pieces:
+            piece_update = rule.rescale_split_update(
+                piece_update, piece_sums, piece.stop - piece.start, sums[index], numel
+            )
+            target = flat_params[index][piece.start : piece.stop]
+            _apply_update(target, piece_update, entries[index].lr, factors[index])
     for e, flat in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():
             e.param.copy_(flat.view(e.param.shape))
     if hierarchical:
         _finalize(rule, entries, sums, keep, global_state)
     return skipped
+
+
+def _apply_update(target: Tensor, update: Tensor, lr: float, factor: Tensor | None) -> None:
+    """``target = target * factor + lr * update`` in place (``factor``: decoupled weight decay)."""
+    if factor is None:
+        target.add_(update, alpha=lr)
+    else:
+        # Decay and update in the factor's dtype, rounded to the param dtype once: a bf16
+        # param times an fp32 device tensor would round the factor to bf16 on GPU.
+        target.copy_(torch.add(target.to(factor.dtype) * factor, update, alpha=lr))
 
 
 def _finalize(

@@ -153,14 +153,15 @@ def test_skipped_tensor_keeps_its_state_and_gets_no_update(impl):
         assert _rel(sums[k], expected_sums[k]) < STEP_RTOL, k
 
 
-def _train(impl: str, steps: int = 6, state_dict=None, model=None):
+def _train(impl: str, steps: int = 6, state_dict=None, model=None, chunk_size: int = 1 << 16):
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(DEVICE)
     groups = [
         {"params": model[0].parameters(), "lr": 0.7, "weight_decay": 0.1},
         {"params": model[2].parameters(), "maximize": False},
     ]
-    opt = LearnedOptimizer(groups, pretrained=_noisy(HierarchicalRNN()).to(DEVICE), lr=2.0, impl=impl)
+    rule = _noisy(HierarchicalRNN()).to(DEVICE)
+    opt = LearnedOptimizer(groups, pretrained=rule, lr=2.0, impl=impl, chunk_size=chunk_size)
     if state_dict is not None:
         opt.load_state_dict(state_dict)
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -175,9 +176,11 @@ def _train(impl: str, steps: int = 6, state_dict=None, model=None):
 
 
 @over_kernels
-def test_optimizer_on_the_kernel_matches_eager_mode(impl):
+@pytest.mark.parametrize("eager_chunk", [1 << 16, 40], ids=["whole", "split"])
+def test_optimizer_on_the_kernel_matches_eager_mode(impl, eager_chunk):
+    # With 40-coordinate chunks the eager path splits the 96-coordinate weight over three.
     fused_model, fused_opt = _train(impl)
-    eager_model, eager_opt = _train("eager")
+    eager_model, eager_opt = _train("eager", chunk_size=eager_chunk)
     assert fused_opt.impl_for(DEVICE) == impl
     for a, b in zip(fused_model.parameters(), eager_model.parameters(), strict=True):
         assert _rel(a, b) < TRAJECTORY_RTOL

@@ -154,6 +154,24 @@ class UpdateRule(nn.Module):
         new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
         return update, new_state, new_segment, new_global
 
+    def rescale_split_update(
+        self,
+        update: Tensor,
+        piece_sums: dict[str, Tensor],
+        piece_count: int,
+        tensor_sums: dict[str, Tensor],
+        tensor_count: int,
+    ) -> Tensor:
+        """Correct the update of one piece of a tensor that the eager path split over batches.
+
+        A rule whose update depends on statistics of the whole tensor (a per-tensor
+        normalisation) computes them over the piece it was given; the caller keeps the
+        pieces' updates until the whole tensor has run and calls this with the sums the rule
+        reported for the piece (``(k,)`` each) and for the whole tensor. The default leaves
+        the update as it is (rules without per-tensor statistics in their update).
+        """
+        return update
+
     def init_state(
         self, n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> RuleState:

@@ -57,6 +57,11 @@ def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tenso
     return out.index_add(0, segment_ids, values.to(acc_dtype))
 
 
+def _rms(square_sum: Tensor, counts: Tensor) -> Tensor:
+    """Root mean square per segment from its sum of squares (zero-size segments stay finite)."""
+    return torch.sqrt(square_sum / counts.to(square_sum.dtype).clamp_min(1) + 1e-16)
+
+
 class HierarchicalRNN(UpdateRule):
     """Hierarchical RNN update rule (Wichrowska et al. 2017).
 
@@ -232,14 +237,18 @@ class HierarchicalRNN(UpdateRule):
         direction = out[:, 0] + self.direct(features).squeeze(-1)
         log_lr = (log_lr + self.lr_change_scale * out[:, 1:2]).clamp(self.log_min_lr, self.log_max_lr)
         # Unit RMS per tensor: the step size lives in the learning rate, not the direction.
-        # Per segment of *this batch*: where LearnedOptimizer's chunks split a tensor, each
-        # piece is normalised on its own (everything else is exact across chunks).
-        square_sum = segment_sum(direction.unsqueeze(-1) ** 2, ids, num).squeeze(-1)
+        # Per segment of this batch; where the eager optimizer path splits a tensor over
+        # batches, rescale_split_update makes each piece's update exact for the whole tensor.
+        square_sum = segment_sum(direction.unsqueeze(-1) ** 2, ids, num)
         counts = segment_sum(torch.ones_like(direction).unsqueeze(-1), ids, num).squeeze(-1)
-        rms = torch.sqrt(square_sum / counts.clamp_min(1) + 1e-16).to(dtype)
+        rms = _rms(square_sum.squeeze(-1), counts).to(dtype)
         update = torch.exp(log_lr.squeeze(-1)) * direction / rms[ids]
 
-        context.segment_sums = {"h": segment_sum(h, ids, num), "log_lr": segment_sum(log_lr, ids, num)}
+        context.segment_sums = {
+            "h": segment_sum(h, ids, num),
+            "log_lr": segment_sum(log_lr, ids, num),
+            "direction_sq": square_sum,
+        }
         new_state = {
             "h": h.to(state["h"].dtype),
             "m": m.to(state["m"].dtype),
@@ -247,6 +256,19 @@ class HierarchicalRNN(UpdateRule):
             "log_lr": log_lr.to(state["log_lr"].dtype),
         }
         return update, new_state
+
+    def rescale_split_update(
+        self,
+        update: Tensor,
+        piece_sums: dict[str, Tensor],
+        piece_count: int,
+        tensor_sums: dict[str, Tensor],
+        tensor_count: int,
+    ) -> Tensor:
+        # The piece was normalised by its own RMS; the tensor's is what forward means.
+        piece_rms = _rms(piece_sums["direction_sq"], torch.tensor(float(piece_count), dtype=torch.float64))
+        tensor_rms = _rms(tensor_sums["direction_sq"], torch.tensor(float(tensor_count), dtype=torch.float64))
+        return update * (piece_rms / tensor_rms).to(update.dtype)
 
     def finalize(
         self,

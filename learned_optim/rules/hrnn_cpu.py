@@ -77,6 +77,7 @@ def no_sums(num_segments: int, param_hidden: int, device: torch.device | str = "
     return {
         "h": torch.zeros(num_segments, param_hidden, dtype=torch.float64, device=device),
         "log_lr": torch.zeros(num_segments, 1, dtype=torch.float64, device=device),
+        "direction_sq": torch.zeros(num_segments, 1, dtype=torch.float64, device=device),
     }
 
 
@@ -113,8 +114,8 @@ def hrnn_step_cpu(
             zero update (its sums are still computed, from a zero gradient).
 
     Returns:
-        The per-tensor sums :meth:`HierarchicalRNN.finalize` reads: ``h`` ``(S, P)`` and
-        ``log_lr`` ``(S, 1)``, float64.
+        The per-tensor sums the eager rule reports, float64: ``h`` ``(S, P)`` and ``log_lr``
+        ``(S, 1)`` (what :meth:`HierarchicalRNN.finalize` reads) and ``direction_sq`` ``(S, 1)``.
     """
     # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
     if not torch.compiler.is_compiling() and _KERNEL.load() is None:
@@ -157,7 +158,7 @@ def hrnn_step_cpu(
         float(rule.log_min_lr),
         float(rule.log_max_lr),
     )
-    return {"h": sums[:, :p], "log_lr": sums[:, p : p + 1]}
+    return {"h": sums[:, :p], "log_lr": sums[:, p : p + 1], "direction_sq": sums[:, p + 1 : p + 2]}
 
 
 # A registered op (declaring what it writes) so that torch.compile keeps the step in one graph

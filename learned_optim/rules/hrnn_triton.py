@@ -236,7 +236,7 @@ def hrnn_step_triton(
         float(rule.log_max_lr),
         precision,
     )
-    return {"h": sums[:, :p], "log_lr": sums[:, pp : pp + 1]}
+    return {"h": sums[:, :p], "log_lr": sums[:, pp : pp + 1], "direction_sq": sums[:, pp + 1 : pp + 2]}
 
 
 @torch.library.custom_op(
