@@ -103,23 +103,31 @@ static void scatter_block(const v8 soa[][VECS], void *state, int bf16, int64_t b
     }
 }
 
-/* acc[g][v] += sum_k w[k][g] * in[k][v] for the first `units` units of the 4 gates: in is
-   (K, VECS) v8, w the (HP rows, HP cols) tile of each gate at w + q*HP*HP. UNITS_PER_STEP
-   units at a time keep UNITS_PER_STEP x VECS accumulators in registers, enough independent
-   FMA chains to hide their latency; `units` is a multiple of UNITS_PER_STEP (padded units
-   have zero weights). */
-static inline void gate_products(v8 acc[][VECS], const v8 in[][VECS], int k_count, const float *w, int hp,
-                                 int units) {
+/* acc[q*hp + j][v] = bias[q*hp + j] + sum_k w1[q][k][j] * in1[k][v] + sum_k w2[q][k][j] * in2[k][v]
+   for the first `units` units of the 4 gates (in1: the layer's input, in2: its own h; w1, w2
+   their (HP rows, HP cols) tiles per gate). UNITS_PER_STEP units at a time keep
+   UNITS_PER_STEP x VECS accumulators in registers from the bias to the last product, enough
+   independent FMA chains to hide their latency; `units` is a multiple of UNITS_PER_STEP
+   (padded units have zero weights). */
+static inline void gate_products(v8 acc[][VECS], const float *bias, const v8 in1[][VECS], int k1, const float *w1,
+                                 const v8 in2[][VECS], int k2, const float *w2, int hp, int units) {
     for (int q = 0; q < 4; q++) {
-        const float *wq = w + (int64_t)q * hp * hp;
+        const float *w1q = w1 + (int64_t)q * hp * hp, *w2q = w2 + (int64_t)q * hp * hp;
         for (int j = 0; j < units; j += UNITS_PER_STEP) {
             v8 a[UNITS_PER_STEP][VECS];
             for (int u = 0; u < UNITS_PER_STEP; u++)
-                for (int v = 0; v < VECS; v++) a[u][v] = acc[q * hp + j + u][v];
-            for (int k = 0; k < k_count; k++) {
-                const float *wk = wq + k * hp + j;
+                for (int v = 0; v < VECS; v++) a[u][v] = splat(bias[q * hp + j + u]);
+            for (int k = 0; k < k1; k++) {
+                const float *wk = w1q + k * hp + j;
                 for (int v = 0; v < VECS; v++) {
-                    v8 x = in[k][v];
+                    v8 x = in1[k][v];
+                    for (int u = 0; u < UNITS_PER_STEP; u++) a[u][v] += splat(wk[u]) * x;
+                }
+            }
+            for (int k = 0; k < k2; k++) {
+                const float *wk = w2q + k * hp + j;
+                for (int v = 0; v < VECS; v++) {
+                    v8 x = in2[k][v];
                     for (int u = 0; u < UNITS_PER_STEP; u++) a[u][v] += splat(wk[u]) * x;
                 }
             }
@@ -156,39 +164,51 @@ void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
             g[b] = ok ? grad[b0 + b] : 0.0f;
         }
         /* Every layer's state of the block at once; lanes past `count` compute on zeros. */
+        /* The next block's state is read from memory while this one computes. */
+        if (b0 + 2 * BLOCK <= stop) {
+            const int64_t bytes = (int64_t)BLOCK * row * (bf16 ? 2 : 4), next = (b0 + BLOCK) * row * (bf16 ? 2 : 4);
+            for (int64_t off = 0; off < bytes; off += 64) {
+                __builtin_prefetch((const char *)h_state + next + off);
+                __builtin_prefetch((const char *)c_state + next + off);
+            }
+        }
         gather_block(hs, h_state, bf16, b0, count, row);
         gather_block(cs, c_state, bf16, b0, count, row);
-        float *x0 = (float *)inp[0], *x1 = (float *)inp[1];
-        for (int b = 0; b < BLOCK; b++) {
+        for (int v = 0; v < VECS; v++) {
+            v8 gv;
+            memcpy(&gv, g + v * LANES, sizeof gv);
             if (preprocess) {
-                float m = fabsf(g[b]);
-                int large = m >= floor_;
-                x0[b] = large ? logf(m > floor_ ? m : floor_) / preprocess_p : -1.0f;
-                float sign = g[b] > 0.0f ? 1.0f : (g[b] < 0.0f ? -1.0f : 0.0f);
-                x1[b] = large ? sign : g[b] * ceil_;
+                /* Log/sign preprocessing: (log|g| / p, sign g) where |g| >= e^-p, else (-1, e^p g). */
+                v8i sign_bit = (v8i)gv & (v8i)splat(-0.0f);
+                v8 m = (v8)((v8i)gv & ~(v8i)splat(-0.0f));
+                v8i large = m >= splat(floor_);
+                v8 sign = vselect(gv == splat(0.0f), splat(0.0f), (v8)((v8i)splat(1.0f) | sign_bit));
+                inp[0][v] = vselect(large, vlog(vselect(large, m, splat(1.0f))) * splat(1.0f / preprocess_p), splat(-1.0f));
+                inp[1][v] = vselect(large, sign, gv * splat(ceil_));
             } else {
-                x0[b] = g[b] * input_scale;
+                inp[0][v] = gv * splat(input_scale);
             }
         }
         int k_count = preprocess ? 2 : 1;
         for (int l = 0; l < layers; l++) {
             v8(*hl)[VECS] = hs + l * hidden;
             v8(*cl)[VECS] = cs + l * hidden;
-            for (int q = 0; q < 4; q++)
-                for (int j = 0; j < units; j++) {
-                    v8 bq = splat(bias[(l * 4 + q) * hp + j]);
-                    for (int v = 0; v < VECS; v++) acc[q * hp + j][v] = bq;
-                }
-            gate_products(acc, (const v8(*)[VECS])inp, k_count, wx + (int64_t)l * 4 * hp * hp, hp, units);
-            gate_products(acc, (const v8(*)[VECS])hl, hidden, wh + (int64_t)l * 4 * hp * hp, hp, units);
+            gate_products(acc, bias + (int64_t)l * 4 * hp, (const v8(*)[VECS])inp, k_count, wx + (int64_t)l * 4 * hp * hp,
+                          (const v8(*)[VECS])hl, hidden, wh + (int64_t)l * 4 * hp * hp, hp, units);
+            /* In passes: a sigmoid is a ~70-cycle dependency chain, so the gates of all units
+               first (many independent chains for out-of-order execution to overlap), then the
+               cells, then their tanh. */
             for (int j = 0; j < hidden; j++)
                 for (int v = 0; v < VECS; v++) {
-                    v8 i = vsigmoid(acc[j][v]), f = vsigmoid(acc[hp + j][v]);
-                    v8 o = vsigmoid(acc[2 * hp + j][v]), cell = vtanh(acc[3 * hp + j][v]);
-                    v8 c = f * cl[j][v] + i * cell;
-                    cl[j][v] = c;
-                    hl[j][v] = o * vtanh(c);
+                    acc[j][v] = vsigmoid(acc[j][v]);
+                    acc[hp + j][v] = vsigmoid(acc[hp + j][v]);
+                    acc[2 * hp + j][v] = vsigmoid(acc[2 * hp + j][v]);
+                    acc[3 * hp + j][v] = vtanh(acc[3 * hp + j][v]);
                 }
+            for (int j = 0; j < hidden; j++)
+                for (int v = 0; v < VECS; v++) cl[j][v] = acc[hp + j][v] * cl[j][v] + acc[j][v] * acc[3 * hp + j][v];
+            for (int j = 0; j < hidden; j++)
+                for (int v = 0; v < VECS; v++) hl[j][v] = acc[2 * hp + j][v] * vtanh(cl[j][v]);
             /* The next layer's input (and the read-out's) is this layer's new h. */
             for (int j = 0; j < hidden; j++)
                 for (int v = 0; v < VECS; v++) inp[j][v] = hl[j][v];
