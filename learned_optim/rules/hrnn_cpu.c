@@ -149,12 +149,14 @@ static inline __attribute__((always_inline)) void hrnn_range(
             xg[j] = a0, xg[P + j] = a1, xg[2 * P + j] = a2;
             hg[j] = c0, hg[P + j] = c1, hg[2 * P + j] = c2;
         }
+        /* In passes (a sigmoid is a long dependency chain; the units' are independent): the
+           reset and update gates of all units, then the candidates, then the new state. */
+        for (int j = 0; j < 2 * P; j++) xg[j] = vsigmoid(xg[j] + hg[j]);
+        for (int j = 0; j < P; j++) xg[2 * P + j] = vtanh(xg[2 * P + j] + xg[j] * hg[2 * P + j]);
         v8 out0 = splat(b_out[0]), out1 = splat(b_out[1]);
         for (int j = 0; j < P; j++) {
-            v8 r = vsigmoid(xg[j] + hg[j]);
-            v8 z = vsigmoid(xg[P + j] + hg[P + j]);
-            v8 cand = vtanh(xg[2 * P + j] + r * hg[2 * P + j]);
-            h[j] = cand + z * (h[j] - cand);
+            const v8 cand = xg[2 * P + j];
+            h[j] = cand + xg[P + j] * (h[j] - cand);
             out0 += splat(w_out[j]) * h[j];
             out1 += splat(w_out[P + j]) * h[j];
         }
