@@ -140,7 +140,7 @@ def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], 
     if not isinstance(config, dict):
         raise PretrainedError(f"{path}: 'config' must be a JSON object of {cls.__name__} arguments")
     expected = set(cls.config_keys())
-    missing = sorted(expected - set(config))
+    missing = sorted(expected - set(config) - cls.added_config_keys)
     extra = sorted(set(config) - expected)
     if missing or extra:
         parts = []

@@ -544,3 +544,75 @@ def test_empty_tensors():
     opt.step()
     assert opt.state[empty]["rule.segment.h"].shape == (1, opt.rule.t)
     assert not torch.equal(full.detach(), before) and torch.isfinite(full.detach()).all()
+
+
+# ---------------------------------------------------------------------------- agreement feature
+def test_agreement_feature_reads_the_gradient_against_the_momentum():
+    """The extra feature is +1 when the gradient follows the momentum, -1 against it, 0 without."""
+    rule = fresh_rule(agreement_feature=True)
+    assert rule.param_in.in_features == 2 * rule.k + 2 and rule.fused_impls() == ()
+    captured = {}
+    rule.param_in.register_forward_hook(lambda module, args, out: captured.update(features=args[0].detach()))
+    state = rule.init_state(4)
+    state["m"][:, -1] = torch.tensor([1.0, 1.0, 0.0, -1e-3])
+    state["v"][:, -1] = torch.tensor([1.0, 1.0, 1.0, 1e-6])
+    with torch.no_grad():
+        rule(torch.tensor([2.0, -2.0, 5.0, -1e-3]), state)
+    agreement = captured["features"][:, -1]
+    assert agreement[0] > 0.5 and agreement[1] < -0.5 and agreement[2] == 0  # saturated at +-1: clipped
+    assert agreement[3] > 0.5  # scale-free: tiny gradients agree just as well
+    assert agreement.abs().max() <= 1
+
+
+def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
+    """Extending a trained rule by the feature with zero weights keeps every update, and the
+    weights round-trip through config.json (the option is in it)."""
+    base = noisy_rule()
+    extended = HierarchicalRNN(**{**base.config, "agreement_feature": True})
+    state_dict = base.state_dict()
+    for name in ("param_in.weight", "direct.weight"):
+        state_dict[name] = torch.cat([state_dict[name], torch.zeros(state_dict[name].shape[0], 1)], dim=1)
+    extended.load_state_dict(state_dict)
+    extended.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["agreement_feature"] is True
+    loaded = load_rule(str(tmp_path))
+    assert loaded.agreement_feature and same_weights(weights(loaded), weights(extended))
+    sizes = [5, 40]
+    ids, n = segment_ids(sizes), sum(sizes)
+    runs = []
+    for rule in (base, loaded):
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            state, seg, glob = rule.init_state(n), rule.init_segment_state(2), rule.init_global_state()
+            updates = []
+            for _ in range(4):
+                update, state, seg, glob = rule.full_step(torch.randn(n, generator=gen), state, ids, 2, seg, glob)
+                updates.append(update)
+        runs.append(torch.stack(updates))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-9)
+
+
+def test_agreement_feature_runs_eagerly_in_the_optimizer():
+    model = nn.Linear(4, 3)
+    opt = LearnedOptimizer(model.parameters(), pretrained=fresh_rule(agreement_feature=True, init_lr=0.01))
+    assert opt.impl_for(torch.device("cpu")) == "eager"
+    with pytest.raises(ValueError, match="cpu"):
+        LearnedOptimizer(model.parameters(), pretrained=fresh_rule(agreement_feature=True), impl="cpu")
+    before = model.weight.detach().clone()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    opt.step()
+    assert not torch.equal(model.weight, before)
+
+
+def test_config_saved_before_the_option_loads_with_it_off(tmp_path):
+    rule = noisy_rule()
+    rule.save_pretrained(str(tmp_path))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["config"]["agreement_feature"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    loaded = load_rule(str(tmp_path))
+    assert loaded.agreement_feature is False and same_weights(weights(loaded), weights(rule))
+    del raw["config"]["timescales"]  # keys that were always there stay required
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="missing config keys \\['timescales'\\]"):
+        load_rule(str(tmp_path))

@@ -84,6 +84,9 @@ class UpdateRule(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement state_spec()")
 
     needs_segments: ClassVar[bool] = False
+    # Constructor arguments added after configs were first saved: a config.json without them
+    # loads with their defaults, which must keep the old behaviour. Every other key is required.
+    added_config_keys: ClassVar[frozenset[str]] = frozenset()
 
     def segment_state_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-tensor state: name -> trailing shape (none by default)."""

@@ -74,10 +74,17 @@ class HierarchicalRNN(UpdateRule):
         lr_change_scale: multiplies the GRU's log-learning-rate change per step.
         min_lr: lower bound of each coordinate's learning rate.
         max_lr: upper bound of each coordinate's learning rate.
+        agreement_feature: add a feature to the paper's: the agreement of the gradient with the
+            longest time scale's momentum before this step, ``g * m / v`` clipped to [-1, 1]
+            (positive while they point the same way, negative after an overshoot, zero on
+            average under pure gradient noise), a direct signal for the learning rate. Off
+            by default (the paper's features); the fused kernels compute the paper's features
+            only, so a rule with it runs eagerly.
     """
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
+    added_config_keys = frozenset({"agreement_feature"})
 
     def __init__(
         self,
@@ -89,6 +96,7 @@ class HierarchicalRNN(UpdateRule):
         lr_change_scale: float = 0.1,
         min_lr: float = 1e-8,
         max_lr: float = 10.0,
+        agreement_feature: bool = False,
     ) -> None:
         super().__init__()
         if min(param_hidden, tensor_hidden, global_hidden, timescales) < 1:
@@ -104,13 +112,15 @@ class HierarchicalRNN(UpdateRule):
             "lr_change_scale": float(lr_change_scale),
             "min_lr": float(min_lr),
             "max_lr": float(max_lr),
+            "agreement_feature": bool(agreement_feature),
         }
+        self.agreement_feature = bool(agreement_feature)
         p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
         self.p, self.t, self.g, self.k = p, t, g, k
         self.lr_change_scale = float(lr_change_scale)
         self.log_min_lr, self.log_max_lr = math.log(min_lr), math.log(max_lr)
         self.register_buffer("decays", torch.tensor([1.0 - 0.5 ** (i + 1) for i in range(k)]), persistent=False)
-        n_features = 2 * k + 1
+        n_features = 2 * k + 1 + int(self.agreement_feature)
         self.param_in = nn.Linear(n_features, 3 * p)
         self.param_hh = nn.Linear(p, 3 * p)
         self.param_out = nn.Linear(p, 2)  # direction, change of log lr
@@ -139,6 +149,8 @@ class HierarchicalRNN(UpdateRule):
 
         if any(getattr(type(self), name) is not getattr(HierarchicalRNN, name) for name in ("forward", "finalize")):
             return ()  # a subclass that changes the math must not get this class's kernels
+        if self.agreement_feature:
+            return ()  # the kernels compute the paper's features only
         impls = ("triton",) if triton_available() else ()
         if hrnn_cpu.supports(self) and hrnn_cpu.hrnn_kernel_available():
             impls += ("cpu",)
@@ -227,7 +239,12 @@ class HierarchicalRNN(UpdateRule):
         relative_log_rms = log_rms - log_rms.mean(-1, keepdim=True)
         log_lr = state["log_lr"].to(dtype)
         relative_log_lr = log_lr - segment_state["mean_log_lr"].to(dtype)[ids]
-        features = torch.cat((scaled_m, relative_log_rms.clamp(-10, 10) / 10, relative_log_lr), dim=-1)
+        parts = [scaled_m, relative_log_rms.clamp(-10, 10) / 10, relative_log_lr]
+        if self.agreement_feature:
+            # (g / rms) * (m_before / rms) at the longest time scale.
+            m_before = state["m"][:, -1:].to(dtype)
+            parts.append((g * m_before * torch.exp(-2 * log_rms[:, -1:])).clamp(-1, 1))
+        features = torch.cat(parts, dim=-1)
 
         tensor_bias = self.tensor_to_param(segment_state["h"].to(dtype))[ids]
         h = gru_cell(
