@@ -65,12 +65,10 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         from learned_optim.weights import resolve_rule
 
         start_rule = resolve_rule(args.init)
-        if start_rule.rule_type != rule.rule_type or start_rule.config != rule.config:
-            raise SystemExit(
-                f"--init {args.init}: its rule is {start_rule.rule_type} {start_rule.config}, "
-                f"not the {rule.rule_type} {rule.config} asked for by --rule/--rule-config"
-            )
-        rule.load_state_dict(start_rule.state_dict())
+        try:
+            rule.init_from(start_rule)
+        except ValueError as err:
+            raise SystemExit(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
     config = MetaFitConfig(
         steps=args.steps,
         unroll=args.unroll,

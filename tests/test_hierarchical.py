@@ -569,10 +569,11 @@ def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
     weights round-trip through config.json (the option is in it)."""
     base = noisy_rule()
     extended = HierarchicalRNN(**{**base.config, "agreement_feature": True})
-    state_dict = base.state_dict()
-    for name in ("param_in.weight", "direct.weight"):
-        state_dict[name] = torch.cat([state_dict[name], torch.zeros(state_dict[name].shape[0], 1)], dim=1)
-    extended.load_state_dict(state_dict)
+    extended.init_from(base)  # what meta-fit --init does
+    with pytest.raises(ValueError, match="asked for"):  # only that one option may differ
+        HierarchicalRNN(**{**base.config, "agreement_feature": True, "param_hidden": 7}).init_from(base)
+    with pytest.raises(ValueError, match="asked for"):  # and only from off to on
+        base.init_from(extended)
     extended.save_pretrained(str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["config"]["agreement_feature"] is True
     loaded = load_rule(str(tmp_path))

@@ -157,6 +157,19 @@ class UpdateRule(nn.Module):
         new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
         return update, new_state, new_segment, new_global
 
+    def init_from(self, other: UpdateRule) -> None:
+        """Start from ``other``'s weights (``meta-fit --init``).
+
+        By default ``other`` must be the same rule type with the same config. A rule type may
+        also accept configs it can extend without changing what the rule computes (see
+        ``HierarchicalRNN``). Raises ValueError naming both configs otherwise.
+        """
+        if other.rule_type != self.rule_type or other.config != self.config:
+            raise ValueError(
+                f"its rule is {other.rule_type} {other.config}, not the {self.rule_type} {self.config} asked for"
+            )
+        self.load_state_dict(other.state_dict())
+
     def rescale_split_update(
         self,
         update: Tensor,

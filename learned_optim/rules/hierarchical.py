@@ -274,6 +274,24 @@ class HierarchicalRNN(UpdateRule):
         }
         return update, new_state
 
+    def init_from(self, other: UpdateRule) -> None:
+        """As :meth:`UpdateRule.init_from`; a rule without the agreement feature also extends to
+        one with it, the new input's weights zero, so the rule starts out computing the same."""
+        extends = (
+            isinstance(other, HierarchicalRNN)
+            and self.agreement_feature
+            and not other.agreement_feature
+            and {**other.config, "agreement_feature": True} == self.config
+        )
+        if not extends:
+            super().init_from(other)
+            return
+        state_dict = other.state_dict()
+        for name in ("param_in.weight", "direct.weight"):
+            weight = state_dict[name]
+            state_dict[name] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
+        self.load_state_dict(state_dict)
+
     def rescale_split_update(
         self,
         update: Tensor,
