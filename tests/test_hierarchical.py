@@ -550,7 +550,7 @@ def test_empty_tensors():
 def test_agreement_feature_reads_the_gradient_against_the_momentum():
     """The extra feature is +1 when the gradient follows the momentum, -1 against it, 0 without."""
     rule = fresh_rule(agreement_feature=True)
-    assert rule.param_in.in_features == 2 * rule.k + 2 and rule.fused_impls() == ()
+    assert rule.param_in.in_features == 2 * rule.k + 2 and "triton" not in rule.fused_impls()
     captured = {}
     rule.param_in.register_forward_hook(lambda module, args, out: captured.update(features=args[0].detach()))
     state = rule.init_state(4)
@@ -593,16 +593,28 @@ def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
     torch.testing.assert_close(runs[1], runs[0], rtol=1e-6, atol=1e-9)
 
 
-def test_agreement_feature_runs_eagerly_in_the_optimizer():
-    model = nn.Linear(4, 3)
-    opt = LearnedOptimizer(model.parameters(), pretrained=fresh_rule(agreement_feature=True, init_lr=0.01))
-    assert opt.impl_for(torch.device("cpu")) == "eager"
-    with pytest.raises(ValueError, match="cpu"):
-        LearnedOptimizer(model.parameters(), pretrained=fresh_rule(agreement_feature=True), impl="cpu")
-    before = model.weight.detach().clone()
-    model(torch.randn(8, 4)).pow(2).mean().backward()
-    opt.step()
-    assert not torch.equal(model.weight, before)
+def test_agreement_feature_on_every_impl_of_the_optimizer():
+    """The CPU kernel computes the feature too (same trajectory as eager); the Triton kernel
+    does not, and says so."""
+
+    def train(impl):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = LearnedOptimizer(model.parameters(), pretrained=noisy_rule(agreement_feature=True), impl=impl)
+        x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt
+
+    eager, _ = train("eager")
+    fused, opt = train("auto")
+    expected = "cpu" if "cpu" in opt.rule.fused_impls() else "eager"
+    assert opt.impl_for(torch.device("cpu")) == expected
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="triton"):
+        LearnedOptimizer(nn.Linear(2, 2).parameters(), pretrained=fresh_rule(agreement_feature=True), impl="triton")
 
 
 def test_config_saved_before_the_option_loads_with_it_off(tmp_path):

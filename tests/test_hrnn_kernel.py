@@ -90,12 +90,23 @@ def _eager(rule, grad, state, ids, segment, num):
 
 @pytest.mark.parametrize(
     "config",
-    [{}, {"param_hidden": 7, "timescales": 3}, {"param_hidden": 16, "timescales": 6, "lr_change_scale": 0.5}],
-    ids=["paper", "p7-k3", "p16-k6"],
+    [
+        {},
+        {"param_hidden": 7, "timescales": 3},
+        {"param_hidden": 16, "timescales": 6, "lr_change_scale": 0.5},
+        {"agreement_feature": True},
+        {"param_hidden": 7, "timescales": 3, "agreement_feature": True},
+    ],
+    ids=["paper", "p7-k3", "p16-k6", "agreement", "p7-k3-agreement"],
 )
 @over_kernels
 def test_kernel_matches_eager_rule(config, impl):
     rule = _noisy(HierarchicalRNN(**config))
+    if impl not in rule.fused_impls():
+        assert impl == "triton" and rule.agreement_feature  # the Triton kernel has the paper's features only
+        with pytest.raises(ValueError, match="agreement_feature"):
+            pack_hrnn_weights(rule)
+        return
     grad, state, ids, segment = _inputs(rule, SIZES)
     expected_update, expected_state, expected_sums = _eager(rule, grad, state, ids, segment, len(SIZES))
     got_state = {k: v.clone() for k, v in state.items()}

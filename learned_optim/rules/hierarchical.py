@@ -78,8 +78,8 @@ class HierarchicalRNN(UpdateRule):
             longest time scale's momentum before this step, ``g * m / v`` clipped to [-1, 1]
             (positive while they point the same way, negative after an overshoot, zero on
             average under pure gradient noise), a direct signal for the learning rate. Off
-            by default (the paper's features); the fused kernels compute the paper's features
-            only, so a rule with it runs eagerly.
+            by default (the paper's features). The CPU kernel computes it; the Triton kernel
+            does not (on CUDA such a rule steps eagerly).
     """
 
     rule_type = "HierarchicalRNN"
@@ -149,9 +149,8 @@ class HierarchicalRNN(UpdateRule):
 
         if any(getattr(type(self), name) is not getattr(HierarchicalRNN, name) for name in ("forward", "finalize")):
             return ()  # a subclass that changes the math must not get this class's kernels
-        if self.agreement_feature:
-            return ()  # the kernels compute the paper's features only
-        impls = ("triton",) if triton_available() else ()
+        # The Triton kernel computes the paper's features only.
+        impls = ("triton",) if triton_available() and not self.agreement_feature else ()
         if hrnn_cpu.supports(self) and hrnn_cpu.hrnn_kernel_available():
             impls += ("cpu",)
         return impls
@@ -169,7 +168,7 @@ class HierarchicalRNN(UpdateRule):
         from learned_optim.rules.hrnn_cpu import hrnn_step_cpu
         from learned_optim.rules.hrnn_triton import hrnn_step_triton, pack_hrnn_weights
 
-        if impl not in ("cpu", "triton"):
+        if impl not in ("cpu", "triton") or (impl == "triton" and self.agreement_feature):
             raise NotImplementedError(f"HierarchicalRNN has no fused kernel {impl!r}; it has {self.fused_impls()}")
         if context is None or segment_ids is None or context.segment_state is None:
             raise ValueError("HierarchicalRNN.fused_step needs segment_ids and a context with the tensors' state")

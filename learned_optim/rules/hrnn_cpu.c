@@ -17,7 +17,7 @@
 #define LANES 8
 #define MAX_P 32
 #define MAX_K 8
-#define MAX_F (2 * MAX_K + 1)
+#define MAX_F (2 * MAX_K + 2)
 
 /* State is (n, width) rows. A block's rows are contiguous: read them at once (widening bf16)
    into out[c][b], column c of coordinate b; lanes past `count` get zeros. */
@@ -72,9 +72,9 @@ static inline __attribute__((always_inline)) void hrnn_range(
     int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state, void *lr_state,
     int bf16, float *update, const uint8_t *keep, const int32_t *segment, const float *segment_gates,
     const float *segment_mean_log_lr, const float *w_in, const float *w_hh, const float *b_hh, const float *w_out,
-    const float *b_out, const float *w_direct, const float *decays, const int P, const int K, float lr_change_scale,
+    const float *b_out, const float *w_direct, const float *decays, const int P, const int K, const int A, float lr_change_scale,
     float log_min_lr, float log_max_lr, double *sums) {
-    const int F = 2 * K + 1, G = 3 * P;
+    const int F = 2 * K + 1 + A, G = 3 * P;
     for (int64_t b0 = start; b0 < stop; b0 += LANES) {
         const int count = (int)(stop - b0 < LANES ? stop - b0 : LANES);
         int write[LANES], seg[LANES], all_write = 1;
@@ -116,6 +116,12 @@ static inline __attribute__((always_inline)) void hrnn_range(
         if (!uniform)
             for (int b = 0; b < LANES; b++) seg_mean[b] = segment_mean_log_lr[seg[b]];
         feat[2 * K] = log_lr - seg_mean;
+        if (A) {
+            /* The agreement feature: (g / rms) * (m before this step / rms) at the longest scale. */
+            v8 agree = g * m_old[K - 1] * vexp(splat(-2.0f) * log_rms[K - 1]);
+            agree = vselect(agree < splat(-1.0f), splat(-1.0f), agree);
+            feat[2 * K + 1] = vselect(agree > splat(1.0f), splat(1.0f), agree);
+        }
 
         /* GRU: input gates (the tensor's bias, incl. the input layer's bias, plus w_in . f)
            and hidden gates (b_hh + w_hh . h), gate order reset, update, new. */
@@ -194,16 +200,19 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
                void *lr_state, int bf16, float *update, const uint8_t *keep, const int32_t *segment,
                const float *segment_gates, const float *segment_mean_log_lr, const float *w_in, const float *w_hh,
                const float *b_hh, const float *w_out, const float *b_out, const float *w_direct,
-               const float *decays, int P, int K, float lr_change_scale, float log_min_lr, float log_max_lr,
+               const float *decays, int P, int K, int A, float lr_change_scale, float log_min_lr, float log_max_lr,
                double *sums) {
-#define HRNN_ARGS(p, k)                                                                                            \
-    start, stop, grad, h_state, m_state, v_state, lr_state, bf16, update, keep, segment, segment_gates,           \
-        segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, p, k, lr_change_scale, log_min_lr, \
-        log_max_lr, sums
-    if (P == 10 && K == 4)
-        hrnn_range(HRNN_ARGS(10, 4)); /* the paper's sizes, HierarchicalRNN's defaults */
+#define HRNN_ARGS(p, k, a)                                                                                        \
+    start, stop, grad, h_state, m_state, v_state, lr_state, bf16, update, keep, segment, segment_gates,          \
+        segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, p, k, a, lr_change_scale,         \
+        log_min_lr, log_max_lr, sums
+    /* The paper's sizes (HierarchicalRNN's defaults) with and without the agreement feature. */
+    if (P == 10 && K == 4 && !A)
+        hrnn_range(HRNN_ARGS(10, 4, 0));
+    else if (P == 10 && K == 4 && A)
+        hrnn_range(HRNN_ARGS(10, 4, 1));
     else
-        hrnn_range(HRNN_ARGS(P, K));
+        hrnn_range(HRNN_ARGS(P, K, A));
 #undef HRNN_ARGS
 }
 

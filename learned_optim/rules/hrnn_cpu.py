@@ -31,8 +31,8 @@ def _configure(library: ctypes.CDLL) -> None:
     step.restype = None
     # (start, stop, grad, h, m, v, log_lr, bf16, update, keep, segment, segment_gates,
     #  segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, P, K,
-    #  lr_change_scale, log_min_lr, log_max_lr, sums)
-    step.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i32] + [ptr] * 12 + [i32, i32, f32, f32, f32, ptr]
+    #  agreement_feature, lr_change_scale, log_min_lr, log_max_lr, sums)
+    step.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i32] + [ptr] * 12 + [i32, i32, i32, f32, f32, f32, ptr]
     scale = library.hrnn_scale
     scale.restype = None
     scale.argtypes = [i64, i64, ptr, ptr, ptr]
@@ -154,6 +154,7 @@ def hrnn_step_cpu(
         weights,
         p,
         rule.k,
+        int(rule.agreement_feature),
         float(rule.lr_change_scale),
         float(rule.log_min_lr),
         float(rule.log_max_lr),
@@ -179,6 +180,7 @@ def _hrnn_step_cpu_op(
     weights: list[Tensor],
     param_hidden: int,
     timescales: int,
+    agreement_feature: int,
     lr_change_scale: float,
     log_min_lr: float,
     log_max_lr: float,
@@ -203,6 +205,7 @@ def _hrnn_step_cpu_op(
         *(w.data_ptr() for w in weights),
         p,
         timescales,
+        agreement_feature,
         lr_change_scale,
         log_min_lr,
         log_max_lr,

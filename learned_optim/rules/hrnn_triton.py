@@ -43,8 +43,14 @@ class PackedHRNNWeights:
         self.tensors, self.key = tensors, key
 
 
+def _check_features(rule: torch.nn.Module) -> None:
+    if getattr(rule, "agreement_feature", False):
+        raise ValueError("the Triton kernel computes the paper's features only, not agreement_feature")
+
+
 def pack_hrnn_weights(rule: torch.nn.Module, cached: PackedHRNNWeights | None = None) -> PackedHRNNWeights:
     """Pack ``rule``'s parameter-level weights; returns ``cached`` when they have not changed."""
+    _check_features(rule)
     if torch.compiler.is_compiling():
         key: tuple[Any, ...] = ()
     else:
@@ -205,6 +211,7 @@ def hrnn_step_triton(
     """
     if triton is None:
         raise RuntimeError("the Triton kernel needs the `triton` package (pip install triton)")
+    _check_features(rule)
     check_step_inputs(rule, grad, state, update, segment_ids)
     n, num_segments, p = update.numel(), counts.numel(), rule.p
     pp = _padded(p)
