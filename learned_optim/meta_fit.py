@@ -424,23 +424,29 @@ class MetaTrainer:
                 scores.append(float(trace.mean()))
         return float(sum(scores) / len(scores))
 
+    def _record_validation(self, iteration: int) -> None:
+        score = self.validate()
+        self.history.validation.append((iteration, score))
+        if score < self.history.best_validation:
+            self.history.best_validation = score
+            self.history.best_iteration = iteration
+            self.best_weights = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+
     def run(self) -> UpdateRule:
         """Meta-train until ``meta_iterations`` (or the time budget); returns the best rule."""
         cfg = self.config
         start = time.perf_counter() - self.history.seconds
         bar = _progress_bar(cfg.meta_iterations, self.history.iteration, self.progress)
         try:
+            if cfg.validate_every and self.history.iteration == 0 and not self.history.validation:
+                # The starting rule is a candidate too: a run that only makes it worse returns it.
+                self._record_validation(0)
             while self.history.iteration < cfg.meta_iterations:
                 value = self.step()
                 it = self.history.iteration
                 self.history.seconds = time.perf_counter() - start
                 if cfg.validate_every and (it % cfg.validate_every == 0 or it == cfg.meta_iterations):
-                    score = self.validate()
-                    self.history.validation.append((it, score))
-                    if score < self.history.best_validation:
-                        self.history.best_validation = score
-                        self.history.best_iteration = it
-                        self.best_weights = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+                    self._record_validation(it)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(

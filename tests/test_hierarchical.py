@@ -492,8 +492,8 @@ def test_meta_fit_trains_the_rule_on_quadratics():
     # Every 3 iterations is one whole instance pair (3 truncations of 10 steps): compare whole ones.
     early, late = sum(history.meta_losses[:6]) / 6, sum(history.meta_losses[-6:]) / 6
     assert late < early - 0.2, (early, late)
-    assert [it for it, _ in history.validation] == [12, 24, 36]
-    assert history.validation[-1][1] < history.validation[0][1] < 0
+    assert [it for it, _ in history.validation] == [0, 12, 24, 36]
+    assert history.validation[-1][1] < history.validation[1][1] < history.validation[0][1]
     after = _held_out_score(rule, family)
     assert after < before - 0.1, (before, after)
 

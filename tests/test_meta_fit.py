@@ -69,9 +69,23 @@ def test_validation_keeps_best_weights():
         validate_every=2, validation_instances=1, progress=False,
     )  # fmt: skip
     history = rule.meta_fit_history
-    assert [it for it, _ in history.validation] == [2, 4, 6, 8]
+    assert [it for it, _ in history.validation] == [0, 2, 4, 6, 8]  # 0: the starting rule
     best_it, best = min(history.validation, key=lambda v: v[1])
     assert history.best_iteration == best_it and history.best_validation == best
+
+
+def test_a_run_that_only_makes_the_rule_worse_returns_the_starting_rule():
+    rule = small_rule()
+    start = weights(rule)
+    # A meta learning rate this large wrecks the rule at the first update.
+    meta_fit(
+        rule, "quadratic", steps=10, unroll=5, meta_iterations=4, meta_lr=50.0, clip_grad_norm=0.0,
+        validate_every=2, validation_instances=2, progress=False,
+    )  # fmt: skip
+    history = rule.meta_fit_history
+    assert history.best_iteration == 0
+    assert all(score > history.best_validation for it, score in history.validation if it > 0)
+    assert same_weights(weights(rule), start)
 
 
 # ---------------------------------------------------------------------------- resume
