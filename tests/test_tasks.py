@@ -36,6 +36,7 @@ EXPECTED_TASKS = {
     "mnist-mlp-40",
     "mnist-mlp-2layer",
     "mnist-mlp-mixed",
+    "mnist-mlp-fullbatch",
     "mnist-conv",
     "xor",
     "teacher",
@@ -116,6 +117,9 @@ def test_different_seed_different_instance(name):
     first_b = next(iter(b.model.parameters()))
     assert first_a.shape != first_b.shape or not torch.equal(first_a, first_b)
     batch_a, batch_b = a.next_batch(), b.next_batch()
+    if name == "mnist-mlp-fullbatch":  # the same data for every seed: the whole training split
+        assert _batches_equal(batch_a, a.train_set) and _batches_equal(batch_b, b.train_set)
+        return
     assert batch_a[0].shape != batch_b[0].shape or not _batches_equal(batch_a, batch_b)
 
 

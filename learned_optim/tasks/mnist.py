@@ -331,5 +331,7 @@ register_task("mnist-mlp", MNISTMLPFamily)
 register_task("mnist-mlp-relu", partial(MNISTMLPFamily, activation="relu", name="mnist-mlp-relu"))
 register_task("mnist-mlp-40", partial(MNISTMLPFamily, hidden_sizes=(40,), name="mnist-mlp-40"))
 register_task("mnist-mlp-2layer", partial(MNISTMLPFamily, hidden_sizes=(20, 20), name="mnist-mlp-2layer"))
+# Full-batch gradients (the whole 8,000-image training split every step): no minibatch noise.
+register_task("mnist-mlp-fullbatch", partial(MNISTMLPFamily, batch_size=8000, name="mnist-mlp-fullbatch"))
 register_task("mnist-mlp-mixed", partial(MNISTMLPFamily, variations=MLPVariations(), name="mnist-mlp-mixed"))
 register_task("mnist-conv", MNISTConvFamily)
