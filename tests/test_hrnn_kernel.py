@@ -102,11 +102,6 @@ def _eager(rule, grad, state, ids, segment, num):
 @over_kernels
 def test_kernel_matches_eager_rule(config, impl):
     rule = _noisy(HierarchicalRNN(**config))
-    if impl not in rule.fused_impls():
-        assert impl == "triton" and rule.agreement_feature  # the Triton kernel has the paper's features only
-        with pytest.raises(ValueError, match="agreement_feature"):
-            pack_hrnn_weights(rule)
-        return
     grad, state, ids, segment = _inputs(rule, SIZES)
     expected_update, expected_state, expected_sums = _eager(rule, grad, state, ids, segment, len(SIZES))
     got_state = {k: v.clone() for k, v in state.items()}

@@ -78,8 +78,7 @@ class HierarchicalRNN(UpdateRule):
             longest time scale's momentum before this step, ``g * m / v`` clipped to [-1, 1]
             (positive while they point the same way, negative after an overshoot, zero on
             average under pure gradient noise), a direct signal for the learning rate. Off
-            by default (the paper's features). The CPU kernel computes it; the Triton kernel
-            does not (on CUDA such a rule steps eagerly).
+            by default (the paper's features); the fused kernels compute it too.
     """
 
     rule_type = "HierarchicalRNN"
@@ -149,8 +148,7 @@ class HierarchicalRNN(UpdateRule):
 
         if any(getattr(type(self), name) is not getattr(HierarchicalRNN, name) for name in ("forward", "finalize")):
             return ()  # a subclass that changes the math must not get this class's kernels
-        # The Triton kernel computes the paper's features only.
-        impls = ("triton",) if triton_available() and not self.agreement_feature else ()
+        impls = ("triton",) if triton_available() else ()
         if hrnn_cpu.supports(self) and hrnn_cpu.hrnn_kernel_available():
             impls += ("cpu",)
         return impls
@@ -168,7 +166,7 @@ class HierarchicalRNN(UpdateRule):
         from learned_optim.rules.hrnn_cpu import hrnn_step_cpu
         from learned_optim.rules.hrnn_triton import hrnn_step_triton, pack_hrnn_weights
 
-        if impl not in ("cpu", "triton") or (impl == "triton" and self.agreement_feature):
+        if impl not in ("cpu", "triton"):
             raise NotImplementedError(f"HierarchicalRNN has no fused kernel {impl!r}; it has {self.fused_impls()}")
         if context is None or segment_ids is None or context.segment_state is None:
             raise ValueError("HierarchicalRNN.fused_step needs segment_ids and a context with the tensors' state")

@@ -43,23 +43,17 @@ class PackedHRNNWeights:
         self.tensors, self.key = tensors, key
 
 
-def _check_features(rule: torch.nn.Module) -> None:
-    if getattr(rule, "agreement_feature", False):
-        raise ValueError("the Triton kernel computes the paper's features only, not agreement_feature")
-
-
 def pack_hrnn_weights(rule: torch.nn.Module, cached: PackedHRNNWeights | None = None) -> PackedHRNNWeights:
     """Pack ``rule``'s parameter-level weights; returns ``cached`` when they have not changed."""
-    _check_features(rule)
     if torch.compiler.is_compiling():
         key: tuple[Any, ...] = ()
     else:
         key = tuple((p.data_ptr(), p._version, p.device) for p in rule.parameters())
         if cached is not None and cached.key == key:
             return cached
-    p, k = rule.p, rule.k
+    p, k, agree = rule.p, rule.k, int(getattr(rule, "agreement_feature", False))
     pp, kp = _padded(p), _padded(k)
-    w_in = rule.param_in.weight.detach().float().view(3, p, 2 * k + 1)  # (gate, unit, feature)
+    w_in = rule.param_in.weight.detach().float().view(3, p, 2 * k + 1 + agree)  # (gate, unit, feature)
     first = rule.param_in.weight
     with torch.no_grad():
         wm = first.new_zeros(3, kp, pp, dtype=torch.float32)
@@ -68,6 +62,9 @@ def pack_hrnn_weights(rule: torch.nn.Module, cached: PackedHRNNWeights | None = 
         wr[:, :k, :p] = w_in[:, :, k : 2 * k].transpose(1, 2)
         wl = first.new_zeros(3, pp, dtype=torch.float32)
         wl[:, :p] = w_in[:, :, 2 * k]
+        wa = torch.zeros_like(wl)  # the agreement feature's (zero without it)
+        if agree:
+            wa[:, :p] = w_in[:, :, 2 * k + 1]
         wh = first.new_zeros(3, pp, pp, dtype=torch.float32)
         wh[:, :p, :p] = rule.param_hh.weight.detach().float().view(3, p, p).transpose(1, 2)
         bh = first.new_zeros(3, pp, dtype=torch.float32)
@@ -78,12 +75,15 @@ def pack_hrnn_weights(rule: torch.nn.Module, cached: PackedHRNNWeights | None = 
         wdir = first.new_zeros(2, kp, dtype=torch.float32)
         wdir[0, :k] = direct[:k]
         wdir[1, :k] = direct[k : 2 * k]
-        # Read by the kernel (no .item() syncs): output biases, the direct path's log-lr weight.
-        scalars = torch.cat((rule.param_out.bias.detach().float(), direct[2 * k :])).contiguous()
+        # Read by the kernel (no .item() syncs): output biases, the direct path's log-lr and
+        # agreement weights.
+        direct_tail = torch.cat((direct[2 * k :], direct.new_zeros(1 - agree)))
+        scalars = torch.cat((rule.param_out.bias.detach().float(), direct_tail)).contiguous()
         decays = first.new_zeros(kp, dtype=torch.float32)
         decays[:k] = rule.decays.float()
     tensors = {"wm": wm, "wr": wr, "wl": wl, "wh": wh, "bh": bh, "wout": wout, "wdir": wdir, "scalars": scalars}
     tensors["decays"] = decays
+    tensors["wa"] = wa
     return PackedHRNNWeights({name: t.contiguous() for name, t in tensors.items()}, key)
 
 
@@ -92,9 +92,9 @@ if triton is not None:
     @triton.jit
     def _hrnn_kernel(
         grad_ptr, h_ptr, m_ptr, v_ptr, lr_ptr, update_ptr, keep_ptr, seg_ptr, seg_gates_ptr, seg_mean_ptr,
-        wm_ptr, wr_ptr, wl_ptr, wh_ptr, bh_ptr, wout_ptr, wdir_ptr, scalars_ptr, decays_ptr, sums_ptr,
+        wm_ptr, wr_ptr, wl_ptr, wh_ptr, bh_ptr, wout_ptr, wdir_ptr, scalars_ptr, decays_ptr, wa_ptr, sums_ptr,
         n, lr_change_scale, log_min_lr, log_max_lr,
-        P: tl.constexpr, K: tl.constexpr, PP: tl.constexpr, KP: tl.constexpr,
+        P: tl.constexpr, K: tl.constexpr, PP: tl.constexpr, KP: tl.constexpr, AGREE: tl.constexpr,
         MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
@@ -122,6 +122,12 @@ if triton is not None:
         rel = tl.where(kmask[None, :], rel, 0.0)
         log_lr = tl.load(lr_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
         rel_lr = log_lr - tl.load(seg_mean_ptr + seg, mask=in_range, other=0.0)
+        if AGREE:
+            # (g / rms) * (m before this step / rms) at the longest time scale, clipped to [-1, 1].
+            last = (kk == K - 1)[None, :]
+            m_last = tl.sum(tl.where(last, m_old, 0.0), axis=1)
+            log_rms_last = tl.sum(tl.where(last, log_rms, 0.0), axis=1)
+            agree = tl.minimum(tl.maximum(g * m_last * tl.exp(-2.0 * log_rms_last), -1.0), 1.0)
 
         pp = tl.arange(0, PP)
         pmask = pp < P
@@ -134,14 +140,20 @@ if triton is not None:
         xr += tl.dot(scaled_m, tl.load(wm_ptr + ki), input_precision=PRECISION)
         xr += tl.dot(rel, tl.load(wr_ptr + ki), input_precision=PRECISION)
         xr += rel_lr[:, None] * tl.load(wl_ptr + pp)[None, :]
+        if AGREE:
+            xr += agree[:, None] * tl.load(wa_ptr + pp)[None, :]
         xz = tl.load(gates_row + PP, mask=in_range[:, None], other=0.0)
         xz += tl.dot(scaled_m, tl.load(wm_ptr + KP * PP + ki), input_precision=PRECISION)
         xz += tl.dot(rel, tl.load(wr_ptr + KP * PP + ki), input_precision=PRECISION)
         xz += rel_lr[:, None] * tl.load(wl_ptr + PP + pp)[None, :]
+        if AGREE:
+            xz += agree[:, None] * tl.load(wa_ptr + PP + pp)[None, :]
         xn = tl.load(gates_row + 2 * PP, mask=in_range[:, None], other=0.0)
         xn += tl.dot(scaled_m, tl.load(wm_ptr + 2 * KP * PP + ki), input_precision=PRECISION)
         xn += tl.dot(rel, tl.load(wr_ptr + 2 * KP * PP + ki), input_precision=PRECISION)
         xn += rel_lr[:, None] * tl.load(wl_ptr + 2 * PP + pp)[None, :]
+        if AGREE:
+            xn += agree[:, None] * tl.load(wa_ptr + 2 * PP + pp)[None, :]
         hr = tl.dot(h, tl.load(wh_ptr + pi), input_precision=PRECISION) + tl.load(bh_ptr + pp)[None, :]
         hz = tl.dot(h, tl.load(wh_ptr + PP * PP + pi), input_precision=PRECISION) + tl.load(bh_ptr + PP + pp)[None, :]
         hn = tl.dot(h, tl.load(wh_ptr + 2 * PP * PP + pi), input_precision=PRECISION)
@@ -156,6 +168,8 @@ if triton is not None:
         direction = out0 + tl.sum(scaled_m * tl.load(wdir_ptr + kk)[None, :], axis=1)
         direction += tl.sum(rel * tl.load(wdir_ptr + KP + kk)[None, :], axis=1)
         direction += rel_lr * tl.load(scalars_ptr + 2)
+        if AGREE:
+            direction += agree * tl.load(scalars_ptr + 3)
         new_lr = tl.minimum(tl.maximum(log_lr + lr_change_scale * out1, log_min_lr), log_max_lr)
         step = tl.exp(new_lr) * direction
 
@@ -211,7 +225,6 @@ def hrnn_step_triton(
     """
     if triton is None:
         raise RuntimeError("the Triton kernel needs the `triton` package (pip install triton)")
-    _check_features(rule)
     check_step_inputs(rule, grad, state, update, segment_ids)
     n, num_segments, p = update.numel(), counts.numel(), rule.p
     pp = _padded(p)
@@ -235,9 +248,10 @@ def hrnn_step_triton(
         counts.contiguous(),
         segment_gates.detach().contiguous(),
         segment_state["mean_log_lr"].detach().float().reshape(num_segments).contiguous(),
-        [packed.tensors[name] for name in ("wm", "wr", "wl", "wh", "bh", "wout", "wdir", "scalars", "decays")],
+        [packed.tensors[name] for name in ("wm", "wr", "wl", "wh", "bh", "wout", "wdir", "scalars", "decays", "wa")],
         p,
         rule.k,
+        bool(getattr(rule, "agreement_feature", False)),
         float(rule.lr_change_scale),
         float(rule.log_min_lr),
         float(rule.log_max_lr),
@@ -264,6 +278,7 @@ def _hrnn_step_triton_op(
     weights: list[Tensor],
     param_hidden: int,
     timescales: int,
+    agreement_feature: bool,
     lr_change_scale: float,
     log_min_lr: float,
     log_max_lr: float,
@@ -278,7 +293,8 @@ def _hrnn_step_triton_op(
     _hrnn_kernel[grid](
         source, h, m, v, log_lr, update, keep if keep is not None else segment_ids, segment_ids, segment_gates,
         segment_mean_log_lr, *weights, sums, n, lr_change_scale, log_min_lr, log_max_lr,
-        P=param_hidden, K=timescales, PP=pp, KP=kp, MASKED=keep is not None, BLOCK_SIZE=BLOCK, PRECISION=precision,
+        P=param_hidden, K=timescales, PP=pp, KP=kp, AGREE=agreement_feature, MASKED=keep is not None,
+        BLOCK_SIZE=BLOCK, PRECISION=precision,
         num_warps=4,
     )  # fmt: skip
     scale = direction_scale(sums[:, pp + 1], counts)
