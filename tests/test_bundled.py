@@ -54,3 +54,35 @@ def test_bundled_rule_lowers_a_loss(name):
         first = loss.item() if first is None else first
     final = nn.functional.mse_loss(model(x), y).item()
     assert final < 0.5 * first
+
+
+def _scaled_regression(seed: int) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """Least squares whose solution has weights around 100, from zero: a step size of ~1e-3 per
+    coordinate (Adam's default) would need ~10^5 steps; the learning rate must grow."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(256, 32, generator=gen)
+    targets = inputs @ (100 * torch.randn(32, 1, generator=gen))
+    model = nn.Linear(32, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    return model, inputs, targets
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hrnn_base_adapts_its_learning_rate_to_the_problem_scale(seed):
+    """What the hierarchical rule is for (its card): it solves a problem far off the scale of its
+    initial learning rate, which Adam at its default lr does not start to."""
+    losses = {}
+    for name in ("hrnn-base", "adam"):
+        model, inputs, targets = _scaled_regression(seed)
+        opt = LearnedOptimizer(model.parameters(), "hrnn-base") if name == "hrnn-base" else None
+        opt = opt or torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(300):
+            loss = nn.functional.mse_loss(model(inputs), targets)
+            if step == 0:
+                initial = loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[name] = nn.functional.mse_loss(model(inputs), targets).item() / initial
+    assert losses["hrnn-base"] < 1e-6, losses
+    assert losses["adam"] > 0.9, losses
