@@ -11,8 +11,11 @@ from torch import Tensor
 from learned_optim.meta_fit import functional_loss
 from learned_optim.tasks import ProblemSet, call_model, get_task, validate_instance
 from learned_optim.tasks.problem_set import (
+    ALL_KINDS,
     EPS,
     FUNCTION_DOMAINS,
+    LARGE_DATA_KINDS,
+    LARGE_DATA_TRAIN_SIZES,
     MICHALEWICZ_ARGMIN,
     MICHALEWICZ_MIN,
     PROBLEM_KINDS,
@@ -72,6 +75,31 @@ def test_data_problem_set_draws_only_data_fitting_kinds_and_quadratics():
     family = get_task("problem-set-data")
     kinds = {family.draw(seed).kind for seed in range(200)}
     assert kinds == {"quadratic", "logistic", "softmax", "mlp-sigmoid", "mlp-relu"}
+
+
+def test_large_data_kinds_are_drawn_only_when_asked_for():
+    assert not set(LARGE_DATA_KINDS) & {ProblemSet().draw(seed).kind for seed in range(300)}
+    family = get_task("problem-set-large")
+    assert {family.draw(seed).kind for seed in range(100)} == set(LARGE_DATA_KINDS)
+
+
+@pytest.mark.parametrize("kind", LARGE_DATA_KINDS)
+def test_large_data_problems_are_minibatched_classifiers_on_many_examples(kind):
+    family = only(kind)
+    for seed in range(3):
+        instance = family.sample(seed)
+        validate_instance(instance, instance.name)
+        instance = family.sample(seed)
+        inputs, labels = instance.train_set
+        low, high = LARGE_DATA_TRAIN_SIZES
+        assert low <= len(labels) <= high and instance.test_set is not None
+        batch = instance.next_batch()
+        assert len(batch[1]) < len(labels) // 16  # always minibatched
+        assert labels.dtype == torch.int64 and int(labels.max()) >= 1
+        logits = call_model(instance.model, inputs[:4])
+        assert logits.shape[0] == 4 and int(labels.max()) < logits.shape[1] <= 10
+        if kind == "softmax-large":
+            assert len(list(instance.model.parameters())) == 2
 
 
 def test_seeds_give_varied_problems():
@@ -136,7 +164,7 @@ def test_bad_options_are_rejected(kwargs):
 # --- every kind ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", PROBLEM_KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_each_kind_can_be_drawn_and_adam_lowers_its_loss(kind):
     family = only(kind)
     for seed in range(3):

@@ -12,6 +12,12 @@ Every instance draws one *kind* of problem:
 - ``mlp-sigmoid`` and ``mlp-relu``: small MLPs classifying random synthetic data (labels from a
   random teacher network or from Gaussian clusters).
 
+Outside the paper's set, and never drawn unless asked for (``kinds=``, or the family
+``problem-set-large``), the *large-data* kinds ``softmax-large``, ``mlp-sigmoid-large`` and
+``mlp-relu-large``: the same classifiers with thousands of training examples, wider networks and
+always minibatched, so that they keep improving for thousands of steps under gradient noise, as
+real training does; an optimizer that anneals its step early pays for it there.
+
 and, independently with the family's probabilities, *transforms* on top of it:
 
 - ``rescale``: the parameters are reparameterised ``θ = s·φ`` (the optimiser sees ``φ``), or the
@@ -61,7 +67,12 @@ TEST_FUNCTIONS = (
     "michalewicz",
 )
 PROBLEM_KINDS = ("quadratic", "bowl2d", *TEST_FUNCTIONS, "logistic", "softmax", "mlp-sigmoid", "mlp-relu")
-"""Every kind of problem the family can draw."""
+"""Every kind of problem of the paper's set (what the family draws by default)."""
+
+LARGE_DATA_KINDS = ("softmax-large", "mlp-sigmoid-large", "mlp-relu-large")
+"""Classifiers on many examples, always minibatched (drawn only when named in ``kinds``)."""
+
+ALL_KINDS = (*PROBLEM_KINDS, *LARGE_DATA_KINDS)
 
 TRANSFORMS = ("rescale", "sparse", "noisy")
 """The transforms that can be applied on top of a problem."""
@@ -105,6 +116,13 @@ MLP_CLASSES = (2, 5)
 MLP_HIDDEN = (4, 32)
 MLP_DEPTHS = (1, 2)
 BATCH_SIZES = (8, 16, 32, 64, 128)
+LARGE_DATA_DIMS = (16, 64)
+LARGE_DATA_TRAIN_SIZES = (4096, 16384)
+LARGE_DATA_TEST_SIZE = 1024
+LARGE_CLASSES = (2, 10)
+LARGE_MLP_HIDDEN = (32, 128)
+LARGE_TEACHER_HIDDEN = 32
+LARGE_BATCH_SIZES = (16, 32, 64, 128)
 RESCALE_RANGE = (1e-2, 1e2)
 SPARSE_KEEP = (0.1, 0.9)
 # Noise standard deviation relative to the RMS of the clean initial gradient: the gradient
@@ -449,19 +467,39 @@ def _classification_data(
 
 
 def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
-    dim = _int(gen, *DATA_DIMS)
-    n_train = _log_int(gen, *DATA_TRAIN_SIZES)
-    if kind == "logistic":
-        classes, hidden, act = 2, (), "relu"
-    elif kind == "softmax":
-        classes, hidden, act = _int(gen, *SOFTMAX_CLASSES), (), "relu"
+    label = kind
+    large = kind.endswith("-large")
+    if large:
+        kind = kind.removesuffix("-large")
+        dim = _int(gen, *LARGE_DATA_DIMS)
+        n_train = _log_int(gen, *LARGE_DATA_TRAIN_SIZES)
+        n_test = LARGE_DATA_TEST_SIZE
+        classes = _int(gen, *LARGE_CLASSES)
+        if kind == "softmax":
+            hidden, act = (), "relu"
+        else:
+            hidden = tuple(_log_int(gen, *LARGE_MLP_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
+            act = kind.removeprefix("mlp-")
+        teacher_hidden = LARGE_TEACHER_HIDDEN
+        batch_size: int | None = choose(list(LARGE_BATCH_SIZES), gen)
     else:
-        classes = _int(gen, *MLP_CLASSES)
-        hidden = tuple(_int(gen, *MLP_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
-        act = kind.removeprefix("mlp-")
-    teacher_hidden = 16 if hidden else None
-    inputs, labels, source = _classification_data(gen, n_train + DATA_TEST_SIZE, dim, classes, teacher_hidden)
-    batch_size = None if _uniform(gen, 0.0, 1.0) < 0.5 else choose([b for b in BATCH_SIZES if b < n_train], gen)
+        dim = _int(gen, *DATA_DIMS)
+        n_train = _log_int(gen, *DATA_TRAIN_SIZES)
+        n_test = DATA_TEST_SIZE
+        if kind == "logistic":
+            classes, hidden, act = 2, (), "relu"
+        elif kind == "softmax":
+            classes, hidden, act = _int(gen, *SOFTMAX_CLASSES), (), "relu"
+        else:
+            classes = _int(gen, *MLP_CLASSES)
+            hidden = tuple(_int(gen, *MLP_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
+            act = kind.removeprefix("mlp-")
+        teacher_hidden = 16 if hidden else None
+        batch_size = None
+    inputs, labels, source = _classification_data(gen, n_train + n_test, dim, classes, teacher_hidden)
+    if not large:
+        # Drawn after the data, as always, so that seeds keep giving the same problems.
+        batch_size = None if _uniform(gen, 0.0, 1.0) < 0.5 else choose([b for b in BATCH_SIZES if b < n_train], gen)
     binary = kind == "logistic"
     sizes = (dim, *hidden, 1 if binary else classes)
     # PyTorch's default initialisation, reproducible and without touching the global RNG.
@@ -471,7 +509,7 @@ def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     inputs = _with_seed_column(inputs)
     shape = "-".join(map(str, sizes))
     return _Problem(
-        label=f"{kind}({shape} {source} n={n_train} bs={batch_size or 'full'})",
+        label=f"{label}({shape} {source} n={n_train} bs={batch_size or 'full'})",
         body=partial(_mlp_body, act, binary),
         init=init,
         loss=binary_cross_entropy_loss if binary else cross_entropy_loss,
@@ -529,7 +567,7 @@ class ProblemSet(TaskFamily):
     (kinds with random sizes show them in parentheses).
 
     Args:
-        kinds: the problem kinds to draw from (:data:`PROBLEM_KINDS`), uniformly; or a mapping
+        kinds: the problem kinds to draw from (:data:`ALL_KINDS`), uniformly; or a mapping
             kind -> relative weight. None: all kinds, uniformly.
         transform_probs: probability of each transform (:data:`TRANSFORMS`); transforms missing
             from a mapping are never applied. A single number applies to every transform.
@@ -549,9 +587,9 @@ class ProblemSet(TaskFamily):
         if isinstance(kinds, str):
             kinds = (kinds,)
         weights = dict(kinds) if isinstance(kinds, Mapping) else dict.fromkeys(kinds, 1.0)
-        unknown = sorted(set(weights) - set(PROBLEM_KINDS))
+        unknown = sorted(set(weights) - set(ALL_KINDS))
         if unknown:
-            raise ValueError(f"unknown problem kinds {unknown}; choose from {', '.join(PROBLEM_KINDS)}")
+            raise ValueError(f"unknown problem kinds {unknown}; choose from {', '.join(ALL_KINDS)}")
         if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"kinds needs at least one kind with positive weight, got {weights}")
         if transform_probs is None:
@@ -636,3 +674,5 @@ register_task("problem-set-nn", partial(ProblemSet, kinds=NN_HEAVY_WEIGHTS, name
 # training networks than the 2-D test functions, which can be solved to machine precision.
 DATA_KINDS = ("quadratic", "logistic", "softmax", "mlp-sigmoid", "mlp-relu")
 register_task("problem-set-data", partial(ProblemSet, kinds=DATA_KINDS, name="problem-set-data"))
+# Classifiers that take thousands of noisy minibatch steps to fit (see the module docstring).
+register_task("problem-set-large", partial(ProblemSet, kinds=LARGE_DATA_KINDS, name="problem-set-large"))
