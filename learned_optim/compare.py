@@ -410,9 +410,13 @@ def compare(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     seed_list = (
         list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + seeds)) if isinstance(seeds, int) else list(seeds)
     )
+    if not seed_list:
+        raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
     loaded = []
     for item in rules:
         if isinstance(item, str) and item == "default":

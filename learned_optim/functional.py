@@ -117,17 +117,7 @@ def learned_step(
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
 
-    # Decoupled weight decay factors (1 for skipped parameters), applied with the update below.
-    # They stay in at least fp32: rounded to bf16 first, 1 - lr * wd would be off by up to 2^-9
-    # (0.9 -> 0.898, 1 - 1e-4 -> 1); fp64 params get an fp64 factor.
-    factors: list[Tensor | None] = []
-    for i, e in enumerate(entries):
-        if e.weight_decay == 0.0:
-            factors.append(None)
-            continue
-        factor_dtype = torch.promote_types(e.param.dtype, torch.float32)
-        decayed = torch.full((), 1.0 - e.lr * e.weight_decay, dtype=factor_dtype, device=device)
-        factors.append(torch.where(keep[i], decayed, 1.0))
+    factors = [_decay_factor(e, keep[i]) for i, e in enumerate(entries)]
 
     # Non-contiguous parameters (e.g. channels_last) are updated through a contiguous copy.
     flat_params = [e.param.view(-1) if e.param.is_contiguous() else e.param.contiguous().view(-1) for e in entries]
@@ -218,6 +208,17 @@ def learned_step(
     if hierarchical:
         _finalize(rule, entries, sums, keep, global_state)
     return skipped
+
+
+def _decay_factor(entry: StepEntry, keep: Tensor) -> Tensor | None:
+    """The entry's decoupled weight decay factor ``1 - lr * wd`` (1 where ``keep`` is False;
+    None without decay). At least fp32: rounded to bf16 first, 1 - lr * wd would be off by up
+    to 2^-9 (0.9 -> 0.898, 1 - 1e-4 -> 1); fp64 params get an fp64 factor."""
+    if entry.weight_decay == 0.0:
+        return None
+    factor_dtype = torch.promote_types(entry.param.dtype, torch.float32)
+    decayed = torch.full((), 1.0 - entry.lr * entry.weight_decay, dtype=factor_dtype, device=keep.device)
+    return torch.where(keep, decayed, 1.0)
 
 
 def _apply_update(target: Tensor, update: Tensor, lr: float, factor: Tensor | None) -> None:
@@ -374,20 +375,7 @@ def fused_learned_step(
     flat_params = [e.param.view(-1) if e.param.is_contiguous() else e.param.contiguous().view(-1) for e in entries]
     flat_grads = [e.grad.reshape(-1) for e in entries]
 
-    # Decoupled weight decay first (skipped tensors keep their values), then the update. Without
-    # masking, one foreach multiply per distinct factor (computed in fp32 or better, then rounded).
-    by_factor: dict[float, list[Tensor]] = {}
-    for i, e in enumerate(entries):
-        if e.weight_decay == 0.0:
-            continue
-        if not masked:
-            by_factor.setdefault(1.0 - e.lr * e.weight_decay, []).append(flat_params[i])
-            continue
-        factor_dtype = torch.promote_types(e.param.dtype, torch.float32)
-        decayed = torch.full((), 1.0 - e.lr * e.weight_decay, dtype=factor_dtype, device=device)
-        flat_params[i].copy_(flat_params[i].to(factor_dtype) * torch.where(keep[i], decayed, 1.0))
-    for factor, targets in by_factor.items():
-        torch._foreach_mul_(targets, factor)
+    # Weight decay is applied with the update, after the kernel: nothing changes if a kernel raises.
 
     total = flat.offsets[-1]
     context = None
@@ -425,15 +413,25 @@ def fused_learned_step(
             segment_ids=segment_ids[chunk_start:chunk_stop] if segment_ids is not None else None,
             context=context,
         )
-        by_lr: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         offset = 0
+        # Foreach ops per (lr, decay factor); fp32 updates for every dtype, so a bf16 param gets
+        # one rounding, as on the eager path. Decay in a low-precision param dtype (or masked)
+        # goes tensor by tensor, decay and update rounded together.
+        groups: dict[tuple[float, float], tuple[list[Tensor], list[Tensor]]] = {}
         for index, start, stop in pieces:
-            targets, updates = by_lr.setdefault(entries[index].lr, ([], []))
-            targets.append(flat_params[index][start:stop])
-            # fp32 updates for every dtype: a bf16 param gets one rounding, as on the eager path.
-            updates.append(update[offset : offset + stop - start])
+            e = entries[index]
+            target, piece_update = flat_params[index][start:stop], update[offset : offset + stop - start]
             offset += stop - start
-        for lr, (targets, updates) in by_lr.items():
+            factor = 1.0 - e.lr * e.weight_decay
+            if e.weight_decay != 0.0 and (masked or target.dtype not in (torch.float32, torch.float64)):
+                _apply_update(target, piece_update, e.lr, _decay_factor(e, keep[index]))
+                continue
+            targets, updates = groups.setdefault((e.lr, factor), ([], []))
+            targets.append(target)
+            updates.append(piece_update)
+        for (lr, factor), (targets, updates) in groups.items():
+            if factor != 1.0:
+                torch._foreach_mul_(targets, factor)
             torch._foreach_add_(targets, updates, alpha=lr)
     for e, flat_param in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,10 @@ class MetaTrainer:
         self.rule = rule
         if isinstance(tasks, (TaskFamily, str)):
             tasks = [tasks]
+        if not isinstance(tasks, Iterable):
+            raise TypeError(
+                f"tasks must be a TaskFamily/Task, a task name, or a list of them, got {type(tasks).__name__}"
+            )
         self.families = [get_task(t) if isinstance(t, str) else t for t in tasks]
         for family in self.families:
             if not isinstance(family, TaskFamily):

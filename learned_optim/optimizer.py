@@ -31,6 +31,10 @@ from learned_optim.weights import DEFAULT_RULE, resolve_rule
 STATE_PREFIX = "rule."
 IMPLS = ("auto", "eager", "triton", "cpu")
 SEGMENT_PREFIX = "rule.segment."
+FUSED_STATE_DTYPES = (torch.float32, torch.bfloat16)
+"""State dtypes the fused kernels store (others step eagerly)."""
+# Rebuilt after a copy or unpickling rather than copied: caches, kernel checks, flat buffers.
+_TRANSIENT_ATTRIBUTES = ("_rule_copies", "_kernel_failures", "_kernels_checked", "_flat_states")
 
 
 def _tracing_or_capturing() -> bool:
@@ -106,7 +110,9 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
             raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
-        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize}
+        # "momentum" is a placeholder no step reads (the rule keeps its own momentum): OneCycleLR
+        # and CyclicLR cycle a momentum by default and refuse optimizers without one.
+        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize, "momentum": 0.0}
         super().__init__(params, defaults)
         self.rule: UpdateRule = resolve_rule(
             DEFAULT_RULE if pretrained is None else pretrained,
@@ -118,15 +124,18 @@ class LearnedOptimizer(Optimizer):
         self.state_dtype = state_dtype
         self.nonfinite = nonfinite
         self.warn_nonfinite = warn_nonfinite
-        self._rule_copies: dict[tuple[torch.device, torch.dtype], UpdateRule] = {}
         # Hierarchical rules keep state shared by all tensors (e.g. a global RNN).
         self._global_state: dict[str, Tensor] | None = None
         self._hierarchical = bool(self.rule.segment_state_spec() or self.rule.global_state_spec())
         self.impl = impl
-        # "device:impl" -> why the kernel could not run there (impl="auto" then steps eagerly).
-        self._kernel_failures: dict[str, str] = {}
-        self._kernels_checked: set[str] = set()
-        if impl != "auto" and impl != "eager" and impl not in self.rule.fused_impls():
+        # The rule's kernels that can build here, found once (not while a step is being traced).
+        self._fused_impls: tuple[str, ...] = () if impl == "eager" else tuple(self.rule.fused_impls())
+        if impl in ("cpu", "triton") and state_dtype not in FUSED_STATE_DTYPES:
+            raise ValueError(
+                f"impl={impl!r} stores the rule state in {FUSED_STATE_DTYPES}, got state_dtype={state_dtype}; "
+                "use impl='eager' for other state dtypes"
+            )
+        if impl != "auto" and impl != "eager" and impl not in self._fused_impls:
             from learned_optim.rules.lstm_cpu import cpu_kernel_error
             from learned_optim.rules.lstm_triton import triton_available
 
@@ -139,8 +148,32 @@ class LearnedOptimizer(Optimizer):
                 f"impl={impl!r}: rule {self.rule.rule_type} has no such fused kernel{hint}; "
                 f"it has {self.rule.fused_impls() or 'none'}. Use impl='eager' or 'auto'."
             )
+        self._reset_transient()
+        if self._hierarchical:
+            # Made here, not in the first step: a compiled first step would not keep it.
+            device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            self._global_state = self._fresh_global_state(device)
+
+    def _reset_transient(self) -> None:
+        self._rule_copies = {}
+        # "device:impl" -> why the kernel could not run there (impl="auto" then steps eagerly).
+        self._kernel_failures: dict[str, str] = {}
+        self._kernels_checked: set[str] = set()
         # Per device: the flat state buffers a fused kernel runs over.
         self._flat_states: dict[torch.device, FlatState] = {}
+
+    def _fresh_global_state(self, device: torch.device) -> dict[str, Tensor]:
+        with torch.no_grad():  # learned initial states: no autograd history in optimizer state
+            return self._rule_for(device).init_global_state(device, self.state_dtype)
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but caches (``copy.deepcopy`` and pickling keep the rule and settings)."""
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT_ATTRIBUTES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_transient()
 
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: Tensor, numel: int) -> dict[str, Tensor]:
@@ -175,7 +208,7 @@ class LearnedOptimizer(Optimizer):
         if self.impl == "eager":
             return "eager"
         if self.impl == "auto":
-            fused = self.rule.fused_impls()
+            fused = self._fused_impls if self.state_dtype in FUSED_STATE_DTYPES else ()
             choice = "eager"
             if device.type == "cuda" and "triton" in fused and triton_usable_on(device):
                 choice = "triton"
@@ -237,6 +270,15 @@ class LearnedOptimizer(Optimizer):
         if flat is not None and flat.holds([e.state for e in entries]):
             return flat
         flat = FlatState.gather([e.state for e in entries], [e.param.numel() for e in entries])
+        if device in self._flat_states:
+            # Parameters left out of the new buffers (no gradient this step) get their own copy
+            # of their state, so that the old buffers are freed.
+            stepping = {id(p) for p in params}
+            for p, state in self.state.items():
+                if id(p) not in stepping and p.device == device:
+                    for key, value in state.items():
+                        if key.startswith(STATE_PREFIX) and not key.startswith(SEGMENT_PREFIX):
+                            state[key] = value.clone()
         for index, (entry, p) in enumerate(zip(entries, params, strict=True)):
             views = flat.views(index)
             entry.state = views
@@ -315,8 +357,9 @@ class LearnedOptimizer(Optimizer):
         # host sync: left out while torch.compile traces or a CUDA graph captures the step.
         host_check = self.warn_nonfinite and not _tracing_or_capturing()
         for device, entries in entries_by_device.items():
-            if self._hierarchical and self._global_state is None:
-                self._global_state = self._rule_for(device).init_global_state(device, self.state_dtype)
+            if self._hierarchical and next(iter(self._global_state.values())).device != device:
+                # The parameters moved after the optimizer was built.
+                self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
             impl = self.impl_for(device)
             if impl == "eager":
                 skipped = learned_step(
@@ -362,26 +405,38 @@ class LearnedOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict``; the rule's state keeps its own dtype (not the parameter's)."""
+        """Load a ``state_dict``; the rule's state keeps its own dtype (not the parameter's).
+
+        Everything is checked before anything changes: the rule (type, config, weight shapes)
+        and every parameter's rule state (keys, one row per coordinate) must fit this optimizer.
+        """
         state_dict = dict(state_dict)
         rule_sd = state_dict.pop("rule", None)
         global_sd = state_dict.pop("rule_global_state", None)
-        if rule_sd is not None and (
-            rule_sd.get("rule_type") != self.rule.rule_type or rule_sd.get("config") != self.rule.config
-        ):
+        if not isinstance(rule_sd, dict):
+            raise ValueError(
+                "not a LearnedOptimizer state_dict: it has no 'rule' entry (was it saved by another optimizer?)"
+            )
+        if rule_sd.get("rule_type") != self.rule.rule_type or rule_sd.get("config") != self.rule.config:
             raise ValueError(
                 "optimizer state_dict was saved with a different update rule "
                 f"({rule_sd.get('rule_type')} {rule_sd.get('config')}) than this optimizer's "
                 f"({self.rule.rule_type} {self.rule.config}); build the optimizer with the "
                 "same `pretrained` rule before loading"
             )
-        # Optimizer.load_state_dict casts float state to the parameter dtype; remember ours.
+        self._check_rule_weights(rule_sd.get("weights"))
         saved_state = state_dict.get("state", {})
-        super().load_state_dict(state_dict)
-        index_to_param = {}
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
-            for idx, p in zip(saved_group["params"], group["params"], strict=True):
-                index_to_param[idx] = p
+        # Empty where the groups do not match: Optimizer.load_state_dict raises for that below.
+        index_to_param = self._saved_index_to_param(state_dict) or {}
+        for idx, values in saved_state.items():
+            if idx in index_to_param:
+                self._check_saved_param_state(idx, index_to_param[idx], values)
+        if global_sd is not None:
+            self._check_state_shapes("rule_global_state", global_sd, self.rule.global_state_spec(), rows=None)
+        # Optimizer.load_state_dict casts float state to the parameter dtype; ours is restored below.
+        super().load_state_dict(state_dict)  # checks the param groups before changing anything
+        for group in self.param_groups:
+            group.setdefault("momentum", 0.0)  # state_dicts saved before the placeholder existed
         for idx, values in saved_state.items():
             p = index_to_param.get(idx)
             if p is None:
@@ -389,16 +444,74 @@ class LearnedOptimizer(Optimizer):
             for key, value in values.items():
                 if key.startswith(STATE_PREFIX) and isinstance(value, Tensor):
                     self.state[p][key] = value.detach().to(device=p.device).clone()
-        if rule_sd is not None:
-            self.rule.load_state_dict(rule_sd["weights"])
-            self._rule_copies.clear()
+        self.rule.load_state_dict(rule_sd["weights"])
+        self._rule_copies.clear()
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         if global_sd is not None:
-            device = next((p.device for g in self.param_groups for p in g["params"]), None)
             self._global_state = {k: v.detach().to(device=device).clone() for k, v in global_sd.items()}
-        else:
+        elif self._hierarchical:
             # Saved before any step: like the per-parameter state, the global state starts afresh
             # (keeping ours would pair fresh tensor states with a stale global state).
-            self._global_state = None
+            self._global_state = self._fresh_global_state(device)
+
+    def _check_rule_weights(self, weights: Any) -> None:
+        ours = self.rule.state_dict()
+        if not isinstance(weights, dict):
+            raise ValueError("optimizer state_dict: 'rule' has no 'weights' dict")
+        missing, unexpected = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
+        if missing or unexpected:
+            raise ValueError(f"optimizer state_dict: rule weights missing {missing}, unexpected {unexpected}")
+        for name, value in weights.items():
+            if not isinstance(value, Tensor) or value.shape != ours[name].shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"optimizer state_dict: rule weight {name!r} has shape {shape}, expected {tuple(ours[name].shape)}"
+                )
+
+    def _saved_index_to_param(self, state_dict: dict[str, Any]) -> dict[Any, Tensor] | None:
+        """Saved parameter index -> our parameter, or None where the groups do not match (then
+        ``Optimizer.load_state_dict`` raises its own error)."""
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return None
+        mapping = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            if len(saved.get("params", ())) != len(group["params"]):
+                return None
+            mapping.update(zip(saved["params"], group["params"], strict=True))
+        return mapping
+
+    def _check_saved_param_state(self, idx: Any, p: Tensor, values: dict[str, Any]) -> None:
+        """A parameter's saved state must be what this rule keeps for a tensor of its size."""
+        keys = {k for k in values if k.startswith(STATE_PREFIX)}
+        if not keys:
+            return  # no state saved for it: it starts afresh
+        per_tensor = {k[len(SEGMENT_PREFIX) :]: v for k, v in values.items() if k.startswith(SEGMENT_PREFIX)}
+        per_coordinate = {
+            k[len(STATE_PREFIX) :]: v for k, v in values.items() if k in keys and not k.startswith(SEGMENT_PREFIX)
+        }
+        numel = torch.view_as_real(p).numel() if p.is_complex() else p.numel()
+        where = f"state of parameter {idx} (shape {tuple(p.shape)})"
+        self._check_state_shapes(where, per_coordinate, self.rule.state_spec(), rows=numel)
+        self._check_state_shapes(where, per_tensor, self.rule.segment_state_spec(), rows=1, prefix="segment.")
+
+    @staticmethod
+    def _check_state_shapes(
+        where: str, values: dict[str, Any], spec: dict[str, tuple[int, ...]], rows: int | None, prefix: str = ""
+    ) -> None:
+        if set(values) != set(spec):
+            raise ValueError(
+                f"optimizer state_dict: {where} has rule state {sorted(prefix + k for k in values)}, "
+                f"expected {sorted(prefix + k for k in spec)}"
+            )
+        for name, shape in spec.items():
+            value = values[name]
+            expected = tuple(shape) if rows is None else (rows, *shape)
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"optimizer state_dict: {where}: {prefix}{name!r} has shape {got}, expected {expected}"
+                )
 
     @property
     def rule_class(self) -> type[UpdateRule]:

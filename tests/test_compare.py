@@ -156,6 +156,18 @@ def test_bad_task_name():
         compare("no-such-task", rules=[], progress=False)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [({"steps": 0}, "steps must be a positive integer, got 0"), ({"seeds": 0}, "seeds must be a positive number")],
+)
+def test_no_steps_or_no_seeds_fail_before_any_run(counted, setting, message):
+    counter, task = counted
+    settings = {"steps": 2, "seeds": 1, **setting}
+    with pytest.raises(ValueError, match=message):
+        compare(task, rules=[small_rule()], baselines=["sgd"], progress=False, **settings)
+    assert counter.calls == 0
+
+
 def test_bad_baseline_name_fails_before_any_run(counted):
     counter, task = counted
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['adamw'\]"):

@@ -322,7 +322,7 @@ def test_cuda_graph_captures_a_training_step():
         assert _rel(b, a) < TRAJECTORY_RTOL
 
 
-@pytest.mark.parametrize("impl", ["eager", *KERNELS])
+@pytest.mark.parametrize("impl", ["eager", "auto", *KERNELS])
 def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl):
     # fullgraph=True fails on any graph break in step(): host syncs, data-pointer checks, the
     # kernel launch. The default warn_nonfinite=True must not add a sync while tracing.
@@ -417,3 +417,62 @@ def test_auto_falls_back_to_eager_where_the_kernel_cannot_run(monkeypatch):
     explicit = LearnedOptimizer(model.parameters(), pretrained=rule, impl=impl)
     with pytest.raises(RuntimeError, match="kernel build failed"):
         explicit.step()
+
+
+@over_kernels
+@pytest.mark.parametrize("rule", [CoordinateLSTM, HierarchicalRNN])
+def test_weight_decay_on_low_precision_params_is_rounded_once_as_in_eager_mode(impl, rule):
+    # A small decay of bf16 weights survives only if decay and update are rounded together.
+    pretrained = _trained_like(rule()) if rule is CoordinateLSTM else rule()
+    results = []
+    for which in ("eager", impl):
+        p = nn.Parameter(torch.full((1000,), 3.0, dtype=torch.bfloat16, device=DEVICE))
+        opt = LearnedOptimizer([p], pretrained=pretrained, impl=which, weight_decay=1e-3)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            p.grad = (1e-3 * torch.randn(1000, generator=generator)).to(DEVICE, torch.bfloat16)
+            opt.step()
+        results.append(p.detach().float())
+    # Rounded twice, 43% of the weights came out one bf16 step apart (and the decay was lost).
+    assert float((results[1] != results[0]).float().mean()) < 0.01
+    if rule is CoordinateLSTM:  # (the untrained HierarchicalRNN's steps round back to 3.0 here)
+        assert float(results[1].mean()) < 3.0 - 3.0 * 1e-3 * 4  # five decays of 0.1% each were applied
+
+
+@over_kernels
+def test_a_kernel_that_rejects_its_input_changes_nothing(impl, monkeypatch):
+    p = nn.Parameter(torch.ones(3, device=DEVICE))
+    opt = LearnedOptimizer([p], pretrained=_trained_like(CoordinateLSTM()), impl=impl, weight_decay=0.1)
+
+    def broken(*args, **kwargs):
+        raise ValueError("kernel refused its input")
+
+    monkeypatch.setattr(opt.rule, "fused_step", broken)
+    p.grad = torch.randn(3, device=DEVICE)
+    with pytest.raises(ValueError, match="refused"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3, device=DEVICE))  # no weight decay applied either
+
+
+def test_state_dtypes_the_kernels_cannot_store_are_refused_or_run_eagerly():
+    for impl in KERNELS:
+        with pytest.raises(ValueError, match=r"state_dtype=torch.float16; use impl='eager'"):
+            LearnedOptimizer([nn.Parameter(torch.ones(3))], impl=impl, state_dtype=torch.float16)
+    opt = LearnedOptimizer([nn.Parameter(torch.ones(3))], state_dtype=torch.float16)
+    assert opt.impl_for(torch.device("cpu")) == "eager"
+
+
+@over_kernels
+def test_parameters_left_out_of_a_step_do_not_keep_the_old_state_buffers(impl):
+    big, small = nn.Parameter(torch.randn(5000, device=DEVICE)), nn.Parameter(torch.randn(2, device=DEVICE))
+    opt = LearnedOptimizer([big, small], pretrained=_trained_like(CoordinateLSTM()), impl=impl)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt.step()
+    small_state = opt.state[small]["rule.h"].clone()
+    small.grad = None
+    opt.step()  # only `big` steps: new buffers
+    buffer = opt._flat_states[DEVICE].buffers["h"]
+    assert opt.state[big]["rule.h"].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    held = opt.state[small]["rule.h"]
+    assert torch.equal(held, small_state)
+    assert held.untyped_storage().nbytes() == held.numel() * held.element_size()  # its own copy

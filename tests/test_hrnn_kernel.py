@@ -256,3 +256,27 @@ def test_torch_compile_traces_the_hierarchical_step_in_one_graph(impl):
         assert _rel(a, b) < TRAJECTORY_RTOL
     for k, v in reference_opt._global_state.items():
         assert _rel(opt._global_state[k], v) < TRAJECTORY_RTOL, k
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager"])
+def test_a_compiled_first_step_keeps_the_global_state(impl):
+    # No uncompiled warm-up: the global state must exist before the first (traced) step.
+    torch._dynamo.reset()
+    rule = _noisy(HierarchicalRNN())
+    params = [nn.Parameter(torch.randn(7, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE))]
+    reference = [nn.Parameter(params[0].detach().clone())]
+    opt = LearnedOptimizer(params, pretrained=rule, impl=impl)
+    reference_opt = LearnedOptimizer(reference, pretrained=rule, impl=impl)
+    backend = "aot_eager" if DEVICE.type == "cpu" else "inductor"
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend=backend)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        grad = torch.randn(7, 3, generator=generator).to(DEVICE)
+        params[0].grad, reference[0].grad = grad.clone(), grad.clone()
+        compiled_step()
+        reference_opt.step()
+    assert _rel(params[0], reference[0]) < TRAJECTORY_RTOL
+    saved = opt.state_dict()["rule_global_state"]
+    for k, v in reference_opt.state_dict()["rule_global_state"].items():
+        assert _rel(saved[k], v) < TRAJECTORY_RTOL, k
+        assert saved[k].grad_fn is None and not saved[k].requires_grad

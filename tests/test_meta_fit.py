@@ -310,6 +310,12 @@ def test_model_factory_not_returning_a_module():
         _fit(task)
 
 
+def test_a_module_instance_instead_of_a_factory():
+    task = Task(model=nn.Linear(4, 1), loss=nn.functional.mse_loss, data=tiny_sampler)
+    with pytest.raises(TaskError, match=r"model must be a factory .*got an Linear instance"):
+        _fit(task)
+
+
 def test_data_that_runs_out():
     batches = (tiny_sampler(torch.Generator().manual_seed(i)) for i in range(4))  # a one-shot generator
     task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=batches)
@@ -351,6 +357,8 @@ def test_rule_and_tasks_type_errors():
         meta_fit(nn.Linear(2, 2), "quadratic", progress=False)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="tasks must be"):
         meta_fit(small_rule(), [42], progress=False)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"tasks must be .* got int"):
+        meta_fit(small_rule(), 42, progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         meta_fit(small_rule(), "nope", progress=False)
 

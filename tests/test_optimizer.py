@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import warnings
 
 import pytest
@@ -276,6 +277,96 @@ def test_load_state_dict_with_a_different_rule_raises():
     other_type = LearnedOptimizer(_params([(5,)]), pretrained=Momentum())
     with pytest.raises(ValueError, match="different update rule"):
         other_type.load_state_dict(sd)
+
+
+def _stepped(impl: str = "eager", pretrained=None, shapes=((6,), (2, 3)), steps: int = 2):
+    params = _params(shapes)
+    opt = LearnedOptimizer(params, pretrained=pretrained if pretrained is not None else _lstm(), impl=impl)
+    for seed in range(steps):
+        _set_grads(params, seed)
+        opt.step()
+    return params, opt
+
+
+def _impls():
+    return ["eager", *(["cpu"] if "cpu" in CoordinateLSTM().fused_impls() else [])]
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("rule", ["lstm", "hrnn"])
+def test_deepcopy_and_pickle_give_an_optimizer_that_steps_the_same(impl, rule):
+    pretrained = _lstm() if rule == "lstm" else learned_optim.HierarchicalRNN()
+    params, opt = _stepped(impl, pretrained)
+    copies = [copy.deepcopy(opt)]
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)  # whole-object pickling, as some training frameworks do
+    buffer.seek(0)
+    copies.append(torch.load(buffer, weights_only=False))
+    for other in copies:
+        other_params = [p for g in other.param_groups for p in g["params"]]
+        assert all(q is not p for p, q in zip(params, other_params, strict=True))
+        _set_grads(other_params, 7)
+        other.step()
+    _set_grads(params, 7)
+    opt.step()
+    for other in copies:
+        for p, q in zip(params, [p for g in other.param_groups for p in g["params"]], strict=True):
+            assert torch.equal(p, q)
+        assert sorted(other.state_dict()) == sorted(opt.state_dict())
+
+
+def test_load_state_dict_rejects_state_of_another_size_and_changes_nothing():
+    _, saved = _stepped(shapes=((6,), (2, 3)))
+    sd = saved.state_dict()
+    params, opt = _stepped(shapes=((6,), (5,)))
+    opt.param_groups[0]["lr"] = 0.25
+    before = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    expected = r"parameter 1 \(shape \(5,\)\): 'h' has shape \(6, 2, 20\), expected \(5, 2, 20\)"
+    with pytest.raises(ValueError, match=expected):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.25
+    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before.items())
+
+
+def test_load_state_dict_rejects_other_optimizers_and_bad_rule_weights():
+    params, opt = _stepped()
+    adam_params = _params([(6,), (2, 3)])
+    adam = torch.optim.Adam(adam_params)
+    _set_grads(adam_params, 0)
+    adam.step()
+    with pytest.raises(ValueError, match="not a LearnedOptimizer state_dict"):
+        opt.load_state_dict(adam.state_dict())
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 0.123
+    del sd["rule"]["weights"]["output.weight"]
+    before = params[0].detach().clone(), {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match=r"rule weights missing \['output.weight'\]"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1.0  # nothing was loaded
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before[1].items())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.1, max_lr=1.0, step_size_up=2),
+    ],
+)
+def test_cycling_schedulers_work_with_their_default_arguments(make):
+    params = _params([(4,)])
+    opt = LearnedOptimizer(params, pretrained=NegGrad())
+    opt.add_param_group({"params": _params([(2,)], seed=2)})
+    scheduler = make(opt)  # refuses an optimizer without a momentum to cycle
+    lrs = []
+    for seed in range(4):
+        _set_grads([p for g in opt.param_groups for p in g["params"]], seed)
+        before = params[0].detach().clone()
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        torch.testing.assert_close(params[0].detach(), before - lrs[-1] * params[0].grad)
+        scheduler.step()
+    assert all(a != b for a, b in itertools.pairwise(lrs)), lrs  # the scheduler moved the lr every step
 
 
 # ---------------------------------------------------------------------------- odd parameters

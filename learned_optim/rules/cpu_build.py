@@ -65,6 +65,8 @@ class KernelLibrary:
 
     def load(self) -> ctypes.CDLL | None:
         """The loaded library, or ``None`` (then :attr:`error` says why)."""
+        if self._library is not None or self.error is not None:
+            return self._library  # settled: no lock (torch.compile cannot trace one)
         with _lock:
             if self._library is not None or self.error is not None:
                 return self._library

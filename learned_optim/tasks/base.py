@@ -123,8 +123,13 @@ class Task(TaskFamily):
     _checked: bool = field(default=False, init=False, repr=False)
 
     def sample(self, seed: int) -> TaskInstance:
-        if not callable(self.model):
-            raise TaskError(f"task {self.name!r}: model must be a factory returning an nn.Module")
+        if isinstance(self.model, nn.Module) or not callable(self.model):
+            is_module = isinstance(self.model, nn.Module)
+            given = f"an {type(self.model).__name__} instance" if is_module else repr(self.model)
+            raise TaskError(
+                f"task {self.name!r}: model must be a factory returning a fresh nn.Module (e.g. "
+                f"`model=lambda: MyNet()`), got {given}: every task instance needs its own initialisation"
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "init"))
             module = self.model()
