@@ -18,6 +18,7 @@ from learned_optim.tasks import (
     MNISTConvFamily,
     MNISTMLPFamily,
     QuadraticFamily,
+    ReversalFamily,
     TeacherFamily,
     XORFamily,
     call_model,
@@ -46,6 +47,7 @@ SGD_LR = {
     "quadratic": 0.002,
     "xor": 0.5,
     "teacher": 0.05,
+    "transformer-reverse": 0.1,
     "problem-set": 0.01,
     "problem-set-nn": 0.01,
     "problem-set-data": 0.01,
@@ -381,3 +383,37 @@ def test_teacher_targets_are_a_relu_network_of_the_inputs():
     noisy = TeacherFamily(n_train=256, n_test=128, noise_std=0.5).sample(0)
     assert torch.equal(noisy.train_set[0], train_x)
     assert not torch.equal(noisy.train_set[1], train_y)
+
+
+def test_transformer_reversal_targets_and_chance_level_start():
+    family = ReversalFamily(vocab=8, length=5, width=16, heads=2, layers=1, n_train=64, n_test=16, batch_size=8)
+    instance = family.sample(0)
+    tokens, targets = instance.next_batch()
+    assert tokens.shape == (8, 5) and tokens.dtype == torch.int64
+    assert torch.equal(targets, tokens.flip(1))
+    logits = call_model(instance.model, tokens)
+    assert logits.shape == (8, 5, 8)
+    with torch.no_grad():  # a fresh network is near chance: log(vocab)
+        assert abs(_loss(instance, instance.train_set).item() - math.log(8)) < 0.5
+    with pytest.raises(ValueError, match="multiple of heads"):
+        ReversalFamily(width=10, heads=4)
+
+
+def test_meta_fit_runs_on_the_transformer_task():
+    from learned_optim import CoordinateLSTM
+    from learned_optim.meta_fit import meta_fit
+
+    family = ReversalFamily(vocab=6, length=4, width=8, heads=2, layers=1, n_train=64, n_test=8, batch_size=8)
+    history = []
+    rule = meta_fit(
+        CoordinateLSTM(hidden_size=4),
+        family,
+        steps=4,
+        unroll=2,
+        meta_iterations=2,
+        validate_every=0,
+        progress=False,
+        callback=lambda h: history.append(h.meta_losses[-1]),
+    )
+    assert len(history) == 2 and all(math.isfinite(v) for v in history)
+    assert isinstance(rule, CoordinateLSTM)
