@@ -33,8 +33,19 @@ IMPLS = ("auto", "eager", "triton", "cpu")
 SEGMENT_PREFIX = "rule.segment."
 FUSED_STATE_DTYPES = (torch.float32, torch.bfloat16)
 """State dtypes the fused kernels store (others step eagerly)."""
-# Rebuilt after a copy or unpickling rather than copied: caches, kernel checks, flat buffers.
-_TRANSIENT_ATTRIBUTES = ("_rule_copies", "_kernel_failures", "_kernels_checked", "_flat_states")
+# Kept by copy.deepcopy and pickling beside torch's own (defaults, state, param_groups); caches,
+# kernel checks and flat buffers are rebuilt instead, hooks are dropped as torch.optim does.
+_COPIED_ATTRIBUTES = (
+    "rule",
+    "chunk_size",
+    "state_dtype",
+    "nonfinite",
+    "warn_nonfinite",
+    "impl",
+    "_fused_impls",
+    "_hierarchical",
+    "_global_state",
+)
 
 
 def _tracing_or_capturing() -> bool:
@@ -168,8 +179,10 @@ class LearnedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but caches (``copy.deepcopy`` and pickling keep the rule and settings)."""
-        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT_ATTRIBUTES}
+        """What ``copy.deepcopy`` and pickling keep: torch's optimizer state, the rule and settings."""
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in _COPIED_ATTRIBUTES})
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
