@@ -52,13 +52,35 @@ def _build_rule(args: argparse.Namespace) -> Any:
     return cls(**kwargs)
 
 
+def _output_folder(path: str) -> Path:
+    """``--out`` as a folder path, checked before any work (a file there would fail only at the end)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path}: exists and is not a folder")
+    return out
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def cmd_meta_fit(args: argparse.Namespace) -> int:
     """Meta-train a rule and save it (best validated weights) to ``--out``."""
     from learned_optim.meta_fit import MetaFitConfig, MetaTrainer
 
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    out = _output_folder(args.out)
+    checkpoints = out / "checkpoint"
+    has_checkpoint = (checkpoints / "checkpoint.json").is_file()
+    if out.is_dir() and any(out.iterdir()) and not has_checkpoint and not args.overwrite:
+        raise ValueError(
+            f"--out {args.out}: the folder is not empty and holds no meta-fit checkpoint; "
+            "its files would be overwritten: choose another --out or pass --overwrite"
+        )
     tasks = [_load_task(t) for t in args.task.split(",")]
     rule = _build_rule(args)
     if args.init:
@@ -68,7 +90,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         try:
             rule.init_from(start_rule)
         except ValueError as err:
-            raise SystemExit(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
+            raise ValueError(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
     config = MetaFitConfig(
         steps=args.steps,
         unroll=args.unroll,
@@ -89,8 +111,6 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         validation_steps=args.validation_steps,
         checkpoint_every=args.checkpoint_every,
     )
-    out = Path(args.out)
-    checkpoints = out / "checkpoint"
     start = time.time()
 
     def log_line(history: Any) -> None:
@@ -107,10 +127,10 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     trainer = MetaTrainer(
         rule, tasks, config, checkpoints, progress=not args.quiet, time_budget=args.time_budget, callback=log_line
     )
-    if args.resume and (checkpoints / "checkpoint.json").is_file():
+    if args.resume and has_checkpoint:
         trainer.load_checkpoint(checkpoints)
         print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
-    elif not args.resume and (checkpoints / "checkpoint.json").is_file() and not args.overwrite:
+    elif not args.resume and has_checkpoint and not args.overwrite:
         raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
     rule = trainer.run()
     h = trainer.history
@@ -146,8 +166,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from learned_optim.compare import compare
     from learned_optim.report import write_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    out = _output_folder(args.out)
     rules = [r for r in args.rules.split(",") if r]
     args.seeds_given = args.seeds is not None
     if args.seeds is None:
@@ -156,7 +176,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _run_suite(args, rules)
     family = _load_task(args.task)
     task_name = args.task if ":" not in args.task else args.task.split(":")[-1]
-    out = Path(args.out)
     result = compare(
         family if ":" in args.task else args.task,
         rules=rules,
@@ -177,7 +196,7 @@ def _run_suite(args: argparse.Namespace, rules: list[str]) -> int:
     from learned_optim.report import plot_curves
     from learned_optim.suites import run_suite
 
-    out = Path(args.out)
+    out = _output_folder(args.out)
     seeds = args.seeds if args.seeds_given else None
     result = run_suite(
         args.suite,

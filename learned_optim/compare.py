@@ -120,8 +120,10 @@ class ResultCache:
         if self.path is not None and self.path.is_file():
             try:
                 self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 self.data = {}  # a corrupt cache is only a cache: start over
+            if not isinstance(self.data, dict):
+                self.data = {}
 
     @staticmethod
     def key(*parts: Any) -> str:

@@ -21,15 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.func import functional_call
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
 from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.weights import save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp")
+
+# What a damaged or foreign checkpoint raises while it is read.
+_UNREADABLE_CHECKPOINT = (
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    RuntimeError,
+    SafetensorError,
+    json.JSONDecodeError,
+)
 
 # Seed ranges: meta-training, validation and evaluation instances never share a seed.
 TRAIN_SEEDS = (0, 10**8)
@@ -105,10 +117,15 @@ class MetaFitConfig:
     lr_scale_range: float = 1.0
 
     def check(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        for name in ("steps", "unroll", "meta_iterations", "instances"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        """Raise ValueError naming the first invalid setting (types included)."""
+        for name in ("steps", "unroll", "meta_iterations", "instances", "validation_instances", "checkpoint_every"):
+            config_int(name, getattr(self, name), minimum=1)
+        for name in ("seed", "validate_every", "validation_steps"):
+            config_int(name, getattr(self, name), minimum=0)
+        for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range"):
+            config_float(name, getattr(self, name))
+        for name in ("second_order", "random_horizon"):
+            config_bool(name, getattr(self, name))
         if self.meta_loss not in META_LOSSES:
             raise ValueError(f"meta_loss must be one of {', '.join(map(repr, META_LOSSES))}, got {self.meta_loss!r}")
         if not self.meta_lr > 0:
@@ -514,6 +531,7 @@ class MetaTrainer:
         meta = {
             "rule_type": self.rule.rule_type,
             "rule_config": self.rule.config,
+            "tasks": self._task_labels(),
             "config": asdict(self.config),
             "history": asdict(self.history),
             "rng_state": _rng_to_json(self.rng.getstate()),
@@ -528,13 +546,31 @@ class MetaTrainer:
         os.replace(tmp_meta, directory / "checkpoint.json")
         save_pretrained(self.rule, directory / "last")
 
+    def _task_labels(self) -> list[str]:
+        return [getattr(f, "name", type(f).__name__) for f in self.families]
+
     def load_checkpoint(self, directory: str | os.PathLike[str]) -> None:
-        """Continue from :meth:`save_checkpoint`'s files (the configs must match)."""
+        """Continue from :meth:`save_checkpoint`'s files (the rule, tasks and settings must match).
+
+        A checkpoint that cannot be read raises ``ValueError`` naming it; nothing is changed then
+        except what was already loaded (start over with ``overwrite``).
+        """
         directory = Path(directory)
         meta_path = directory / "checkpoint.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: no checkpoint to resume from")
+        try:
+            self._load_checkpoint(directory, meta_path)
+        except _UNREADABLE_CHECKPOINT as err:
+            raise ValueError(
+                f"{directory}: the checkpoint is corrupt or from another version/rule "
+                f"({type(err).__name__}: {err}); start over without resuming (--overwrite)"
+            ) from err
+
+    def _load_checkpoint(self, directory: Path, meta_path: Path) -> None:
         meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise TypeError(f"checkpoint.json holds a {type(meta).__name__}, not an object")
         if meta["rule_type"] != self.rule.rule_type or meta["rule_config"] != self.rule.config:
             raise ValueError(
                 f"{meta_path}: checkpoint is for rule {meta['rule_type']} {meta['rule_config']}, "
@@ -547,7 +583,12 @@ class MetaTrainer:
         differing = {k for k in ours if k != "meta_iterations" and saved_cfg.get(k, defaults[k]) != ours[k]}
         if differing:
             raise ValueError(f"{meta_path}: meta-training settings differ from the checkpoint's: {sorted(differing)}")
-        tensors = load_file(str(directory / "checkpoint.safetensors"))
+        saved_tasks = meta.get("tasks")  # absent in checkpoints written before it was recorded
+        if saved_tasks is not None and saved_tasks != self._task_labels():
+            raise ValueError(f"{meta_path}: checkpoint is for tasks {saved_tasks}, not {self._task_labels()}")
+        # Copies: safetensors' tensors need not be 64-byte aligned, and vectorised kernels can
+        # round differently on unaligned memory (a resumed run would then drift by ~1e-8).
+        tensors = {k: v.clone() for k, v in load_file(str(directory / "checkpoint.safetensors")).items()}
         self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule/")})
         self.best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
         for index, p in enumerate(self.rule.parameters()):

@@ -28,6 +28,8 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 FORMAT_NAME = "learned_optim.rule"
 FORMAT_VERSION = 1
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""Dtypes a weights file may store (loaded into the rule's own dtype)."""
 # The rule LearnedOptimizer uses when no `pretrained` is given.
 DEFAULT_RULE = "lstm-mnist-mixed"
 
@@ -66,13 +68,13 @@ def save_pretrained(
 ) -> Path:
     """Write ``rule`` to ``save_directory`` as ``config.json`` + ``model.safetensors``.
 
-    Files are written to temporary names and renamed, so an interrupted save never
-    leaves a half-written rule behind an existing good one.
+    Everything is serialised first (a bad ``metadata`` raises before any file changes), then
+    both files are written to temporary names and only then renamed, so an interrupted save
+    does not leave a half-written rule where a good one was.
     """
     if not isinstance(rule, UpdateRule):
         raise TypeError(f"save_pretrained expects an UpdateRule, got {type(rule).__name__}")
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(save_directory).expanduser()
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -81,30 +83,38 @@ def save_pretrained(
     }
     if metadata:
         config["metadata"] = metadata
+    try:
+        config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"save_pretrained: metadata and config must be plain JSON values ({err})") from None
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
     # Serialised in memory and written by us: safetensors' save_file creates 0600 files.
     payload = serialize_tensors(tensors, metadata={"format": "pt"})
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(payload))
-    _atomic_write(
-        directory / CONFIG_NAME,
-        lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
-    )
+    files = {WEIGHTS_NAME: payload, CONFIG_NAME: config_text.encode()}
     if model_card is not None:
-        _atomic_write(directory / MODEL_CARD_NAME, lambda tmp: Path(tmp).write_text(model_card))
+        files[MODEL_CARD_NAME] = model_card.encode()
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_all(directory, files)
     return directory
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    # Not mkstemp: its files are 0600 and would stay owner-only after the rename; os.open
-    # with 0666 lets the umask decide, like any other file the user writes.
-    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+def _write_all(directory: Path, files: dict[str, bytes]) -> None:
+    """Write every file to a temporary name first, then rename them all into place."""
+    temporaries: dict[str, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, target)
+        for name, data in files.items():
+            # Not mkstemp: its files are 0600 and would stay owner-only after the rename;
+            # os.open with 0666 lets the umask decide, like any other file the user writes.
+            tmp = str(directory / f".{name}.{secrets.token_hex(8)}.tmp")
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            temporaries[name] = tmp
+            Path(tmp).write_bytes(data)
+        for name, tmp in temporaries.items():
+            os.replace(tmp, directory / name)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any]]:
@@ -123,7 +133,9 @@ def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], 
     if raw.get("format", FORMAT_NAME) != FORMAT_NAME:
         raise PretrainedError(f"{path}: format {raw.get('format')!r} is not {FORMAT_NAME!r}")
     version = raw.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PretrainedError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise PretrainedError(
             f"{path}: format_version {version!r} is newer than this library reads "
             f"({FORMAT_VERSION}); upgrade learned_optim"
@@ -188,11 +200,17 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
                 f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
                 f"implies {tuple(expected[name].shape)}"
             )
-        if not tensor.is_floating_point():
-            raise PretrainedError(f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise PretrainedError(
+                f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected one of {WEIGHT_DTYPES}"
+            )
+        # Checked after the cast: a float64 value beyond float32's range would load as inf.
+        tensors[name] = tensor = tensor.to(expected[name].dtype)
         if not torch.isfinite(tensor).all():
-            raise PretrainedError(f"{weights_path}: tensor {name!r} holds non-finite values")
-    rule.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+            raise PretrainedError(
+                f"{weights_path}: tensor {name!r} holds non-finite values (in {expected[name].dtype})"
+            )
+    rule.load_state_dict(tensors)
     return rule
 
 

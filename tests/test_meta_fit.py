@@ -172,6 +172,44 @@ def test_resume_refuses_a_different_config(tmp_path):
         other.load_checkpoint(tmp_path / "elsewhere")
 
 
+def test_resume_of_a_hierarchical_rule_equals_straight_run(tmp_path):
+    # Checkpoint tensors are copied on load: unaligned safetensors memory made the resumed
+    # HierarchicalRNN run drift by ~1e-8 from the straight one.
+    from learned_optim import HierarchicalRNN
+
+    def make():
+        torch.manual_seed(0)
+        return HierarchicalRNN(param_hidden=4, tensor_hidden=4, global_hidden=4)
+
+    settings = dict(steps=10, unroll=4, meta_iterations=12, validate_every=0, checkpoint_every=4, progress=False)
+    straight = meta_fit(make(), "quadratic", **settings)
+
+    def crash(history):
+        if history.iteration == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        meta_fit(make(), "quadratic", checkpoint_dir=tmp_path, callback=crash, **settings)
+    resumed = meta_fit(make(), "quadratic", checkpoint_dir=tmp_path, resume=True, **settings)
+    assert resumed.meta_fit_history.meta_losses == straight.meta_fit_history.meta_losses
+    assert same_weights(weights(resumed), weights(straight))
+
+
+def test_resume_refuses_other_tasks_and_unreadable_checkpoints(tmp_path):
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    other_task = MetaTrainer(small_rule(), "quadratic", _config(4, checkpoint_every=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint is for tasks \['tiny'\], not \['quadratic'\]"):
+        other_task.load_checkpoint(tmp_path)
+    weights_file = tmp_path / "checkpoint.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
+    trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint is corrupt .* start over without resuming"):
+        trainer.load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.json").write_text("[]")
+    with pytest.raises(ValueError, match="checkpoint is corrupt"):
+        trainer.load_checkpoint(tmp_path)
+
+
 def test_meta_fit_resume_flag_continues_from_checkpoint(tmp_path):
     common = dict(steps=7, unroll=3, meta_lr=1e-2, validate_every=0, checkpoint_every=2, progress=False)
     straight = meta_fit(small_rule(), tiny, meta_iterations=7, **common)
@@ -235,9 +273,23 @@ def test_cli_init_starts_from_given_weights_and_checks_the_rule(tmp_path, capsys
         assert torch.allclose(first[key], started[key], atol=1e-7)
     assert not torch.allclose(first["output.weight"], CoordinateLSTM(hidden_size=8).output.weight, atol=1e-3)
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="--init"):
-        # The default rule config (20 units) is not the 8-unit rule in "a".
-        main(["meta-fit", "--task", "tiny_tasks:tiny", "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "a")])
+    # The default rule config (20 units) is not the 8-unit rule in "a": "error: ..." and exit 2.
+    bad = ["meta-fit", "--task", "tiny_tasks:tiny", "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "a")]
+    assert main(bad) == 2
+    assert "error: --init" in capsys.readouterr().err
+
+
+def test_cli_meta_fit_refuses_to_write_over_other_files(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    assert main(["meta-fit", "--task", "tiny_tasks:tiny", "--out", str(tmp_path), "--meta-iterations", "1"]) == 2
+    assert "not empty and holds no meta-fit checkpoint" in capsys.readouterr().err
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+    file_out = tmp_path / "a-file"
+    file_out.write_text("x")
+    assert main(["meta-fit", "--task", "tiny_tasks:tiny", "--out", str(file_out)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert main(["compare", "--task", "quadratic", "--threads", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- user tasks
@@ -337,14 +389,19 @@ def test_resume_without_checkpoint_dir():
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"unroll": 0}, "unroll must be >= 1, got 0"),
-        ({"steps": 0}, "steps must be >= 1"),
+        ({"unroll": 0}, "unroll must be an integer >= 1, got 0"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"meta_iterations": 2.5}, "meta_iterations must be an integer >= 1, got 2.5"),
+        ({"instances": 2.5}, "instances must be an integer >= 1, got 2.5"),
+        ({"meta_lr": float("inf")}, "meta_lr must be a finite number, got inf"),
+        ({"lr_scale_range": float("inf")}, "lr_scale_range must be a finite number, got inf"),
+        ({"steps": "10"}, "steps must be an integer >= 1, got '10'"),
         ({"meta_loss": "bogus"}, "meta_loss must be one of 'log', 'mean', 'ramp', got 'bogus'"),
         ({"meta_lr": 0.0}, "meta_lr must be > 0"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
         ({"lr_scale_range": 0.5}, "lr_scale_range must be >= 1, got 0.5"),
-        ({"validation_steps": -1}, "validation_steps must be >= 0, got -1"),
+        ({"validation_steps": -1}, "validation_steps must be an integer >= 0, got -1"),
     ],
 )
 def test_invalid_config(setting, message):

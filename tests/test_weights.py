@@ -143,6 +143,13 @@ def test_from_pretrained_checks_the_class(saved):
         (lambda c: c.update(format_version=99), "format_version 99"),
         (lambda c: c["config"].update(hidden_size=0), "invalid config"),
         (lambda c: c["config"].update(preprocess_p=0.0), "invalid config"),
+        # Strict values: a "false" string is not False, a NaN scale would corrupt every step.
+        (lambda c: c["config"].update(preprocess="false"), "preprocess must be true or false, got 'false'"),
+        (lambda c: c["config"].update(output_scale=float("nan")), "output_scale must be a finite number"),
+        (lambda c: c["config"].update(hidden_size=20.9), "hidden_size must be an integer >= 1, got 20.9"),
+        (lambda c: c.update(format_version=0), "format_version must be a positive integer, got 0"),
+        (lambda c: c.update(format_version=True), "format_version must be a positive integer, got True"),
+        (lambda c: c.update(format_version="1"), "format_version must be a positive integer, got '1'"),
     ],
 )
 def test_bad_config_names_the_file(saved, edit, match):
@@ -183,6 +190,34 @@ def test_non_finite_or_integer_tensors(saved, rule):
     save_file(tensors, str(saved / WEIGHTS_NAME))
     with pytest.raises(PretrainedError, match="dtype"):
         load_from_directory(saved)
+
+
+def test_values_beyond_float32_and_unsupported_dtypes_are_refused(saved, rule):
+    tensors = {k: v.double() for k, v in rule.state_dict().items()}
+    tensors["output.bias"] = torch.tensor([1e300], dtype=torch.float64)  # inf in the rule's float32
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(PretrainedError, match=r"'output\.bias' holds non-finite values"):
+        load_from_directory(saved)
+    tensors = {k: v.to(torch.float8_e4m3fn) for k, v in rule.state_dict().items()}
+    save_file(tensors, str(saved / WEIGHTS_NAME))
+    with pytest.raises(PretrainedError, match=r"dtype torch\.float8_e4m3fn, expected one of"):
+        load_from_directory(saved)
+
+
+def test_a_failed_save_changes_nothing(saved, rule):
+    before = {name: (saved / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    with pytest.raises(ValueError, match="plain JSON values"):
+        save_pretrained(CoordinateLSTM(hidden_size=3), saved, metadata={"when": object()})
+    assert {name: (saved / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(saved)) == sorted(before)  # no temporary files left behind
+    assert load_from_directory(saved).config == rule.config
+
+
+def test_save_expands_the_home_folder(tmp_path, rule, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_pretrained(rule, "~/my-rule")
+    assert (tmp_path / "my-rule" / WEIGHTS_NAME).is_file()
+    assert load_rule("~/my-rule").config == rule.config
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.99, 0.0, 8 / 10_000])

@@ -9,6 +9,8 @@ under ``no_grad`` and inside ``meta_fit`` with autograd through the rule's weigh
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -44,6 +46,29 @@ class StepContext:
     global_state: RuleState | None = None
     segment_sums: dict[str, Tensor] = field(default_factory=dict)
     segment_counts: Tensor | None = None
+
+
+def config_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as a config integer: an int (not a bool, not a float) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def config_float(name: str, value: Any, positive: bool = False) -> float:
+    """``value`` as a finite config number (``positive``: also > 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def config_bool(name: str, value: Any) -> bool:
+    """``value`` as a config flag: only ``True`` or ``False`` (a string "false" is not False)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 class UpdateRule(nn.Module):

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
 
 _EPS = 1e-24
 
@@ -98,21 +98,20 @@ class HierarchicalRNN(UpdateRule):
         agreement_feature: bool = False,
     ) -> None:
         super().__init__()
-        if min(param_hidden, tensor_hidden, global_hidden, timescales) < 1:
-            raise ValueError("hidden sizes and timescales must be >= 1")
-        if not 0 < min_lr <= init_lr <= max_lr:
-            raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
+        # Checked strictly: these come from config.json files too.
         self.config = {
-            "param_hidden": int(param_hidden),
-            "tensor_hidden": int(tensor_hidden),
-            "global_hidden": int(global_hidden),
-            "timescales": int(timescales),
-            "init_lr": float(init_lr),
-            "lr_change_scale": float(lr_change_scale),
-            "min_lr": float(min_lr),
-            "max_lr": float(max_lr),
-            "agreement_feature": bool(agreement_feature),
+            "param_hidden": config_int("param_hidden", param_hidden),
+            "tensor_hidden": config_int("tensor_hidden", tensor_hidden),
+            "global_hidden": config_int("global_hidden", global_hidden),
+            "timescales": config_int("timescales", timescales),
+            "init_lr": config_float("init_lr", init_lr, positive=True),
+            "lr_change_scale": config_float("lr_change_scale", lr_change_scale),
+            "min_lr": config_float("min_lr", min_lr, positive=True),
+            "max_lr": config_float("max_lr", max_lr, positive=True),
+            "agreement_feature": config_bool("agreement_feature", agreement_feature),
         }
+        if not min_lr <= init_lr <= max_lr:
+            raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
         self.agreement_feature = bool(agreement_feature)
         p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
         self.p, self.t, self.g, self.k = p, t, g, k

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
 from learned_optim.rules.preprocess import log_sign_preprocess
 
 
@@ -59,27 +59,22 @@ class CoordinateLSTM(UpdateRule):
         output_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        if hidden_size < 1 or num_layers < 1:
-            raise ValueError(
-                f"hidden_size and num_layers must be >= 1, got {hidden_size}, {num_layers}"
-            )
-        if not preprocess_p > 0:
-            # Fail at construction (and so at load time), not at the first step.
-            raise ValueError(f"preprocess_p must be > 0, got {preprocess_p}")
+        # Checked strictly: these come from config.json files too (a "false" string, a NaN
+        # scale or a fractional size must fail at load time, not corrupt a training run).
         self.config = {
-            "hidden_size": int(hidden_size),
-            "num_layers": int(num_layers),
-            "preprocess": bool(preprocess),
-            "preprocess_p": float(preprocess_p),
-            "input_scale": float(input_scale),
-            "output_scale": float(output_scale),
+            "hidden_size": config_int("hidden_size", hidden_size),
+            "num_layers": config_int("num_layers", num_layers),
+            "preprocess": config_bool("preprocess", preprocess),
+            "preprocess_p": config_float("preprocess_p", preprocess_p, positive=True),
+            "input_scale": config_float("input_scale", input_scale),
+            "output_scale": config_float("output_scale", output_scale),
         }
-        self.hidden_size = int(hidden_size)
-        self.num_layers = int(num_layers)
-        self.preprocess = bool(preprocess)
-        self.preprocess_p = float(preprocess_p)
-        self.input_scale = float(input_scale)
-        self.output_scale = float(output_scale)
+        self.hidden_size = self.config["hidden_size"]
+        self.num_layers = self.config["num_layers"]
+        self.preprocess = self.config["preprocess"]
+        self.preprocess_p = self.config["preprocess_p"]
+        self.input_scale = self.config["input_scale"]
+        self.output_scale = self.config["output_scale"]
         input_size = 2 if self.preprocess else 1
         h = self.hidden_size
         self.weights = nn.ParameterList()
