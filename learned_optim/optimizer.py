@@ -31,6 +31,8 @@ from learned_optim.weights import DEFAULT_RULE, resolve_rule
 STATE_PREFIX = "rule."
 IMPLS = ("auto", "eager", "triton", "cpu")
 SEGMENT_PREFIX = "rule.segment."
+SMALL_LR = 1e-2
+"""Below this, ``lr`` looks copied from Adam (it is a multiplier of the rule's update): warn."""
 FUSED_STATE_DTYPES = (torch.float32, torch.bfloat16)
 """State dtypes the fused kernels store (others step eagerly)."""
 # Kept by copy.deepcopy and pickling beside torch's own (defaults, state, param_groups); caches,
@@ -111,6 +113,14 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
+        if 0.0 < lr < SMALL_LR:
+            warnings.warn(
+                f"LearnedOptimizer: lr={lr} multiplies the learned update (1.0 applies the rule as it was "
+                "meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times smaller "
+                "than the rule's. Leave lr at its default unless you mean to shrink the steps.",
+                UserWarning,
+                stacklevel=2,
+            )
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if chunk_size < 1:

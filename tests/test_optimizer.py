@@ -166,9 +166,19 @@ def test_low_precision_weight_decay_factor_is_not_rounded(dtype):
     assert torch.equal(p.detach(), (p1.float() * 0.9 - 0.5 * g).to(dtype))
 
 
+def test_an_adam_style_lr_warns_that_lr_is_a_multiplier():
+    with pytest.warns(UserWarning, match=r"lr=0\.001 multiplies the learned update"):
+        LearnedOptimizer([nn.Parameter(torch.ones(3))], pretrained=NegGrad(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for lr in (0.0, 0.1, 1.0, 3.0):  # lr=0 freezes on purpose
+            LearnedOptimizer([nn.Parameter(torch.ones(3))], pretrained=NegGrad(), lr=lr)
+
+
 def test_float64_params_get_float64_weight_decay():
     p = nn.Parameter(torch.ones(3, dtype=torch.float64))
-    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=1e-3, weight_decay=1e-4)
+    with pytest.warns(UserWarning, match="multiplies the learned update"):
+        opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=1e-3, weight_decay=1e-4)
     p.grad = torch.zeros_like(p)
     opt.step()
     assert torch.equal(p.detach(), torch.full((3,), 1.0 - 1e-3 * 1e-4, dtype=torch.float64))
