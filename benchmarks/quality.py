@@ -19,7 +19,16 @@ from pathlib import Path
 
 import torch
 
-from learned_optim.compare import BASELINES, EVALUATION_SEED_BASE, compare, evaluate_rule, run_once
+from learned_optim.compare import (
+    BASELINES,
+    EVALUATION_SEED_BASE,
+    ResultCache,
+    compare,
+    evaluate_rule,
+    run_once,
+    task_fingerprint,
+    tune_baseline,
+)
 from learned_optim.tasks import get_task
 from learned_optim.weights import resolve_rule
 
@@ -45,16 +54,31 @@ PROBLEMS = {
 }
 
 
-def lr_sweep(rule_name: str, task: str, steps: int, seeds: list[int]) -> dict[str, dict[float, float]]:
-    """Final training loss of the rule at lr multipliers 0.1..10, and of Adam over the same 100x range."""
+MULTIPLIERS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def lr_sweep(
+    rule_name: str, task: str, steps: int, seeds: list[int], cache: Path | None = None
+) -> dict[str, dict[float, float]]:
+    """Final training loss of the rule at lr multipliers 0.1..10 of its working point (1), and of
+    Adam over the same 100x range twice: around its default lr 1e-3 (what untuned users run)
+    and around its tuned lr for this task (the like-for-like comparison)."""
     family = get_task(task)
     rule = resolve_rule(rule_name)
-    out: dict[str, dict[float, float]] = {rule_name: {}, "adam": {}}
-    for mult in (0.1, 0.3, 1.0, 3.0, 10.0):
+    baseline_cache = ResultCache(cache / f"{task}.json" if cache else None)
+    tuned = tune_baseline(
+        "adam", BASELINES["adam"], family, f"{task}#{task_fingerprint(family, seeds[0])}", seeds, steps,
+        cache=baseline_cache,
+    ).best_lr["final_loss"]  # fmt: skip
+    baseline_cache.save()
+    out: dict[str, dict[float, float]] = {rule_name: {}, "adam around 1e-3": {}, f"adam around its tuned {tuned:g}": {}}
+    for mult in MULTIPLIERS:
         out[rule_name][mult] = evaluate_rule(rule_name, rule, family, seeds, steps, lr=mult).final_loss
-    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
-        runs = [run_once(family, s, lambda p, lr=lr: BASELINES["adam"](p, lr), steps) for s in seeds]
-        out["adam"][lr] = sum(r.final_loss for r in runs) / len(runs)
+    for center, name in ((1e-3, "adam around 1e-3"), (tuned, f"adam around its tuned {tuned:g}")):
+        for mult in MULTIPLIERS:
+            lr = center * mult
+            runs = [run_once(family, s, lambda p, lr=lr: BASELINES["adam"](p, lr), steps) for s in seeds]
+            out[name][float(f"{lr:.6g}")] = sum(r.final_loss for r in runs) / len(runs)
     return out
 
 
@@ -63,6 +87,13 @@ def main() -> None:
     parser.add_argument("--rules", required=True, help="comma separated rules (bundled names, dirs, Hub ids)")
     parser.add_argument("--problems", default="mnist", help=f"comma separated sets: {', '.join(PROBLEMS)}")
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument(
+        "--seed-start",
+        type=int,
+        default=EVALUATION_SEED_BASE,
+        help="first evaluation seed (default: the standard evaluation seeds; another start gives "
+        "fresh test seeds that were never used to choose between rules)",
+    )
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="results/.cache", help="folder caching baseline runs")
@@ -76,7 +107,8 @@ def main() -> None:
     start = time.perf_counter()
     for problem_set in args.problems.split(","):
         for task, steps in PROBLEMS[problem_set]:
-            c = compare(task, rules, steps, args.seeds, cache_path=Path(args.cache) / f"{task}.json", progress=False)
+            seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+            c = compare(task, rules, steps, seeds, cache_path=Path(args.cache) / f"{task}.json", progress=False)
             best_a, best_b = c.best_baseline("mean_loss"), c.best_baseline("final_loss")
             for name in rules:
                 r = next(x for x in c.results if x.name == name)
@@ -106,8 +138,8 @@ def main() -> None:
     sweep = None
     if args.lr_sweep:
         task, steps = args.lr_sweep.split(":")
-        seeds = list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + args.seeds))
-        sweep = {r: lr_sweep(r, task, int(steps), seeds) for r in rules}
+        seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+        sweep = {r: lr_sweep(r, task, int(steps), seeds, Path(args.cache)) for r in rules}
         for table in sweep.values():
             for name, values in table.items():
                 finite = [v for v in values.values() if v == v]

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,19 +24,49 @@ import torch
 from torch import nn
 
 from learned_optim.tasks import TaskFamily, TaskInstance, call_model, get_task
+from learned_optim.tasks._common import derive_seed
 
 EVALUATION_SEED_BASE = 2 * 10**8
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A hand-designed optimizer at a given lr: ``Baseline(torch.optim.SGD, {"momentum": 0.9})(params, lr)``.
+
+    Its ``repr`` (class and settings) is part of the cache key, so changing a setting never
+    reuses runs made with the old one.
+    """
+
+    optimizer: type[torch.optim.Optimizer]
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        return self.optimizer(params, lr=lr, **dict(self.settings))
+
+    def __repr__(self) -> str:
+        return f"{self.optimizer.__module__}.{self.optimizer.__qualname__}{dict(self.settings)}"
+
+
 BASELINES: dict[str, OptimizerFactory] = {
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
-    "nesterov": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True),
+    "adam": Baseline(torch.optim.Adam),
+    "rmsprop": Baseline(torch.optim.RMSprop),
+    "sgd": Baseline(torch.optim.SGD),
+    "nesterov": Baseline(torch.optim.SGD, (("momentum", 0.9), ("nesterov", True))),
 }
+
+
+def half_decade(exponent: int) -> float:
+    """``10 ** (exponent / 2)`` to 9 significant digits (the grid's learning rates)."""
+    return float(f"{10 ** (exponent / 2):.9g}")
+
+
 # Half-decades from 1e-4 to 10; widened automatically when the best lr sits at an edge.
-DEFAULT_GRID = tuple(round(10 ** (k / 2), 10) for k in range(-8, 3))
+DEFAULT_GRID = tuple(half_decade(k) for k in range(-8, 3))
 METRICS = ("mean_loss", "final_loss", "test_loss")
+# Part of every cache key: bump when what a run measures changes (runs cached before are ignored).
+PROTOCOL_VERSION = 2
 
 
 @dataclass
@@ -76,39 +107,60 @@ def _split_loss(instance: TaskInstance, model: nn.Module, split: Any) -> float:
     return _finite_or_inf(float(instance.loss(call_model(model, inputs), targets)))
 
 
+def _gradients_finite(model: nn.Module) -> bool:
+    grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.cat(grads)).all())
+
+
 def run_once(
     family: TaskFamily,
     seed: int,
     make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
     steps: int,
 ) -> RunResult:
-    """Train one instance of ``family`` for ``steps`` steps with an ordinary training loop."""
+    """Train one instance of ``family`` for ``steps`` steps with an ordinary training loop.
+
+    The same for every optimizer: a run whose loss or gradient turns non-finite has diverged
+    (whatever the optimizer would do with it); the global RNG is seeded from ``seed`` (dropout
+    and other random layers repeat, and the caller's RNG is left as it was); the whole-split
+    losses are taken in eval mode.
+    """
     instance = family.sample(seed)
     model = instance.model
     optimizer = make_optimizer(model.parameters())
     losses: list[float] = []
+    diverged = False
     start = time.perf_counter()
-    for _ in range(steps):
-        inputs, targets = instance.next_batch()
-        optimizer.zero_grad(set_to_none=True)
-        loss = instance.loss(call_model(model, inputs), targets)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            losses.append(float("inf"))
-            break
-        loss.backward()
-        optimizer.step()
-        losses.append(value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "compare/training"))
+        for _ in range(steps):
+            inputs, targets = instance.next_batch()
+            optimizer.zero_grad(set_to_none=True)
+            loss = instance.loss(call_model(model, inputs), targets)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                diverged = True
+                break
+            loss.backward()
+            if not _gradients_finite(model):
+                diverged = True
+                break
+            optimizer.step()
+            losses.append(value)
     seconds = time.perf_counter() - start
-    if len(losses) < steps or any(not math.isfinite(p.detach().abs().sum()) for p in model.parameters()):
-        return RunResult(losses, float("inf"), float("inf"), float("inf"), seconds)
+    if diverged or any(not math.isfinite(p.detach().abs().sum()) for p in model.parameters()):
+        return RunResult([*losses, float("inf")], float("inf"), float("inf"), float("inf"), seconds)
+    was_training = model.training
+    model.eval()
     train = instance.train_set
     final = _split_loss(instance, model, train)
     if train is None:  # no whole split: the loss on the next minibatch stands in for it
         inputs, targets = instance.next_batch()
         with torch.no_grad():
             final = _finite_or_inf(float(instance.loss(call_model(model, inputs), targets)))
-    return RunResult(losses, sum(losses) / len(losses), final, _split_loss(instance, model, instance.test_set), seconds)
+    test = _split_loss(instance, model, instance.test_set)
+    model.train(was_training)
+    return RunResult(losses, sum(losses) / len(losses), final, test, seconds)
 
 
 class ResultCache:
@@ -162,17 +214,41 @@ def _hash_tensors(digest: Any, item: Any) -> None:
         digest.update(repr(item).encode())
 
 
+FINGERPRINT_BATCHES = 4
+
+
 def task_fingerprint(family: TaskFamily, seed: int) -> str:
-    """A short hash of what ``family`` builds for ``seed``: the model's initial parameters and the
-    first minibatch. Part of the baseline cache key, so that two tasks that share a name (user
-    tasks, a changed dataset) never share cached runs."""
+    """A short hash of what ``family`` builds for ``seed``: the model's initial parameters and
+    buffers, the first :data:`FINGERPRINT_BATCHES` minibatches, the whole training and held-out
+    splits, and the loss of the first minibatch (which changes with the loss function). Part
+    of the baseline cache key, so that a changed task does not reuse cached runs."""
     instance = family.sample(seed)
     digest = hashlib.sha1(str(instance.name).encode())
-    for name, p in instance.model.named_parameters():
+    for name, t in [*instance.model.named_parameters(), *instance.model.named_buffers()]:
         digest.update(name.encode())
-        _hash_tensors(digest, p)
-    _hash_tensors(digest, instance.next_batch())
+        _hash_tensors(digest, t)
+    batches = [instance.next_batch() for _ in range(FINGERPRINT_BATCHES)]
+    _hash_tensors(digest, batches)
+    for split in (instance.train_set, instance.test_set):
+        _hash_tensors(digest, split if split is not None else "none")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        _hash_tensors(digest, instance.loss(call_model(instance.model, batches[0][0]), batches[0][1]))
     return digest.hexdigest()[:16]
+
+
+def _environment_key() -> str:
+    """What else a run's numbers depend on: protocol, library and torch versions, threads."""
+    from learned_optim import __version__
+
+    versions = f"learned_optim{__version__}/torch{torch.__version__}"
+    return f"protocol{PROTOCOL_VERSION}/{versions}/threads{torch.get_num_threads()}"
+
+
+def _half_decade_step(lr: float, direction: int) -> float:
+    """``lr`` times ``sqrt(10) ** direction``, to 9 significant digits: repeated widening of a
+    half-decade grid lands on its exact points (10.0, 100.0) instead of drifting."""
+    return float(f"{lr * 10 ** (direction / 2):.9g}")
 
 
 def _aggregate(name: str, runs: Sequence[RunResult]) -> dict[str, Any]:
@@ -212,7 +288,7 @@ def tune_baseline(
     def evaluate(lr: float) -> None:
         runs = []
         for seed in seeds:
-            key = ResultCache.key(task_key, name, lr, seed, steps)
+            key = ResultCache.key(task_key, name, repr(factory), lr, seed, steps, _environment_key())
             hit = cache.get(key) if cache is not None else None
             if hit is None:
                 hit = run_once(family, seed, lambda p, lr=lr: factory(p, lr), steps)
@@ -223,22 +299,39 @@ def tune_baseline(
                 on_run()
         results[lr] = runs
 
+    tuned = ("mean_loss", "final_loss", "test_loss") if tune_test else ("mean_loss", "final_loss")
+
+    def edge_optima() -> set[float]:
+        """The next grid point beyond each edge where a tuned metric is best."""
+        lrs = sorted(results)
+        edges = set()
+        for metric in tuned:
+            scores = {lr: _aggregate(name, results[lr])[metric] for lr in lrs}
+            if metric == "test_loss" and not any(math.isfinite(v) for v in scores.values()):
+                continue
+            best = min(lrs, key=lambda lr, s=scores: s[lr] if math.isfinite(s[lr]) else float("inf"))
+            if best == lrs[0]:
+                edges.add(_half_decade_step(lrs[0], -1))
+            elif best == lrs[-1]:
+                edges.add(_half_decade_step(lrs[-1], +1))
+        return edges
+
     for lr in grid:
         evaluate(lr)
     for _ in range(max_widen):
-        lrs = sorted(results)
-        edges = set()
-        for metric in ("mean_loss", "final_loss"):
-            scores = {lr: _aggregate(name, results[lr])[metric] for lr in lrs}
-            best = min(lrs, key=lambda lr, s=scores: s[lr])
-            if best == lrs[0]:
-                edges.add(round(lrs[0] / math.sqrt(10), 10))
-            elif best == lrs[-1]:
-                edges.add(round(lrs[-1] * math.sqrt(10), 10))
+        edges = edge_optima()
         if not edges:
             break
         for lr in sorted(edges):
             evaluate(lr)
+    if max_widen and edge_optima():
+        warnings.warn(
+            f"compare: {name}'s best learning rate is still at the edge of the grid after widening it "
+            f"{max_widen} times ({min(results):g} .. {max(results):g}); its tuned result may be better "
+            "beyond it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     lrs = sorted(results)
     table = {lr: _aggregate(name, results[lr]) for lr in lrs}

@@ -139,9 +139,99 @@ def test_lr_search_widens_past_an_edge():
         assert lrs[0] < best < lrs[-1], (metric, best, lrs)  # interior
         assert best == pytest.approx(0.03)
 
-    # max_widen bounds the search.
-    capped = tune_baseline("sgd", BASELINES["sgd"], family, "hs30", [0], 10, (1e-3, 3e-3), max_widen=1)
+    # max_widen bounds the search, and says so when the best is still at the edge.
+    with pytest.warns(RuntimeWarning, match="still at the edge of the grid after widening it 1 times"):
+        capped = tune_baseline("sgd", BASELINES["sgd"], family, "hs30", [0], 10, (1e-3, 3e-3), max_widen=1)
     assert len(capped.grid) == 3
+
+
+def test_repeated_widening_lands_on_exact_half_decades():
+    family = half_square(scale=1e-5)  # best SGD lr ~1e5: far above the default grid
+    with pytest.warns(RuntimeWarning, match="still at the edge"):
+        summary = tune_baseline("sgd", BASELINES["sgd"], family, "hs-tiny", [0], 3, max_widen=4)
+    assert {"100", "1000", "31.6228", "316.228"} <= set(summary.grid)
+
+
+def _tiny_with(train_x=None, dropout: float = 0.0, loss_scale: float = 1.0):
+    from tiny_tasks import TEST_X, TEST_Y, TRAIN_X, TRAIN_Y
+    from torch import nn
+
+    from learned_optim.tasks import Task
+
+    def model():
+        return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 1))
+
+    x = TRAIN_X if train_x is None else train_x
+    return Task(
+        model=model,
+        loss=lambda out, y: loss_scale * nn.functional.mse_loss(out, y),
+        data=tiny_sampler,
+        train_set=(x, TRAIN_Y),
+        test_set=(TEST_X, TEST_Y),
+        name="tiny-variant",
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["baseline settings", "training split", "loss"],
+)
+def test_the_cache_never_reuses_runs_of_a_changed_setup(tmp_path, change):
+    from learned_optim.compare import Baseline, task_fingerprint
+
+    cache_path = tmp_path / "cache.json"
+    family = _tiny_with()
+    first = tune_baseline(
+        "nesterov", Baseline(torch.optim.SGD, (("momentum", 0.9),)), family,
+        f"t#{task_fingerprint(family, 0)}", [0], 5, (0.1,), cache=ResultCache(cache_path), max_widen=0,
+    )  # fmt: skip
+    factory = Baseline(torch.optim.SGD, (("momentum", 0.5 if change == "baseline settings" else 0.9),))
+    if change == "training split":
+        family = _tiny_with(train_x=torch.zeros(128, 3))
+    if change == "loss":
+        family = _tiny_with(loss_scale=10.0)
+    cache = ResultCache(cache_path)
+    key = f"t#{task_fingerprint(family, 0)}"
+    fresh = tune_baseline("nesterov", factory, family, key, [0], 5, (0.1,), cache=cache, max_widen=0)
+    uncached = run_once(family, 0, lambda p: factory(p, 0.1), 5)
+    assert fresh.final_loss == uncached.final_loss
+    assert fresh.final_loss != first.final_loss
+
+
+def test_runs_with_random_layers_repeat_and_are_scored_in_eval_mode():
+    family = _tiny_with(dropout=0.5)
+    make = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    state = torch.get_rng_state()
+    a, b = run_once(family, 0, make, 20), run_once(family, 0, make, 20)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    assert a.losses == b.losses and a.final_loss == b.final_loss  # dropout masks repeat
+    # (b) is the eval-mode loss: deterministic, no dropout
+    instance = family.sample(0)
+    with torch.no_grad():
+        instance.model.eval()
+        eval_losses = {float(instance.loss(instance.model(instance.train_set[0]), instance.train_set[1])) for _ in "ab"}
+    assert len(eval_losses) == 1
+
+
+def test_a_non_finite_gradient_ends_the_run_for_every_optimizer():
+    from learned_optim.tasks import Task
+
+    class InfGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full_like(grad, float("inf"))
+
+    def loss(output, target):
+        return torch.nn.functional.mse_loss(InfGradient.apply(output), target)
+
+    family = Task(model=lambda: torch.nn.Linear(3, 1), loss=loss, data=tiny_sampler, name="inf-grad")
+    for make in (lambda p: torch.optim.Adam(p, lr=0.01), lambda p: __import__("learned_optim").LearnedOptimizer(p)):
+        run = run_once(family, 0, make, 5)
+        assert run.final_loss == math.inf and run.mean_loss == math.inf  # the rule does not get to skip it
 
 
 # ---------------------------------------------------------------------------- errors
