@@ -167,7 +167,7 @@ class LearnedOptimizer(Optimizer):
                 hint = f" ({cpu_kernel_error()})"
             raise ValueError(
                 f"impl={impl!r}: rule {self.rule.rule_type} has no such fused kernel{hint}; "
-                f"it has {self.rule.fused_impls() or 'none'}. Use impl='eager' or 'auto'."
+                f"it has {self._fused_impls or 'none'}. Use impl='eager' or 'auto'."
             )
         self._reset_transient()
         if self._hierarchical:
@@ -380,7 +380,8 @@ class LearnedOptimizer(Optimizer):
         # host sync: left out while torch.compile traces or a CUDA graph captures the step.
         host_check = self.warn_nonfinite and not _tracing_or_capturing()
         for device, entries in entries_by_device.items():
-            if self._hierarchical and next(iter(self._global_state.values())).device != device:
+            global_device = next((v.device for v in (self._global_state or {}).values()), device)
+            if global_device != device:
                 # The parameters moved after the optimizer was built.
                 self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
             impl = self.impl_for(device)
@@ -506,12 +507,13 @@ class LearnedOptimizer(Optimizer):
 
     def _check_saved_param_state(self, idx: Any, p: Tensor, values: dict[str, Any]) -> None:
         """A parameter's saved state must be what this rule keeps for a tensor of its size."""
-        keys = {k for k in values if k.startswith(STATE_PREFIX)}
-        if not keys:
+        if not any(k.startswith(STATE_PREFIX) for k in values):
             return  # no state saved for it: it starts afresh
         per_tensor = {k[len(SEGMENT_PREFIX) :]: v for k, v in values.items() if k.startswith(SEGMENT_PREFIX)}
         per_coordinate = {
-            k[len(STATE_PREFIX) :]: v for k, v in values.items() if k in keys and not k.startswith(SEGMENT_PREFIX)
+            k[len(STATE_PREFIX) :]: v
+            for k, v in values.items()
+            if k.startswith(STATE_PREFIX) and not k.startswith(SEGMENT_PREFIX)
         }
         numel = torch.view_as_real(p).numel() if p.is_complex() else p.numel()
         where = f"state of parameter {idx} (shape {tuple(p.shape)})"
