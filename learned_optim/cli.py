@@ -105,6 +105,9 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         meta_grad_fraction=args.meta_grad_fraction,
         log_floor=args.log_floor,
         lr_scale_range=args.lr_scale_range,
+        estimator=args.estimator,
+        pes_pairs=args.pes_pairs,
+        pes_std=args.pes_std,
         seed=args.seed,
         validate_every=args.validate_every,
         validation_instances=args.validation_instances,
@@ -263,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="scale each training instance's updates by a random factor in [1/R, R] (1: off)",
     )
+    mf.add_argument(
+        "--estimator",
+        choices=("tbptt", "pes"),
+        default="tbptt",
+        help="meta-gradient: backpropagation through each truncation (tbptt) or persistent evolution "
+        "strategies (pes: forward only, unbiased over the whole horizon)",
+    )
+    mf.add_argument("--pes-pairs", type=int, default=8, help="antithetic pairs per instance (--estimator pes)")
+    mf.add_argument("--pes-std", type=float, default=0.01, help="perturbation std of the rule's weights (pes)")
     mf.add_argument("--validate-every", type=int, default=50)
     mf.add_argument("--validation-instances", type=int, default=4)
     mf.add_argument("--validation-steps", type=int, default=0, help="horizon of validation runs (0: --steps)")

@@ -31,6 +31,7 @@ from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, valida
 from learned_optim.weights import save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp")
+ESTIMATORS = ("tbptt", "pes")
 
 # What a damaged or foreign checkpoint raises while it is read.
 _UNREADABLE_CHECKPOINT = (
@@ -95,6 +96,15 @@ class MetaFitConfig:
         lr_scale_range: each meta-training instance's updates are multiplied by a factor drawn
             log-uniformly from ``[1/r, r]`` (``1``: off; validation always uses 1), so the rule
             learns to correct a learning rate that is off by that much.
+        estimator: how the meta-gradient is estimated. ``"tbptt"``: backpropagation through
+            each truncation (exact within it, blind to what the rule's state does to later
+            truncations: the short-horizon bias). ``"pes"``: persistent evolution strategies
+            (Vicol et al. 2021): antithetic pairs of perturbed rules run forward only, each
+            pair's perturbations accumulated over the truncations of its instance, which makes
+            the sum of truncation estimates unbiased for the gradient of the whole horizon's
+            (Gaussian-smoothed) meta-loss.
+        pes_pairs: antithetic perturbation pairs per instance (``estimator="pes"``).
+        pes_std: standard deviation of the perturbations of the rule's weights (``"pes"``).
     """
 
     steps: int = 100
@@ -115,14 +125,25 @@ class MetaFitConfig:
     meta_grad_fraction: float = 1.0
     log_floor: float = 0.0
     lr_scale_range: float = 1.0
+    estimator: str = "tbptt"
+    pes_pairs: int = 8
+    pes_std: float = 0.01
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting (types included)."""
-        for name in ("steps", "unroll", "meta_iterations", "instances", "validation_instances", "checkpoint_every"):
+        for name in (
+            "steps",
+            "unroll",
+            "meta_iterations",
+            "instances",
+            "validation_instances",
+            "checkpoint_every",
+            "pes_pairs",
+        ):
             config_int(name, getattr(self, name), minimum=1)
         for name in ("seed", "validate_every", "validation_steps"):
             config_int(name, getattr(self, name), minimum=0)
-        for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range"):
+        for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range", "pes_std"):
             config_float(name, getattr(self, name))
         for name in ("second_order", "random_horizon"):
             config_bool(name, getattr(self, name))
@@ -138,12 +159,32 @@ class MetaFitConfig:
             raise ValueError("meta_grad_fraction < 1 needs first-order meta-gradients (second_order=False)")
         if not 0 <= self.log_floor < 1:
             raise ValueError(f"log_floor must be in [0, 1), got {self.log_floor}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {self.estimator!r}")
+        if self.estimator == "pes":
+            if not (self.pes_std > 0 and math.isfinite(self.pes_std)):
+                raise ValueError(f"pes_std must be a finite number > 0, got {self.pes_std}")
+            if self.second_order or self.meta_grad_fraction < 1:
+                raise ValueError(
+                    "estimator='pes' runs the rule forward only: second_order and meta_grad_fraction < 1 "
+                    "apply to estimator='tbptt'"
+                )
         if not self.lr_scale_range >= 1:
             raise ValueError(f"lr_scale_range must be >= 1, got {self.lr_scale_range}")
         if self.validation_steps < 0:
             raise ValueError(f"validation_steps must be >= 0, got {self.validation_steps}")
         if self.validate_every < 0 or self.validation_instances < 1 or self.checkpoint_every < 1:
             raise ValueError("validate_every must be >= 0, validation_instances and checkpoint_every >= 1")
+
+
+@dataclass
+class _Particle:
+    """One perturbed copy of an instance's trajectory (``estimator="pes"``)."""
+
+    params: list[Tensor]
+    state: RuleState
+    segment_state: RuleState
+    global_state: RuleState
 
 
 @dataclass
@@ -164,6 +205,10 @@ class _Run:
     initial_loss: float = float("nan")
     pending_batch: Any = None
     lr_scale: float = 1.0
+    # estimator="pes": trajectories of the +/- perturbed rules (pair j: 2j and 2j + 1) and
+    # each pair's perturbation summed over this instance's truncations so far.
+    particles: list[_Particle] | None = None
+    pes_noise: Tensor | None = None
 
 
 @dataclass
@@ -349,21 +394,125 @@ class MetaTrainer:
                 offset += sizes[i]
         per_run = []
         for i, run in enumerate(runs):
-            stacked = torch.stack(terms[i])
-            if cfg.meta_loss == "log":
-                # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
-                per_run.append(_log_ratio(stacked, run.initial_loss, cfg.log_floor).mean())
-            elif cfg.meta_loss == "ramp":
-                steps = torch.arange(run.steps_done + 1, run.steps_done + len(terms[i]) + 1, dtype=stacked.dtype)
-                per_run.append((stacked * _ramp_weights(steps, run.horizon)).mean())
-            else:
-                per_run.append(stacked.mean())
+            per_run.append(self._truncation_objective(torch.stack(terms[i]), run))
             run.params = [p.detach() for p in params[i]]
             run.state = {k: v.detach() for k, v in states[i].items()}
             run.segment_state = {k: v.detach() for k, v in run.segment_state.items()}
             run.global_state = {k: v.detach() for k, v in run.global_state.items()}
             run.steps_done += length
         return torch.stack(per_run).mean()
+
+    def _truncation_objective(self, losses: Tensor, run: _Run) -> Tensor:
+        """The meta-loss of one truncation of ``run`` from its losses after each of its steps."""
+        cfg = self.config
+        if cfg.meta_loss == "log":
+            # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
+            return _log_ratio(losses, run.initial_loss, cfg.log_floor).mean()
+        if cfg.meta_loss == "ramp":
+            steps = torch.arange(run.steps_done + 1, run.steps_done + len(losses) + 1, dtype=losses.dtype)
+            return (losses * _ramp_weights(steps, run.horizon)).mean()
+        return losses.mean()
+
+    # ------------------------------------------------------------------ PES
+    def _trainable(self) -> list[Tensor]:
+        return [p for p in self.rule.parameters() if p.requires_grad]
+
+    def _start_particles(self, run: _Run, dimension: int) -> None:
+        def copy(states: RuleState) -> RuleState:
+            return {k: v.detach().clone() for k, v in states.items()}
+
+        run.particles = [
+            _Particle(
+                [p.detach().clone() for p in run.params],
+                copy(run.state),
+                copy(run.segment_state),
+                copy(run.global_state),
+            )
+            for _ in range(2 * self.config.pes_pairs)
+        ]
+        run.pes_noise = torch.zeros(self.config.pes_pairs, dimension)
+
+    def _particle_unroll(self, run: _Run, particle: _Particle, batches: Sequence[Any]) -> Tensor:
+        """Advance ``particle`` over ``batches`` (forward only for the rule); its losses after each step."""
+        params = particle.params
+        segment_ids, num_segments = _segment_ids(params)
+        losses = []
+        for t, batch in enumerate(batches):
+            leaves = [p.detach().requires_grad_(True) for p in params]
+            with torch.enable_grad():
+                loss = functional_loss(run.instance, run.names, leaves, batch)
+            if t > 0:
+                losses.append(loss.detach())
+            if t == len(batches) - 1:
+                break
+            grads = torch.autograd.grad(loss, leaves)
+            with torch.no_grad():
+                update, particle.state, particle.segment_state, particle.global_state = self.rule.full_step(
+                    _flatten(grads),
+                    particle.state,
+                    segment_ids,
+                    num_segments,
+                    particle.segment_state,
+                    particle.global_state,
+                )
+                if run.lr_scale != 1.0:
+                    update = update * run.lr_scale
+                new_params, pos = [], 0
+                for p in params:
+                    new_params.append(p.detach() + update[pos : pos + p.numel()].view_as(p).to(p.dtype))
+                    pos += p.numel()
+                params = new_params
+        particle.params = params
+        return torch.stack(losses)
+
+    def _pes_estimate(self, runs: Sequence[_Run]) -> tuple[float, Tensor]:
+        """One truncation of every run by persistent evolution strategies.
+
+        Returns the mean meta-loss of all perturbed trajectories and the flat meta-gradient
+        estimate (NaN where no run gave a finite one). Runs whose trajectories diverged are
+        marked finished. Pair ``j`` runs the rule's weights ``θ ± ε_j``; with ``ξ_j`` the sum of
+        its ``ε_j`` over the instance's truncations, the estimate is
+        ``Σ_j ξ_j (L⁺_j − L⁻_j) / (2 N σ²)``.
+        """
+        cfg = self.config
+        trainable = self._trainable()
+        theta = torch.nn.utils.parameters_to_vector(trainable).detach().clone()
+        length = min(cfg.unroll, min(run.horizon - run.steps_done for run in runs))
+        estimates, values = [], []
+        try:
+            for run in runs:
+                if run.particles is None:
+                    self._start_particles(run, theta.numel())
+                # Common random numbers: every particle of an instance sees the same minibatches.
+                if run.pending_batch is None:
+                    run.pending_batch = self._next_batch(run)
+                batches = [run.pending_batch] + [self._next_batch(run) for _ in range(length)]
+                run.pending_batch = batches[-1]
+                if math.isnan(run.initial_loss):
+                    with torch.no_grad():
+                        first = functional_loss(run.instance, run.names, run.particles[0].params, batches[0])
+                    run.initial_loss = max(float(first), 1e-12)
+                gen = torch.Generator().manual_seed(self.rng.randrange(2**62))
+                noise = torch.randn(cfg.pes_pairs, theta.numel(), generator=gen, dtype=theta.dtype) * cfg.pes_std
+                run.pes_noise += noise
+                objectives = torch.empty(cfg.pes_pairs, 2)
+                for j in range(cfg.pes_pairs):
+                    for side, sign in enumerate((1.0, -1.0)):
+                        _assign(trainable, theta + sign * noise[j])
+                        losses = self._particle_unroll(run, run.particles[2 * j + side], batches)
+                        objectives[j, side] = self._truncation_objective(losses, run)
+                run.steps_done += length
+                if not torch.isfinite(objectives).all():
+                    run.steps_done = run.horizon  # diverged: start a fresh instance
+                    continue
+                difference = objectives[:, 0] - objectives[:, 1]
+                estimates.append((run.pes_noise * difference[:, None]).sum(0) / (2 * cfg.pes_pairs * cfg.pes_std**2))
+                values.append(float(objectives.mean()))
+        finally:
+            _assign(trainable, theta)
+        if not estimates:
+            return float("nan"), torch.full_like(theta, float("nan"))
+        return sum(values) / len(values), torch.stack(estimates).mean(0)
 
     def _subset_step(
         self, grad: Tensor, state: RuleState, subset: Tensor, subset_state: RuleState
@@ -400,11 +549,21 @@ class MetaTrainer:
         while len(self.runs) < cfg.instances:
             self.runs.append(self._new_run())
         self.meta_optimizer.zero_grad(set_to_none=True)
-        meta_loss = self._unroll(self.runs)
-        value = float(meta_loss.detach())
-        ok = math.isfinite(value)
+        if cfg.estimator == "pes":
+            value, estimate = self._pes_estimate(self.runs)
+            ok = math.isfinite(value)
+            if ok:
+                offset = 0
+                for p in self._trainable():
+                    p.grad = estimate[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
+                    offset += p.numel()
+        else:
+            meta_loss = self._unroll(self.runs)
+            value = float(meta_loss.detach())
+            ok = math.isfinite(value)
+            if ok:
+                meta_loss.backward()
         if ok:
-            meta_loss.backward()
             grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             ok = bool(torch.isfinite(total))
@@ -516,6 +675,19 @@ class MetaTrainer:
                 tensors[f"run/{r_index}/segment/{k}"] = v.detach().contiguous()
             for k, v in run.global_state.items():
                 tensors[f"run/{r_index}/global/{k}"] = v.detach().contiguous()
+            if run.particles is not None:
+                tensors[f"run/{r_index}/pes_noise"] = run.pes_noise.contiguous()
+                for k_index, particle in enumerate(run.particles):
+                    prefix = f"run/{r_index}/particle/{k_index}"
+                    for p_index, p in enumerate(particle.params):
+                        tensors[f"{prefix}/param/{p_index}"] = p.contiguous()
+                    for kind, states in (
+                        ("state", particle.state),
+                        ("segment", particle.segment_state),
+                        ("global", particle.global_state),
+                    ):
+                        for k, v in states.items():
+                            tensors[f"{prefix}/{kind}/{k}"] = v.detach().contiguous()
             runs_meta.append(
                 {
                     "family_index": run.family_index,
@@ -526,6 +698,7 @@ class MetaTrainer:
                     "initial_loss": run.initial_loss,
                     "has_pending_batch": run.pending_batch is not None,
                     "lr_scale": run.lr_scale,
+                    "particles": 0 if run.particles is None else len(run.particles),
                 }
             )
         meta = {
@@ -617,6 +790,19 @@ class MetaTrainer:
             run.state = {k: tensors[f"run/{r_index}/state/{k}"] for k in run.state}
             run.segment_state = {k: tensors[f"run/{r_index}/segment/{k}"] for k in run.segment_state}
             run.global_state = {k: tensors[f"run/{r_index}/global/{k}"] for k in run.global_state}
+            if info.get("particles", 0):
+                run.pes_noise = tensors[f"run/{r_index}/pes_noise"]
+                run.particles = []
+                for k_index in range(info["particles"]):
+                    prefix = f"run/{r_index}/particle/{k_index}"
+                    run.particles.append(
+                        _Particle(
+                            [tensors[f"{prefix}/param/{i}"] for i in range(len(run.params))],
+                            {k: tensors[f"{prefix}/state/{k}"] for k in run.state},
+                            {k: tensors[f"{prefix}/segment/{k}"] for k in run.segment_state},
+                            {k: tensors[f"{prefix}/global/{k}"] for k in run.global_state},
+                        )
+                    )
             self.runs.append(run)
 
 
@@ -629,6 +815,15 @@ def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequen
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError(f"task {instance.name!r}: loss must return a scalar tensor")
     return value.reshape(())
+
+
+@torch.no_grad()
+def _assign(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy ``flat`` into ``params`` in place (their storage, and so any optimizer state keys, stay)."""
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def _segment_ids(params: Sequence[Tensor]) -> tuple[Tensor, int]:
@@ -714,6 +909,9 @@ def meta_fit(
     meta_grad_fraction: float = 1.0,
     log_floor: float = 0.0,
     lr_scale_range: float = 1.0,
+    estimator: str = "tbptt",
+    pes_pairs: int = 8,
+    pes_std: float = 0.01,
     seed: int = 0,
     validate_every: int = 50,
     validation_instances: int = 4,
@@ -748,6 +946,11 @@ def meta_fit(
         log_floor: lower bound of each step's ``f_t / f_0`` in the ``"log"`` meta-loss (``0``: none).
         lr_scale_range: multiply each meta-training instance's updates by a random factor in
             ``[1/r, r]`` (log-uniform) so the rule learns to correct a mis-set learning rate.
+        estimator: ``"tbptt"`` (backpropagation through each truncation) or ``"pes"``
+            (persistent evolution strategies: forward-only, unbiased over the whole horizon;
+            see :class:`MetaFitConfig`).
+        pes_pairs: antithetic perturbation pairs per instance with ``estimator="pes"``.
+        pes_std: standard deviation of the rule-weight perturbations with ``estimator="pes"``.
         seed: makes the run deterministic.
         validate_every: validate on held-out instances every this many iterations and
             keep the best weights (``0``: keep the last weights).
@@ -777,6 +980,9 @@ def meta_fit(
         meta_grad_fraction=meta_grad_fraction,
         log_floor=log_floor,
         lr_scale_range=lr_scale_range,
+        estimator=estimator,
+        pes_pairs=pes_pairs,
+        pes_std=pes_std,
         seed=seed,
         validate_every=validate_every,
         validation_instances=validation_instances,

@@ -402,6 +402,11 @@ def test_resume_without_checkpoint_dir():
         ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
         ({"lr_scale_range": 0.5}, "lr_scale_range must be >= 1, got 0.5"),
         ({"validation_steps": -1}, "validation_steps must be an integer >= 0, got -1"),
+        ({"estimator": "es"}, "estimator must be one of 'tbptt', 'pes', got 'es'"),
+        ({"estimator": "pes", "pes_pairs": 0}, "pes_pairs must be an integer >= 1, got 0"),
+        ({"estimator": "pes", "pes_std": 0.0}, "pes_std must be a finite number > 0, got 0.0"),
+        ({"estimator": "pes", "second_order": True}, "forward only"),
+        ({"estimator": "pes", "meta_grad_fraction": 0.5}, "forward only"),
     ],
 )
 def test_invalid_config(setting, message):
@@ -554,3 +559,103 @@ def test_ramp_meta_loss_weights_steps_linearly_across_truncations():
         float((torch.tensor(rollout(rule, make_tiny().sample(10**8), 7)[1:], dtype=torch.float64) * w).mean()),
         rel=1e-5,
     )
+
+
+# ---------------------------------------------------------------------------- PES
+def _flat_grad(rule: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in rule.parameters()])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_pes_estimates_the_gradient_of_the_whole_horizon():
+    # Two 3-step truncations of one 6-step run: the PES estimates of both, summed, estimate
+    # the exact (second-order) gradient of the sum of the two truncations' mean losses.
+    def make() -> CoordinateLSTM:
+        torch.manual_seed(0)
+        return CoordinateLSTM(hidden_size=2, num_layers=1)
+
+    exact_rule = make()
+    exact = MetaTrainer(
+        exact_rule, "quadratic", MetaFitConfig(steps=6, unroll=6, meta_loss="mean", second_order=True), progress=False
+    )
+    exact._unroll([exact._new_run(0, 7, 6)]).backward()
+    target = 2 * _flat_grad(exact_rule)  # sum of two 3-step means = 2 x the 6-step mean
+
+    rule = make()
+    start = weights(rule)
+    config = MetaFitConfig(steps=6, unroll=3, meta_loss="mean", estimator="pes", pes_pairs=400, pes_std=1e-3)
+    trainer = MetaTrainer(rule, "quadratic", config, progress=False)
+    run = trainer._new_run(0, 7, 6)
+    value_1, first = trainer._pes_estimate([run])
+    value_2, second = trainer._pes_estimate([run])
+    assert run.steps_done == 6
+    assert same_weights(weights(rule), start)  # perturbations are undone
+    estimate = first + second
+    assert _cosine(estimate, target) > 0.9
+    assert 0.8 < float(estimate.norm() / target.norm()) < 1.25
+    assert value_2 < value_1  # the perturbed rules still make progress on the quadratic
+
+
+def test_pes_meta_training_lowers_the_loss_and_is_deterministic():
+    def train() -> CoordinateLSTM:
+        rule = small_rule()
+        return meta_fit(
+            rule, "quadratic", steps=20, unroll=5, meta_iterations=100, meta_lr=3e-2, estimator="pes",
+            pes_pairs=4, pes_std=0.05, validate_every=0, progress=False,
+        )  # fmt: skip
+
+    family = get_task("quadratic")
+    before = relative_loss(small_rule(), family)
+    rule = train()
+    assert rule.meta_fit_history.skipped_updates == 0
+    after = relative_loss(rule, family)
+    assert after < 0.5 * before, (before, after)
+    assert same_weights(weights(train()), weights(rule))
+
+
+@pytest.mark.parametrize("make_rule", ["lstm", "hierarchical"])
+def test_pes_resume_after_interruption_equals_straight_run(tmp_path, make_rule):
+    from learned_optim import HierarchicalRNN
+
+    def make():
+        if make_rule == "lstm":
+            return small_rule()
+        torch.manual_seed(0)
+        return HierarchicalRNN(param_hidden=4, tensor_hidden=4, global_hidden=4)
+
+    config = dict(estimator="pes", pes_pairs=2, lr_scale_range=3.0, validate_every=0)
+    straight = MetaTrainer(make(), make_tiny(), _config(10, **config), progress=False)
+    straight.run()
+
+    def crash(history):
+        if history.iteration == 6:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        MetaTrainer(make(), make_tiny(), _config(10, **config), tmp_path, progress=False, callback=crash).run()
+    resumed_rule = make()
+    trainer = MetaTrainer(resumed_rule, make_tiny(), _config(10, **config), tmp_path, progress=False)
+    trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 4
+    # Mid-instance: the perturbed trajectories and accumulated perturbations come back.
+    assert all(0 < run.steps_done < run.horizon for run in trainer.runs)
+    assert all(len(run.particles) == 4 and run.pes_noise.abs().sum() > 0 for run in trainer.runs)
+    trainer.run()
+    assert trainer.history.meta_losses == straight.history.meta_losses
+    assert same_weights(weights(resumed_rule), weights(straight.rule))
+    assert not same_weights(weights(resumed_rule), weights(make()))
+
+
+def test_pes_drops_a_diverging_instance_and_skips_the_update():
+    rule = small_rule(output_scale=1e30)  # updates of ~1e28: the optimizee loss overflows to inf
+    before = weights(rule)
+    trainer = MetaTrainer(
+        rule, tiny, MetaFitConfig(steps=6, unroll=3, estimator="pes", pes_pairs=2, validate_every=0), progress=False
+    )
+    assert math.isnan(trainer.step())
+    assert trainer.history.skipped_updates == 1
+    assert trainer.runs == []  # the diverged instance is not carried on
+    assert same_weights(weights(rule), before)
