@@ -30,7 +30,7 @@ from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_
 from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.weights import save_pretrained
 
-META_LOSSES = ("log", "mean", "ramp")
+META_LOSSES = ("log", "mean", "ramp", "log-ramp")
 ESTIMATORS = ("tbptt", "pes")
 
 # What a damaged or foreign checkpoint raises while it is read.
@@ -76,7 +76,8 @@ class MetaFitConfig:
             of different scales weigh alike); ``"mean"``: mean of ``f_t`` (the paper);
             ``"ramp"``: mean of ``f_t`` weighted by ``2t / (T + 1)`` over the horizon ``T``
             (weights of mean 1 growing linearly: the late losses, and the final one most,
-            count more than the first ones).
+            count more than the first ones); ``"log-ramp"``: ``log(f_t / f_0)`` weighted so
+            (scale-free, and the end of the run counts most).
         second_order: backpropagate through the optimizee's gradients too.
         clip_grad_norm: meta-gradient norm clip (``0`` disables).
         random_horizon: draw each instance's horizon from a heavy-tailed distribution.
@@ -90,7 +91,7 @@ class MetaFitConfig:
             truncation (the rest run under ``no_grad``), scaled up by its inverse. The
             first-order meta-gradient is a sum over coordinates, so this is an unbiased
             estimate that costs a fraction of the backward pass (coordinatewise rules only).
-        log_floor: with ``meta_loss="log"``, each step's ``f_t / f_0`` counts as at least this
+        log_floor: with ``meta_loss="log"`` or ``"log-ramp"``, each step's ``f_t / f_0`` counts as at least this
             (``0``: no floor). Problems that can be solved to machine precision otherwise
             dominate the objective and reward ever-growing steps.
         lr_scale_range: each meta-training instance's updates are multiplied by a factor drawn
@@ -237,6 +238,18 @@ def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
     """``log(f_t / f_0)``, at least ``log(floor)`` when ``floor > 0``."""
     ratio = torch.log(losses.clamp_min(1e-12) / initial)
     return ratio.clamp_min(math.log(floor)) if floor > 0 else ratio
+
+
+def _objective(losses: Tensor, initial: float, first_step: int, horizon: int, config: MetaFitConfig) -> Tensor:
+    """The meta-loss of consecutive losses after steps ``first_step, first_step + 1, ...`` of a run."""
+    values = losses
+    if config.meta_loss in ("log", "log-ramp"):
+        # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
+        values = _log_ratio(losses, initial, config.log_floor)
+    if config.meta_loss in ("ramp", "log-ramp"):
+        steps = torch.arange(first_step, first_step + len(losses), dtype=losses.dtype)
+        values = values * _ramp_weights(steps, horizon)
+    return values.mean()
 
 
 def _heavy_tailed_horizon(rng: random.Random, mean: int) -> int:
@@ -404,14 +417,7 @@ class MetaTrainer:
 
     def _truncation_objective(self, losses: Tensor, run: _Run) -> Tensor:
         """The meta-loss of one truncation of ``run`` from its losses after each of its steps."""
-        cfg = self.config
-        if cfg.meta_loss == "log":
-            # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
-            return _log_ratio(losses, run.initial_loss, cfg.log_floor).mean()
-        if cfg.meta_loss == "ramp":
-            steps = torch.arange(run.steps_done + 1, run.steps_done + len(losses) + 1, dtype=losses.dtype)
-            return (losses * _ramp_weights(steps, run.horizon)).mean()
-        return losses.mean()
+        return _objective(losses, run.initial_loss, run.steps_done + 1, run.horizon, self.config)
 
     # ------------------------------------------------------------------ PES
     def _trainable(self) -> list[Tensor]:
@@ -595,13 +601,8 @@ class MetaTrainer:
             trace = torch.tensor(losses[1:])
             if not torch.isfinite(trace).all():
                 scores.append(float("inf"))
-            elif cfg.meta_loss == "log":
-                scores.append(float(_log_ratio(trace, f0, cfg.log_floor).mean()))
-            elif cfg.meta_loss == "ramp":
-                steps = torch.arange(1, len(trace) + 1, dtype=trace.dtype)
-                scores.append(float((trace * _ramp_weights(steps, horizon)).mean()))
             else:
-                scores.append(float(trace.mean()))
+                scores.append(float(_objective(trace, f0, 1, horizon, cfg)))
         return float(sum(scores) / len(scores))
 
     def _record_validation(self, iteration: int) -> None:
@@ -936,14 +937,15 @@ def meta_fit(
         meta_lr: Adam learning rate on the rule's weights.
         meta_lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 5% of ``meta_lr``).
         instances: instances optimised side by side per meta-iteration (one rule call).
-        meta_loss: ``"log"`` (mean log loss ratio), ``"mean"`` (mean loss) or ``"ramp"``
-            (mean loss weighted linearly towards the end of the horizon).
+        meta_loss: ``"log"`` (mean log loss ratio), ``"mean"`` (mean loss), ``"ramp"``
+            (mean loss weighted linearly towards the end of the horizon) or ``"log-ramp"``
+            (log loss ratios weighted so).
         second_order: differentiate through the optimizee's gradients.
         clip_grad_norm: meta-gradient norm clip.
         random_horizon: heavy-tailed random horizons around ``steps``.
         meta_grad_fraction: backpropagate through this random fraction of coordinates only
             (unbiased, cheaper meta-gradients for coordinatewise rules).
-        log_floor: lower bound of each step's ``f_t / f_0`` in the ``"log"`` meta-loss (``0``: none).
+        log_floor: lower bound of each step's ``f_t / f_0`` in the log meta-losses (``0``: none).
         lr_scale_range: multiply each meta-training instance's updates by a random factor in
             ``[1/r, r]`` (log-uniform) so the rule learns to correct a mis-set learning rate.
         estimator: ``"tbptt"`` (backpropagation through each truncation) or ``"pes"``

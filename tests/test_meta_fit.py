@@ -396,7 +396,7 @@ def test_resume_without_checkpoint_dir():
         ({"meta_lr": float("inf")}, "meta_lr must be a finite number, got inf"),
         ({"lr_scale_range": float("inf")}, "lr_scale_range must be a finite number, got inf"),
         ({"steps": "10"}, "steps must be an integer >= 1, got '10'"),
-        ({"meta_loss": "bogus"}, "meta_loss must be one of 'log', 'mean', 'ramp', got 'bogus'"),
+        ({"meta_loss": "bogus"}, "meta_loss must be one of 'log', 'mean', 'ramp', 'log-ramp', got 'bogus'"),
         ({"meta_lr": 0.0}, "meta_lr must be > 0"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
@@ -534,7 +534,8 @@ def test_validation_steps_sets_the_validation_horizon(monkeypatch):
         assert horizons and set(horizons) == {expected}
 
 
-def test_ramp_meta_loss_weights_steps_linearly_across_truncations():
+@pytest.mark.parametrize("meta_loss", ["ramp", "log-ramp"])
+def test_ramp_meta_loss_weights_steps_linearly_across_truncations(meta_loss):
     # Across truncations, step t of a horizon T gets weight 2t / (T + 1), whatever the unroll.
     from learned_optim.meta_fit import _ramp_weights
 
@@ -542,22 +543,25 @@ def test_ramp_meta_loss_weights_steps_linearly_across_truncations():
     assert torch.allclose(weights.mean(), torch.tensor(1.0, dtype=torch.float64))
     assert torch.allclose(weights[1:] - weights[:-1], torch.full((9,), 2 / 11, dtype=torch.float64))
 
+    def per_step(losses: list[float]) -> torch.Tensor:
+        trace = torch.tensor(losses[1:], dtype=torch.float64)
+        return torch.log(trace / losses[0]) if meta_loss == "log-ramp" else trace
+
     rule = small_rule()
-    trainer = MetaTrainer(rule, make_tiny(), _config(4, meta_loss="ramp", unroll=3, steps=7), progress=False)
+    trainer = MetaTrainer(rule, make_tiny(), _config(4, meta_loss=meta_loss, unroll=3, steps=7), progress=False)
     run = trainer._new_run(0, 5, 7)
     reference = rollout(copy.deepcopy(rule), make_tiny().sample(5), 7)
     values = []
     while run.steps_done < run.horizon:
         values.append(float(trainer._unroll([run]).detach()))
     # Truncations of 3, 3 and 1 steps: each is the mean of its weighted losses.
-    trace = torch.tensor(reference[1:], dtype=torch.float64)
+    trace = per_step(reference)
     w = _ramp_weights(torch.arange(1, 8, dtype=torch.float64), 7)
     expected = [float((trace[a:b] * w[a:b]).mean()) for a, b in ((0, 3), (3, 6), (6, 7))]
     assert values == pytest.approx(expected, rel=1e-4)
     # Validation scores the whole horizon the same way.
     assert trainer.validate() == pytest.approx(
-        float((torch.tensor(rollout(rule, make_tiny().sample(10**8), 7)[1:], dtype=torch.float64) * w).mean()),
-        rel=1e-5,
+        float((per_step(rollout(rule, make_tiny().sample(10**8), 7)) * w).mean()), rel=1e-5
     )
 
 
