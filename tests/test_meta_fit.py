@@ -259,6 +259,24 @@ def test_cli_resume_equals_straight_run(tmp_path, capsys):
     assert "--resume" in config  # the recorded command is this one, not pytest's argv
 
 
+def test_cli_pes_estimator_trains_and_resumes(tmp_path, capsys):
+    pes = ("--estimator", "pes", "--pes-pairs", "2", "--pes-std", "0.05")
+    with torch.random.fork_rng(devices=[]):  # the CLI seeds the global RNG
+        assert _cli_meta_fit(tmp_path / "straight", 6, *pes) == 0
+        assert _cli_meta_fit(tmp_path / "split", 4, *pes) == 0
+        assert _cli_meta_fit(tmp_path / "split", 6, *pes, "--resume") == 0
+        capsys.readouterr()
+        # A checkpoint of one estimator is not continued with the other.
+        assert _cli_meta_fit(tmp_path / "split", 8, "--resume") == 2
+        assert "estimator" in capsys.readouterr().err
+    straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert same_weights(straight, load_file(str(tmp_path / "split" / "model.safetensors")))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)  # what the CLI's --seed 3 built before training
+        start = weights(CoordinateLSTM(hidden_size=8))
+    assert not same_weights(straight, start)
+
+
 def test_cli_init_starts_from_given_weights_and_checks_the_rule(tmp_path, capsys):
     with torch.random.fork_rng(devices=[]):
         assert _cli_meta_fit(tmp_path / "a", 2) == 0
