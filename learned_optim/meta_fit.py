@@ -439,36 +439,18 @@ class MetaTrainer:
         run.pes_noise = torch.zeros(self.config.pes_pairs, dimension)
 
     def _particle_unroll(self, run: _Run, particle: _Particle, batches: Sequence[Any]) -> Tensor:
-        """Advance ``particle`` over ``batches`` (forward only for the rule); its losses after each step."""
-        params = particle.params
-        segment_ids, num_segments = _segment_ids(params)
+        """Advance ``particle`` over ``batches[:-1]`` (forward only for the rule).
+
+        Returns its losses after each step: on ``batches[1:]``, the last one evaluated only.
+        """
+        segments = _segment_ids(particle.params)
         losses = []
-        for t, batch in enumerate(batches):
-            leaves = [p.detach().requires_grad_(True) for p in params]
-            with torch.enable_grad():
-                loss = functional_loss(run.instance, run.names, leaves, batch)
+        for t, batch in enumerate(batches[:-1]):
+            loss = _learned_step(self.rule, run.instance, run.names, particle, batch, segments, run.lr_scale)
             if t > 0:
-                losses.append(loss.detach())
-            if t == len(batches) - 1:
-                break
-            grads = torch.autograd.grad(loss, leaves)
-            with torch.no_grad():
-                update, particle.state, particle.segment_state, particle.global_state = self.rule.full_step(
-                    _flatten(grads),
-                    particle.state,
-                    segment_ids,
-                    num_segments,
-                    particle.segment_state,
-                    particle.global_state,
-                )
-                if run.lr_scale != 1.0:
-                    update = update * run.lr_scale
-                new_params, pos = [], 0
-                for p in params:
-                    new_params.append(p.detach() + update[pos : pos + p.numel()].view_as(p).to(p.dtype))
-                    pos += p.numel()
-                params = new_params
-        particle.params = params
+                losses.append(loss)
+        with torch.no_grad():
+            losses.append(functional_loss(run.instance, run.names, particle.params, batches[-1]))
         return torch.stack(losses)
 
     def _pes_estimate(self, runs: Sequence[_Run]) -> tuple[float, Tensor]:
@@ -856,6 +838,37 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
     return tqdm(total=total, initial=initial, desc="meta-fit", unit="it", dynamic_ncols=True)
 
 
+def _learned_step(
+    rule: UpdateRule,
+    instance: TaskInstance,
+    names: Sequence[str],
+    trajectory: _Particle,
+    batch: Any,
+    segments: tuple[Tensor, int],
+    lr: float = 1.0,
+) -> Tensor:
+    """The loss of ``trajectory``'s parameters on ``batch``, then one step of ``rule`` on them.
+
+    The rule runs without autograd; ``trajectory`` is advanced in place.
+    """
+    leaves = [p.detach().requires_grad_(True) for p in trajectory.params]
+    with torch.enable_grad():
+        loss = functional_loss(instance, names, leaves, batch)
+        grads = torch.autograd.grad(loss, leaves)
+    with torch.no_grad():
+        update, trajectory.state, trajectory.segment_state, trajectory.global_state = rule.full_step(
+            _flatten(grads), trajectory.state, *segments, trajectory.segment_state, trajectory.global_state
+        )
+        if lr != 1.0:
+            update = lr * update
+        new_params, pos = [], 0
+        for p in leaves:
+            new_params.append(p.detach() + update[pos : pos + p.numel()].view_as(p).to(p.dtype))
+            pos += p.numel()
+        trajectory.params = new_params
+    return loss.detach()
+
+
 @torch.no_grad()
 def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.0) -> list[float]:
     """Optimise ``instance`` for ``steps`` steps with ``rule`` (functionally, like meta-training).
@@ -866,30 +879,16 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
     names = [n for n, _ in named]
     params = [p.detach().clone() for _, p in named]
     device = params[0].device
-    state = rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
-    segment_ids, num_segments = _segment_ids(params)
-    segment_ids = segment_ids.to(device)
-    segment_state = rule.init_segment_state(num_segments, device=device)
-    global_state = rule.init_global_state(device=device)
-    losses = []
-    for t in range(steps + 1):
-        inputs, targets = instance.next_batch()
-        with torch.enable_grad():
-            leaves = [p.requires_grad_(True) for p in params]
-            loss = functional_loss(instance, names, leaves, (inputs, targets))
-            losses.append(float(loss.detach()))
-            if t == steps:
-                break
-            grads = torch.autograd.grad(loss, leaves)
-        update, state, segment_state, global_state = rule.full_step(
-            _flatten(grads), state, segment_ids, num_segments, segment_state, global_state
-        )
-        pos = 0
-        new_params = []
-        for p in params:
-            new_params.append(p.detach() + (lr * update[pos : pos + p.numel()]).view_as(p).to(p.dtype))
-            pos += p.numel()
-        params = new_params
+    segments = _segment_ids(params)
+    trajectory = _Particle(
+        params,
+        rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32),
+        rule.init_segment_state(segments[1], device=device),
+        rule.init_global_state(device=device),
+    )
+    losses = [float(_learned_step(rule, instance, names, trajectory, instance.next_batch(), segments, lr))
+              for _ in range(steps)]  # fmt: skip
+    losses.append(float(functional_loss(instance, names, trajectory.params, instance.next_batch())))
     return losses
 
 
