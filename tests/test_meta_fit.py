@@ -681,3 +681,24 @@ def test_pes_drops_a_diverging_instance_and_skips_the_update():
     assert trainer.history.skipped_updates == 1
     assert trainer.runs == []  # the diverged instance is not carried on
     assert same_weights(weights(rule), before)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "hierarchical"])
+def test_forward_only_steps_use_the_fused_cpu_kernel_and_match_the_eager_rule(kind):
+    from learned_optim.meta_fit import _Segments
+    from learned_optim.weights import resolve_rule
+
+    rule = resolve_rule("lstm-mnist" if kind == "lstm" else "hrnn-base")
+    if "cpu" not in rule.fused_impls():
+        pytest.skip("the fused CPU kernel does not build here")
+    model = get_task("mnist-mlp").sample(EVALUATION_SEED_BASE).model
+    assert _Segments.of(rule, list(model.parameters())).kernel == "cpu"
+    fused = rollout(rule, get_task("mnist-mlp").sample(EVALUATION_SEED_BASE), 30)
+    eager_rule = copy.deepcopy(rule)
+    eager_rule.fused_impls = lambda: ()  # what a rule without kernels gets
+    assert _Segments.of(eager_rule, list(model.parameters())).kernel is None
+    eager = rollout(eager_rule, get_task("mnist-mlp").sample(EVALUATION_SEED_BASE), 30)
+    assert fused[0] == eager[0]
+    assert fused[-1] < 0.8 * fused[0]  # it optimises
+    # One step agrees to ~1e-6 (the kernel tests); 30 steps of a trajectory amplify it a little.
+    assert fused == pytest.approx(eager, rel=1e-3)
