@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize_tensors
+from torch import Tensor
 
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import get_rule_class
@@ -172,34 +173,52 @@ def load_from_directory(directory: str | os.PathLike[str]) -> UpdateRule:
     return load_from_files(directory / CONFIG_NAME, directory / WEIGHTS_NAME)
 
 
-def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> UpdateRule:
-    """Build a rule from a config file and a safetensors file, validating both."""
-    cls, config = read_config(config_path)
+def _expected_tensors(cls: type[UpdateRule], config: dict[str, Any], config_path: Any) -> dict[str, Tensor] | None:
+    """The rule's state_dict built on the meta device (no memory), or None if it cannot be.
+
+    The sizes come from a file that may have been downloaded: a config asking for a huge
+    network must fail on the tensor shapes, not allocate gigabytes before they are compared.
+    """
     try:
-        rule = cls(**config)
+        with torch.device("meta"):
+            skeleton = cls(**config)
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
+    except Exception:  # a constructor that cannot run on meta tensors: check after building
+        return None
+    return skeleton.state_dict()
+
+
+def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> UpdateRule:
+    """Build a rule from a config file and a safetensors file, validating both.
+
+    The file's tensor names and shapes are checked against the config (built on the meta
+    device) from the safetensors header, before any tensor or the rule is allocated.
+    """
+    cls, config = read_config(config_path)
+    expected = _expected_tensors(cls, config, config_path)
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise PretrainedError(f"{weights_path}: file not found")
     try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PretrainedError(f"{weights_path}: not a valid safetensors file ({err})") from None
+    if expected is not None:
+        _check_header(weights_path, cls, expected, shapes)
+    try:
+        rule = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
+    if expected is None:
+        _check_header(weights_path, cls, rule.state_dict(), shapes)
+    expected = rule.state_dict()
+    try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise PretrainedError(f"{weights_path}: not a valid safetensors file ({err})") from None
-    expected = rule.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise PretrainedError(
-            f"{weights_path}: tensors do not match the config ({cls.rule_type}"
-            f"{' missing ' + str(missing) if missing else ''}{' unexpected ' + str(extra) if extra else ''})"
-        )
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise PretrainedError(
-                f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
-                f"implies {tuple(expected[name].shape)}"
-            )
         if tensor.dtype not in WEIGHT_DTYPES:
             raise PretrainedError(
                 f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected one of {WEIGHT_DTYPES}"
@@ -212,6 +231,28 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
             )
     rule.load_state_dict(tensors)
     return rule
+
+
+def _check_header(
+    weights_path: Path,
+    cls: type[UpdateRule],
+    expected: dict[str, Tensor],
+    shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """The file's tensor names and shapes against the rule's."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise PretrainedError(
+            f"{weights_path}: tensors do not match the config ({cls.rule_type}"
+            f"{' missing ' + str(missing) if missing else ''}{' unexpected ' + str(extra) if extra else ''})"
+        )
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
+            raise PretrainedError(
+                f"{weights_path}: tensor {name!r} has shape {shape}, the config "
+                f"implies {tuple(expected[name].shape)}"
+            )
 
 
 def _looks_like_path(name: str) -> bool:

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import learned_optim
-from learned_optim import CoordinateLSTM, LearnedOptimizer, UpdateRule
+from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer, UpdateRule
 from learned_optim import weights as weights_module
 from learned_optim.weights import (
     CONFIG_NAME,
@@ -162,6 +162,28 @@ def test_bad_config_names_the_file(saved, edit, match):
 def test_tensor_shape_disagreeing_with_config(saved):
     _edit_config(saved, lambda c: c["config"].update(hidden_size=8))
     with pytest.raises(PretrainedError, match="shape") as info:
+        load_from_directory(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+def _hierarchical(**changes):
+    return lambda c: c.update(rule_type="HierarchicalRNN", config={**HierarchicalRNN().config, **changes})
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # ~1.6 PB if allocated
+        (lambda c: c["config"].update(hidden_size=10**7), r"'biases\.0' has shape \(24,\), the config implies"),
+        (_hierarchical(param_hidden=10**6), "tensors do not match the config"),
+    ],
+)
+def test_huge_config_is_refused_from_the_file_header_without_allocating(saved, edit, match):
+    # A tiny config.json (e.g. downloaded) must not make loading allocate the network it
+    # describes before the weights are compared: that was an out-of-memory RuntimeError (or
+    # minutes and tens of GB for hidden_size=20000), now a PretrainedError about the tensors.
+    _edit_config(saved, edit)
+    with pytest.raises(PretrainedError, match=match) as info:
         load_from_directory(saved)
     assert str(saved / WEIGHTS_NAME) in str(info.value)
 
