@@ -264,8 +264,15 @@ def resolve_rule(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     is_default: bool = False,
+    token: str | bool | None = None,
 ) -> UpdateRule:
-    """Turn anything ``LearnedOptimizer(pretrained=...)`` accepts into an :class:`UpdateRule`."""
+    """Turn anything ``LearnedOptimizer(pretrained=...)`` accepts into an :class:`UpdateRule`.
+
+    A ``str`` is a bundled name, then a local directory, then a Hub repo id; an
+    ``os.PathLike`` (e.g. a ``pathlib.Path``) is always a local directory. ``revision``
+    applies to Hub repo ids only: given with a name that resolves locally, it is an error
+    rather than silently ignored.
+    """
     if isinstance(pretrained, UpdateRule):
         return pretrained
     if isinstance(pretrained, torch.nn.Module):
@@ -277,8 +284,10 @@ def resolve_rule(
             f"pretrained must be a name, a directory, a Hub repo id or an UpdateRule, got {type(pretrained).__name__}"
         )
     name = os.fspath(pretrained)
+    is_path = not isinstance(pretrained, str)
     bundled = list_pretrained()
-    if name in bundled:
+    if not is_path and name in bundled:
+        _no_revision(revision, name, "a bundled rule")
         return load_from_directory(bundled_dir() / name)
     if is_default:
         raise PretrainedError(
@@ -288,8 +297,9 @@ def resolve_rule(
         )
     path = Path(name).expanduser()
     if path.is_dir():
+        _no_revision(revision, name, f"the local directory {str(path.resolve())!r}")
         return load_from_directory(path)
-    if _looks_like_path(name) or path.exists():
+    if is_path or _looks_like_path(name) or path.exists():
         raise PretrainedError(
             f"{name!r}: no such directory (bundled rules: {bundled or 'none'})"
         )
@@ -300,13 +310,27 @@ def resolve_rule(
         )
     from learned_optim.hub import download_rule
 
-    return download_rule(name, revision=revision, cache_dir=cache_dir)
+    return download_rule(name, revision=revision, cache_dir=cache_dir, token=token)
+
+
+def _no_revision(revision: str | None, name: str, what: str) -> None:
+    if revision is not None:
+        raise PretrainedError(
+            f"{name!r} is {what}, but revision={revision!r} applies only to Hugging Face Hub repo ids; "
+            "drop revision to load it, or (for a Hub repo of the same name) run from a folder "
+            "without such a directory"
+        )
 
 
 def load_rule(
     name_or_path: str | os.PathLike[str],
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
 ) -> UpdateRule:
-    """Load a rule from a bundled name, a local directory or a Hugging Face Hub repo id."""
-    return resolve_rule(name_or_path, revision=revision, cache_dir=cache_dir)
+    """Load a rule from a bundled name, a local directory or a Hugging Face Hub repo id.
+
+    ``revision`` (branch, tag or commit), ``cache_dir`` and ``token`` (for private repos; by
+    default the logged-in token or ``HF_TOKEN``) apply to Hub repo ids.
+    """
+    return resolve_rule(name_or_path, revision=revision, cache_dir=cache_dir, token=token)

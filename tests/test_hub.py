@@ -264,6 +264,22 @@ def test_missing_repo_is_a_clear_error(hub: HubServer, online: Worker, tmp_path:
     assert "'acme/does-not-exist'" in info.value.message and "does not exist" in info.value.message
 
 
+def test_private_repo_needs_the_token(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    rule = make_rule(10)
+    publish(hub, "acme/private", rule)
+    hub.private["acme/private"] = "hf_secret_token"
+    cache = str(tmp_path)
+    for token in (None, "hf_wrong_token"):
+        with pytest.raises(WorkerError) as info:
+            online("load_rule", "acme/private", cache_dir=cache, token=token)
+        assert info.value.kind == "PretrainedError"
+        assert "'acme/private' does not exist or is not accessible" in info.value.message
+        assert "hf_wrong_token" not in info.value.message
+
+    # The token reaches the Hub from load_rule (like push_to_hub(token=...)), not only from a login.
+    assert online("load_rule", "acme/private", cache_dir=cache, token="hf_secret_token") == rule_state(rule)
+
+
 def test_invalid_repo_id_is_a_clear_error(online: Worker, tmp_path: Path) -> None:
     with pytest.raises(WorkerError) as info:
         online("load_rule", "acme/bad name", cache_dir=str(tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,39 @@ def test_existing_file_is_not_a_rule(tmp_path, monkeypatch):
     (tmp_path / "somefile").write_text("x")
     with pytest.raises(PretrainedError, match="no such directory"):
         resolve_rule("somefile")
+
+
+def test_a_path_object_is_never_a_hub_repo_id(tmp_path, monkeypatch):
+    # Path("acme/rule") names a local folder: a missing one is an error here, not a download
+    # of the Hub repo "acme/rule" (which would run, or fetch someone else's rule).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("learned_optim.hub.download_rule", _no_download)
+    for pretrained in (Path("acme/rule"), Path("acme") / "rule"):
+        with pytest.raises(PretrainedError, match="no such directory") as info:
+            resolve_rule(pretrained)
+        assert "acme/rule" in str(info.value)
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError(f"tried the Hub: {args} {kwargs}")
+
+
+def test_revision_with_a_name_that_resolves_locally_is_an_error(tmp_path, rule, monkeypatch):
+    # A local folder "acme/rule" shadows the Hub repo of that name; with revision= the user
+    # asked for the Hub's branch, so loading the local folder silently would be wrong.
+    monkeypatch.chdir(tmp_path)
+    save_pretrained(rule, tmp_path / "acme" / "rule")
+    monkeypatch.setattr("learned_optim.hub.download_rule", _no_download)
+    assert load_rule("acme/rule").config == rule.config
+    with pytest.raises(PretrainedError, match=r"'acme/rule' is the local directory .*revision='v2' applies only"):
+        load_rule("acme/rule", revision="v2")
+    with pytest.raises(PretrainedError, match="revision='v2' applies only"):
+        LearnedOptimizer(_param(), pretrained=str(tmp_path / "acme" / "rule"), revision="v2")
+    bundle = tmp_path / "bundle"
+    save_pretrained(rule, bundle / "tiny-lstm")
+    monkeypatch.setattr(weights_module, "bundled_dir", lambda: bundle)
+    with pytest.raises(PretrainedError, match="'tiny-lstm' is a bundled rule, but revision='main'"):
+        load_rule("tiny-lstm", revision="main")
 
 
 def test_list_pretrained_of_the_package():
