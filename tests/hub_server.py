@@ -30,6 +30,7 @@ import json
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         # Private repos: repo id -> the token that may read them.
         self.private: dict[str, str] = {}
+        # Called with (method, path) after each answer is sent, e.g. to change a repo between requests.
+        self.after_request: Callable[[str, str], None] | None = None
         # One request at a time: commits rewrite folders that concurrent downloads may be reading.
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -167,6 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
                         answer = getattr(self, f"_{name}")(**args)
                     if answer is not None:
                         self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
+                    if self.hub.after_request is not None:
+                        with self.hub.lock:
+                            self.hub.after_request(self.command, path)
                     return
             raise HubError(404, None, f"no route for {self.command} {path}")
         except HubError as err:

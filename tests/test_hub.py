@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -225,6 +226,29 @@ def test_load_rule_picks_the_requested_revision(hub: HubServer, online: Worker, 
         online("load_rule", "acme/versioned", revision="v3", cache_dir=cache)
     assert info.value.kind == "PretrainedError"
     assert "'acme/versioned'" in info.value.message and "'v3'" in info.value.message
+
+
+def test_config_and_weights_come_from_one_commit(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    # main moves (a push) between the download of config.json and that of model.safetensors:
+    # the rule must be the old commit's, not the old config with the new weights.
+    old, new = CoordinateLSTM(hidden_size=4, output_scale=0.1), CoordinateLSTM(hidden_size=4, output_scale=0.5)
+    publish(hub, "acme/racy", old)
+    old_commit = hub.commit_id("acme/racy")
+
+    def push_after_config(method: str, path: str) -> None:
+        if method == "GET" and path.endswith("/acme/racy/resolve/main/config.json"):
+            hub.after_request = None
+            # The old commit stays reachable by its id (as on the Hub), here as another branch.
+            shutil.copytree(hub.revision_dir("acme/racy"), hub.revision_dir("acme/racy", "kept-old"))
+            publish(hub, "acme/racy", new)
+
+    hub.after_request = push_after_config
+    try:
+        loaded = online("load_rule", "acme/racy", cache_dir=str(tmp_path))
+    finally:
+        hub.after_request = None
+    assert hub.commit_id("acme/racy", "kept-old") == old_commit != hub.commit_id("acme/racy")
+    assert loaded == rule_state(old)
 
 
 def test_offline_mode_loads_from_a_warm_cache(
