@@ -32,19 +32,27 @@ def download_rule(
     repo_id: str,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
 ) -> UpdateRule:
     """Fetch ``config.json`` + ``model.safetensors`` of ``repo_id`` and build the rule.
 
+    ``token``: for private repos (default: the logged-in token or ``HF_TOKEN``).
     Every failure (no such repo, revision or file, offline with a cold cache, an invalid
     repo id, malformed files) is a :class:`PretrainedError` naming the repo.
     """
     where = f"Hub repository {repo_id!r} (revision {revision or constants.DEFAULT_REVISION!r})"
     paths = {}
+    pinned = revision
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             paths[filename] = hf_hub_download(
-                repo_id=repo_id, filename=filename, revision=revision, cache_dir=cache_dir
+                repo_id=repo_id, filename=filename, revision=pinned, cache_dir=cache_dir, token=token
             )
+            # The weights come from the commit the config came from (its snapshot folder):
+            # a push to the branch between the two downloads must not pair old and new files.
+            commit = Path(paths[filename]).parent.name
+            if _COMMIT_HASH.fullmatch(commit):
+                pinned = commit
         except HFValidationError as err:
             raise PretrainedError(f"{repo_id!r} is not a valid Hub repo id: {err}") from None
         except RepositoryNotFoundError:

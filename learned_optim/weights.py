@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as serialize_tensors
+from torch import Tensor
 
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import get_rule_class
@@ -172,34 +173,52 @@ def load_from_directory(directory: str | os.PathLike[str]) -> UpdateRule:
     return load_from_files(directory / CONFIG_NAME, directory / WEIGHTS_NAME)
 
 
-def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> UpdateRule:
-    """Build a rule from a config file and a safetensors file, validating both."""
-    cls, config = read_config(config_path)
+def _expected_tensors(cls: type[UpdateRule], config: dict[str, Any], config_path: Any) -> dict[str, Tensor] | None:
+    """The rule's state_dict built on the meta device (no memory), or None if it cannot be.
+
+    The sizes come from a file that may have been downloaded: a config asking for a huge
+    network must fail on the tensor shapes, not allocate gigabytes before they are compared.
+    """
     try:
-        rule = cls(**config)
+        with torch.device("meta"):
+            skeleton = cls(**config)
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
+    except Exception:  # a constructor that cannot run on meta tensors: check after building
+        return None
+    return skeleton.state_dict()
+
+
+def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.PathLike[str]) -> UpdateRule:
+    """Build a rule from a config file and a safetensors file, validating both.
+
+    The file's tensor names and shapes are checked against the config (built on the meta
+    device) from the safetensors header, before any tensor or the rule is allocated.
+    """
+    cls, config = read_config(config_path)
+    expected = _expected_tensors(cls, config, config_path)
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise PretrainedError(f"{weights_path}: file not found")
     try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PretrainedError(f"{weights_path}: not a valid safetensors file ({err})") from None
+    if expected is not None:
+        _check_header(weights_path, cls, expected, shapes)
+    try:
+        rule = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
+    if expected is None:
+        _check_header(weights_path, cls, rule.state_dict(), shapes)
+    expected = rule.state_dict()
+    try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise PretrainedError(f"{weights_path}: not a valid safetensors file ({err})") from None
-    expected = rule.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise PretrainedError(
-            f"{weights_path}: tensors do not match the config ({cls.rule_type}"
-            f"{' missing ' + str(missing) if missing else ''}{' unexpected ' + str(extra) if extra else ''})"
-        )
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise PretrainedError(
-                f"{weights_path}: tensor {name!r} has shape {tuple(tensor.shape)}, the config "
-                f"implies {tuple(expected[name].shape)}"
-            )
         if tensor.dtype not in WEIGHT_DTYPES:
             raise PretrainedError(
                 f"{weights_path}: tensor {name!r} has dtype {tensor.dtype}, expected one of {WEIGHT_DTYPES}"
@@ -214,6 +233,28 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
     return rule
 
 
+def _check_header(
+    weights_path: Path,
+    cls: type[UpdateRule],
+    expected: dict[str, Tensor],
+    shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """The file's tensor names and shapes against the rule's."""
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise PretrainedError(
+            f"{weights_path}: tensors do not match the config ({cls.rule_type}"
+            f"{' missing ' + str(missing) if missing else ''}{' unexpected ' + str(extra) if extra else ''})"
+        )
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
+            raise PretrainedError(
+                f"{weights_path}: tensor {name!r} has shape {shape}, the config "
+                f"implies {tuple(expected[name].shape)}"
+            )
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1) or "\\" in name
 
@@ -223,8 +264,15 @@ def resolve_rule(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     is_default: bool = False,
+    token: str | bool | None = None,
 ) -> UpdateRule:
-    """Turn anything ``LearnedOptimizer(pretrained=...)`` accepts into an :class:`UpdateRule`."""
+    """Turn anything ``LearnedOptimizer(pretrained=...)`` accepts into an :class:`UpdateRule`.
+
+    A ``str`` is a bundled name, then a local directory, then a Hub repo id; an
+    ``os.PathLike`` (e.g. a ``pathlib.Path``) is always a local directory. ``revision``
+    applies to Hub repo ids only: given with a name that resolves locally, it is an error
+    rather than silently ignored.
+    """
     if isinstance(pretrained, UpdateRule):
         return pretrained
     if isinstance(pretrained, torch.nn.Module):
@@ -236,8 +284,10 @@ def resolve_rule(
             f"pretrained must be a name, a directory, a Hub repo id or an UpdateRule, got {type(pretrained).__name__}"
         )
     name = os.fspath(pretrained)
+    is_path = not isinstance(pretrained, str)
     bundled = list_pretrained()
-    if name in bundled:
+    if not is_path and name in bundled:
+        _no_revision(revision, name, "a bundled rule")
         return load_from_directory(bundled_dir() / name)
     if is_default:
         raise PretrainedError(
@@ -247,8 +297,9 @@ def resolve_rule(
         )
     path = Path(name).expanduser()
     if path.is_dir():
+        _no_revision(revision, name, f"the local directory {str(path.resolve())!r}")
         return load_from_directory(path)
-    if _looks_like_path(name) or path.exists():
+    if is_path or _looks_like_path(name) or path.exists():
         raise PretrainedError(
             f"{name!r}: no such directory (bundled rules: {bundled or 'none'})"
         )
@@ -259,13 +310,27 @@ def resolve_rule(
         )
     from learned_optim.hub import download_rule
 
-    return download_rule(name, revision=revision, cache_dir=cache_dir)
+    return download_rule(name, revision=revision, cache_dir=cache_dir, token=token)
+
+
+def _no_revision(revision: str | None, name: str, what: str) -> None:
+    if revision is not None:
+        raise PretrainedError(
+            f"{name!r} is {what}, but revision={revision!r} applies only to Hugging Face Hub repo ids; "
+            "drop revision to load it, or (for a Hub repo of the same name) run from a folder "
+            "without such a directory"
+        )
 
 
 def load_rule(
     name_or_path: str | os.PathLike[str],
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
 ) -> UpdateRule:
-    """Load a rule from a bundled name, a local directory or a Hugging Face Hub repo id."""
-    return resolve_rule(name_or_path, revision=revision, cache_dir=cache_dir)
+    """Load a rule from a bundled name, a local directory or a Hugging Face Hub repo id.
+
+    ``revision`` (branch, tag or commit), ``cache_dir`` and ``token`` (for private repos; by
+    default the logged-in token or ``HF_TOKEN``) apply to Hub repo ids.
+    """
+    return resolve_rule(name_or_path, revision=revision, cache_dir=cache_dir, token=token)

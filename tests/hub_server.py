@@ -15,6 +15,9 @@ do, as huggingface_hub's cache (keyed by commit id) expects. Only the endpoints 
   carries contents inline (base64) and no LFS/Xet transfer is ever needed;
 * ``POST /api/models/{repo}/commit/{revision}`` (ndjson): writes the files to the revision.
 
+A repo listed in ``HubServer.private`` (repo id -> token) answers only requests carrying
+``Authorization: Bearer <token>``; others get 401 ``RepoNotFound``, as from the real Hub.
+
 Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) exactly
 like the real Hub, which is what huggingface_hub turns into its exception types.
 """
@@ -27,6 +30,7 @@ import json
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,10 @@ class HubServer:
         self.root.mkdir(parents=True, exist_ok=True)
         # (method, path) of every request, so tests can check what the client did (or did not) ask.
         self.requests: list[tuple[str, str]] = []
+        # Private repos: repo id -> the token that may read them.
+        self.private: dict[str, str] = {}
+        # Called with (method, path) after each answer is sent, e.g. to change a repo between requests.
+        self.after_request: Callable[[str, str], None] | None = None
         # One request at a time: commits rewrite folders that concurrent downloads may be reading.
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -113,9 +121,14 @@ class HubServer:
             digest.update(git_blob_sha1(path.read_bytes()).encode())
         return digest.hexdigest()
 
-    def find_revision(self, repo_id: str, revision: str) -> Path:
-        """Folder of ``revision`` (a branch name or a commit id), or a RepoNotFound/RevisionNotFound error."""
+    def find_revision(self, repo_id: str, revision: str, authorization: str | None = None) -> Path:
+        """Folder of ``revision`` (a branch name or a commit id), or a RepoNotFound/RevisionNotFound error.
+
+        ``authorization``: the request's Authorization header, checked for private repos.
+        """
         repo = self.root / repo_id
+        if repo_id in self.private and authorization != f"Bearer {self.private[repo_id]}":
+            raise HubError(401, "RepoNotFound", f"Repository {repo_id} not found")
         if not repo.is_dir():
             raise HubError(404, "RepoNotFound", f"Repository {repo_id} not found")
         if revision not in (".", "..") and (repo / revision).is_dir():
@@ -157,6 +170,9 @@ class _Handler(BaseHTTPRequestHandler):
                         answer = getattr(self, f"_{name}")(**args)
                     if answer is not None:
                         self._send(200, json.dumps(answer).encode(), {"Content-Type": "application/json"})
+                    if self.hub.after_request is not None:
+                        with self.hub.lock:
+                            self.hub.after_request(self.command, path)
                     return
             raise HubError(404, None, f"no route for {self.command} {path}")
         except HubError as err:
@@ -181,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, repo: str, rev: str, file: str) -> None:
         if self.command not in ("GET", "HEAD"):
             raise HubError(405, None, "resolve is read-only")
-        folder = self.hub.find_revision(repo, rev)
+        folder = self.hub.find_revision(repo, rev, self.headers.get("Authorization"))
         commit = self.hub.commit_id(repo, folder.name)
         path = folder / file
         if ".." in Path(file).parts or not path.is_file():
@@ -202,12 +218,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data, headers)
 
     def _info(self, repo: str, rev: str = "main") -> dict[str, Any]:
-        folder = self.hub.find_revision(repo, rev)
+        folder = self.hub.find_revision(repo, rev, self.headers.get("Authorization"))
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         return {
             "id": repo,
             "sha": self.hub.commit_id(repo, folder.name),
-            "private": False,
+            "private": repo in self.hub.private,
             "siblings": [{"rfilename": f} for f in files],
         }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -227,6 +228,29 @@ def test_load_rule_picks_the_requested_revision(hub: HubServer, online: Worker, 
     assert "'acme/versioned'" in info.value.message and "'v3'" in info.value.message
 
 
+def test_config_and_weights_come_from_one_commit(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    # main moves (a push) between the download of config.json and that of model.safetensors:
+    # the rule must be the old commit's, not the old config with the new weights.
+    old, new = CoordinateLSTM(hidden_size=4, output_scale=0.1), CoordinateLSTM(hidden_size=4, output_scale=0.5)
+    publish(hub, "acme/racy", old)
+    old_commit = hub.commit_id("acme/racy")
+
+    def push_after_config(method: str, path: str) -> None:
+        if method == "GET" and path.endswith("/acme/racy/resolve/main/config.json"):
+            hub.after_request = None
+            # The old commit stays reachable by its id (as on the Hub), here as another branch.
+            shutil.copytree(hub.revision_dir("acme/racy"), hub.revision_dir("acme/racy", "kept-old"))
+            publish(hub, "acme/racy", new)
+
+    hub.after_request = push_after_config
+    try:
+        loaded = online("load_rule", "acme/racy", cache_dir=str(tmp_path))
+    finally:
+        hub.after_request = None
+    assert hub.commit_id("acme/racy", "kept-old") == old_commit != hub.commit_id("acme/racy")
+    assert loaded == rule_state(old)
+
+
 def test_offline_mode_loads_from_a_warm_cache(
     hub: HubServer, online: Worker, offline: Worker, tmp_path: Path
 ) -> None:
@@ -262,6 +286,22 @@ def test_missing_repo_is_a_clear_error(hub: HubServer, online: Worker, tmp_path:
         online("load_rule", "acme/does-not-exist", cache_dir=str(tmp_path))
     assert info.value.kind == "PretrainedError"
     assert "'acme/does-not-exist'" in info.value.message and "does not exist" in info.value.message
+
+
+def test_private_repo_needs_the_token(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    rule = make_rule(10)
+    publish(hub, "acme/private", rule)
+    hub.private["acme/private"] = "hf_secret_token"
+    cache = str(tmp_path)
+    for token in (None, "hf_wrong_token"):
+        with pytest.raises(WorkerError) as info:
+            online("load_rule", "acme/private", cache_dir=cache, token=token)
+        assert info.value.kind == "PretrainedError"
+        assert "'acme/private' does not exist or is not accessible" in info.value.message
+        assert "hf_wrong_token" not in info.value.message
+
+    # The token reaches the Hub from load_rule (like push_to_hub(token=...)), not only from a login.
+    assert online("load_rule", "acme/private", cache_dir=cache, token="hf_secret_token") == rule_state(rule)
 
 
 def test_invalid_repo_id_is_a_clear_error(online: Worker, tmp_path: Path) -> None:

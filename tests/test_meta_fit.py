@@ -386,6 +386,47 @@ def test_a_module_instance_instead_of_a_factory():
         _fit(task)
 
 
+def test_a_factory_returning_the_same_module_every_time():
+    # Every instance would start from the weights the previous one was trained to (compare
+    # trains instance.model in place): the second SGD run began at loss 5e-4 instead of 5.8.
+    shared = tiny_model()
+    task = Task(model=lambda: shared, loss=nn.functional.mse_loss, data=tiny_sampler)
+    with pytest.raises(TaskError, match="returned a module whose trainable parameters it returned before"):
+        task.sample(0)
+    with pytest.raises(TaskError, match="returned a module whose trainable parameters it returned before"):
+        _fit(task)
+    layer = nn.Linear(3, 8)  # shared trainable layers inside fresh modules are as bad
+    task = Task(
+        model=lambda: nn.Sequential(layer, nn.Tanh(), nn.Linear(8, 1)), loss=nn.functional.mse_loss, data=tiny_sampler
+    )
+    with pytest.raises(TaskError, match="shared layers"):
+        task.sample(0)
+
+
+def test_a_shared_frozen_backbone_is_fine():
+    backbone = nn.Linear(3, 8).requires_grad_(False)
+    task = Task(
+        model=lambda: nn.Sequential(backbone, nn.Tanh(), nn.Linear(8, 1)),
+        loss=nn.functional.mse_loss,
+        data=tiny_sampler,
+    )
+    first, second = task.sample(0), task.sample(1)
+    assert first.model[0] is second.model[0] and first.model[2] is not second.model[2]
+    assert math.isfinite(_fit(task).meta_fit_history.meta_losses[-1])
+
+
+@pytest.mark.parametrize("split", ["train_set", "test_set"])
+def test_a_split_that_is_not_one_pair_of_tensors(split):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(TRAIN_X, TRAIN_Y), batch_size=64)
+    assert len(loader) == 2  # unpacked as (inputs, targets) = (first batch, second batch) before
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_sampler, **{split: loader})
+    with pytest.raises(TaskError, match=f"{split} must be the whole split as one pair .*got DataLoader"):
+        task.sample(0)
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_sampler, **{split: (TRAIN_X,)})
+    with pytest.raises(TaskError, match=f"{split} must be .*got tuple of length 1"):
+        _fit(task)
+
+
 def test_data_that_runs_out():
     batches = (tiny_sampler(torch.Generator().manual_seed(i)) for i in range(4))  # a one-shot generator
     task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=batches)

@@ -313,6 +313,44 @@ def test_load_mnist_folder_rejects_bad_files(tmp_path):
         load_mnist_folder(tmp_path)
 
 
+def test_load_mnist_folder_tells_gzip_by_content_not_by_name(tmp_path):
+    # Browsers may unpack a .gz download and keep the name, or save it gzipped without
+    # the suffix: both used to fail ("magic number 0x1f8b0808", "Not a gzipped file").
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    _fake_mnist(reference, gz=True)
+    expected = load_mnist_folder(reference)
+    unnamed, misnamed = tmp_path / "gzipped-without-suffix", tmp_path / "plain-with-gz-suffix"
+    unnamed.mkdir()
+    misnamed.mkdir()
+    for file in reference.iterdir():
+        (unnamed / file.stem).write_bytes(file.read_bytes())
+        (misnamed / file.name).write_bytes(gzip.decompress(file.read_bytes()))
+    for folder in (unnamed, misnamed):
+        loaded = load_mnist_folder(folder)
+        assert all(torch.equal(a, b) for a, b in zip(sum(loaded, ()), sum(expected, ()), strict=True))
+    truncated = unnamed / "train-images-idx3-ubyte"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read MNIST file .*train-images-idx3-ubyte"):
+        load_mnist_folder(unnamed)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_mnist_folder(truncated)
+
+
+def test_load_mnist_folder_reads_a_replaced_file_again(tmp_path):
+    # The per-process cache was keyed by path only: fixing or re-downloading a file in a
+    # running session (a notebook) kept returning the old data, or an old error's absence.
+    _fake_mnist(tmp_path, gz=False)
+    (_, train_y), _ = load_mnist_folder(tmp_path)
+    new_labels = (train_y.to(torch.uint8) + 1) % 10
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", 0x801, new_labels)
+    (_, reloaded), _ = load_mnist_folder(tmp_path)
+    assert torch.equal(reloaded, new_labels.long())
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03 truncated")
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte: truncated IDX header"):
+        load_mnist_folder(tmp_path)
+
+
 # --- XOR -------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import learned_optim
-from learned_optim import CoordinateLSTM, LearnedOptimizer, UpdateRule
+from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer, UpdateRule
 from learned_optim import weights as weights_module
 from learned_optim.weights import (
     CONFIG_NAME,
@@ -166,6 +167,28 @@ def test_tensor_shape_disagreeing_with_config(saved):
     assert str(saved / WEIGHTS_NAME) in str(info.value)
 
 
+def _hierarchical(**changes):
+    return lambda c: c.update(rule_type="HierarchicalRNN", config={**HierarchicalRNN().config, **changes})
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # ~1.6 PB if allocated
+        (lambda c: c["config"].update(hidden_size=10**7), r"'biases\.0' has shape \(24,\), the config implies"),
+        (_hierarchical(param_hidden=10**6), "tensors do not match the config"),
+    ],
+)
+def test_huge_config_is_refused_from_the_file_header_without_allocating(saved, edit, match):
+    # A tiny config.json (e.g. downloaded) must not make loading allocate the network it
+    # describes before the weights are compared: that was an out-of-memory RuntimeError (or
+    # minutes and tens of GB for hidden_size=20000), now a PretrainedError about the tensors.
+    _edit_config(saved, edit)
+    with pytest.raises(PretrainedError, match=match) as info:
+        load_from_directory(saved)
+    assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
 def test_missing_or_extra_tensors(saved, rule):
     tensors = {k: v.clone() for k, v in rule.state_dict().items()}
     tensors.pop("output.bias")
@@ -300,6 +323,39 @@ def test_existing_file_is_not_a_rule(tmp_path, monkeypatch):
     (tmp_path / "somefile").write_text("x")
     with pytest.raises(PretrainedError, match="no such directory"):
         resolve_rule("somefile")
+
+
+def test_a_path_object_is_never_a_hub_repo_id(tmp_path, monkeypatch):
+    # Path("acme/rule") names a local folder: a missing one is an error here, not a download
+    # of the Hub repo "acme/rule" (which would run, or fetch someone else's rule).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("learned_optim.hub.download_rule", _no_download)
+    for pretrained in (Path("acme/rule"), Path("acme") / "rule"):
+        with pytest.raises(PretrainedError, match="no such directory") as info:
+            resolve_rule(pretrained)
+        assert "acme/rule" in str(info.value)
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError(f"tried the Hub: {args} {kwargs}")
+
+
+def test_revision_with_a_name_that_resolves_locally_is_an_error(tmp_path, rule, monkeypatch):
+    # A local folder "acme/rule" shadows the Hub repo of that name; with revision= the user
+    # asked for the Hub's branch, so loading the local folder silently would be wrong.
+    monkeypatch.chdir(tmp_path)
+    save_pretrained(rule, tmp_path / "acme" / "rule")
+    monkeypatch.setattr("learned_optim.hub.download_rule", _no_download)
+    assert load_rule("acme/rule").config == rule.config
+    with pytest.raises(PretrainedError, match=r"'acme/rule' is the local directory .*revision='v2' applies only"):
+        load_rule("acme/rule", revision="v2")
+    with pytest.raises(PretrainedError, match="revision='v2' applies only"):
+        LearnedOptimizer(_param(), pretrained=str(tmp_path / "acme" / "rule"), revision="v2")
+    bundle = tmp_path / "bundle"
+    save_pretrained(rule, bundle / "tiny-lstm")
+    monkeypatch.setattr(weights_module, "bundled_dir", lambda: bundle)
+    with pytest.raises(PretrainedError, match="'tiny-lstm' is a bundled rule, but revision='main'"):
+        load_rule("tiny-lstm", revision="main")
 
 
 def test_list_pretrained_of_the_package():

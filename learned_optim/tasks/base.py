@@ -152,7 +152,17 @@ class Task(TaskFamily):
             with torch.random.fork_rng(devices=[]):  # a model with dropout draws while checked
                 validate_instance(instance, f"task {self.name!r}")
             self._checked = True
-            return self.sample(seed)
+            fresh = self.sample(seed)
+            probed = {id(p) for p in instance.model.parameters() if p.requires_grad}
+            if any(id(p) in probed for p in fresh.model.parameters() if p.requires_grad):
+                self._checked = False
+                raise TaskError(
+                    f"task {self.name!r}: the model factory returned a module whose trainable parameters "
+                    "it returned before (the same module object, or one built around shared layers); "
+                    "every instance would start where the last one was trained: build a new module in "
+                    "the factory (e.g. `model=lambda: MyNet()`)"
+                )
+            return fresh
         return instance
 
 
@@ -193,3 +203,12 @@ def validate_instance(instance: TaskInstance, source: str) -> None:
         raise TaskError(f"{source}: loss must return a scalar tensor, got {shape}")
     if not value.requires_grad:
         raise TaskError(f"{source}: loss does not depend on the model's parameters")
+    for label, split in (("train_set", instance.train_set), ("test_set", instance.test_set)):
+        # Used as one batch `inputs, targets = split`: a DataLoader of two batches would
+        # unpack as (first batch, second batch), any other as an error after training.
+        if split is not None and not (isinstance(split, (tuple, list)) and len(split) == 2):
+            raise TaskError(
+                f"{source}: {label} must be the whole split as one pair (inputs, targets), got "
+                f"{type(split).__name__}{' of length ' + str(len(split)) if isinstance(split, (tuple, list)) else ''}"
+                "; pass tensors (e.g. from torch.cat over a DataLoader), not a DataLoader"
+            )

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -35,6 +37,7 @@ N_CLASSES = 10
 # IDX magic numbers: two zero bytes, type code 0x08 (unsigned byte), number of dimensions.
 _IMAGES_MAGIC = 0x00000803
 _LABELS_MAGIC = 0x00000801
+_GZIP_MAGIC = b"\x1f\x8b"
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -45,12 +48,13 @@ _MNIST_FILES = (
 
 
 def _read_idx(path: Path, magic: int) -> Tensor:
-    """The uint8 array stored in an IDX file (gzipped if the name ends in ``.gz``)."""
+    """The uint8 array stored in an IDX file, gzipped or not (told by its content, not its name:
+    some browsers unpack ``.gz`` downloads but keep the name, some downloads lack the suffix)."""
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
+        raw = path.read_bytes()
+        if raw[:2] == _GZIP_MAGIC:
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"cannot read MNIST file {path}: {exc}") from exc
     if len(raw) < 4:
         raise ValueError(f"{path} is not an IDX file: only {len(raw)} bytes")
@@ -70,9 +74,22 @@ def _read_idx(path: Path, magic: int) -> Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(shape)
 
 
-@lru_cache(maxsize=8)
 def _load_pair(images_path: Path, labels_path: Path) -> Split:
-    """Images as float32 in [0, 1], flattened to 784, and int64 labels (cached per process)."""
+    """Images as float32 in [0, 1], flattened to 784, and int64 labels (cached per process
+    while the files are unchanged: a file replaced in place is read again)."""
+    stamps = tuple((s.st_size, s.st_mtime_ns, s.st_ino) for s in (_stat(images_path), _stat(labels_path)))
+    return _load_pair_cached(images_path, labels_path, stamps)
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as exc:
+        raise ValueError(f"cannot read MNIST file {path}: {exc}") from exc
+
+
+@lru_cache(maxsize=8)
+def _load_pair_cached(images_path: Path, labels_path: Path, stamps: tuple) -> Split:
     images = _read_idx(images_path, _IMAGES_MAGIC)
     labels = _read_idx(labels_path, _LABELS_MAGIC)
     if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
@@ -125,7 +142,8 @@ def load_mnist_folder(path: str | Path) -> tuple[Split, Split]:
     folder = Path(path).expanduser()
     expected = ", ".join(f"{name}[.gz]" for name in _MNIST_FILES)
     if not folder.is_dir():
-        raise FileNotFoundError(f"MNIST folder {folder} does not exist; it should contain {expected}")
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"MNIST folder {folder} {state}; it should contain {expected}")
     found = {stem: _find(folder, stem) for stem in _MNIST_FILES}
     missing = [stem for stem, file in found.items() if file is None]
     if missing:
