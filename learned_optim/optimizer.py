@@ -7,6 +7,7 @@ the rule's math lives in :mod:`learned_optim.rules` and is applied by :mod:`lear
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -93,6 +94,7 @@ class LearnedOptimizer(Optimizer):
             ``self.state[p]`` holds views into it.
         revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
         cache_dir: Hub cache directory when ``pretrained`` is a repo id.
+        token: Hub token for a private repo (default: the logged-in token or ``HF_TOKEN``).
     """
 
     def __init__(
@@ -109,7 +111,8 @@ class LearnedOptimizer(Optimizer):
         warn_nonfinite: bool = True,
         impl: str = "auto",
         revision: str | None = None,
-        cache_dir: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -140,6 +143,7 @@ class LearnedOptimizer(Optimizer):
             revision=revision,
             cache_dir=cache_dir,
             is_default=pretrained is None,
+            token=token,
         )
         self.chunk_size = int(chunk_size)
         self.state_dtype = state_dtype

@@ -302,6 +302,7 @@ def test_private_repo_needs_the_token(hub: HubServer, online: Worker, tmp_path: 
 
     # The token reaches the Hub from load_rule (like push_to_hub(token=...)), not only from a login.
     assert online("load_rule", "acme/private", cache_dir=cache, token="hf_secret_token") == rule_state(rule)
+    assert online("optimizer", "acme/private", cache_dir=cache, token="hf_secret_token") == rule_state(rule)
 
 
 def test_invalid_repo_id_is_a_clear_error(online: Worker, tmp_path: Path) -> None:
