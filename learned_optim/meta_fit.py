@@ -5,7 +5,10 @@ so that its parameters after ``t`` learned steps are a differentiable function o
 rule's weights. One meta-iteration unrolls ``unroll`` inner steps on a batch of task
 instances, takes one meta-gradient step on the rule, and carries the (detached)
 optimizee parameters and rule state into the next truncation until the instance has
-run ``steps`` steps; then a fresh instance is sampled.
+run ``steps`` steps; then a fresh instance is sampled. With ``estimator="pes"`` the
+meta-gradient comes from persistent evolution strategies instead: antithetic pairs of
+perturbed rules run each truncation forward only, and their accumulated perturbations make
+the estimate unbiased over the whole horizon.
 """
 
 from __future__ import annotations
