@@ -546,6 +546,28 @@ def test_empty_tensors():
     assert not torch.equal(full.detach(), before) and torch.isfinite(full.detach()).all()
 
 
+
+@pytest.mark.parametrize("agreement", [False, True], ids=["paper", "agreement"])
+def test_huge_finite_gradients_give_finite_updates_on_every_impl(agreement):
+    """A finite gradient above ~1.8e19 overflowed the fp32 mean square (g * g) and turned the
+    parameters into NaN; the rule is scale-free, so such a gradient steps like a large one."""
+    impls = ["eager", *fresh_rule(agreement_feature=agreement).fused_impls()]
+    for impl in impls:
+        results = []
+        for scale in (1e20, 1e38):
+            param = nn.Parameter(torch.zeros(6))
+            opt = LearnedOptimizer([param], pretrained=noisy_rule(agreement_feature=agreement), impl=impl)
+            for _ in range(3):
+                param.grad = scale * torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, 0.0])
+                opt.step()
+            assert torch.isfinite(param.detach()).all(), (impl, scale)
+            assert all(torch.isfinite(v).all() for v in opt.state[param].values()), (impl, scale)
+            assert param.detach()[:5].abs().min() > 0, (impl, scale)  # it stepped (not skipped)
+            results.append(param.detach().clone())
+        # Past the clip every gradient steps as one at the clip.
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------- agreement feature
 def test_agreement_feature_reads_the_gradient_against_the_momentum():
     """The extra feature is +1 when the gradient follows the momentum, -1 against it, 0 without."""
