@@ -14,7 +14,7 @@ from tiny_tasks import TRAIN_X, TRAIN_Y, make_tiny, tiny_model
 from torch import nn
 
 from learned_optim import HierarchicalRNN, LearnedOptimizer
-from learned_optim.functional import plan_chunks
+from learned_optim.functional import StepEntry, learned_step, plan_chunks
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaTrainer, meta_fit, rollout
 from learned_optim.rules.base import StepContext
 from learned_optim.tasks import get_task
@@ -546,6 +546,20 @@ def test_empty_tensors():
     assert not torch.equal(full.detach(), before) and torch.isfinite(full.detach()).all()
 
 
+
+
+def test_learned_step_without_tensor_or_global_state_raises_before_changing_anything():
+    rule = noisy_rule()
+    param, state = torch.randn(5), rule.init_state(5)
+    before = param.clone(), {k: v.clone() for k, v in state.items()}
+    grad = torch.randn(5)
+    no_global = StepEntry(param, grad, state, 1.0, 0.0, False, segment_state=rule.init_segment_state(1))
+    with pytest.raises(ValueError, match="pass global_state"):
+        learned_step(rule, [no_global])
+    with pytest.raises(ValueError, match=r"entries \[0\] have no segment_state"):
+        learned_step(rule, [StepEntry(param, grad, state, 1.0, 0.0, False)], global_state=rule.init_global_state())
+    assert torch.equal(param, before[0])
+    assert all(torch.equal(state[k], v) for k, v in before[1].items())
 
 @pytest.mark.parametrize("agreement", [False, True], ids=["paper", "agreement"])
 def test_huge_finite_gradients_give_finite_updates_on_every_impl(agreement):
