@@ -113,6 +113,17 @@ def learned_step(
     """
     if not entries:
         return None
+    if rule.segment_state_spec() or rule.global_state_spec():
+        # Checked before anything changes (a missing global state used to be noticed only after
+        # the parameters and their state had been updated).
+        if global_state is None:
+            raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to learned_step")
+        missing = [i for i, e in enumerate(entries) if e.segment_state is None]
+        if missing:
+            raise ValueError(
+                f"{type(rule).__name__} keeps per-tensor state: entries {missing} have no segment_state "
+                "(rule.init_segment_state(1) for a fresh tensor)"
+            )
     device = entries[0].param.device
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped

@@ -64,8 +64,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         {"hidden_size": 5, "num_layers": 3},
         {"preprocess": False, "input_scale": 3.0},
         {"preprocess_p": 4.0, "output_scale": 0.5},
+        # Hidden sizes that are no multiple of the C kernel's 5 units per step, at the top of
+        # their padded width: the kernel ran past its tiles (a crash at 61-64).
+        {"hidden_size": 16},
+        {"hidden_size": 32, "num_layers": 1},
+        {"hidden_size": 64},
     ],
-    ids=["paper", "hidden7", "one-layer", "three-layers", "raw-grad", "p4"],
+    ids=["paper", "hidden7", "one-layer", "three-layers", "raw-grad", "p4", "hidden16", "hidden32", "hidden64"],
 )
 @over_kernels
 def test_kernel_matches_eager_fp32(config, impl):
@@ -80,6 +85,27 @@ def test_kernel_matches_eager_fp32(config, impl):
     assert _rel(h, expected_state["h"]) < 1e-5
     assert _rel(c, expected_state["c"]) < 1e-5
 
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C kernel")
+def test_cpu_kernel_leaves_rules_with_more_state_than_its_scratch_to_eager():
+    """The C kernel keeps num_layers * hidden_size <= 256 state units per coordinate in its block
+    scratch; a deeper rule (13 x 20) overran it and stepped wrongly: it must run eagerly."""
+    from learned_optim.rules import lstm_cpu
+
+    deep = CoordinateLSTM(num_layers=13)
+    assert not lstm_cpu.supports(deep) and "cpu" not in deep.fused_impls()
+    assert lstm_cpu.supports(CoordinateLSTM(num_layers=4, hidden_size=64))
+    results = []
+    for impl in ("eager", "auto"):
+        torch.manual_seed(1)
+        param = nn.Parameter(torch.randn(50))
+        opt = LearnedOptimizer([param], pretrained=_trained_like(CoordinateLSTM(num_layers=13)), impl=impl)
+        for i in range(3):
+            param.grad = torch.randn(50) * 10.0 ** (i - 1)
+            opt.step()
+        results.append(param.detach().clone())
+    torch.testing.assert_close(results[1], results[0])
 
 @over_kernels
 def test_kernel_with_bf16_state_matches_eager_with_bf16_state(impl):

@@ -14,7 +14,7 @@ from tiny_tasks import TRAIN_X, TRAIN_Y, make_tiny, tiny_model
 from torch import nn
 
 from learned_optim import HierarchicalRNN, LearnedOptimizer
-from learned_optim.functional import plan_chunks
+from learned_optim.functional import StepEntry, learned_step, plan_chunks
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaTrainer, meta_fit, rollout
 from learned_optim.rules.base import StepContext
 from learned_optim.tasks import get_task
@@ -544,6 +544,42 @@ def test_empty_tensors():
     opt.step()
     assert opt.state[empty]["rule.segment.h"].shape == (1, opt.rule.t)
     assert not torch.equal(full.detach(), before) and torch.isfinite(full.detach()).all()
+
+
+
+
+def test_learned_step_without_tensor_or_global_state_raises_before_changing_anything():
+    rule = noisy_rule()
+    param, state = torch.randn(5), rule.init_state(5)
+    before = param.clone(), {k: v.clone() for k, v in state.items()}
+    grad = torch.randn(5)
+    no_global = StepEntry(param, grad, state, 1.0, 0.0, False, segment_state=rule.init_segment_state(1))
+    with pytest.raises(ValueError, match="pass global_state"):
+        learned_step(rule, [no_global])
+    with pytest.raises(ValueError, match=r"entries \[0\] have no segment_state"):
+        learned_step(rule, [StepEntry(param, grad, state, 1.0, 0.0, False)], global_state=rule.init_global_state())
+    assert torch.equal(param, before[0])
+    assert all(torch.equal(state[k], v) for k, v in before[1].items())
+
+@pytest.mark.parametrize("agreement", [False, True], ids=["paper", "agreement"])
+def test_huge_finite_gradients_give_finite_updates_on_every_impl(agreement):
+    """A finite gradient above ~1.8e19 overflowed the fp32 mean square (g * g) and turned the
+    parameters into NaN; the rule is scale-free, so such a gradient steps like a large one."""
+    impls = ["eager", *fresh_rule(agreement_feature=agreement).fused_impls()]
+    for impl in impls:
+        results = []
+        for scale in (1e20, 1e38):
+            param = nn.Parameter(torch.zeros(6))
+            opt = LearnedOptimizer([param], pretrained=noisy_rule(agreement_feature=agreement), impl=impl)
+            for _ in range(3):
+                param.grad = scale * torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, 0.0])
+                opt.step()
+            assert torch.isfinite(param.detach()).all(), (impl, scale)
+            assert all(torch.isfinite(v).all() for v in opt.state[param].values()), (impl, scale)
+            assert param.detach()[:5].abs().min() > 0, (impl, scale)  # it stepped (not skipped)
+            results.append(param.detach().clone())
+        # Past the clip every gradient steps as one at the clip.
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------- agreement feature

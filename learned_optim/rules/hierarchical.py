@@ -32,6 +32,10 @@ from torch import Tensor, nn
 from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
 
 _EPS = 1e-24
+GRAD_LIMIT = 1e18
+"""Gradients are clipped to this magnitude before the rule's features: a running mean square of
+a larger one overflows float32 (|g| above ~1.8e19) and would turn the update into NaN. The
+features are scale-free, so the clip changes nothing below it."""
 
 
 def gru_cell(x_gates: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
@@ -226,7 +230,7 @@ class HierarchicalRNN(UpdateRule):
             )
         ids, num = context.segment_ids, context.num_segments
         segment_state = context.segment_state or self.init_segment_state(num, grad.device)
-        g = grad.to(dtype).unsqueeze(-1)
+        g = grad.to(dtype).clamp(-GRAD_LIMIT, GRAD_LIMIT).unsqueeze(-1)
         decays = self.decays.to(dtype)
         m = decays * state["m"].to(dtype) + (1 - decays) * g
         v = decays * state["v"].to(dtype) + (1 - decays) * g * g

@@ -83,7 +83,11 @@ static inline __attribute__((always_inline)) void hrnn_range(
             seg[b] = b < count ? segment[b0 + b] : segment[b0];
             write[b] = b < count && (keep == NULL || keep[seg[b]]);
             all_write &= write[b];
-            if (write[b]) g[b] = grad[b0 + b];
+            if (write[b]) {
+                /* Clipped as in the eager rule (GRAD_LIMIT): g * g must stay finite in fp32. */
+                const float x = grad[b0 + b];
+                g[b] = x > 1e18f ? 1e18f : (x < -1e18f ? -1e18f : x);
+            }
         }
         /* Almost always: all 8 coordinates belong to one tensor. */
         const int uniform = count == LANES && seg[0] == seg[LANES - 1];

@@ -105,6 +105,7 @@ if triton is not None:
         if MASKED:
             write = in_range & (tl.load(keep_ptr + seg, mask=in_range, other=0) != 0)
         g = tl.load(grad_ptr + rows, mask=write, other=0.0).to(tl.float32)
+        g = tl.minimum(tl.maximum(g, -1e18), 1e18)  # GRAD_LIMIT of the eager rule: g * g stays finite
 
         kk = tl.arange(0, KP)
         kmask = kk < K

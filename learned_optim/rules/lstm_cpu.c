@@ -107,13 +107,15 @@ static void scatter_block(const v8 soa[][VECS], void *state, int bf16, int64_t b
    for the first `units` units of the 4 gates (in1: the layer's input, in2: its own h; w1, w2
    their (HP rows, HP cols) tiles per gate). UNITS_PER_STEP units at a time keep
    UNITS_PER_STEP x VECS accumulators in registers from the bias to the last product, enough
-   independent FMA chains to hide their latency; `units` is a multiple of UNITS_PER_STEP
-   (padded units have zero weights). */
+   independent FMA chains to hide their latency; the last `units % UNITS_PER_STEP` units go one
+   at a time (rounding `units` up instead ran past the HP padded units of the tiles and, for
+   the last gate, past `acc` itself, e.g. for hidden sizes 16, 31-32 and 61-64). */
 static inline void gate_products(v8 acc[][VECS], const float *bias, const v8 in1[][VECS], int k1, const float *w1,
                                  const v8 in2[][VECS], int k2, const float *w2, int hp, int units) {
     for (int q = 0; q < 4; q++) {
         const float *w1q = w1 + (int64_t)q * hp * hp, *w2q = w2 + (int64_t)q * hp * hp;
-        for (int j = 0; j < units; j += UNITS_PER_STEP) {
+        int j = 0;
+        for (; j + UNITS_PER_STEP <= units; j += UNITS_PER_STEP) {
             v8 a[UNITS_PER_STEP][VECS];
             for (int u = 0; u < UNITS_PER_STEP; u++)
                 for (int v = 0; v < VECS; v++) a[u][v] = splat(bias[q * hp + j + u]);
@@ -134,6 +136,15 @@ static inline void gate_products(v8 acc[][VECS], const float *bias, const v8 in1
             for (int u = 0; u < UNITS_PER_STEP; u++)
                 for (int v = 0; v < VECS; v++) acc[q * hp + j + u][v] = a[u][v];
         }
+        for (; j < units; j++) {
+            v8 a[VECS];
+            for (int v = 0; v < VECS; v++) a[v] = splat(bias[q * hp + j]);
+            for (int k = 0; k < k1; k++)
+                for (int v = 0; v < VECS; v++) a[v] += splat(w1q[k * hp + j]) * in1[k][v];
+            for (int k = 0; k < k2; k++)
+                for (int v = 0; v < VECS; v++) a[v] += splat(w2q[k * hp + j]) * in2[k][v];
+            for (int v = 0; v < VECS; v++) acc[q * hp + j][v] = a[v];
+        }
     }
 }
 
@@ -151,8 +162,7 @@ void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
     uint8_t write[BLOCK];
     const float floor_ = expf(-preprocess_p), ceil_ = expf(preprocess_p);
     const int64_t row = (int64_t)layers * hidden;
-    /* Units beyond the hidden size are not computed, but for rounding up to UNITS_PER_STEP. */
-    const int units = (hidden + UNITS_PER_STEP - 1) / UNITS_PER_STEP * UNITS_PER_STEP;
+    const int units = hidden; /* padded units beyond it are not computed */
 
     for (int64_t b0 = start; b0 < stop; b0 += BLOCK) {
         const int count = (int)(stop - b0 < BLOCK ? stop - b0 : BLOCK);

@@ -20,6 +20,7 @@ from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state
 __all__ = ["cpu_kernel_available", "cpu_kernel_error", "lstm_step_cpu", "supports"]
 
 _MAX_HIDDEN = 64  # MAX_HP in the C source
+_MAX_ROW = 256  # MAX_ROW in the C source: state units per coordinate (layers x hidden)
 
 
 def _configure(library: ctypes.CDLL) -> None:
@@ -50,8 +51,9 @@ def cpu_kernel_error() -> str | None:
 
 
 def supports(rule: torch.nn.Module) -> bool:
-    """Whether the CPU kernel handles ``rule``'s config (hidden size up to 64)."""
-    return rule.hidden_size <= _MAX_HIDDEN
+    """Whether the CPU kernel handles ``rule``'s config (hidden size up to 64, and at most 256
+    state units per coordinate, ``num_layers * hidden_size``: its block scratch holds that many)."""
+    return rule.hidden_size <= _MAX_HIDDEN and rule.num_layers * rule.hidden_size <= _MAX_ROW
 
 
 def lstm_step_cpu(
