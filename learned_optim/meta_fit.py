@@ -426,7 +426,7 @@ class MetaTrainer:
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.rule.parameters() if p.requires_grad]
 
-    def _start_particles(self, run: _Run, dimension: int) -> None:
+    def _start_particles(self, run: _Run, theta: Tensor) -> None:
         def copy(states: RuleState) -> RuleState:
             return {k: v.detach().clone() for k, v in states.items()}
 
@@ -439,7 +439,7 @@ class MetaTrainer:
             )
             for _ in range(2 * self.config.pes_pairs)
         ]
-        run.pes_noise = torch.zeros(self.config.pes_pairs, dimension)
+        run.pes_noise = theta.new_zeros(self.config.pes_pairs, theta.numel())
 
     def _particle_unroll(self, run: _Run, particle: _Particle, batches: Sequence[Any]) -> Tensor:
         """Advance ``particle`` over ``batches[:-1]`` (forward only for the rule).
@@ -473,7 +473,7 @@ class MetaTrainer:
         try:
             for run in runs:
                 if run.particles is None:
-                    self._start_particles(run, theta.numel())
+                    self._start_particles(run, theta)
                 # Common random numbers: every particle of an instance sees the same minibatches.
                 if run.pending_batch is None:
                     run.pending_batch = self._next_batch(run)
