@@ -96,7 +96,9 @@ def push_to_hub(
 ) -> str:
     """Create ``repo_id`` (and branch ``revision``) if needed and upload the rule's files.
 
-    Returns the URL of the new commit.
+    ``private`` applies when the repo is created; an existing repo keeps its visibility
+    (change it on the Hub or with ``HfApi.update_repo_settings``). Returns the URL of the
+    new commit.
     """
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
