@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -420,9 +422,27 @@ class LearnedOptimizer(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ checkpoints
+    @contextmanager
+    def _hooks_held(self, *names: str) -> Iterator[list[OrderedDict]]:
+        """Torch's hook dicts ``names``, detached while ``Optimizer.state_dict`` /
+        ``load_state_dict`` run: ours add the rule's entries around those calls, and the user's
+        hooks must see them (a pre-hook rewrites what is loaded, a post-hook sees the result)."""
+        held = [getattr(self, name) for name in names]
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in zip(names, held, strict=True):
+                setattr(self, name, hooks)  # the same dicts: the hooks' handles still remove them
+
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus the rule (type, config, weights) for exact resume."""
-        sd = super().state_dict()
+        """The usual optimizer state plus the rule (type, config, weights) for exact resume.
+
+        State-dict post-hooks run last, on the whole dict (``"rule"`` entries included).
+        """
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
+            sd = super().state_dict()
         sd["rule"] = {
             "rule_type": self.rule.rule_type,
             "config": dict(self.rule.config),
@@ -430,6 +450,10 @@ class LearnedOptimizer(Optimizer):
         }
         if self._global_state is not None:
             sd["rule_global_state"] = {k: v.detach().clone() for k, v in self._global_state.items()}
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -437,8 +461,14 @@ class LearnedOptimizer(Optimizer):
 
         Everything is checked before anything changes: the rule (type, config, weight shapes)
         and every parameter's rule state (keys, one row per coordinate) must fit this optimizer.
+        Load pre-hooks run first and may rewrite the whole dict; post-hooks run last, once the
+        rule, its state and its global state are loaded.
         """
         state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         rule_sd = state_dict.pop("rule", None)
         global_sd = state_dict.pop("rule_global_state", None)
         if not isinstance(rule_sd, dict):
@@ -462,7 +492,10 @@ class LearnedOptimizer(Optimizer):
         if global_sd is not None:
             self._check_state_shapes("rule_global_state", global_sd, self.rule.global_state_spec(), rows=None)
         # Optimizer.load_state_dict casts float state to the parameter dtype; ours is restored below.
-        super().load_state_dict(state_dict)  # checks the param groups before changing anything
+        # The hooks already ran (pre) or run at the end (post), not inside it.
+        hook_names = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with self._hooks_held(*hook_names) as (_, post_hooks):
+            super().load_state_dict(state_dict)  # checks the param groups before changing anything
         for group in self.param_groups:
             group.setdefault("momentum", 0.0)  # state_dicts saved before the placeholder existed
         for idx, values in saved_state.items():
@@ -481,6 +514,8 @@ class LearnedOptimizer(Optimizer):
             # Saved before any step: like the per-parameter state, the global state starts afresh
             # (keeping ours would pair fresh tensor states with a stale global state).
             self._global_state = self._fresh_global_state(device)
+        for hook in post_hooks.values():
+            hook(self)
 
     def _check_rule_weights(self, weights: Any) -> None:
         ours = self.rule.state_dict()

@@ -356,6 +356,58 @@ def test_load_state_dict_rejects_other_optimizers_and_bad_rule_weights():
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize("rule", ["lstm", "hrnn"])
+def test_load_state_dict_pre_hook_rewrites_what_is_loaded(rule):
+    # torch.optim's documented way to adapt a checkpoint to reordered parameters: the rule
+    # state must follow the rewritten dict, not the one passed in.
+    pretrained = _lstm() if rule == "lstm" else learned_optim.HierarchicalRNN()
+    (a, b), opt = _stepped(pretrained=pretrained, shapes=((3,), (3,)))
+    sd = opt.state_dict()
+    b2, a2 = nn.Parameter(b.detach().clone()), nn.Parameter(a.detach().clone())
+    other = LearnedOptimizer([b2, a2], pretrained=copy.deepcopy(pretrained))
+
+    def swap(optimizer, state_dict):
+        state_dict = dict(state_dict)
+        state_dict["state"] = {0: state_dict["state"][1], 1: state_dict["state"][0]}
+        return state_dict
+
+    other.register_load_state_dict_pre_hook(swap)
+    other.load_state_dict(sd)
+    for p, q in ((a, a2), (b, b2)):
+        assert opt.state[p].keys() == other.state[q].keys()
+        assert all(torch.equal(opt.state[p][k], other.state[q][k]) for k in opt.state[p])
+
+
+def test_load_state_dict_post_hook_sees_the_loaded_rule_and_state():
+    (p,) = _params([(3,)], dtype=torch.bfloat16)
+    rule = _lstm(seed=5)
+    opt = LearnedOptimizer([p], pretrained=rule)
+    _set_grads([p], 0)
+    opt.step()
+    q = nn.Parameter(p.detach().clone())
+    other = LearnedOptimizer([q], pretrained=_lstm(seed=6))
+    seen = []
+    other.register_load_state_dict_post_hook(
+        lambda o: seen.append((o.state[q]["rule.h"].dtype, torch.equal(o.rule.output.weight, rule.output.weight)))
+    )
+    other.load_state_dict(opt.state_dict())
+    assert seen == [(torch.float32, True)]  # not the bf16 cast torch makes, not the old weights
+
+
+def test_state_dict_hooks_see_the_whole_state_dict():
+    _, opt = _stepped(pretrained=learned_optim.HierarchicalRNN())
+    seen = []
+
+    def post(optimizer, state_dict):
+        seen.append(sorted(state_dict))
+        return {**state_dict, "rule": {**state_dict["rule"], "note": 1}}
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert seen == [["param_groups", "rule", "rule_global_state", "state"]]
+    assert sd["rule"]["note"] == 1  # what the hook returned is what state_dict returns
+
+
 @pytest.mark.parametrize(
     "make",
     [
