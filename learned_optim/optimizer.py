@@ -6,12 +6,12 @@ the rule's math lives in :mod:`learned_optim.rules` and is applied by :mod:`lear
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -58,6 +58,13 @@ def _tracing_or_capturing() -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context that turns autocast off on ``device`` (nothing where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class LearnedOptimizer(Optimizer):
@@ -386,43 +393,46 @@ class LearnedOptimizer(Optimizer):
         # host sync: left out while torch.compile traces or a CUDA graph captures the step.
         host_check = self.warn_nonfinite and not _tracing_or_capturing()
         for device, entries in entries_by_device.items():
-            global_device = next((v.device for v in (self._global_state or {}).values()), device)
-            if global_device != device:
-                # The parameters moved after the optimizer was built.
-                self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
-            impl = self.impl_for(device)
-            if impl == "eager":
-                skipped = learned_step(
-                    self._rule_for(device),
-                    entries,
-                    chunk_size=self.chunk_size,
-                    nonfinite=self.nonfinite,
-                    global_state=self._global_state,
-                    host_check=host_check,
-                )
-            else:
-                skipped = fused_learned_step(
-                    self._rule_for(device),
-                    impl,
-                    entries,
-                    self._flat_state_for(device, entries, params_by_device[device]),
-                    chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
-                    nonfinite=self.nonfinite,
-                    host_check=host_check,
-                    global_state=self._global_state,
-                )
-            if skipped is not None and host_check and bool(skipped.any()):
-                warnings.warn(
-                    f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
-                    "gradients; their update was skipped and their state kept",
-                    RuntimeWarning,
-                    # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
-                    stacklevel=4,
-                )
+            # step() is often called inside the training step's autocast region, where the rule's
+            # matmuls would run in bf16/fp16: the rule computes in its own dtype, as documented.
+            with _autocast_disabled(device):
+                global_device = next((v.device for v in (self._global_state or {}).values()), device)
+                if global_device != device:
+                    # The parameters moved after the optimizer was built.
+                    self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
+                impl = self.impl_for(device)
+                if impl == "eager":
+                    skipped = learned_step(
+                        self._rule_for(device),
+                        entries,
+                        chunk_size=self.chunk_size,
+                        nonfinite=self.nonfinite,
+                        global_state=self._global_state,
+                        host_check=host_check,
+                    )
+                else:
+                    skipped = fused_learned_step(
+                        self._rule_for(device),
+                        impl,
+                        entries,
+                        self._flat_state_for(device, entries, params_by_device[device]),
+                        chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
+                        nonfinite=self.nonfinite,
+                        host_check=host_check,
+                        global_state=self._global_state,
+                    )
+                if skipped is not None and host_check and bool(skipped.any()):
+                    warnings.warn(
+                        f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
+                        "gradients; their update was skipped and their state kept",
+                        RuntimeWarning,
+                        # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
+                        stacklevel=4,
+                    )
         return loss
 
     # ------------------------------------------------------------------ checkpoints
-    @contextmanager
+    @contextlib.contextmanager
     def _hooks_held(self, *names: str) -> Iterator[list[OrderedDict]]:
         """Torch's hook dicts ``names``, detached while ``Optimizer.state_dict`` /
         ``load_state_dict`` run: ours add the rule's entries around those calls, and the user's

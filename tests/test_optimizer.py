@@ -662,6 +662,25 @@ def test_grad_scaler_skips_inf_steps_and_applies_others():
     assert scaler.get_scale() == 2.0**7
 
 
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("rule", ["lstm", "hrnn"])
+def test_step_inside_autocast_computes_the_rule_in_its_own_dtype(impl, rule):
+    # Training loops often call step() inside the autocast region; the rule's matmuls must not
+    # drop to bf16 there (the docs promise the rule computes in its own dtype).
+    pretrained = _lstm() if rule == "lstm" else learned_optim.HierarchicalRNN()
+    params, opt = _stepped(impl, pretrained, steps=0)
+    refs, ref_opt = _stepped(impl, copy.deepcopy(pretrained), steps=0)
+    for seed in range(2):
+        _set_grads(params, seed)
+        _set_grads(refs, seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step()
+        ref_opt.step()
+    for p, q in zip(params, refs, strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][k], ref_opt.state[q][k]) for k in opt.state[p])
+
+
 # ---------------------------------------------------------------------------- construction
 
 
