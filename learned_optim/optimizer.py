@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +68,35 @@ def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised here that points at the first caller outside
+    torch and learned_optim (the constructor and add_param_group are reached both ways)."""
+    internal = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    frame, level = sys._getframe(1), 1  # the caller of warnings.warn is level 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_group_options(group: dict[str, Any]) -> None:
+    """Check the ``lr`` / ``weight_decay`` a group (or the defaults) sets: ``ValueError`` below 0
+    or NaN, a ``UserWarning`` for an lr that looks copied from Adam."""
+    if "lr" in group:
+        lr = group["lr"]
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if 0.0 < lr < SMALL_LR:
+            warnings.warn(
+                f"LearnedOptimizer: lr={float(lr)} multiplies the learned update (1.0 applies the rule as it "
+                "was meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times "
+                "smaller than the rule's. Leave lr at its default unless you mean to shrink the steps.",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+    if "weight_decay" in group and not group["weight_decay"] >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+
+
 class LearnedOptimizer(Optimizer):
     """Drop-in ``torch.optim`` optimizer driven by a learned update rule.
 
@@ -123,18 +153,7 @@ class LearnedOptimizer(Optimizer):
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if 0.0 < lr < SMALL_LR:
-            warnings.warn(
-                f"LearnedOptimizer: lr={lr} multiplies the learned update (1.0 applies the rule as it was "
-                "meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times smaller "
-                "than the rule's. Leave lr at its default unless you mean to shrink the steps.",
-                UserWarning,
-                stacklevel=2,
-            )
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_group_options({"lr": lr, "weight_decay": weight_decay})
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if nonfinite not in ("skip", "error"):
@@ -187,6 +206,13 @@ class LearnedOptimizer(Optimizer):
             # Made here, not in the first step: a compiled first step would not keep it.
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._global_state = self._fresh_global_state(device)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim`` does; its own ``lr`` / ``weight_decay`` are
+        checked like the constructor's (``ValueError`` below 0, a warning for an Adam-style lr)."""
+        if isinstance(param_group, dict):
+            _check_group_options(param_group)
+        super().add_param_group(param_group)
 
     def _reset_transient(self) -> None:
         self._rule_copies = {}

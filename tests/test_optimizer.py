@@ -175,6 +175,24 @@ def test_an_adam_style_lr_warns_that_lr_is_a_multiplier():
             LearnedOptimizer([nn.Parameter(torch.ones(3))], pretrained=NegGrad(), lr=lr)
 
 
+def test_param_group_options_are_checked_like_the_defaults():
+    # Per-group lrs copied from an Adam setup (backbone 1e-5, head 1e-3) shrink the steps as much.
+    a, b, c, d = _params([(2,), (2,), (2,), (2,)])
+    with pytest.warns(UserWarning, match=r"lr=0\.001 multiplies the learned update") as caught:
+        opt = LearnedOptimizer([{"params": [a], "lr": 1e-3}, {"params": [b]}], pretrained=NegGrad())
+    assert [w.filename for w in caught] == [__file__]  # points at the caller's line
+    with pytest.warns(UserWarning, match=r"lr=1e-05 multiplies") as caught:
+        opt.add_param_group({"params": [c], "lr": 1e-5})
+    assert [w.filename for w in caught] == [__file__]
+    for bad in ({"lr": -0.1}, {"lr": float("nan")}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            opt.add_param_group({"params": [d], **bad})
+    assert len(opt.param_groups) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [d], "lr": 0.5, "weight_decay": 0.1})
+
+
 def test_float64_params_get_float64_weight_decay():
     p = nn.Parameter(torch.ones(3, dtype=torch.float64))
     with pytest.warns(UserWarning, match="multiplies the learned update"):
