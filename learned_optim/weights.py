@@ -285,6 +285,12 @@ def resolve_rule(
         )
     name = os.fspath(pretrained)
     is_path = not isinstance(pretrained, str)
+    if not is_path and not name.strip():
+        # Path("") is the working directory: an unset setting must not load what lies there.
+        raise PretrainedError(
+            f"pretrained is an empty string {name!r}; pass None for the default rule, a bundled name "
+            f"({list_pretrained() or 'none'}), a directory (e.g. '.'), a Hub repo id or an UpdateRule"
+        )
     bundled = list_pretrained()
     if not is_path and name in bundled:
         _no_revision(revision, name, "a bundled rule")
