@@ -366,8 +366,10 @@ class LearnedOptimizer(Optimizer):
 
         entries_by_device: dict[torch.device, list[StepEntry]] = {}
         params_by_device: dict[torch.device, list[Tensor]] = {}
+        index = -1  # of the parameter over all groups, as in state_dict()["state"]
         for group in self.param_groups:
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -390,6 +392,15 @@ class LearnedOptimizer(Optimizer):
                     for k, v in state.items()
                     if k.startswith(STATE_PREFIX) and not k.startswith(SEGMENT_PREFIX)
                 }
+                rows = next((v.shape[0] for v in rule_state.values()), param_view.numel())
+                if rows != param_view.numel():
+                    # The parameter was resized in place (p.data = ...) after its state was made:
+                    # the fused path would update only the rows it has state for.
+                    raise RuntimeError(
+                        f"LearnedOptimizer: parameter {index} (shape {tuple(p.shape)}) has {param_view.numel()} "
+                        f"elements, but its rule state has {rows} rows: it was resized after its first step. "
+                        "Drop its state (del optimizer.state[p]) to start it afresh, or build a new optimizer."
+                    )
                 segment_state = {k[len(SEGMENT_PREFIX) :]: v for k, v in state.items() if k.startswith(SEGMENT_PREFIX)}
                 entries_by_device.setdefault(p.device, []).append(
                     StepEntry(

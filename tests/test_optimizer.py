@@ -490,6 +490,21 @@ def test_sparse_gradient_raises():
         opt.step()
 
 
+@pytest.mark.parametrize("impl", _impls())
+def test_a_parameter_resized_after_its_state_was_made_raises_before_changing_anything(impl):
+    # p.data = <bigger tensor> (growing an embedding in place): the fused path used to update
+    # only the rows it had state for and leave the rest, the eager path failed in torch.cat.
+    params, opt = _stepped(impl, shapes=((4,), (3,)), steps=1)
+    params[0].data = torch.randn(6)
+    _set_grads(params, 1)
+    before = [p.detach().clone() for p in params], [_rule_state(opt, p) for p in params]
+    with pytest.raises(RuntimeError, match=r"parameter 0 .* 6 elements, but its rule state has 4 rows"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0], strict=True))
+    for p, state in zip(params, before[1], strict=True):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
 def test_complex_params_are_handled_as_real_view():
     gen = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(3, 2, dtype=torch.complex64, generator=gen))
