@@ -280,8 +280,16 @@ def resolve_rule(
             f"pretrained must be an UpdateRule (e.g. learned_optim.CoordinateLSTM), got {type(pretrained).__name__}"
         )
     if not isinstance(pretrained, (str, os.PathLike)):
+        hint = ""
+        if isinstance(pretrained, (int, float)) and not isinstance(pretrained, bool):
+            # LearnedOptimizer(params, 1e-3), copied from Adam(params, 1e-3).
+            hint = (
+                f" (the second argument is `pretrained`, not the learning rate: pass lr={pretrained} by keyword, "
+                "and mind that lr multiplies the rule's update: 1.0 is the meta-trained step)"
+            )
         raise TypeError(
-            f"pretrained must be a name, a directory, a Hub repo id or an UpdateRule, got {type(pretrained).__name__}"
+            "pretrained must be a name, a directory, a Hub repo id or an UpdateRule, "
+            f"got {type(pretrained).__name__}{hint}"
         )
     name = os.fspath(pretrained)
     is_path = not isinstance(pretrained, str)

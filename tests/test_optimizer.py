@@ -752,6 +752,9 @@ def test_pretrained_must_be_a_rule():
         LearnedOptimizer(_params([(3,)]), pretrained=nn.Linear(2, 2))
     with pytest.raises(TypeError):
         LearnedOptimizer(_params([(3,)]), pretrained=3)
+    # Adam(params, 1e-3) passes lr positionally; here the second argument is the rule.
+    with pytest.raises(TypeError, match=r"second argument is `pretrained`.*lr=0\.001"):
+        LearnedOptimizer(_params([(3,)]), 1e-3)
 
 
 def test_state_dtype_bf16_state():
