@@ -6,10 +6,13 @@ the rule's math lives in :mod:`learned_optim.rules` and is applied by :mod:`lear
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -56,6 +59,42 @@ def _tracing_or_capturing() -> bool:
     if torch.compiler.is_compiling():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """A context that turns autocast off on ``device`` (nothing where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for a warning raised here that points at the first caller outside
+    torch and learned_optim (the constructor and add_param_group are reached both ways)."""
+    internal = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    frame, level = sys._getframe(1), 1  # the caller of warnings.warn is level 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _check_group_options(group: dict[str, Any]) -> None:
+    """Check the ``lr`` / ``weight_decay`` a group (or the defaults) sets: ``ValueError`` below 0
+    or NaN, a ``UserWarning`` for an lr that looks copied from Adam."""
+    if "lr" in group:
+        lr = group["lr"]
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if 0.0 < lr < SMALL_LR:
+            warnings.warn(
+                f"LearnedOptimizer: lr={float(lr)} multiplies the learned update (1.0 applies the rule as it "
+                "was meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times "
+                "smaller than the rule's. Leave lr at its default unless you mean to shrink the steps.",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+    if "weight_decay" in group and not group["weight_decay"] >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
 
 
 class LearnedOptimizer(Optimizer):
@@ -114,18 +153,7 @@ class LearnedOptimizer(Optimizer):
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if 0.0 < lr < SMALL_LR:
-            warnings.warn(
-                f"LearnedOptimizer: lr={lr} multiplies the learned update (1.0 applies the rule as it was "
-                "meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times smaller "
-                "than the rule's. Leave lr at its default unless you mean to shrink the steps.",
-                UserWarning,
-                stacklevel=2,
-            )
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_group_options({"lr": lr, "weight_decay": weight_decay})
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if nonfinite not in ("skip", "error"):
@@ -178,6 +206,13 @@ class LearnedOptimizer(Optimizer):
             # Made here, not in the first step: a compiled first step would not keep it.
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._global_state = self._fresh_global_state(device)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim`` does; its own ``lr`` / ``weight_decay`` are
+        checked like the constructor's (``ValueError`` below 0, a warning for an Adam-style lr)."""
+        if isinstance(param_group, dict):
+            _check_group_options(param_group)
+        super().add_param_group(param_group)
 
     def _reset_transient(self) -> None:
         self._rule_copies = {}
@@ -331,8 +366,10 @@ class LearnedOptimizer(Optimizer):
 
         entries_by_device: dict[torch.device, list[StepEntry]] = {}
         params_by_device: dict[torch.device, list[Tensor]] = {}
+        index = -1  # of the parameter over all groups, as in state_dict()["state"]
         for group in self.param_groups:
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 grad = p.grad
@@ -355,6 +392,15 @@ class LearnedOptimizer(Optimizer):
                     for k, v in state.items()
                     if k.startswith(STATE_PREFIX) and not k.startswith(SEGMENT_PREFIX)
                 }
+                rows = next((v.shape[0] for v in rule_state.values()), param_view.numel())
+                if rows != param_view.numel():
+                    # The parameter was resized in place (p.data = ...) after its state was made:
+                    # the fused path would update only the rows it has state for.
+                    raise RuntimeError(
+                        f"LearnedOptimizer: parameter {index} (shape {tuple(p.shape)}) has {param_view.numel()} "
+                        f"elements, but its rule state has {rows} rows: it was resized after its first step. "
+                        "Drop its state (del optimizer.state[p]) to start it afresh, or build a new optimizer."
+                    )
                 segment_state = {k[len(SEGMENT_PREFIX) :]: v for k, v in state.items() if k.startswith(SEGMENT_PREFIX)}
                 entries_by_device.setdefault(p.device, []).append(
                     StepEntry(
@@ -384,45 +430,66 @@ class LearnedOptimizer(Optimizer):
         # host sync: left out while torch.compile traces or a CUDA graph captures the step.
         host_check = self.warn_nonfinite and not _tracing_or_capturing()
         for device, entries in entries_by_device.items():
-            global_device = next((v.device for v in (self._global_state or {}).values()), device)
-            if global_device != device:
-                # The parameters moved after the optimizer was built.
-                self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
-            impl = self.impl_for(device)
-            if impl == "eager":
-                skipped = learned_step(
-                    self._rule_for(device),
-                    entries,
-                    chunk_size=self.chunk_size,
-                    nonfinite=self.nonfinite,
-                    global_state=self._global_state,
-                    host_check=host_check,
-                )
-            else:
-                skipped = fused_learned_step(
-                    self._rule_for(device),
-                    impl,
-                    entries,
-                    self._flat_state_for(device, entries, params_by_device[device]),
-                    chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
-                    nonfinite=self.nonfinite,
-                    host_check=host_check,
-                    global_state=self._global_state,
-                )
-            if skipped is not None and host_check and bool(skipped.any()):
-                warnings.warn(
-                    f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
-                    "gradients; their update was skipped and their state kept",
-                    RuntimeWarning,
-                    # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
-                    stacklevel=4,
-                )
+            # step() is often called inside the training step's autocast region, where the rule's
+            # matmuls would run in bf16/fp16: the rule computes in its own dtype, as documented.
+            with _autocast_disabled(device):
+                global_device = next((v.device for v in (self._global_state or {}).values()), device)
+                if global_device != device:
+                    # The parameters moved after the optimizer was built.
+                    self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
+                impl = self.impl_for(device)
+                if impl == "eager":
+                    skipped = learned_step(
+                        self._rule_for(device),
+                        entries,
+                        chunk_size=self.chunk_size,
+                        nonfinite=self.nonfinite,
+                        global_state=self._global_state,
+                        host_check=host_check,
+                    )
+                else:
+                    skipped = fused_learned_step(
+                        self._rule_for(device),
+                        impl,
+                        entries,
+                        self._flat_state_for(device, entries, params_by_device[device]),
+                        chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
+                        nonfinite=self.nonfinite,
+                        host_check=host_check,
+                        global_state=self._global_state,
+                    )
+                if skipped is not None and host_check and bool(skipped.any()):
+                    warnings.warn(
+                        f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
+                        "gradients; their update was skipped and their state kept",
+                        RuntimeWarning,
+                        # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
+                        stacklevel=4,
+                    )
         return loss
 
     # ------------------------------------------------------------------ checkpoints
+    @contextlib.contextmanager
+    def _hooks_held(self, *names: str) -> Iterator[list[OrderedDict]]:
+        """Torch's hook dicts ``names``, detached while ``Optimizer.state_dict`` /
+        ``load_state_dict`` run: ours add the rule's entries around those calls, and the user's
+        hooks must see them (a pre-hook rewrites what is loaded, a post-hook sees the result)."""
+        held = [getattr(self, name) for name in names]
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in zip(names, held, strict=True):
+                setattr(self, name, hooks)  # the same dicts: the hooks' handles still remove them
+
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus the rule (type, config, weights) for exact resume."""
-        sd = super().state_dict()
+        """The usual optimizer state plus the rule (type, config, weights) for exact resume.
+
+        State-dict post-hooks run last, on the whole dict (``"rule"`` entries included).
+        """
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
+            sd = super().state_dict()
         sd["rule"] = {
             "rule_type": self.rule.rule_type,
             "config": dict(self.rule.config),
@@ -430,6 +497,10 @@ class LearnedOptimizer(Optimizer):
         }
         if self._global_state is not None:
             sd["rule_global_state"] = {k: v.detach().clone() for k, v in self._global_state.items()}
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -437,8 +508,14 @@ class LearnedOptimizer(Optimizer):
 
         Everything is checked before anything changes: the rule (type, config, weight shapes)
         and every parameter's rule state (keys, one row per coordinate) must fit this optimizer.
+        Load pre-hooks run first and may rewrite the whole dict; post-hooks run last, once the
+        rule, its state and its global state are loaded.
         """
         state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         rule_sd = state_dict.pop("rule", None)
         global_sd = state_dict.pop("rule_global_state", None)
         if not isinstance(rule_sd, dict):
@@ -462,7 +539,10 @@ class LearnedOptimizer(Optimizer):
         if global_sd is not None:
             self._check_state_shapes("rule_global_state", global_sd, self.rule.global_state_spec(), rows=None)
         # Optimizer.load_state_dict casts float state to the parameter dtype; ours is restored below.
-        super().load_state_dict(state_dict)  # checks the param groups before changing anything
+        # The hooks already ran (pre) or run at the end (post), not inside it.
+        hook_names = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+        with self._hooks_held(*hook_names) as (_, post_hooks):
+            super().load_state_dict(state_dict)  # checks the param groups before changing anything
         for group in self.param_groups:
             group.setdefault("momentum", 0.0)  # state_dicts saved before the placeholder existed
         for idx, values in saved_state.items():
@@ -481,6 +561,8 @@ class LearnedOptimizer(Optimizer):
             # Saved before any step: like the per-parameter state, the global state starts afresh
             # (keeping ours would pair fresh tensor states with a stale global state).
             self._global_state = self._fresh_global_state(device)
+        for hook in post_hooks.values():
+            hook(self)
 
     def _check_rule_weights(self, weights: Any) -> None:
         ours = self.rule.state_dict()

@@ -280,11 +280,25 @@ def resolve_rule(
             f"pretrained must be an UpdateRule (e.g. learned_optim.CoordinateLSTM), got {type(pretrained).__name__}"
         )
     if not isinstance(pretrained, (str, os.PathLike)):
+        hint = ""
+        if isinstance(pretrained, (int, float)) and not isinstance(pretrained, bool):
+            # LearnedOptimizer(params, 1e-3), copied from Adam(params, 1e-3).
+            hint = (
+                f" (the second argument is `pretrained`, not the learning rate: pass lr={pretrained} by keyword, "
+                "and mind that lr multiplies the rule's update: 1.0 is the meta-trained step)"
+            )
         raise TypeError(
-            f"pretrained must be a name, a directory, a Hub repo id or an UpdateRule, got {type(pretrained).__name__}"
+            "pretrained must be a name, a directory, a Hub repo id or an UpdateRule, "
+            f"got {type(pretrained).__name__}{hint}"
         )
     name = os.fspath(pretrained)
     is_path = not isinstance(pretrained, str)
+    if not is_path and not name.strip():
+        # Path("") is the working directory: an unset setting must not load what lies there.
+        raise PretrainedError(
+            f"pretrained is an empty string {name!r}; pass None for the default rule, a bundled name "
+            f"({list_pretrained() or 'none'}), a directory (e.g. '.'), a Hub repo id or an UpdateRule"
+        )
     bundled = list_pretrained()
     if not is_path and name in bundled:
         _no_revision(revision, name, "a bundled rule")

@@ -175,6 +175,24 @@ def test_an_adam_style_lr_warns_that_lr_is_a_multiplier():
             LearnedOptimizer([nn.Parameter(torch.ones(3))], pretrained=NegGrad(), lr=lr)
 
 
+def test_param_group_options_are_checked_like_the_defaults():
+    # Per-group lrs copied from an Adam setup (backbone 1e-5, head 1e-3) shrink the steps as much.
+    a, b, c, d = _params([(2,), (2,), (2,), (2,)])
+    with pytest.warns(UserWarning, match=r"lr=0\.001 multiplies the learned update") as caught:
+        opt = LearnedOptimizer([{"params": [a], "lr": 1e-3}, {"params": [b]}], pretrained=NegGrad())
+    assert [w.filename for w in caught] == [__file__]  # points at the caller's line
+    with pytest.warns(UserWarning, match=r"lr=1e-05 multiplies") as caught:
+        opt.add_param_group({"params": [c], "lr": 1e-5})
+    assert [w.filename for w in caught] == [__file__]
+    for bad in ({"lr": -0.1}, {"lr": float("nan")}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            opt.add_param_group({"params": [d], **bad})
+    assert len(opt.param_groups) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.add_param_group({"params": [d], "lr": 0.5, "weight_decay": 0.1})
+
+
 def test_float64_params_get_float64_weight_decay():
     p = nn.Parameter(torch.ones(3, dtype=torch.float64))
     with pytest.warns(UserWarning, match="multiplies the learned update"):
@@ -356,6 +374,58 @@ def test_load_state_dict_rejects_other_optimizers_and_bad_rule_weights():
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize("rule", ["lstm", "hrnn"])
+def test_load_state_dict_pre_hook_rewrites_what_is_loaded(rule):
+    # torch.optim's documented way to adapt a checkpoint to reordered parameters: the rule
+    # state must follow the rewritten dict, not the one passed in.
+    pretrained = _lstm() if rule == "lstm" else learned_optim.HierarchicalRNN()
+    (a, b), opt = _stepped(pretrained=pretrained, shapes=((3,), (3,)))
+    sd = opt.state_dict()
+    b2, a2 = nn.Parameter(b.detach().clone()), nn.Parameter(a.detach().clone())
+    other = LearnedOptimizer([b2, a2], pretrained=copy.deepcopy(pretrained))
+
+    def swap(optimizer, state_dict):
+        state_dict = dict(state_dict)
+        state_dict["state"] = {0: state_dict["state"][1], 1: state_dict["state"][0]}
+        return state_dict
+
+    other.register_load_state_dict_pre_hook(swap)
+    other.load_state_dict(sd)
+    for p, q in ((a, a2), (b, b2)):
+        assert opt.state[p].keys() == other.state[q].keys()
+        assert all(torch.equal(opt.state[p][k], other.state[q][k]) for k in opt.state[p])
+
+
+def test_load_state_dict_post_hook_sees_the_loaded_rule_and_state():
+    (p,) = _params([(3,)], dtype=torch.bfloat16)
+    rule = _lstm(seed=5)
+    opt = LearnedOptimizer([p], pretrained=rule)
+    _set_grads([p], 0)
+    opt.step()
+    q = nn.Parameter(p.detach().clone())
+    other = LearnedOptimizer([q], pretrained=_lstm(seed=6))
+    seen = []
+    other.register_load_state_dict_post_hook(
+        lambda o: seen.append((o.state[q]["rule.h"].dtype, torch.equal(o.rule.output.weight, rule.output.weight)))
+    )
+    other.load_state_dict(opt.state_dict())
+    assert seen == [(torch.float32, True)]  # not the bf16 cast torch makes, not the old weights
+
+
+def test_state_dict_hooks_see_the_whole_state_dict():
+    _, opt = _stepped(pretrained=learned_optim.HierarchicalRNN())
+    seen = []
+
+    def post(optimizer, state_dict):
+        seen.append(sorted(state_dict))
+        return {**state_dict, "rule": {**state_dict["rule"], "note": 1}}
+
+    opt.register_state_dict_post_hook(post)
+    sd = opt.state_dict()
+    assert seen == [["param_groups", "rule", "rule_global_state", "state"]]
+    assert sd["rule"]["note"] == 1  # what the hook returned is what state_dict returns
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -418,6 +488,21 @@ def test_sparse_gradient_raises():
     assert emb.weight.grad.is_sparse
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("impl", _impls())
+def test_a_parameter_resized_after_its_state_was_made_raises_before_changing_anything(impl):
+    # p.data = <bigger tensor> (growing an embedding in place): the fused path used to update
+    # only the rows it had state for and leave the rest, the eager path failed in torch.cat.
+    params, opt = _stepped(impl, shapes=((4,), (3,)), steps=1)
+    params[0].data = torch.randn(6)
+    _set_grads(params, 1)
+    before = [p.detach().clone() for p in params], [_rule_state(opt, p) for p in params]
+    with pytest.raises(RuntimeError, match=r"parameter 0 .* 6 elements, but its rule state has 4 rows"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0], strict=True))
+    for p, state in zip(params, before[1], strict=True):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
 
 
 def test_complex_params_are_handled_as_real_view():
@@ -610,6 +695,25 @@ def test_grad_scaler_skips_inf_steps_and_applies_others():
     assert scaler.get_scale() == 2.0**7
 
 
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("rule", ["lstm", "hrnn"])
+def test_step_inside_autocast_computes_the_rule_in_its_own_dtype(impl, rule):
+    # Training loops often call step() inside the autocast region; the rule's matmuls must not
+    # drop to bf16 there (the docs promise the rule computes in its own dtype).
+    pretrained = _lstm() if rule == "lstm" else learned_optim.HierarchicalRNN()
+    params, opt = _stepped(impl, pretrained, steps=0)
+    refs, ref_opt = _stepped(impl, copy.deepcopy(pretrained), steps=0)
+    for seed in range(2):
+        _set_grads(params, seed)
+        _set_grads(refs, seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step()
+        ref_opt.step()
+    for p, q in zip(params, refs, strict=True):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opt.state[p][k], ref_opt.state[q][k]) for k in opt.state[p])
+
+
 # ---------------------------------------------------------------------------- construction
 
 
@@ -648,6 +752,9 @@ def test_pretrained_must_be_a_rule():
         LearnedOptimizer(_params([(3,)]), pretrained=nn.Linear(2, 2))
     with pytest.raises(TypeError):
         LearnedOptimizer(_params([(3,)]), pretrained=3)
+    # Adam(params, 1e-3) passes lr positionally; here the second argument is the rule.
+    with pytest.raises(TypeError, match=r"second argument is `pretrained`.*lr=0\.001"):
+        LearnedOptimizer(_params([(3,)]), 1e-3)
 
 
 def test_state_dtype_bf16_state():

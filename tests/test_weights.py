@@ -318,6 +318,15 @@ def test_unknown_plain_name(tmp_path, monkeypatch):
         resolve_rule("no-such-bundled-rule")
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_name_is_not_the_current_folder(saved, monkeypatch, name):
+    # Path("") is "." : an unset setting (os.environ.get("RULE", "")) must not load whatever
+    # rule happens to sit in the working directory.
+    monkeypatch.chdir(saved)
+    with pytest.raises(PretrainedError, match="empty"):
+        resolve_rule(name)
+
+
 def test_existing_file_is_not_a_rule(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "somefile").write_text("x")
