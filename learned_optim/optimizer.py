@@ -468,6 +468,14 @@ class LearnedOptimizer(Optimizer):
                     )
         return loss
 
+    def __repr__(self) -> str:
+        """torch's listing of the param groups, headed by the rule and how it runs."""
+        config = ", ".join(f"{k}={v!r}" for k, v in self.rule.config.items())
+        head = f"LearnedOptimizer (rule: {self.rule.rule_type}({config}), impl: {self.impl!r}"
+        if self.state_dtype is not None:
+            head += f", state_dtype: {self.state_dtype}"
+        return head + "\n" + super().__repr__().split("\n", 1)[1]
+
     # ------------------------------------------------------------------ checkpoints
     @contextlib.contextmanager
     def _hooks_held(self, *names: str) -> Iterator[list[OrderedDict]]:

@@ -786,3 +786,15 @@ def test_sync_free_step_matches_checked_step(poison):
         assert torch.equal(a, b)
     for a, b in zip(s1, s2, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_repr_names_the_rule_and_lists_the_groups():
+    model = torch.nn.Linear(3, 2)
+    opt = LearnedOptimizer(
+        [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.5}], pretrained="hrnn-base", impl="eager"
+    )
+    text = repr(opt)
+    assert text.startswith("LearnedOptimizer (rule: HierarchicalRNN(param_hidden=10,")
+    assert "impl: 'eager'" in text
+    assert "Parameter Group 0" in text and "Parameter Group 1" in text and "lr: 0.5" in text
+    assert text.endswith(")")
