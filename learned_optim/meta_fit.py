@@ -13,6 +13,7 @@ the estimate unbiased over the whole horizon.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -704,6 +705,11 @@ class MetaTrainer:
         os.replace(tmp_weights, directory / "checkpoint.safetensors")
         os.replace(tmp_meta, directory / "checkpoint.json")
         save_pretrained(self.rule, directory / "last")
+        if self.config.validate_every and self.history.best_iteration >= 0:
+            # The best validated weights so far, loadable while the run goes on.
+            best = copy.deepcopy(self.rule)
+            best.load_state_dict(self.best_weights)
+            save_pretrained(best, directory / "best")
 
     def _task_labels(self) -> list[str]:
         return [getattr(f, "name", type(f).__name__) for f in self.families]

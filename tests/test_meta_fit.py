@@ -74,6 +74,36 @@ def test_validation_keeps_best_weights():
     assert history.best_iteration == best_it and history.best_validation == best
 
 
+def test_checkpoint_folders_hold_the_last_and_the_best_weights(tmp_path):
+    from learned_optim.weights import load_from_directory
+
+    rule = small_rule()
+    start = weights(rule)
+    # A meta learning rate this large wrecks the rule: the best weights stay the starting ones.
+    meta_fit(
+        rule, "quadratic", steps=10, unroll=5, meta_iterations=4, meta_lr=50.0, clip_grad_norm=0.0,
+        validate_every=2, validation_instances=2, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False,
+    )  # fmt: skip
+    assert rule.meta_fit_history.best_iteration == 0 and same_weights(weights(rule), start)
+    saved = load_file(str(tmp_path / "checkpoint.safetensors"))
+    last = {k[len("rule/") :]: v for k, v in saved.items() if k.startswith("rule/")}
+    best = {k[len("best/") :]: v for k, v in saved.items() if k.startswith("best/")}
+    assert not same_weights(last, best)
+    # meta_fit returns the best weights; last/ holds where meta-training ended.
+    assert same_weights(weights(load_from_directory(tmp_path / "best")), weights(rule))
+    assert same_weights(weights(load_from_directory(tmp_path / "best")), best)
+    assert same_weights(weights(load_from_directory(tmp_path / "last")), last)
+
+
+def test_checkpoint_without_validation_has_no_best_folder(tmp_path):
+    meta_fit(
+        small_rule(), tiny, steps=7, unroll=3, meta_iterations=2, validate_every=0, checkpoint_dir=tmp_path,
+        progress=False,
+    )  # fmt: skip
+    assert (tmp_path / "last" / "config.json").is_file()
+    assert not (tmp_path / "best").exists()
+
+
 def test_a_run_that_only_makes_the_rule_worse_returns_the_starting_rule():
     rule = small_rule()
     start = weights(rule)
