@@ -8,14 +8,19 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from learned_optim.meta_fit import META_LOSSES
+from learned_optim.meta_fit import META_LOSSES, MetaFitConfig, check_time_budget
+
+# MetaFitConfig settings whose flag is not the setting's name with dashes.
+_CONFIG_FLAGS = {"clip_grad_norm": "--clip"}
 
 
 def _load_task(spec: str) -> Any:
@@ -48,8 +53,49 @@ def _build_rule(args: argparse.Namespace) -> Any:
     from learned_optim.rules import get_rule_class
 
     cls = get_rule_class(args.rule)
-    kwargs = json.loads(args.rule_config) if args.rule_config else {}
-    return cls(**kwargs)
+    try:
+        kwargs = json.loads(args.rule_config) if args.rule_config else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--rule-config: not valid JSON ({err}): {args.rule_config!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"--rule-config: expected a JSON object of {cls.__name__}'s arguments, e.g. "
+            f"'{{\"hidden_size\": 20}}', got a {type(kwargs).__name__}"
+        )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:  # unknown argument, or a value the rule rejects
+        raise ValueError(f"--rule-config: {err}") from None
+
+
+def _check_config(config: MetaFitConfig) -> None:
+    """``config.check()``, its error prefixed with the flag that sets the offending setting."""
+    try:
+        config.check()
+    except ValueError as err:
+        message = str(err)
+        named = [name for name in asdict(config) if message.startswith(name)]
+        if not named:
+            raise
+        field = max(named, key=len)  # meta_lr_schedule, not meta_lr
+        flag = _CONFIG_FLAGS.get(field, "--" + field.replace("_", "-"))
+        raise ValueError(f"{flag}: {message}") from None
+
+
+def _last_checkpoint_iteration(checkpoints: Path) -> int | None:
+    """The meta-iteration of the checkpoint in ``checkpoints`` (None if there is none readable)."""
+    try:
+        return int(json.loads((checkpoints / "checkpoint.json").read_text())["history"]["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _discard_checkpoint(checkpoints: Path) -> None:
+    """Remove a meta-fit checkpoint (for ``--overwrite``), its pointer ``checkpoint.json`` first."""
+    (checkpoints / "checkpoint.json").unlink(missing_ok=True)
+    for stale in checkpoints.glob("checkpoint*.safetensors*"):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(checkpoints / "last", ignore_errors=True)
 
 
 def _output_folder(path: str) -> Path:
@@ -69,8 +115,17 @@ def _set_threads(threads: int) -> None:
 
 def cmd_meta_fit(args: argparse.Namespace) -> int:
     """Meta-train a rule and save it (best validated weights) to ``--out``."""
-    from learned_optim.meta_fit import MetaFitConfig, MetaTrainer
+    from learned_optim.meta_fit import MetaTrainer
 
+    # Every argument is checked before anything is loaded, trained or removed.
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the checkpoint, or start over")
+    if args.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0 (0: no log lines), got {args.log_every}")
+    try:
+        check_time_budget(args.time_budget)
+    except ValueError:
+        raise ValueError(f"--time-budget must be a finite number >= 0 (seconds), got {args.time_budget}") from None
     torch.manual_seed(args.seed)
     _set_threads(args.threads)
     out = _output_folder(args.out)
@@ -81,16 +136,6 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
             f"--out {args.out}: the folder is not empty and holds no meta-fit checkpoint; "
             "its files would be overwritten: choose another --out or pass --overwrite"
         )
-    tasks = [_load_task(t) for t in args.task.split(",")]
-    rule = _build_rule(args)
-    if args.init:
-        from learned_optim.weights import resolve_rule
-
-        start_rule = resolve_rule(args.init)
-        try:
-            rule.init_from(start_rule)
-        except ValueError as err:
-            raise ValueError(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
     config = MetaFitConfig(
         steps=args.steps,
         unroll=args.unroll,
@@ -114,6 +159,17 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         validation_steps=args.validation_steps,
         checkpoint_every=args.checkpoint_every,
     )
+    _check_config(config)
+    tasks = [_load_task(t) for t in args.task.split(",")]
+    rule = _build_rule(args)
+    if args.init:
+        from learned_optim.weights import resolve_rule
+
+        start_rule = resolve_rule(args.init)
+        try:
+            rule.init_from(start_rule)
+        except ValueError as err:
+            raise ValueError(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
     start = time.time()
 
     def log_line(history: Any) -> None:
@@ -133,9 +189,23 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     if args.resume and has_checkpoint:
         trainer.load_checkpoint(checkpoints)
         print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
-    elif not args.resume and has_checkpoint and not args.overwrite:
+    elif has_checkpoint and not args.overwrite:
         raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
-    rule = trainer.run()
+    elif has_checkpoint:
+        # Gone at once: a run cut off before its first checkpoint must not leave the old
+        # one for a later --resume to continue as if it were this run's.
+        _discard_checkpoint(checkpoints)
+    try:
+        rule = trainer.run()
+    except KeyboardInterrupt:
+        done = _last_checkpoint_iteration(checkpoints)
+        where = (
+            "no checkpoint was written yet"
+            if done is None
+            else f"{checkpoints} holds the checkpoint of meta-iteration {done}: continue with --resume"
+        )
+        print(f"interrupted at meta-iteration {trainer.history.iteration}; {where}", file=sys.stderr)
+        return 130
     h = trainer.history
     metadata = {
         "command": _command_line(args),
@@ -315,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside meta-training: no traceback, the usual status
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,13 +13,15 @@ the estimate unbiased over the whole horizon.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
+import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from torch.func import functional_call
 
 from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
 from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
+from learned_optim.tasks._common import derive_seed
 from learned_optim.weights import save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp", "log-ramp")
@@ -46,6 +49,7 @@ _UNREADABLE_CHECKPOINT = (
     RuntimeError,
     SafetensorError,
     json.JSONDecodeError,
+    FileNotFoundError,  # the weights file checkpoint.json names
 )
 
 # Seed ranges: meta-training, validation and evaluation instances never share a seed.
@@ -156,6 +160,8 @@ class MetaFitConfig:
             raise ValueError(f"meta_loss must be one of {', '.join(map(repr, META_LOSSES))}, got {self.meta_loss!r}")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
+        if self.clip_grad_norm < 0:  # would silently mean "no clipping", like 0
+            raise ValueError(f"clip_grad_norm must be >= 0 (0: no clipping), got {self.clip_grad_norm}")
         if self.meta_lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"meta_lr_schedule must be 'constant' or 'cosine', got {self.meta_lr_schedule!r}")
         if not 0 < self.meta_grad_fraction <= 1:
@@ -261,6 +267,36 @@ def _heavy_tailed_horizon(rng: random.Random, mean: int) -> int:
     return max(2, round(math.exp(rng.uniform(math.log(mean / 4), math.log(mean * 4)))))
 
 
+@contextlib.contextmanager
+def _global_rng(seed: int, stream: str) -> Iterator[None]:
+    """The global RNG seeded for ``stream`` of instance ``seed``, and restored afterwards.
+
+    Random layers (dropout) draw from the global RNG: seeding it per instance and batch makes
+    their masks a function of the instance and the step alone, so a resumed run repeats them,
+    the +/- trajectories of PES share them, and the caller's RNG is left untouched.
+    """
+    # The CPU generator directly: torch.manual_seed / fork_rng cost ~100x more per step
+    # (they visit every backend), which doubled the time of small meta-training steps.
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(derive_seed(seed, stream))
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
+def check_time_budget(time_budget: float | None) -> None:
+    """Raise ValueError unless ``time_budget`` is None or a finite number of seconds >= 0."""
+    if time_budget is None:
+        return
+    # NaN would never stop (every comparison is false); a negative budget stops at once.
+    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not (
+        math.isfinite(time_budget) and time_budget >= 0
+    ):
+        raise ValueError(f"time_budget must be a finite number >= 0 (seconds) or None, got {time_budget!r}")
+
+
 class MetaTrainer:
     """Meta-trains ``rule`` on task families; see :func:`meta_fit` for the arguments."""
 
@@ -295,6 +331,7 @@ class MetaTrainer:
         self.config.check()
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.progress = progress
+        check_time_budget(time_budget)
         self.time_budget = time_budget
         self.callback = callback
         self.hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
@@ -305,7 +342,8 @@ class MetaTrainer:
         self.runs: list[_Run] = []
         for family in self.families:
             probe = family.sample(VALIDATION_SEED_BASE - 1)
-            validate_instance(probe, f"task {getattr(family, 'name', type(family).__name__)!r}")
+            with _global_rng(VALIDATION_SEED_BASE - 1, "meta-fit/probe"):
+                validate_instance(probe, f"task {getattr(family, 'name', type(family).__name__)!r}")
 
     # ------------------------------------------------------------------ inner problem
     def _new_run(
@@ -362,7 +400,9 @@ class MetaTrainer:
             for i, run in enumerate(runs):
                 if run.pending_batch is None:
                     run.pending_batch = self._next_batch(run)
-                loss = functional_loss(run.instance, run.names, params[i], run.pending_batch)
+                # The pending batch is the last one drawn: its index is batches_used.
+                with _global_rng(run.seed, f"meta-fit/batch/{run.batches_used}"):
+                    loss = functional_loss(run.instance, run.names, params[i], run.pending_batch)
                 if math.isnan(run.initial_loss):
                     run.initial_loss = max(float(loss.detach()), 1e-12)
                 if t > 0:
@@ -442,18 +482,20 @@ class MetaTrainer:
         ]
         run.pes_noise = theta.new_zeros(self.config.pes_pairs, theta.numel())
 
-    def _particle_unroll(self, run: _Run, particle: _Particle, batches: Sequence[Any]) -> Tensor:
+    def _particle_unroll(self, run: _Run, particle: _Particle, batches: Sequence[Any], first_batch: int) -> Tensor:
         """Advance ``particle`` over ``batches[:-1]`` (forward only for the rule).
 
-        Returns its losses after each step: on ``batches[1:]``, the last one evaluated only.
+        ``first_batch`` is the index of ``batches[0]`` in the instance's stream. Returns the
+        losses after each step: on ``batches[1:]``, the last one evaluated only.
         """
         segments = _Segments.of(self.rule, particle.params)
         losses = []
         for t, batch in enumerate(batches[:-1]):
-            loss = _learned_step(self.rule, run.instance, run.names, particle, batch, segments, run.lr_scale)
+            with _global_rng(run.seed, f"meta-fit/batch/{first_batch + t}"):
+                loss = _learned_step(self.rule, run.instance, run.names, particle, batch, segments, run.lr_scale)
             if t > 0:
                 losses.append(loss)
-        with torch.no_grad():
+        with torch.no_grad(), _global_rng(run.seed, f"meta-fit/batch/{first_batch + len(batches) - 1}"):
             losses.append(functional_loss(run.instance, run.names, particle.params, batches[-1]))
         return torch.stack(losses)
 
@@ -480,8 +522,9 @@ class MetaTrainer:
                     run.pending_batch = self._next_batch(run)
                 batches = [run.pending_batch] + [self._next_batch(run) for _ in range(length)]
                 run.pending_batch = batches[-1]
+                first_batch = run.batches_used - length  # stream index of batches[0]
                 if math.isnan(run.initial_loss):
-                    with torch.no_grad():
+                    with torch.no_grad(), _global_rng(run.seed, f"meta-fit/batch/{first_batch}"):
                         first = functional_loss(run.instance, run.names, run.particles[0].params, batches[0])
                     run.initial_loss = max(float(first), 1e-12)
                 gen = torch.Generator().manual_seed(self.rng.randrange(2**62))
@@ -491,7 +534,7 @@ class MetaTrainer:
                 for j in range(cfg.pes_pairs):
                     for side, sign in enumerate((1.0, -1.0)):
                         _assign(trainable, theta + sign * noise[j])
-                        losses = self._particle_unroll(run, run.particles[2 * j + side], batches)
+                        losses = self._particle_unroll(run, run.particles[2 * j + side], batches, first_batch)
                         objectives[j, side] = self._truncation_objective(losses, run)
                 run.steps_done += length
                 if not torch.isfinite(objectives).all():
@@ -582,13 +625,14 @@ class MetaTrainer:
             family_index = i % len(self.families)
             horizon = cfg.validation_steps or cfg.steps
             run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
-            losses = rollout(self.rule, run.instance, horizon)
+            with _global_rng(run.seed, "meta-fit/validation"):
+                losses = rollout(self.rule, run.instance, horizon)
             f0 = max(losses[0], 1e-12)
-            trace = torch.tensor(losses[1:])
-            if not torch.isfinite(trace).all():
+            trace = torch.tensor(losses)
+            if not torch.isfinite(trace).all():  # the first loss too: a NaN f_0 would score NaN
                 scores.append(float("inf"))
             else:
-                scores.append(float(_objective(trace, f0, 1, horizon, cfg)))
+                scores.append(float(_objective(trace[1:], f0, 1, horizon, cfg)))
         return float(sum(scores) / len(scores))
 
     def _record_validation(self, iteration: int) -> None:
@@ -688,7 +732,12 @@ class MetaTrainer:
                     "particles": 0 if run.particles is None else len(run.particles),
                 }
             )
+        # Each save gets its own weights file, named in the JSON: replacing the JSON (one
+        # atomic rename) switches to the new checkpoint, so a kill at any moment leaves the
+        # old or the new pair whole, never new weights beside old bookkeeping.
+        weights_name = f"checkpoint-{secrets.token_hex(8)}.safetensors"
         meta = {
+            "weights": weights_name,
             "rule_type": self.rule.rule_type,
             "rule_config": self.rule.config,
             "tasks": self._task_labels(),
@@ -697,13 +746,14 @@ class MetaTrainer:
             "rng_state": _rng_to_json(self.rng.getstate()),
             "runs": runs_meta,
         }
-        tmp_weights = directory / "checkpoint.safetensors.tmp"
         tmp_meta = directory / "checkpoint.json.tmp"
-        save_file(tensors, str(tmp_weights))
+        save_file(tensors, str(directory / weights_name))
         tmp_meta.write_text(json.dumps(meta))
-        # Replace the pair; the JSON goes last and names a complete weights file.
-        os.replace(tmp_weights, directory / "checkpoint.safetensors")
         os.replace(tmp_meta, directory / "checkpoint.json")
+        # Only now are the weights files of earlier checkpoints unreferenced.
+        for stale in directory.glob("checkpoint*.safetensors*"):
+            if stale.name != weights_name:
+                stale.unlink(missing_ok=True)
         save_pretrained(self.rule, directory / "last")
         if self.config.validate_every and self.history.best_iteration >= 0:
             # The best validated weights so far, loadable while the run goes on.
@@ -751,9 +801,13 @@ class MetaTrainer:
         saved_tasks = meta.get("tasks")  # absent in checkpoints written before it was recorded
         if saved_tasks is not None and saved_tasks != self._task_labels():
             raise ValueError(f"{meta_path}: checkpoint is for tasks {saved_tasks}, not {self._task_labels()}")
+        # Checkpoints written before each save had its own weights file used this name.
+        weights_name = meta.get("weights", "checkpoint.safetensors")
+        if not isinstance(weights_name, str) or Path(weights_name).name != weights_name:
+            raise TypeError(f"checkpoint.json names the weights file {weights_name!r}")
         # Copies: safetensors' tensors need not be 64-byte aligned, and vectorised kernels can
         # round differently on unaligned memory (a resumed run would then drift by ~1e-8).
-        tensors = {k: v.clone() for k, v in load_file(str(directory / "checkpoint.safetensors")).items()}
+        tensors = {k: v.clone() for k, v in load_file(str(directory / weights_name)).items()}
         self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule/")})
         self.best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
         for index, p in enumerate(self.rule.parameters()):

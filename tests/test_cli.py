@@ -89,3 +89,72 @@ def test_bad_rule_exits_2(tmp_path, capsys):
     assert run_cli(argv) == 2
     err = capsys.readouterr().err
     assert "no-such-dir" in err and "Traceback" not in err
+
+
+META_FIT_TINY = ["meta-fit", "--task", "tiny_tasks:tiny", "--rule-config", '{"hidden_size": 4}', "--steps", "4",
+                 "--unroll", "2", "--validate-every", "0", "--checkpoint-every", "2", "--quiet"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--log-every", "-1"], "--log-every must be >= 0"),
+        (["--time-budget", "-1"], "--time-budget must be a finite number >= 0"),
+        (["--time-budget", "nan"], "--time-budget must be a finite number >= 0"),
+        (["--clip", "-1"], "--clip: clip_grad_norm must be >= 0 (0: no clipping), got -1.0"),
+        (["--steps", "0"], "--steps: steps must be an integer >= 1, got 0"),
+        (["--meta-grad-fraction", "0"], "--meta-grad-fraction: meta_grad_fraction must be in (0, 1]"),
+        (["--pes-std", "0", "--estimator", "pes"], "--pes-std: pes_std must be a finite number > 0"),
+        (["--rule-config", "{bad"], "--rule-config: not valid JSON"),
+        (["--rule-config", "[4]"], "--rule-config: expected a JSON object"),
+        (["--rule-config", '{"no_such_setting": 1}'], "--rule-config: "),
+        (["--rule-config", '{"hidden_size": -1}'], "--rule-config: hidden_size must be an integer >= 1"),
+        (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    ],
+)
+def test_meta_fit_bad_flags_exit_2_naming_the_flag(flags, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert not out.exists()  # refused before any work
+
+
+def test_meta_fit_ctrl_c_reports_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    from learned_optim.meta_fit import MetaTrainer
+
+    real_step = MetaTrainer.step
+
+    def step(self):
+        if self.history.iteration == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(MetaTrainer, "step", step)
+    out = tmp_path / "out"
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*META_FIT_TINY, "--meta-iterations", "6", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "meta-iteration 2" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert (out / "checkpoint" / "checkpoint.json").is_file()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_meta_fit_overwrite_discards_the_old_checkpoint_at_once(tmp_path, capsys, monkeypatch):
+    # Otherwise an --overwrite run cut off before its first checkpoint leaves the old one,
+    # and a later --resume silently continues the old run.
+    out = tmp_path / "out"
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out)]) == 0
+    from learned_optim.meta_fit import MetaTrainer
+
+    def step(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetaTrainer, "step", step)
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out), "--overwrite"]) == 130
+    assert not (out / "checkpoint" / "checkpoint.json").exists()
+    assert "no checkpoint was written" in capsys.readouterr().err

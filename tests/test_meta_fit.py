@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -85,7 +88,7 @@ def test_checkpoint_folders_hold_the_last_and_the_best_weights(tmp_path):
         validate_every=2, validation_instances=2, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False,
     )  # fmt: skip
     assert rule.meta_fit_history.best_iteration == 0 and same_weights(weights(rule), start)
-    saved = load_file(str(tmp_path / "checkpoint.safetensors"))
+    saved = load_file(str(tmp_path / json.loads((tmp_path / "checkpoint.json").read_text())["weights"]))
     last = {k[len("rule/") :]: v for k, v in saved.items() if k.startswith("rule/")}
     best = {k[len("best/") :]: v for k, v in saved.items() if k.startswith("best/")}
     assert not same_weights(last, best)
@@ -230,10 +233,19 @@ def test_resume_refuses_other_tasks_and_unreadable_checkpoints(tmp_path):
     other_task = MetaTrainer(small_rule(), "quadratic", _config(4, checkpoint_every=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"checkpoint is for tasks \['tiny'\], not \['quadratic'\]"):
         other_task.load_checkpoint(tmp_path)
+    # Each save names its own weights file; checkpoints from before that used one fixed name.
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    (tmp_path / meta.pop("weights")).rename(tmp_path / "checkpoint.safetensors")
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
+    trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 2
     weights_file = tmp_path / "checkpoint.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
-    trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"checkpoint is corrupt .* start over without resuming"):
+        trainer.load_checkpoint(tmp_path)
+    weights_file.unlink()  # missing
+    with pytest.raises(ValueError, match=r"checkpoint is corrupt .*FileNotFoundError"):
         trainer.load_checkpoint(tmp_path)
     (tmp_path / "checkpoint.json").write_text("[]")
     with pytest.raises(ValueError, match="checkpoint is corrupt"):
@@ -259,6 +271,101 @@ def test_time_budget_stop_writes_a_checkpoint(tmp_path):
     resumed = MetaTrainer(small_rule(), tiny, _config(20, checkpoint_every=10, validate_every=0), progress=False)
     resumed.load_checkpoint(tmp_path)
     assert resumed.history.iteration == 1
+
+
+def _dropout_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 1))
+
+
+def test_dropout_model_resumes_exactly_and_leaves_the_global_rng_alone(tmp_path):
+    # Dropout draws from the global RNG: meta_fit seeds it per instance and batch, so the
+    # masks are the same after a resume (and whatever the caller's RNG state), and the
+    # caller's RNG is left as it was.
+    def task():
+        return make_tiny(name="dropout", model=_dropout_model)
+
+    total = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        before = torch.get_rng_state()
+        straight_trainer = MetaTrainer(straight := small_rule(), task(), _config(total), progress=False)
+        straight_trainer.run()
+        assert torch.equal(torch.get_rng_state(), before)
+
+    def crash(history):
+        if history.iteration == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        MetaTrainer(small_rule(), task(), _config(total), tmp_path, progress=False, callback=crash).run()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)  # another process: another global RNG state
+        trainer = MetaTrainer(resumed := small_rule(), task(), _config(total), tmp_path, progress=False)
+        trainer.load_checkpoint(tmp_path)
+        assert trainer.history.iteration == 4
+        trainer.run()
+    assert trainer.history.meta_losses == straight_trainer.history.meta_losses
+    assert trainer.history.validation == straight_trainer.history.validation
+    assert same_weights(weights(resumed), weights(straight))
+
+
+def test_a_checkpoint_save_cut_off_at_any_point_leaves_a_consistent_checkpoint(tmp_path, monkeypatch):
+    # A kill between the files of a checkpoint must leave the previous checkpoint whole, not
+    # the new weights beside the old bookkeeping (which resumes silently wrong).
+    import shutil
+
+    straight = MetaTrainer(small_rule(), tiny, _config(8, checkpoint_every=2, validate_every=0), progress=False)
+    straight.run()
+    good = tmp_path / "good"
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2, validate_every=0), good, progress=False).run()
+    real_replace = os.replace
+    for fail_at in range(6):
+        ckpt = tmp_path / f"cut-{fail_at}"
+        shutil.copytree(good, ckpt)
+        trainer = MetaTrainer(small_rule(), tiny, _config(8, checkpoint_every=2, validate_every=0), progress=False)
+        trainer.load_checkpoint(ckpt)
+        trainer.step()
+        trainer.step()
+        calls = {"n": 0}
+
+        def replace(src, dst, calls=calls, fail_at=fail_at):
+            calls["n"] += 1
+            if calls["n"] > fail_at:
+                raise Interrupt
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with contextlib.suppress(Interrupt):
+            trainer.save_checkpoint(ckpt)
+        monkeypatch.setattr(os, "replace", real_replace)
+        resumed = MetaTrainer(small_rule(), tiny, _config(8, checkpoint_every=2, validate_every=0), progress=False)
+        resumed.load_checkpoint(ckpt)
+        assert resumed.history.iteration in (2, 4)
+        resumed.run()
+        assert resumed.history.meta_losses == straight.history.meta_losses, fail_at
+        assert same_weights(weights(resumed.rule), weights(straight.rule)), fail_at
+
+
+def test_a_validation_instance_whose_first_loss_is_nan_scores_inf():
+    from learned_optim.tasks import TaskFamily, TaskInstance
+
+    class FirstBatchNaN(TaskFamily):
+        name = "first-nan"
+
+        def sample(self, seed):
+            instance = tiny.sample(seed)
+
+            def batches():
+                g = torch.Generator().manual_seed(seed)
+                x, y = tiny_sampler(g)
+                yield x, y * float("nan")
+                while True:
+                    yield tiny_sampler(g)
+
+            return TaskInstance(model=instance.model, loss=instance.loss, batches=batches(), name=self.name)
+
+    trainer = MetaTrainer(small_rule(), FirstBatchNaN(), _config(2, validation_instances=1), progress=False)
+    assert trainer.validate() == float("inf")
 
 
 def _cli_meta_fit(out, iterations, *extra):
@@ -496,6 +603,9 @@ def test_resume_without_checkpoint_dir():
         ({"estimator": "pes", "pes_std": 0.0}, "pes_std must be a finite number > 0, got 0.0"),
         ({"estimator": "pes", "second_order": True}, "forward only"),
         ({"estimator": "pes", "meta_grad_fraction": 0.5}, "forward only"),
+        ({"clip_grad_norm": -1.0}, r"clip_grad_norm must be >= 0 \(0: no clipping\), got -1.0"),
+        ({"time_budget": float("nan")}, r"time_budget must be a finite number >= 0 \(seconds\) or None, got nan"),
+        ({"time_budget": -1}, "time_budget must be a finite number >= 0"),
     ],
 )
 def test_invalid_config(setting, message):
