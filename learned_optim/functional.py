@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule, check_rule_output
 
 DEFAULT_CHUNK_SIZE = 1 << 16
 
@@ -178,7 +178,7 @@ def learned_step(
                 segment_state=segment_state,
                 global_state=global_state,
             )
-        update, new_state = rule(grad, state, context)
+        update, new_state = check_rule_output(rule, grad, state, rule(grad, state, context))
         if context is not None:
             for j, piece in enumerate(chunk):
                 acc = sums[piece.entry_index]

@@ -32,10 +32,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.func import functional_call
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
+from learned_optim.rules.base import (
+    RuleState,
+    StepContext,
+    UpdateRule,
+    check_rule_output,
+    check_state_specs,
+    config_bool,
+    config_float,
+    config_int,
+)
 from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.tasks._common import derive_seed
-from learned_optim.weights import save_pretrained
+from learned_optim.weights import check_savable, save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp", "log-ramp")
 ESTIMATORS = ("tbptt", "pes")
@@ -314,6 +323,9 @@ class MetaTrainer:
             raise TypeError(f"meta_fit expects an UpdateRule as rule, got {type(rule).__name__}")
         if not any(p.requires_grad for p in rule.parameters()):
             raise ValueError("the rule has no trainable parameters")
+        check_state_specs(rule)
+        if checkpoint_dir is not None:
+            check_savable(rule)  # now, not at the first checkpoint after minutes of training
         self.rule = rule
         if isinstance(tasks, (TaskFamily, str)):
             tasks = [tasks]
@@ -433,7 +445,9 @@ class MetaTrainer:
                 if getattr(self.rule, "needs_segments", False):
                     context = _segments_for(params)
                 if subset is None:
-                    update, new_state = self.rule(flat_grad, flat_state, context)
+                    update, new_state = check_rule_output(
+                        self.rule, flat_grad, flat_state, self.rule(flat_grad, flat_state, context)
+                    )
                 else:
                     update, new_state, subset_state = self._subset_step(flat_grad, flat_state, subset, subset_state)
             offset = 0
@@ -558,8 +572,11 @@ class MetaTrainer:
         trajectories are evaluated exactly under ``no_grad`` and only the meta-gradient is sampled.
         """
         with torch.no_grad():
-            update_all, state_all = self.rule(grad, {k: v.detach() for k, v in state.items()})
-        update_sub, new_subset_state = self.rule(grad[subset], subset_state)
+            detached = {k: v.detach() for k, v in state.items()}
+            update_all, state_all = check_rule_output(self.rule, grad, detached, self.rule(grad, detached))
+        update_sub, new_subset_state = check_rule_output(
+            self.rule, grad[subset], subset_state, self.rule(grad[subset], subset_state)
+        )
         scale = grad.numel() / subset.numel()
         # Same value as update_sub; gradient multiplied by `scale`.
         scaled = update_sub.detach() + (update_sub - update_sub.detach()) * scale

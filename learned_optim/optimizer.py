@@ -28,7 +28,7 @@ from learned_optim.functional import (
     learned_step,
     nonfinite_mask,
 )
-from learned_optim.rules.base import StepContext, UpdateRule
+from learned_optim.rules.base import StepContext, UpdateRule, check_state_specs, same_config
 from learned_optim.rules.registry import get_rule_class
 from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
@@ -173,6 +173,7 @@ class LearnedOptimizer(Optimizer):
             is_default=pretrained is None,
             token=token,
         )
+        check_state_specs(self.rule)  # a malformed spec is named here, not inside torch.zeros at the first step
         self.chunk_size = int(chunk_size)
         self.state_dtype = state_dtype
         self.nonfinite = nonfinite
@@ -530,7 +531,7 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(
                 "not a LearnedOptimizer state_dict: it has no 'rule' entry (was it saved by another optimizer?)"
             )
-        if rule_sd.get("rule_type") != self.rule.rule_type or rule_sd.get("config") != self.rule.config:
+        if rule_sd.get("rule_type") != self.rule.rule_type or not same_config(rule_sd.get("config"), self.rule.config):
             raise ValueError(
                 "optimizer state_dict was saved with a different update rule "
                 f"({rule_sd.get('rule_type')} {rule_sd.get('config')}) than this optimizer's "

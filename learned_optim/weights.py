@@ -22,7 +22,7 @@ from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 
 from learned_optim.rules.base import UpdateRule
-from learned_optim.rules.registry import get_rule_class
+from learned_optim.rules.registry import RULE_TYPES, get_rule_class
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -61,6 +61,40 @@ def list_pretrained() -> list[str]:
     )
 
 
+def check_savable(rule: UpdateRule) -> None:
+    """Raise ``ValueError`` unless ``rule`` saved now would load back as the same class and config.
+
+    Loading rebuilds ``RULE_TYPES[rule.rule_type](**config)``, so the rule's class must be the
+    one registered under its ``rule_type`` (a subclass that only inherits its parent's name
+    would load back as the parent, without its changes), and ``config`` must hold exactly the
+    constructor's arguments (else the load fails, long after the save).
+    """
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"save_pretrained expects an UpdateRule, got {type(rule).__name__}")
+    cls = type(rule)
+    name = rule.rule_type
+    if not name:
+        raise ValueError(f"{cls.__qualname__} has no rule_type: set the class attribute rule_type = '<name>'")
+    registered = RULE_TYPES.get(name)
+    # Same module and name: the class was redefined (a re-run notebook cell) since the rule was made.
+    if registered is None or (registered.__module__, registered.__qualname__) != (cls.__module__, cls.__qualname__):
+        loads_as = "nothing (it is not registered)" if registered is None else registered.__qualname__
+        raise ValueError(
+            f"{cls.__qualname__} has rule_type {name!r}, which would load back as {loads_as}; "
+            f"give {cls.__qualname__} its own rule_type (class attribute) so that it is registered"
+        )
+    if not isinstance(rule.config, dict):
+        raise ValueError(f"{cls.__qualname__}.config must be a dict of constructor arguments")
+    expected = cls.config_keys()
+    missing = [k for k in expected if k not in rule.config]
+    unexpected = sorted(set(rule.config) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{cls.__qualname__}.config must hold exactly the constructor's arguments {expected} "
+            f"(loading calls {cls.__qualname__}(**config)): missing {missing}, unexpected {unexpected}"
+        )
+
+
 def save_pretrained(
     rule: UpdateRule,
     save_directory: str | os.PathLike[str],
@@ -69,12 +103,13 @@ def save_pretrained(
 ) -> Path:
     """Write ``rule`` to ``save_directory`` as ``config.json`` + ``model.safetensors``.
 
-    Everything is serialised first (a bad ``metadata`` raises before any file changes), then
+    Everything is checked and serialised first (a rule that would not load back as itself, see
+    :func:`check_savable`, or a config or ``metadata`` that is not plain JSON raises before any
+    file changes), then
     both files are written to temporary names and only then renamed, so an interrupted save
     does not leave a half-written rule where a good one was.
     """
-    if not isinstance(rule, UpdateRule):
-        raise TypeError(f"save_pretrained expects an UpdateRule, got {type(rule).__name__}")
+    check_savable(rule)
     directory = Path(save_directory).expanduser()
     config = {
         "format": FORMAT_NAME,

@@ -798,3 +798,32 @@ def test_repr_names_the_rule_and_lists_the_groups():
     assert "impl: 'eager'" in text
     assert "Parameter Group 0" in text and "Parameter Group 1" in text and "lr: 0.5" in text
     assert text.endswith(")")
+
+
+class TupleConfig(UpdateRule):
+    """A rule whose config holds a tuple: JSON stores it as a list."""
+
+    rule_type = "_test_opt_tuple_config"
+
+    def __init__(self, scales: tuple[float, ...] = (1.0, 0.5)) -> None:
+        super().__init__()
+        self.config = {"scales": scales}
+        self.scales = tuple(scales)
+
+    def state_spec(self):
+        return {}
+
+    def forward(self, grad, state, context=None):
+        return -self.scales[0] * grad, state
+
+
+def test_state_dict_of_a_rule_loads_into_an_optimizer_with_the_rule_loaded_from_its_folder(tmp_path):
+    # The saved folder gives config {"scales": [1.0, 0.5]}, the object {"scales": (1.0, 0.5)}:
+    # the same rule, which load_state_dict used to reject as "a different update rule".
+    rule = TupleConfig()
+    rule.save_pretrained(tmp_path / "r")
+    p = nn.Parameter(torch.ones(3))
+    saved = LearnedOptimizer([p], pretrained=rule).state_dict()
+    LearnedOptimizer([p], pretrained=str(tmp_path / "r")).load_state_dict(saved)
+    with pytest.raises(ValueError, match="different update rule"):
+        LearnedOptimizer([p], pretrained=TupleConfig((1.0, 0.25))).load_state_dict(saved)

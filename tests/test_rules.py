@@ -198,3 +198,114 @@ def test_base_class_requires_implementation():
         rule.state_spec()
     with pytest.raises(NotImplementedError):
         rule(torch.zeros(1), {})
+
+
+def _custom_rule(forward, spec=None, name="_test_rules_custom"):
+    """A rule class whose forward is ``forward`` (registered under ``name``)."""
+    return type(
+        "Custom",
+        (UpdateRule,),
+        {"rule_type": name, "state_spec": lambda self: {"m": (2,)} if spec is None else spec, "forward": forward},
+    )
+
+
+def _m(grad, state):
+    return {"m": state["m"] + grad[:, None]}
+
+
+@pytest.mark.parametrize(
+    ("forward", "match"),
+    [
+        # Each of these used to be silently accepted (broadcast into the state or the params)
+        # or to fail deep inside the step with an error that did not name the rule.
+        (lambda self, g, s, c=None: (-g.mean(), _m(g, s)), r"update of shape \(\), .*expected .*shape \(2,\)"),
+        (lambda self, g, s, c=None: (-g.mean().reshape(1), _m(g, s)), r"update of shape \(1,\)"),
+        (lambda self, g, s, c=None: (-g[:, None], _m(g, s)), r"update of shape \(2, 1\)"),
+        (lambda self, g, s, c=None: (-g.to(torch.complex64), _m(g, s)), "complex64"),
+        (lambda self, g, s, c=None: -g, r"must return \(update, new_state\)"),
+        (lambda self, g, s, c=None: (-g, {"m": g}), r"new_state\['m'\] has shape \(2,\).*expected \(2, 2\)"),
+        (lambda self, g, s, c=None: (-g, {}), r"new_state has keys \[\], expected \['m'\]"),
+        (lambda self, g, s, c=None: (-g, {**_m(g, s), "x": g}), r"keys \['m', 'x'\], expected \['m'\]"),
+        (lambda self, g, s, c=None: (-g, {"m": _m(g, s)["m"].double()}), r"dtype torch.float64.*float32"),
+    ],
+)
+def test_a_wrong_forward_output_is_named_in_the_optimizer_and_in_full_step(forward, match):
+    from learned_optim import LearnedOptimizer
+
+    try:
+        rule = _custom_rule(forward)()
+        p = torch.nn.Parameter(torch.zeros(2))  # 2 coordinates: a (2,) state broadcasts into (2, 2)
+        opt = LearnedOptimizer([p], pretrained=rule)
+        p.grad = torch.ones(2)
+        with pytest.raises((ValueError, TypeError), match=match):
+            opt.step()
+        assert torch.equal(p.detach(), torch.zeros(2))  # checked before anything changed
+        with pytest.raises((ValueError, TypeError), match=match):
+            rule.full_step(torch.ones(2), rule.init_state(2), torch.zeros(2, dtype=torch.int64), 1)
+    finally:
+        RULE_TYPES.pop("_test_rules_custom", None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"m": 2}, r"state_spec\(\)\['m'\] must be a tuple of sizes, got 2"),
+        ({"m": (2.5,)}, r"state_spec\(\)\['m'\] must be a tuple of sizes"),
+        ({"m": (-1,)}, r"state_spec\(\)\['m'\] must be a tuple of sizes"),
+        ({3: ()}, "names must be strings"),
+        ({"segment.m": ()}, "segment."),
+        ([("m", ())], "must return a dict"),
+    ],
+)
+def test_a_bad_state_spec_is_named_when_the_optimizer_is_built(spec, match):
+    from learned_optim import LearnedOptimizer
+
+    try:
+        rule = _custom_rule(lambda self, g, s, c=None: (-g, s), spec=spec)()
+        with pytest.raises(ValueError, match=match):
+            LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], pretrained=rule)
+    finally:
+        RULE_TYPES.pop("_test_rules_custom", None)
+
+
+def test_a_rule_type_of_a_built_in_rule_cannot_be_taken():
+    # It used to replace CoordinateLSTM in the registry: every bundled LSTM then failed to load.
+    with pytest.raises(ValueError, match="built-in"):
+
+        class _Mine(UpdateRule):
+            rule_type = "CoordinateLSTM"
+
+    assert RULE_TYPES["CoordinateLSTM"] is CoordinateLSTM
+
+
+def test_register_rule_needs_a_rule_type_and_a_rule_class():
+    from learned_optim.rules import register_rule
+
+    class _Nameless(UpdateRule):
+        pass
+
+    with pytest.raises(ValueError, match="rule_type"):
+        register_rule(_Nameless)
+    with pytest.raises(TypeError, match="UpdateRule subclass"):
+        register_rule(dict)
+    assert "" not in RULE_TYPES
+
+
+def test_another_class_taking_a_users_rule_type_warns_but_a_redefinition_does_not():
+    import warnings
+
+    def define(qualname):
+        cls = type(qualname, (UpdateRule,), {"rule_type": "_test_rules_taken", "__qualname__": qualname})
+        return cls
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            define("First")
+            second = define("First")  # re-running a notebook cell: replaced silently
+        assert RULE_TYPES["_test_rules_taken"] is second
+        with pytest.warns(UserWarning, match="replaces"):
+            third = define("Other")
+        assert RULE_TYPES["_test_rules_taken"] is third
+    finally:
+        RULE_TYPES.pop("_test_rules_taken", None)

@@ -397,3 +397,41 @@ def test_missing_default_lists_bundled_names(tmp_path, rule, monkeypatch):
     with pytest.raises(PretrainedError, match="only-this-one") as info:
         LearnedOptimizer(_param())
     assert DEFAULT_RULE in str(info.value)
+
+
+def test_save_refuses_a_rule_that_would_not_load_back_as_itself(tmp_path):
+    class _Tweaked(CoordinateLSTM):  # inherits rule_type, changes the math: not registered
+        def forward(self, grad, state, context=None):
+            update, new_state = super().forward(grad, state, context)
+            return 2 * update, new_state
+
+    # It used to be saved as "CoordinateLSTM" and load back as the plain LSTM, silently.
+    with pytest.raises(ValueError, match=r"would load back as .*CoordinateLSTM.*own rule_type"):
+        save_pretrained(_Tweaked(), tmp_path / "tweaked")
+
+    class _Nameless(UpdateRule):
+        def state_spec(self):
+            return {}
+
+    with pytest.raises(ValueError, match="has no rule_type"):
+        _Nameless().save_pretrained(tmp_path / "nameless")
+
+    class _ForgotConfig(UpdateRule):
+        rule_type = "_test_weights_forgot_config"
+
+        def __init__(self, step: float = 0.1, beta: float = 0.9) -> None:
+            super().__init__()
+            self.config = {"step": step, "gamma": beta}  # "beta" missing, "gamma" not an argument
+
+        def state_spec(self):
+            return {}
+
+    try:
+        # Saving used to succeed; loading then failed with "missing config keys".
+        with pytest.raises(ValueError, match=r"missing \['beta'\].*unexpected \['gamma'\]"):
+            _ForgotConfig().save_pretrained(tmp_path / "forgot")
+    finally:
+        from learned_optim.rules import RULE_TYPES
+
+        RULE_TYPES.pop("_test_weights_forgot_config", None)
+    assert not any((tmp_path / d).exists() for d in ("tweaked", "nameless", "forgot"))

@@ -9,6 +9,7 @@ under ``no_grad`` and inside ``meta_fit`` with autograd through the rule's weigh
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -69,6 +70,84 @@ def config_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be true or false, got {value!r}")
     return value
+
+
+def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two rule configs are equal as ``config.json`` stores them.
+
+    JSON has no tuples: a rule built with ``(1, 2)`` and the same rule loaded from its folder
+    (``[1, 2]``) have the same config.
+    """
+    if a == b:
+        return True
+    try:
+        return json.loads(json.dumps(a, sort_keys=True)) == json.loads(json.dumps(b, sort_keys=True))
+    except (TypeError, ValueError):  # not JSON: only == can tell
+        return False
+
+
+def check_state_specs(rule: UpdateRule) -> None:
+    """Raise ``ValueError`` naming the hook unless the rule's state specs are well formed.
+
+    Each of ``state_spec()``, ``segment_state_spec()`` and ``global_state_spec()`` must be a
+    dict of string names to tuples of sizes. Checked when an optimizer or meta-trainer is
+    built: a spec like ``{"m": 2}`` used to fail inside ``torch.zeros`` with no rule named.
+    """
+    name = type(rule).__name__
+    for hook in ("state_spec", "segment_state_spec", "global_state_spec"):
+        spec = getattr(rule, hook)()
+        if not isinstance(spec, dict):
+            raise ValueError(f"{name}.{hook}() must return a dict of name -> shape tuple, got {spec!r}")
+        for key, shape in spec.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{name}.{hook}(): state names must be strings, got {key!r}")
+            if hook == "state_spec" and key.startswith("segment."):
+                # The optimizer keeps per-tensor state under "rule.segment.<name>": such a name
+                # would be read back as per-tensor state.
+                raise ValueError(
+                    f"{name}.{hook}(): the name {key!r} is reserved "
+                    f"(names must not start with 'segment.')"
+                )
+            if not (
+                isinstance(shape, (tuple, list))
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            ):
+                raise ValueError(
+                    f"{name}.{hook}()[{key!r}] must be a tuple of sizes, got {shape!r} "
+                    "(() for one number per coordinate, (k,) for k numbers)"
+                )
+
+
+def check_rule_output(rule: UpdateRule, grad: Tensor, state: RuleState, output: Any) -> tuple[Tensor, RuleState]:
+    """``output`` of ``rule(grad, state, ...)`` as ``(update, new_state)``, checked against the contract.
+
+    The update must be a floating-point tensor shaped like ``grad``; ``new_state`` must have
+    the keys, shapes and dtypes of ``state``. Without this check a ``(1,)`` update or a
+    ``(n,)`` state for a ``(n, 2)`` spec broadcast silently into the parameters or the state.
+    Only shapes and dtypes are compared: no values are read (no host sync).
+    """
+    name = type(rule).__name__
+    if not (isinstance(output, (tuple, list)) and len(output) == 2):
+        raise TypeError(f"{name}.forward must return (update, new_state), got {type(output).__name__}")
+    update, new_state = output
+    if not (isinstance(update, Tensor) and update.shape == grad.shape and update.is_floating_point()):
+        got = f"shape {tuple(update.shape)}, dtype {update.dtype}" if isinstance(update, Tensor) else repr(update)
+        raise ValueError(
+            f"{name}.forward returned an update of {got}; expected a real floating-point tensor of "
+            f"shape {tuple(grad.shape)} (one value per coordinate, like grad)"
+        )
+    if not isinstance(new_state, dict) or new_state.keys() != state.keys():
+        keys = sorted(new_state) if isinstance(new_state, dict) else type(new_state).__name__
+        raise ValueError(f"{name}.forward: new_state has keys {keys}, expected {sorted(state)} (those of state_spec())")
+    for key, old in state.items():
+        new = new_state[key]
+        if not (isinstance(new, Tensor) and new.shape == old.shape and new.dtype == old.dtype):
+            got = f"shape {tuple(new.shape)} and dtype {new.dtype}" if isinstance(new, Tensor) else repr(new)
+            raise ValueError(
+                f"{name}.forward: new_state[{key!r}] has {got}, expected {tuple(old.shape)} and {old.dtype} "
+                f"like state[{key!r}] (cast it back with .to(state[{key!r}].dtype))"
+            )
+    return update, new_state
 
 
 class UpdateRule(nn.Module):
@@ -175,7 +254,7 @@ class UpdateRule(nn.Module):
         if global_state is None:
             global_state = self.init_global_state(grad.device)
         context = StepContext(segment_ids, num_segments, segment_state, global_state)
-        update, new_state = self(grad, state, context)
+        update, new_state = check_rule_output(self, grad, state, self(grad, state, context))
         if not self.segment_state_spec() and not self.global_state_spec():
             return update, new_state, segment_state, global_state
         counts = torch.bincount(segment_ids, minlength=num_segments).to(grad.dtype)
@@ -189,7 +268,7 @@ class UpdateRule(nn.Module):
         also accept configs it can extend without changing what the rule computes (see
         ``HierarchicalRNN``). Raises ValueError naming both configs otherwise.
         """
-        if other.rule_type != self.rule_type or other.config != self.config:
+        if other.rule_type != self.rule_type or not same_config(other.config, self.config):
             raise ValueError(
                 f"its rule is {other.rule_type} {other.config}, not the {self.rule_type} {self.config} asked for"
             )
