@@ -153,6 +153,17 @@ def copy_bandwidth(device: torch.device, megabytes: int = 512) -> float:
     return 2 * src.numel() * 4 / min(times)
 
 
+def _speedup(reference_ms: float, ms: float) -> str:
+    """``reference_ms`` against ``ms`` in words: "0.9x faster" used to stand for a slowdown."""
+    ratio = reference_ms / ms
+    return f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+
+
+def _count(total: int) -> str:
+    """A parameter count as in ``--sizes`` (10K, 1M): small sizes used to print as "0.0M"."""
+    return f"{total / 1e6:.1f}M" if total >= 100_000 else f"{total / 1e3:.0f}K"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,10M", help="comma separated parameter counts (K/M suffixes)")
@@ -227,8 +238,8 @@ def main() -> None:
             naive = rows.get(f"{rule_name} naive loop", (0.0, 0))[0]
             port = rows.get(f"{rule_name} typical port", (0.0, 0))[0]
             is_baseline = "naive" in name or "typical" in name or rule_name == "AdamW"
-            vs_naive = f"{naive / ms:.1f}x faster" if naive and not is_baseline else "-"
-            vs_port = f"{port / ms:.1f}x faster" if port and not is_baseline else "-"
+            vs_naive = _speedup(naive, ms) if naive and not is_baseline else "-"
+            vs_port = _speedup(port, ms) if port and not is_baseline else "-"
             floor = "-"
             temp = "-"
             if rule_name == "LSTM" and "state" in name:
@@ -240,7 +251,7 @@ def main() -> None:
                     temp = f"{100 * measured / state_bytes:.1f}%"
                 elif device.type == "cuda":
                     temp = f"{100 * peak / state_bytes:.1f}%"
-            cells = [f"{total / 1e6:.1f}M", name, f"{ms:.1f}", f"{ms / adam:.0f}x", vs_naive, vs_port, floor, temp]
+            cells = [_count(total), name, f"{ms:.1f}", f"{ms / adam:.0f}x", vs_naive, vs_port, floor, temp]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 
