@@ -66,7 +66,7 @@ def half_decade(exponent: int) -> float:
 DEFAULT_GRID = tuple(half_decade(k) for k in range(-8, 3))
 METRICS = ("mean_loss", "final_loss", "test_loss")
 # Part of every cache key: bump when what a run measures changes (runs cached before are ignored).
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: a diverged run's held-out loss is NaN when the task has no test_set
 
 
 @dataclass
@@ -149,7 +149,9 @@ def run_once(
             losses.append(value)
     seconds = time.perf_counter() - start
     if diverged or any(not math.isfinite(p.detach().abs().sum()) for p in model.parameters()):
-        return RunResult([*losses, float("inf")], float("inf"), float("inf"), float("inf"), seconds)
+        # NaN, not inf, without a held-out split: "no such metric", as for a run that converged.
+        test = float("inf") if instance.test_set is not None else float("nan")
+        return RunResult([*losses, float("inf")], float("inf"), float("inf"), test, seconds)
     was_training = model.training
     model.eval()
     train = instance.train_set
@@ -255,12 +257,13 @@ def _aggregate(name: str, runs: Sequence[RunResult]) -> dict[str, Any]:
     def mean(xs: Sequence[float]) -> float:
         return float(sum(xs) / len(xs)) if all(math.isfinite(x) for x in xs) else float("inf")
 
+    tests = [r.test_loss for r in runs]
     return {
         "mean_loss": mean([r.mean_loss for r in runs]),
         "final_loss": mean([r.final_loss for r in runs]),
-        "test_loss": mean([r.test_loss for r in runs])
-        if all(math.isfinite(r.test_loss) for r in runs)
-        else float("nan"),
+        # NaN only for a task without a held-out split; a diverged seed makes it inf (it used
+        # to be NaN too, which read as "no held-out split").
+        "test_loss": float("nan") if any(math.isnan(x) for x in tests) else mean(tests),
         "seconds": sum(r.seconds for r in runs),
     }
 
@@ -324,7 +327,16 @@ def tune_baseline(
             break
         for lr in sorted(edges):
             evaluate(lr)
-    if max_widen and edge_optima():
+    scored = [_aggregate(name, runs) for runs in results.values()]
+    if not any(math.isfinite(a["mean_loss"]) or math.isfinite(a["final_loss"]) for a in scored):
+        # No best lr at all: "still at the edge ... may be better beyond it" misled here.
+        warnings.warn(
+            f"compare: {name} diverged at every learning rate tried ({min(results):g} .. {max(results):g}); "
+            "it is reported as inf with no learning rate",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif max_widen and edge_optima():
         warnings.warn(
             f"compare: {name}'s best learning rate is still at the edge of the grid after widening it "
             f"{max_widen} times ({min(results):g} .. {max(results):g}); its tuned result may be better "
@@ -348,7 +360,10 @@ def tune_baseline(
                 best_lr[metric] = pick
             else:
                 best_lr["test_loss"] = pick
-        summary[metric] = table[pick][metric] if pick is not None else float("inf")
+        if pick is not None:
+            summary[metric] = table[pick][metric]
+        else:  # no finite lr: NaN where every lr says NaN (no held-out split), else inf
+            summary[metric] = float("nan") if all(math.isnan(table[lr][metric]) for lr in lrs) else float("inf")
     chosen = best_lr["final_loss"] if best_lr["final_loss"] is not None else lrs[0]
     return OptimizerSummary(
         name=name,

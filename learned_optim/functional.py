@@ -17,12 +17,31 @@ from torch import Tensor
 
 from learned_optim.rules.base import RuleState, StepContext, UpdateRule, check_rule_output
 
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FUSED_CHUNK_SIZE",
+    "FlatState",
+    "StepEntry",
+    "fused_learned_step",
+    "learned_step",
+    "nonfinite_mask",
+    "plan_chunks",
+]
+
 DEFAULT_CHUNK_SIZE = 1 << 16
+NONFINITE_MODES = ("skip", "error")
 
 
 @dataclass
 class StepEntry:
-    """One parameter tensor's view of a step: its data, gradient, rule state and group options."""
+    """One parameter tensor's view of a step: its data, gradient, rule state and group options.
+
+    ``param`` is a floating-point tensor, updated in place; ``grad`` has its number of elements
+    (any floating dtype: it is cast to fp32); ``state`` holds, for every key of
+    ``rule.state_spec()``, a tensor of shape ``(param.numel(), *spec)``; ``segment_state``
+    (rules with tensor-level state) holds a ``(1, *spec)`` row per key of
+    ``rule.segment_state_spec()``. Everything lives on the param's device.
+    """
 
     param: Tensor
     grad: Tensor
@@ -47,6 +66,7 @@ def plan_chunks(numels: Sequence[int], chunk_size: int, keep_whole: bool = False
     chunk instead), so rules with per-tensor statistics see it whole, as in meta-training;
     only tensors larger than a chunk are split.
     """
+    _check_chunk_size(chunk_size)
     chunk: list[_Piece] = []
     room = chunk_size
     for index, numel in enumerate(numels):
@@ -72,6 +92,75 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> Tensor:
     flat = [g.detach().reshape(-1) if g.numel() else g.new_zeros(1) for g in grads]
     maxima = torch._foreach_norm(flat, float("inf"))
     return ~torch.isfinite(torch.stack([m.float() for m in maxima]))
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    # 0 used to loop for ever in plan_chunks (a chunk with no room never fills).
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def _check_step(
+    rule: UpdateRule, entries: Sequence[StepEntry], nonfinite: str, global_state: RuleState | None, caller: str
+) -> None:
+    """Raise ``ValueError`` unless ``entries`` fit ``rule`` and each other.
+
+    Only metadata is read (shapes, dtypes, devices, keys: no host sync), and all of it before
+    anything is modified: a mismatch used to surface in a later chunk, after earlier chunks had
+    been stepped, or not at all (a longer gradient was silently cut to the param's size).
+    """
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    name = type(rule).__name__
+    spec = {k: tuple(v) for k, v in rule.state_spec().items()}
+    segment_spec = {k: tuple(v) for k, v in rule.segment_state_spec().items()}
+    hierarchical = bool(segment_spec or rule.global_state_spec())
+    if hierarchical:
+        if global_state is None:
+            raise ValueError(f"{name} keeps global state: pass global_state to {caller}")
+        missing = [i for i, e in enumerate(entries) if e.segment_state is None]
+        if missing:
+            raise ValueError(
+                f"{name} keeps per-tensor state: entries {missing} have no segment_state "
+                "(rule.init_segment_state(1) for a fresh tensor)"
+            )
+    device = entries[0].param.device
+    for i, e in enumerate(entries):
+        where = f"{caller}: entry {i}"
+        if not e.param.is_floating_point():
+            raise ValueError(f"{where}: param must be a floating-point tensor, got {e.param.dtype}")
+        if not e.grad.is_floating_point() or e.grad.numel() != e.param.numel():
+            raise ValueError(
+                f"{where}: grad ({tuple(e.grad.shape)}, {e.grad.dtype}) must be floating point with the "
+                f"param's {e.param.numel()} elements"
+            )
+        if set(e.state) != set(spec):
+            raise ValueError(f"{where} has state keys {sorted(e.state)}, expected {sorted(spec)} ({name}.state_spec())")
+        tensors = [("param", e.param), ("grad", e.grad)]
+        for k, trailing in spec.items():
+            if tuple(e.state[k].shape) != (e.param.numel(), *trailing):
+                raise ValueError(
+                    f"{where}: state[{k!r}] has shape {tuple(e.state[k].shape)}, expected "
+                    f"{(e.param.numel(), *trailing)} (one row per element of the param)"
+                )
+            tensors.append((f"state[{k!r}]", e.state[k]))
+        if hierarchical:
+            if set(e.segment_state) != set(segment_spec):
+                raise ValueError(
+                    f"{where} has segment_state keys {sorted(e.segment_state)}, expected {sorted(segment_spec)}"
+                )
+            for k, trailing in segment_spec.items():
+                if tuple(e.segment_state[k].shape) != (1, *trailing):
+                    raise ValueError(
+                        f"{where}: segment_state[{k!r}] has shape {tuple(e.segment_state[k].shape)}, "
+                        f"expected {(1, *trailing)}"
+                    )
+                tensors.append((f"segment_state[{k!r}]", e.segment_state[k]))
+        for label, t in tensors:
+            if t.device != device:
+                raise ValueError(
+                    f"{where}: {label} is on {t.device}, entry 0's param on {device} (one device per step)"
+                )
 
 
 def _screen_gradients(entries: Sequence[StepEntry], nonfinite: str, host_check: bool) -> tuple[Tensor, bool]:
@@ -110,20 +199,17 @@ def learned_step(
 
     Returns:
         A bool tensor marking the entries that were skipped (``None`` if no entries).
+
+    Raises:
+        ValueError: before anything is modified, for a bad ``chunk_size`` or ``nonfinite``, a
+            missing ``global_state`` or ``segment_state``, or entries that do not fit the rule
+            (state keys or shapes, gradient size, non-float param, tensors on other devices).
+        FloatingPointError: with ``nonfinite="error"``, before anything is modified.
     """
     if not entries:
         return None
-    if rule.segment_state_spec() or rule.global_state_spec():
-        # Checked before anything changes (a missing global state used to be noticed only after
-        # the parameters and their state had been updated).
-        if global_state is None:
-            raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to learned_step")
-        missing = [i for i, e in enumerate(entries) if e.segment_state is None]
-        if missing:
-            raise ValueError(
-                f"{type(rule).__name__} keeps per-tensor state: entries {missing} have no segment_state "
-                "(rule.init_segment_state(1) for a fresh tensor)"
-            )
+    _check_chunk_size(chunk_size)
+    _check_step(rule, entries, nonfinite, global_state, "learned_step")
     device = entries[0].param.device
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
@@ -370,14 +456,21 @@ def fused_learned_step(
     For a rule with tensor-level state (``global_state`` given, updated in place) the kernel
     runs once over all coordinates: each tensor's update is normalised over the whole tensor,
     then the tensor and global levels advance (:meth:`UpdateRule.finalize`), as in
-    :func:`learned_step`.
+    :func:`learned_step`. Raises as :func:`learned_step` does, and ``ValueError`` when the
+    entries' state is not ``flat``'s views; all before anything is modified.
     """
     if not entries:
         return None
     device = entries[0].param.device
     hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
-    if hierarchical and global_state is None:
-        raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to fused_learned_step")
+    _check_chunk_size(chunk_size)
+    _check_step(rule, entries, nonfinite, global_state, "fused_learned_step")
+    if not flat.holds([e.state for e in entries]):
+        # The kernel writes flat's buffers: state of the entries' own would silently not advance.
+        raise ValueError(
+            "fused_learned_step: the entries' state must be flat's views (entry.state = flat.views(i)), "
+            "one entry per tensor of flat, in order"
+        )
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
     keep_flags = keep.to(torch.uint8) if masked else None

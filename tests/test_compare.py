@@ -331,3 +331,52 @@ def test_corrupt_cache_is_ignored(tmp_path):
     path = tmp_path / "cache.json"
     path.write_text("{broken")
     assert ResultCache(path).data == {}
+
+
+# ---------------------------------------------------------------------------- every lr diverges
+class _Explodes(torch.nn.Module):
+    """Its output is inf from the first step: every optimizer at every lr diverges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.w * x.sum(1, keepdim=True) * float("inf")
+
+
+def _exploding_task(test_set: bool):
+    from tiny_tasks import TEST_X, TEST_Y, TRAIN_X, TRAIN_Y
+
+    from learned_optim.tasks import Task
+
+    return Task(
+        model=_Explodes,
+        loss=torch.nn.functional.mse_loss,
+        data=tiny_sampler,
+        train_set=(TRAIN_X, TRAIN_Y),
+        test_set=(TEST_X, TEST_Y) if test_set else None,
+        name="explodes",
+    )
+
+
+@pytest.mark.parametrize("test_set", [True, False], ids=["with-test-set", "no-test-set"])
+def test_held_out_loss_of_diverged_runs_is_inf_and_nan_only_without_a_test_set(test_set):
+    # A diverged learned rule showed held-out "nan" (read: no held-out split) on a task with one,
+    # and an all-diverged baseline "inf" on a task without one, while its grid said "nan".
+    task = _exploding_task(test_set)
+    result = compare(task, rules=[small_rule()], steps=2, seeds=1, baselines=("sgd",), grid=(0.1,), progress=False)
+    expected = float("inf") if test_set else float("nan")
+    for summary in result.results:
+        assert math.isinf(summary.mean_loss) and math.isinf(summary.final_loss)
+        assert str(summary.test_loss) == str(expected), summary.name
+        assert all(str(v["test_loss"]) == str(expected) for v in summary.grid.values())
+    sgd = result.results[1]
+    assert sgd.best_lr == {"mean_loss": None, "final_loss": None}
+
+
+def test_every_lr_diverging_warns_so_not_that_the_best_is_at_an_edge():
+    task = _exploding_task(True)
+    with pytest.warns(RuntimeWarning, match="diverged at every learning rate") as caught:
+        tune_baseline("sgd", BASELINES["sgd"], task, "explodes", [0], 2, grid=(0.1, 1.0), max_widen=1)
+    assert not any("edge of the grid" in str(w.message) for w in caught)

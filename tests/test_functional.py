@@ -1,0 +1,152 @@
+"""learned_optim.functional used directly: malformed entries and arguments are refused with a
+clear error before anything is modified, and the functional step equals the optimizer's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import learned_optim.functional as F
+from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
+from learned_optim.functional import FlatState, StepEntry, fused_learned_step, learned_step
+
+
+def entry(rule, n, grad=None, state=None, **kw):
+    torch.manual_seed(n)
+    return StepEntry(
+        param=torch.randn(n),
+        grad=torch.randn(n) if grad is None else grad,
+        state=rule.init_state(n) if state is None else state,
+        lr=0.1,
+        weight_decay=0.0,
+        maximize=False,
+        **kw,
+    )
+
+
+def snapshot(entries):
+    return [(e.param.clone(), {k: v.clone() for k, v in e.state.items()}) for e in entries]
+
+
+def unchanged(entries, before):
+    return all(
+        torch.equal(e.param, p) and all(torch.equal(e.state[k], v) for k, v in s.items())
+        for e, (p, s) in zip(entries, before, strict=True)
+    )
+
+
+def malformed_cases(rule):
+    """(label, entries, error pattern): the second entry is the malformed one."""
+    missing = entry(rule, 10)
+    del missing.state["c"]
+    extra = entry(rule, 10)
+    extra.state["extra"] = torch.zeros(10)
+    return [
+        ("missing state key", [entry(rule, 10), missing], r"entry 1.*state keys"),
+        ("extra state key", [entry(rule, 10), extra], r"entry 1.*state keys"),
+        ("short state", [entry(rule, 10), entry(rule, 10, state=rule.init_state(5))], r"entry 1.*state\['h'\]"),
+        ("short grad", [entry(rule, 10), entry(rule, 10, grad=torch.randn(5))], r"entry 1.*grad"),
+        ("long grad", [entry(rule, 10), entry(rule, 10, grad=torch.randn(20))], r"entry 1.*grad"),
+        ("meta grad", [entry(rule, 10), entry(rule, 10, grad=torch.randn(10, device="meta"))], r"entry 1.*device"),
+        (
+            "integer param",
+            [
+                entry(rule, 10),
+                StepEntry(torch.zeros(3, dtype=torch.long), torch.ones(3), rule.init_state(3), 0.1, 0.0, False),
+            ],
+            r"entry 1.*floating",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_malformed_entries_raise_before_anything_changes(case):
+    rule = CoordinateLSTM()
+    label, entries, pattern = malformed_cases(rule)[case]
+    before = snapshot(entries)
+    # chunk_size 8: the first entry's first chunk used to be stepped before the error.
+    with pytest.raises(ValueError, match=pattern):
+        learned_step(rule, entries, chunk_size=8)
+    assert unchanged(entries, before), label
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5])
+def test_bad_chunk_size_is_refused(chunk_size):
+    # chunk_size=0 used to loop for ever in plan_chunks (allocating as it went).
+    rule = CoordinateLSTM()
+    with pytest.raises(ValueError, match="chunk_size"):
+        learned_step(rule, [entry(rule, 3)], chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="chunk_size"):
+        list(F.plan_chunks([3], chunk_size))
+
+
+def test_unknown_nonfinite_mode_is_refused():
+    rule = CoordinateLSTM()
+    with pytest.raises(ValueError, match="nonfinite"):
+        learned_step(rule, [entry(rule, 3)], nonfinite="raise")
+
+
+def flat_entries(rule, sizes, **kw):
+    entries = [entry(rule, n, **kw) for n in sizes]
+    flat = FlatState.gather([e.state for e in entries], sizes)
+    for i, e in enumerate(entries):
+        e.state = flat.views(i)
+    return entries, flat
+
+
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in CoordinateLSTM().fused_impls(), reason="no C compiler")
+
+
+@needs_cpu_kernel
+def test_fused_step_refuses_state_that_is_not_the_flat_views():
+    # The kernel updated flat's buffers while the entries' own state stayed as it was.
+    rule = CoordinateLSTM()
+    entries = [entry(rule, 5), entry(rule, 3)]
+    flat = FlatState.gather([e.state for e in entries], [5, 3])
+    before = snapshot(entries)
+    with pytest.raises(ValueError, match="views"):
+        fused_learned_step(rule, "cpu", entries, flat)
+    assert unchanged(entries, before)
+
+
+@pytest.mark.skipif("cpu" not in HierarchicalRNN().fused_impls(), reason="no C compiler")
+def test_fused_hierarchical_step_without_segment_state_raises_clearly():
+    rule = HierarchicalRNN()
+    entries, flat = flat_entries(rule, [5, 3])
+    with pytest.raises(ValueError, match=r"entries \[0, 1\] have no segment_state"):
+        fused_learned_step(rule, "cpu", entries, flat, global_state=rule.init_global_state())
+
+
+@pytest.mark.parametrize("impl", ["eager", "cpu"])
+def test_functional_step_equals_the_optimizer_step(impl):
+    rule = CoordinateLSTM()
+    if impl not in ("eager", *rule.fused_impls()):
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(7))]
+    grads = [torch.randn_like(p) for p in params]
+    opt = LearnedOptimizer(params, pretrained=rule, lr=0.5, weight_decay=0.1, impl=impl, chunk_size=5)
+    entries = [
+        StepEntry(p.detach().clone(), g, rule.init_state(p.numel()), 0.5, 0.1, False)
+        for p, g in zip(params, grads, strict=True)
+    ]
+    flat = FlatState.gather([e.state for e in entries], [e.param.numel() for e in entries])
+    if impl != "eager":
+        for i, e in enumerate(entries):
+            e.state = flat.views(i)
+    for _ in range(2):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+        if impl == "eager":
+            learned_step(opt.rule, entries, chunk_size=5)
+        else:
+            fused_learned_step(opt.rule, "cpu", entries, flat)
+    for p, e in zip(params, entries, strict=True):
+        torch.testing.assert_close(p.detach(), e.param, rtol=0, atol=0)
+
+
+def test_public_api_is_declared():
+    assert set(F.__all__) >= {"StepEntry", "FlatState", "learned_step", "fused_learned_step", "plan_chunks"}
+    assert all(hasattr(F, name) for name in F.__all__)
