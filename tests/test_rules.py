@@ -309,3 +309,118 @@ def test_another_class_taking_a_users_rule_type_warns_but_a_redefinition_does_no
         assert RULE_TYPES["_test_rules_taken"] is third
     finally:
         RULE_TYPES.pop("_test_rules_taken", None)
+
+
+def _hand_momenta(grads: list[float], decays: list[float], rms_decay: float) -> list[float]:
+    """The scaled momentum inputs after the last gradient, for one coordinate."""
+    m, v = None, None
+    for g in grads:
+        if v is None or v == 0:
+            m, v = [g] * len(decays), g * g
+        else:
+            m = [d * mi + (1 - d) * g for d, mi in zip(decays, m, strict=True)]
+            v = rms_decay * v + (1 - rms_decay) * g * g
+    return [mi / math.sqrt(v + 1e-30) for mi in m]
+
+
+def test_momentum_inputs_match_hand_computation_and_grow_the_state():
+    decays = [0.5, 0.9]
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=decays, rms_decay=0.95).double()
+    assert rule.weights[0].shape == (16, 2 + 2 + 4)
+    assert rule.state_spec()["m"] == (2,) and rule.state_spec()["v"] == ()
+    assert rule.state_bytes_per_coordinate() == 2 * 2 * 4 * 4 + 3 * 4
+    assert rule.fused_impls() == ()  # the kernels compute the paper's inputs only
+    torch.manual_seed(0)
+    history = torch.randn(5, 3, dtype=torch.float64)
+    history[:2, 1] = 0.0  # a coordinate whose first gradients are zero starts later
+    state = rule.init_state(3, dtype=torch.float64)
+    for g in history:
+        momenta, m, v = rule.momentum_features(g, state)
+        _, state = rule(g, state)
+        assert torch.equal(state["m"], m) and torch.equal(state["v"], v)
+    for i in range(3):
+        expected = _hand_momenta(history[:, i].tolist(), decays, 0.95)
+        assert momenta[i].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_momentum_inputs_of_all_zero_gradients_are_zero_not_nan():
+    rule = CoordinateLSTM(hidden_size=3, momentum_decays=[0.9])
+    state = rule.init_state(2)
+    update, state = rule(torch.zeros(2), state)
+    update, state = rule(torch.zeros(2), state)
+    assert torch.isfinite(update).all() and torch.isfinite(state["m"]).all()
+
+
+def test_init_from_a_rule_without_momentum_computes_the_same_updates():
+    torch.manual_seed(1)
+    base = CoordinateLSTM(hidden_size=5)
+    extended = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99])
+    extended.init_from(base)
+    state_a, state_b = base.init_state(7), extended.init_state(7)
+    for _ in range(4):
+        g = torch.randn(7)
+        update_a, state_a = base(g, state_a)
+        update_b, state_b = extended(g, state_b)
+        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-7)
+    # the new inputs are trainable from there: their weights get meta-gradients
+    update_b.sum().backward()
+    assert extended.weights[0].grad[:, 2:4].abs().sum() > 0
+
+
+def test_init_from_refuses_what_it_cannot_extend():
+    with pytest.raises(ValueError, match="hidden_size"):
+        CoordinateLSTM(hidden_size=4, momentum_decays=[0.9]).init_from(CoordinateLSTM(hidden_size=5))
+    with pytest.raises(ValueError, match="momentum_decays"):
+        CoordinateLSTM(momentum_decays=[0.9]).init_from(CoordinateLSTM(momentum_decays=[0.5]))
+    with pytest.raises(ValueError, match="momentum_decays"):
+        CoordinateLSTM().init_from(CoordinateLSTM(momentum_decays=[0.5]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"momentum_decays": [1.0]}, r"momentum_decays\[0\] must be in \[0, 1\)"),
+        ({"momentum_decays": [0.9, float("nan")]}, r"momentum_decays\[1\]"),
+        ({"momentum_decays": "0.9"}, "momentum_decays must be a list"),
+        ({"momentum_decays": 0.9}, "momentum_decays must be a list"),
+        ({"rms_decay": -0.1}, "rms_decay must be in"),
+    ],
+)
+def test_momentum_config_is_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CoordinateLSTM(**kwargs)
+
+
+def test_momentum_rule_in_the_optimizer_saves_loads_and_resumes(tmp_path):
+    from learned_optim import LearnedOptimizer
+
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9])
+    rule.save_pretrained(str(tmp_path / "rule"))
+    loaded = CoordinateLSTM.from_pretrained(str(tmp_path / "rule"))
+    assert loaded.config == rule.config
+
+    def model_and_batches():
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2), [torch.randn(8, 3) for _ in range(6)]
+
+    def train(opt, model, batches):
+        for x in batches:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    model, batches = model_and_batches()
+    opt = LearnedOptimizer(model.parameters(), pretrained=str(tmp_path / "rule"))
+    train(opt, model, batches)
+    straight = [p.detach().clone() for p in model.parameters()]
+
+    model, batches = model_and_batches()
+    opt = LearnedOptimizer(model.parameters(), pretrained=str(tmp_path / "rule"))
+    train(opt, model, batches[:3])
+    saved = opt.state_dict()
+    assert "rule.m" in saved["state"][0] and "rule.v" in saved["state"][0]
+    opt = LearnedOptimizer(model.parameters(), pretrained=str(tmp_path / "rule"))
+    opt.load_state_dict(saved)
+    train(opt, model, batches[3:])
+    for a, b in zip(straight, model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -2,7 +2,9 @@
 
 Two stacked LSTM layers are shared by every coordinate; each coordinate keeps its own
 hidden and cell state. The input is the (optionally log/sign preprocessed) gradient, the
-output a linear read-out of the top layer times ``output_scale``.
+output a linear read-out of the top layer times ``output_scale``. Optionally the input also
+holds gradient averages at several time scales, each divided by the root of a running mean
+square (scale-free momenta, as the hierarchical RNN of Wichrowska et al. 2017 gets).
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
+from learned_optim.rules.base import (
+    RuleState,
+    StepContext,
+    UpdateRule,
+    config_bool,
+    config_float,
+    config_int,
+    same_config,
+)
 from learned_optim.rules.preprocess import log_sign_preprocess
 
 
@@ -45,9 +55,18 @@ class CoordinateLSTM(UpdateRule):
         preprocess_p: the exponent ``p`` of the preprocessing (paper: 10).
         input_scale: multiplies the raw gradient when ``preprocess`` is off.
         output_scale: multiplies the linear read-out (paper: 0.1).
+        momentum_decays: decay rates in [0, 1) of extra inputs (default none, the paper's
+            rule): for each, an exponential average of the gradient divided by the root of
+            a running mean square of it (decay ``rms_decay``). Both averages start at the
+            first nonzero gradient a coordinate sees. Adds ``len(momentum_decays) + 1`` floats of
+            state per coordinate; such a rule runs eagerly (the fused kernels take the
+            paper's inputs only).
+        rms_decay: decay in [0, 1) of the running mean square that scales the momenta.
     """
 
     rule_type = "CoordinateLSTM"
+    # Options added after rules were shipped: their configs load with the defaults.
+    added_config_keys = frozenset({"momentum_decays", "rms_decay"})
 
     def __init__(
         self,
@@ -57,6 +76,8 @@ class CoordinateLSTM(UpdateRule):
         preprocess_p: float = 10.0,
         input_scale: float = 1.0,
         output_scale: float = 0.1,
+        momentum_decays: tuple[float, ...] | list[float] = (),
+        rms_decay: float = 0.99,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -68,6 +89,8 @@ class CoordinateLSTM(UpdateRule):
             "preprocess_p": config_float("preprocess_p", preprocess_p, positive=True),
             "input_scale": config_float("input_scale", input_scale),
             "output_scale": config_float("output_scale", output_scale),
+            "momentum_decays": _decays("momentum_decays", momentum_decays),
+            "rms_decay": _decay("rms_decay", rms_decay),
         }
         self.hidden_size = self.config["hidden_size"]
         self.num_layers = self.config["num_layers"]
@@ -75,7 +98,9 @@ class CoordinateLSTM(UpdateRule):
         self.preprocess_p = self.config["preprocess_p"]
         self.input_scale = self.config["input_scale"]
         self.output_scale = self.config["output_scale"]
-        input_size = 2 if self.preprocess else 1
+        self.momentum_decays = self.config["momentum_decays"]
+        self.rms_decay = self.config["rms_decay"]
+        input_size = (2 if self.preprocess else 1) + len(self.momentum_decays)
         h = self.hidden_size
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -98,6 +123,8 @@ class CoordinateLSTM(UpdateRule):
 
         if type(self).forward is not CoordinateLSTM.forward or type(self).features is not CoordinateLSTM.features:
             return ()  # a subclass that changes the math must not get this class's kernels
+        if self.momentum_decays:
+            return ()  # the kernels compute the paper's inputs only
 
         impls = ("triton",) if triton_available() else ()
         if lstm_cpu.supports(self) and lstm_cpu.cpu_kernel_available():
@@ -129,7 +156,37 @@ class CoordinateLSTM(UpdateRule):
         kernels[impl](self, packed, grad, state["h"], state["c"], update, keep, segment_ids)
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
-        return {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}
+        spec = {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}
+        if self.momentum_decays:
+            spec["m"] = (len(self.momentum_decays),)
+            spec["v"] = ()
+        return spec
+
+    def init_from(self, other: UpdateRule) -> None:
+        """Start from ``other``'s weights; also from a rule with fewer momentum inputs.
+
+        The new inputs' weights start at zero, so the rule computes exactly what ``other``
+        did until meta-training teaches it to use them.
+        """
+        if not isinstance(other, CoordinateLSTM) or other.rule_type != self.rule_type:
+            super().init_from(other)
+            return
+        ours = {k: v for k, v in self.config.items() if k not in ("momentum_decays", "rms_decay")}
+        theirs = {k: v for k, v in other.config.items() if k not in ("momentum_decays", "rms_decay")}
+        kept = list(other.momentum_decays)
+        extends = same_config(ours, theirs) and list(self.momentum_decays[: len(kept)]) == kept
+        if kept and self.rms_decay != other.rms_decay:
+            extends = False
+        if not extends:
+            super().init_from(other)  # raises, naming both configs
+            return
+        weights = other.state_dict()
+        first = weights["weights.0"]
+        gradient_inputs = (2 if self.preprocess else 1) + len(kept)
+        added = len(self.momentum_decays) - len(kept)
+        zeros = first.new_zeros(first.shape[0], added)
+        weights["weights.0"] = torch.cat((first[:, :gradient_inputs], zeros, first[:, gradient_inputs:]), dim=1)
+        self.load_state_dict(weights)
 
     def features(self, grad: Tensor) -> Tensor:
         """The network's input for each coordinate, ``(n, 2)`` or ``(n, 1)``."""
@@ -137,11 +194,29 @@ class CoordinateLSTM(UpdateRule):
             return log_sign_preprocess(grad, self.preprocess_p)
         return (grad * self.input_scale).unsqueeze(-1)
 
+    def momentum_features(self, grad: Tensor, state: RuleState) -> tuple[Tensor, Tensor, Tensor]:
+        """The scale-free momenta ``(n, k)`` and the new averages ``m`` ``(n, k)`` and ``v`` ``(n,)``."""
+        m = state["m"].to(grad.dtype)
+        v = state["v"].to(grad.dtype)
+        decays = torch.tensor(self.momentum_decays, dtype=grad.dtype, device=grad.device)
+        squared = grad * grad
+        # v == 0: no gradient seen yet; starting the averages at the gradient avoids zero-start
+        # bias without a step counter (which bf16 state could not hold past 256).
+        fresh = v == 0
+        m_new = torch.where(fresh.unsqueeze(-1), grad.unsqueeze(-1), decays * m + (1 - decays) * grad.unsqueeze(-1))
+        v_new = torch.where(fresh, squared, self.rms_decay * v + (1 - self.rms_decay) * squared)
+        # 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero.
+        scaled = m_new * torch.rsqrt(v_new + 1e-30).unsqueeze(-1)
+        return scaled, m_new, v_new
+
     def forward(
         self, grad: Tensor, state: RuleState, context: StepContext | None = None
     ) -> tuple[Tensor, RuleState]:
         compute_dtype = self.output.weight.dtype
         x = self.features(grad.to(compute_dtype))
+        if self.momentum_decays:
+            momenta, m_new, v_new = self.momentum_features(grad.to(compute_dtype), state)
+            x = torch.cat((x, momenta), dim=-1)
         h_all = state["h"].to(compute_dtype)
         c_all = state["c"].to(compute_dtype)
         new_h, new_c = [], []
@@ -160,4 +235,20 @@ class CoordinateLSTM(UpdateRule):
             "h": torch.stack(new_h, dim=1).to(state["h"].dtype),
             "c": torch.stack(new_c, dim=1).to(state["c"].dtype),
         }
+        if self.momentum_decays:
+            new_state["m"] = m_new.to(state["m"].dtype)
+            new_state["v"] = v_new.to(state["v"].dtype)
         return update, new_state
+
+
+def _decay(name: str, value: object) -> float:
+    decay = config_float(name, value)
+    if not 0 <= decay < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return decay
+
+
+def _decays(name: str, values: object) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
+        raise ValueError(f"{name} must be a list of decay rates in [0, 1), got {values!r}")
+    return [_decay(f"{name}[{i}]", value) for i, value in enumerate(values)]
