@@ -280,11 +280,14 @@ def tune_baseline(
     on_run: Callable[[], None] | None = None,
     max_widen: int = 4,
     tune_test: bool = False,
+    on_widen: Callable[[int], None] | None = None,
 ) -> OptimizerSummary:
     """Run ``factory`` over the lr grid (widened past edge optima) and keep the best lr per metric.
 
     The held-out loss is reported at the lr best on the final training loss, or, with
     ``tune_test``, at the lr best on the held-out loss itself (the most favourable choice).
+    ``on_run`` is called after each run; ``on_widen`` with the number of runs a widening adds,
+    before they start (e.g. to grow a progress bar's total).
     """
     results: dict[float, list[RunResult]] = {}
 
@@ -325,6 +328,8 @@ def tune_baseline(
         edges = edge_optima()
         if not edges:
             break
+        if on_widen is not None:
+            on_widen(len(edges) * len(seeds))
         for lr in sorted(edges):
             evaluate(lr)
     scored = [_aggregate(name, runs) for runs in results.values()]
@@ -555,6 +560,13 @@ def compare(
 
         bar = tqdm(total=total, desc=f"compare {task_key}", unit="run", dynamic_ncols=True)
     tick = (lambda: bar.update(1)) if bar is not None else None
+
+    def grow(runs: int) -> None:
+        # The total counts the initial grid; a widened grid adds runs it did not know of.
+        bar.total += runs
+        bar.refresh()
+
+    on_widen = grow if bar is not None else None
     results = []
     try:
         for name, rule in loaded:
@@ -562,7 +574,17 @@ def compare(
         for b in baselines:
             results.append(
                 tune_baseline(
-                    b, BASELINES[b], family, cache_task, seed_list, steps, grid, cache, on_run=tick, tune_test=tune_test
+                    b,
+                    BASELINES[b],
+                    family,
+                    cache_task,
+                    seed_list,
+                    steps,
+                    grid,
+                    cache,
+                    on_run=tick,
+                    tune_test=tune_test,
+                    on_widen=on_widen,
                 )
             )
             cache.save()

@@ -145,6 +145,28 @@ def test_lr_search_widens_past_an_edge():
     assert len(capped.grid) == 3
 
 
+def test_progress_bar_total_grows_with_the_widened_grid(monkeypatch):
+    # The total counted the initial grid only: widening ran past it (the bar ended above 100%).
+    import io
+
+    import tqdm.auto
+    import tqdm.std
+
+    bars = []
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(tqdm.std.tqdm(*args, **{**kwargs, "file": io.StringIO()}))
+        return bars[-1]
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording_tqdm)
+    family = half_square(scale=30.0)  # best SGD lr 1/30: the grid (1e-3, 3e-3) is widened upward
+    result = compare(family, rules=[small_rule()], steps=3, seeds=2, baselines=["sgd"], grid=(1e-3, 3e-3))
+    (bar,) = bars
+    runs = 2 * (1 + len(result.results[1].grid))
+    assert len(result.results[1].grid) > 2
+    assert bar.n == bar.total == runs
+
+
 def test_repeated_widening_lands_on_exact_half_decades():
     family = half_square(scale=1e-5)  # best SGD lr ~1e5: far above the default grid
     with pytest.warns(RuntimeWarning, match="still at the edge"):
