@@ -398,6 +398,36 @@ def test_held_out_loss_of_diverged_runs_is_inf_and_nan_only_without_a_test_set(t
     assert sgd.best_lr == {"mean_loss": None, "final_loss": None}
 
 
+def test_report_of_an_all_diverged_comparison_plots_without_warnings(tmp_path):
+    # No finite curve left nothing to plot: matplotlib warned about the empty legend.
+    import warnings
+
+    with pytest.warns(RuntimeWarning, match="sgd diverged at every learning rate"):
+        result = compare(
+            _exploding_task(True), rules=[small_rule()], steps=2, seeds=1, baselines=("sgd",), grid=(0.1,),
+            progress=False,
+        )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_report(result, tmp_path)
+    png = next(p for p in paths if p.suffix == ".png")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_curves_without_a_positive_loss_plot_on_a_linear_scale_without_warnings(tmp_path):
+    import warnings
+
+    from learned_optim.compare import OptimizerSummary
+    from learned_optim.report import plot_curves
+
+    # A loss that is never positive (e.g. a negative log-likelihood) cannot be log-scaled.
+    summary = OptimizerSummary("rule", {"final_loss": 1.0}, -1.5, -2.0, -2.0, [[-1.0, -2.0]], 0.1)
+    result = Comparison(task="t", steps=2, seeds=[0], results=[summary], baselines=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_curves(result, tmp_path / "curves.png") == tmp_path / "curves.png"
+
+
 def test_every_lr_diverging_warns_so_not_that_the_best_is_at_an_edge():
     task = _exploding_task(True)
     with pytest.warns(RuntimeWarning, match="diverged at every learning rate") as caught:
