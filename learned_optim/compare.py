@@ -439,12 +439,14 @@ class Comparison:
         return min(pool, key=lambda r: getattr(r, metric))
 
     def ratio(self, name: str, metric: str) -> float:
-        """``metric`` of ``name`` divided by the best baseline's (NaN without baselines)."""
+        """``metric`` of ``name`` divided by the best baseline's (NaN without baselines, or when
+        the best baseline's value is not finite and positive, e.g. every baseline diverged)."""
         mine = next(r for r in self.results if r.name == name)
         if not any(r.name in self.baselines for r in self.results):
             return float("nan")
         best = getattr(self.best_baseline(metric), metric)
-        return getattr(mine, metric) / best if best > 0 else float("nan")
+        # Not over inf: a finite loss would get the ratio 0, which reads as a perfect score.
+        return getattr(mine, metric) / best if 0 < best < math.inf else float("nan")
 
     def wins(self, name: str, metric: str = "final_loss") -> int:
         """Seeds on which ``name`` beats every baseline (at their best lr) on ``metric``."""
@@ -465,8 +467,8 @@ class Comparison:
             lr_b = r.best_lr.get("final_loss")
             rows.append(
                 f"| {r.name} | {_fmt_lr(lr_a)} | {_fmt_lr(lr_b)} | {r.mean_loss:.4f} "
-                f"| {self.ratio(r.name, 'mean_loss'):.2f} | {r.final_loss:.4f} "
-                f"| {self.ratio(r.name, 'final_loss'):.2f} | {r.test_loss:.4f} "
+                f"| {_fmt_ratio(self.ratio(r.name, 'mean_loss'))} | {r.final_loss:.4f} "
+                f"| {_fmt_ratio(self.ratio(r.name, 'final_loss'))} | {r.test_loss:.4f} "
                 f"| {r.seconds:.1f} | {self.wins(r.name)}/{len(self.seeds)} |"
             )
         return head + "\n".join(rows) + "\n"
@@ -485,6 +487,10 @@ class Comparison:
 
 def _fmt_lr(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:g}"
+
+
+def _fmt_ratio(ratio: float) -> str:
+    return "-" if math.isnan(ratio) else f"{ratio:.2f}"  # NaN: no ratio, shown like a missing lr
 
 
 def compare(

@@ -95,6 +95,26 @@ def test_comparison_without_baselines_still_tabulates():
     assert math.isnan(result.ratio("CoordinateLSTM", "final_loss"))
 
 
+def test_no_ratio_when_every_baseline_diverged(tmp_path):
+    # A finite loss over a best baseline of inf gave the ratio 0.00, which reads as a perfect score.
+    from learned_optim.compare import OptimizerSummary
+
+    inf = float("inf")
+    per_seed = {"mean_loss": [inf], "final_loss": [inf], "test_loss": [inf]}
+    rule = OptimizerSummary("rule", {"mean_loss": 1.0, "final_loss": 1.0}, 0.5, 0.25, 0.3, [[0.5, 0.25]], 0.1,
+                            per_seed={"mean_loss": [0.5], "final_loss": [0.25], "test_loss": [0.3]})  # fmt: skip
+    sgd = OptimizerSummary("sgd", {"mean_loss": None, "final_loss": None}, inf, inf, inf, [[inf]], 0.1, per_seed)
+    result = Comparison(task="t", steps=2, seeds=[0], results=[rule, sgd], baselines=["sgd"])
+    for metric in ("mean_loss", "final_loss"):
+        assert math.isnan(result.ratio("rule", metric)) and math.isnan(result.ratio("sgd", metric))
+    rows = table_rows(result.table())
+    assert [(row[4], row[6]) for row in rows] == [("-", "-"), ("-", "-")]  # as a missing lr is shown
+    (js,) = [p for p in write_report(result, tmp_path) if p.suffix == ".json"]
+    ratios = json.loads(js.read_text(), parse_constant=_reject_constant)["ratios"]
+    # "nan", as the JSON writes every other missing number (a held-out loss without a held-out split).
+    assert ratios == {name: {"mean_loss": "nan", "final_loss": "nan"} for name in ("rule", "sgd")}
+
+
 def test_wins_count_only_baselines():
     def summary(name, per_seed):
         return type("S", (), {"name": name, "per_seed": {"final_loss": per_seed}})()
