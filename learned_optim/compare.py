@@ -280,11 +280,14 @@ def tune_baseline(
     on_run: Callable[[], None] | None = None,
     max_widen: int = 4,
     tune_test: bool = False,
+    on_widen: Callable[[int], None] | None = None,
 ) -> OptimizerSummary:
     """Run ``factory`` over the lr grid (widened past edge optima) and keep the best lr per metric.
 
     The held-out loss is reported at the lr best on the final training loss, or, with
     ``tune_test``, at the lr best on the held-out loss itself (the most favourable choice).
+    ``on_run`` is called after each run; ``on_widen`` with the number of runs a widening adds,
+    before they start (e.g. to grow a progress bar's total).
     """
     results: dict[float, list[RunResult]] = {}
 
@@ -325,6 +328,8 @@ def tune_baseline(
         edges = edge_optima()
         if not edges:
             break
+        if on_widen is not None:
+            on_widen(len(edges) * len(seeds))
         for lr in sorted(edges):
             evaluate(lr)
     scored = [_aggregate(name, runs) for runs in results.values()]
@@ -434,12 +439,14 @@ class Comparison:
         return min(pool, key=lambda r: getattr(r, metric))
 
     def ratio(self, name: str, metric: str) -> float:
-        """``metric`` of ``name`` divided by the best baseline's (NaN without baselines)."""
+        """``metric`` of ``name`` divided by the best baseline's (NaN without baselines, or when
+        the best baseline's value is not finite and positive, e.g. every baseline diverged)."""
         mine = next(r for r in self.results if r.name == name)
         if not any(r.name in self.baselines for r in self.results):
             return float("nan")
         best = getattr(self.best_baseline(metric), metric)
-        return getattr(mine, metric) / best if best > 0 else float("nan")
+        # Not over inf: a finite loss would get the ratio 0, which reads as a perfect score.
+        return getattr(mine, metric) / best if 0 < best < math.inf else float("nan")
 
     def wins(self, name: str, metric: str = "final_loss") -> int:
         """Seeds on which ``name`` beats every baseline (at their best lr) on ``metric``."""
@@ -460,8 +467,8 @@ class Comparison:
             lr_b = r.best_lr.get("final_loss")
             rows.append(
                 f"| {r.name} | {_fmt_lr(lr_a)} | {_fmt_lr(lr_b)} | {r.mean_loss:.4f} "
-                f"| {self.ratio(r.name, 'mean_loss'):.2f} | {r.final_loss:.4f} "
-                f"| {self.ratio(r.name, 'final_loss'):.2f} | {r.test_loss:.4f} "
+                f"| {_fmt_ratio(self.ratio(r.name, 'mean_loss'))} | {r.final_loss:.4f} "
+                f"| {_fmt_ratio(self.ratio(r.name, 'final_loss'))} | {r.test_loss:.4f} "
                 f"| {r.seconds:.1f} | {self.wins(r.name)}/{len(self.seeds)} |"
             )
         return head + "\n".join(rows) + "\n"
@@ -480,6 +487,10 @@ class Comparison:
 
 def _fmt_lr(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:g}"
+
+
+def _fmt_ratio(ratio: float) -> str:
+    return "-" if math.isnan(ratio) else f"{ratio:.2f}"  # NaN: no ratio, shown like a missing lr
 
 
 def compare(
@@ -555,6 +566,13 @@ def compare(
 
         bar = tqdm(total=total, desc=f"compare {task_key}", unit="run", dynamic_ncols=True)
     tick = (lambda: bar.update(1)) if bar is not None else None
+
+    def grow(runs: int) -> None:
+        # The total counts the initial grid; a widened grid adds runs it did not know of.
+        bar.total += runs
+        bar.refresh()
+
+    on_widen = grow if bar is not None else None
     results = []
     try:
         for name, rule in loaded:
@@ -562,7 +580,17 @@ def compare(
         for b in baselines:
             results.append(
                 tune_baseline(
-                    b, BASELINES[b], family, cache_task, seed_list, steps, grid, cache, on_run=tick, tune_test=tune_test
+                    b,
+                    BASELINES[b],
+                    family,
+                    cache_task,
+                    seed_list,
+                    steps,
+                    grid,
+                    cache,
+                    on_run=tick,
+                    tune_test=tune_test,
+                    on_widen=on_widen,
                 )
             )
             cache.save()

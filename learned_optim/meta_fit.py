@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 from torch.func import functional_call
 
@@ -764,7 +765,9 @@ class MetaTrainer:
             "runs": runs_meta,
         }
         tmp_meta = directory / "checkpoint.json.tmp"
-        save_file(tensors, str(directory / weights_name))
+        # Serialised in memory and written by us: safetensors' save_file creates 0600 files, which
+        # others cannot read in a shared run folder; write_bytes lets the umask decide.
+        (directory / weights_name).write_bytes(serialize_tensors(tensors))
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, directory / "checkpoint.json")
         # Only now are the weights files of earlier checkpoints unreferenced.

@@ -365,6 +365,14 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if self._global_state is not None and not any(self.state.values()):
+            # No parameter has state: a new optimizer, or opt.state.clear() (how torch.optim users
+            # reset one). The global state lives outside self.state, so it starts afresh here too.
+            # In place: a compiled or captured step keeps reading the same tensors.
+            device = next(iter(self._global_state.values())).device
+            for key, value in self._fresh_global_state(device).items():
+                self._global_state[key].copy_(value)
+
         entries_by_device: dict[torch.device, list[StepEntry]] = {}
         params_by_device: dict[torch.device, list[Tensor]] = {}
         index = -1  # of the parameter over all groups, as in state_dict()["state"]

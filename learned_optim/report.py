@@ -11,7 +11,8 @@ from learned_optim.compare import Comparison
 
 
 def plot_curves(result: Comparison, path: str | Path) -> Path | None:
-    """Learning curves (mean and min–max over seeds, log-scale loss) as PNG; None without matplotlib."""
+    """Learning curves (mean and min–max over seeds, log-scale loss where it is positive) of the runs
+    that did not diverge, as PNG; None without matplotlib."""
     try:
         import matplotlib
 
@@ -20,6 +21,7 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    drawn: list[float] = []  # every value plotted
     for summary in result.results:
         curves = [c for c in summary.curves if len(c) == result.steps and all(math.isfinite(v) for v in c)]
         if not curves:
@@ -33,12 +35,19 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
         label = summary.name if summary.name not in result.baselines or lr is None else f"{summary.name} (lr={lr:g})"
         (line,) = ax.plot(steps, mean, label=label, linewidth=2 if summary.name not in result.baselines else 1.2)
         ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_yscale("log")
+        drawn += low + high
+    # matplotlib warns for a log scale with no positive value (every run diverged, or the loss
+    # is never positive) and for a legend with no line (every run diverged).
+    if any(v > 0 for v in drawn):
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training minibatch loss")
     ax.set_title(f"{result.task}, {len(result.seeds)} seeds (mean, min-max)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

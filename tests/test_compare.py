@@ -95,6 +95,26 @@ def test_comparison_without_baselines_still_tabulates():
     assert math.isnan(result.ratio("CoordinateLSTM", "final_loss"))
 
 
+def test_no_ratio_when_every_baseline_diverged(tmp_path):
+    # A finite loss over a best baseline of inf gave the ratio 0.00, which reads as a perfect score.
+    from learned_optim.compare import OptimizerSummary
+
+    inf = float("inf")
+    per_seed = {"mean_loss": [inf], "final_loss": [inf], "test_loss": [inf]}
+    rule = OptimizerSummary("rule", {"mean_loss": 1.0, "final_loss": 1.0}, 0.5, 0.25, 0.3, [[0.5, 0.25]], 0.1,
+                            per_seed={"mean_loss": [0.5], "final_loss": [0.25], "test_loss": [0.3]})  # fmt: skip
+    sgd = OptimizerSummary("sgd", {"mean_loss": None, "final_loss": None}, inf, inf, inf, [[inf]], 0.1, per_seed)
+    result = Comparison(task="t", steps=2, seeds=[0], results=[rule, sgd], baselines=["sgd"])
+    for metric in ("mean_loss", "final_loss"):
+        assert math.isnan(result.ratio("rule", metric)) and math.isnan(result.ratio("sgd", metric))
+    rows = table_rows(result.table())
+    assert [(row[4], row[6]) for row in rows] == [("-", "-"), ("-", "-")]  # as a missing lr is shown
+    (js,) = [p for p in write_report(result, tmp_path) if p.suffix == ".json"]
+    ratios = json.loads(js.read_text(), parse_constant=_reject_constant)["ratios"]
+    # "nan", as the JSON writes every other missing number (a held-out loss without a held-out split).
+    assert ratios == {name: {"mean_loss": "nan", "final_loss": "nan"} for name in ("rule", "sgd")}
+
+
 def test_wins_count_only_baselines():
     def summary(name, per_seed):
         return type("S", (), {"name": name, "per_seed": {"final_loss": per_seed}})()
@@ -143,6 +163,28 @@ def test_lr_search_widens_past_an_edge():
     with pytest.warns(RuntimeWarning, match="still at the edge of the grid after widening it 1 times"):
         capped = tune_baseline("sgd", BASELINES["sgd"], family, "hs30", [0], 10, (1e-3, 3e-3), max_widen=1)
     assert len(capped.grid) == 3
+
+
+def test_progress_bar_total_grows_with_the_widened_grid(monkeypatch):
+    # The total counted the initial grid only: widening ran past it (the bar ended above 100%).
+    import io
+
+    import tqdm.auto
+    import tqdm.std
+
+    bars = []
+
+    def recording_tqdm(*args, **kwargs):
+        bars.append(tqdm.std.tqdm(*args, **{**kwargs, "file": io.StringIO()}))
+        return bars[-1]
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording_tqdm)
+    family = half_square(scale=30.0)  # best SGD lr 1/30: the grid (1e-3, 3e-3) is widened upward
+    result = compare(family, rules=[small_rule()], steps=3, seeds=2, baselines=["sgd"], grid=(1e-3, 3e-3))
+    (bar,) = bars
+    runs = 2 * (1 + len(result.results[1].grid))
+    assert len(result.results[1].grid) > 2
+    assert bar.n == bar.total == runs
 
 
 def test_repeated_widening_lands_on_exact_half_decades():
@@ -374,6 +416,36 @@ def test_held_out_loss_of_diverged_runs_is_inf_and_nan_only_without_a_test_set(t
         assert all(str(v["test_loss"]) == str(expected) for v in summary.grid.values())
     sgd = result.results[1]
     assert sgd.best_lr == {"mean_loss": None, "final_loss": None}
+
+
+def test_report_of_an_all_diverged_comparison_plots_without_warnings(tmp_path):
+    # No finite curve left nothing to plot: matplotlib warned about the empty legend.
+    import warnings
+
+    with pytest.warns(RuntimeWarning, match="sgd diverged at every learning rate"):
+        result = compare(
+            _exploding_task(True), rules=[small_rule()], steps=2, seeds=1, baselines=("sgd",), grid=(0.1,),
+            progress=False,
+        )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_report(result, tmp_path)
+    png = next(p for p in paths if p.suffix == ".png")
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_curves_without_a_positive_loss_plot_on_a_linear_scale_without_warnings(tmp_path):
+    import warnings
+
+    from learned_optim.compare import OptimizerSummary
+    from learned_optim.report import plot_curves
+
+    # A loss that is never positive (e.g. a negative log-likelihood) cannot be log-scaled.
+    summary = OptimizerSummary("rule", {"final_loss": 1.0}, -1.5, -2.0, -2.0, [[-1.0, -2.0]], 0.1)
+    result = Comparison(task="t", steps=2, seeds=[0], results=[summary], baselines=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_curves(result, tmp_path / "curves.png") == tmp_path / "curves.png"
 
 
 def test_every_lr_diverging_warns_so_not_that_the_best_is_at_an_edge():

@@ -307,6 +307,27 @@ def test_cpu_kernel_handles_multithreaded_ranges():
     assert _rel(state["h"], expected_state["h"]) < 1e-5
 
 
+def test_built_cpu_kernel_follows_the_umask(tmp_path, monkeypatch):
+    # mkstemp's 0600 file, kept by the compiler and the rename, made the kernel owner-only
+    # (0711): no one else could load it from a shared cache. It gets what cc -o gives: 0755 here.
+    import os
+    import stat
+
+    from learned_optim.rules.cpu_build import KernelLibrary, _compiler
+
+    if _compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("LEARNED_OPTIM_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        library = KernelLibrary("lstm_cpu.c", lambda lib: None)
+        assert library.load() is not None, library.error
+    finally:
+        os.umask(old)
+    (built,) = (tmp_path / "kernels").iterdir()  # no temporary file left beside it
+    assert built.suffix == ".so" and oct(stat.S_IMODE(built.stat().st_mode)) == oct(0o755)
+
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

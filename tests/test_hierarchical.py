@@ -371,6 +371,40 @@ def test_loading_a_state_dict_from_before_any_step_starts_afresh():
     assert torch.equal(expected[2]["h"], got[2]["h"])
 
 
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+def test_clearing_the_state_starts_every_level_afresh(impl):
+    # opt.state.clear() is how torch.optim users reset an optimizer: the global state, kept
+    # outside opt.state, must start afresh too, or the next steps differ from a new optimizer's.
+    def setup():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = tiny_model()
+        return model, LearnedOptimizer(model.parameters(), pretrained="hrnn-base", lr=30.0, impl=impl)
+
+    model, opt = setup()
+    start = copy.deepcopy(model.state_dict())
+    _train(model, opt, 3, start=0)
+    model.load_state_dict(start)
+    opt.state.clear()
+    _train(model, opt, 3, start=0)
+
+    fresh_model, fresh_opt = setup()
+    _train(fresh_model, fresh_opt, 3, start=0)
+    expected, got = _snapshot(fresh_model, fresh_opt), _snapshot(model, opt)
+    assert all(torch.equal(p, q) for p, q in zip(expected[0], got[0], strict=True))
+    for s, t in zip(expected[1], got[1], strict=True):
+        assert s.keys() == t.keys() and all(torch.equal(s[k], t[k]) for k in s)
+    assert torch.equal(expected[2]["h"], got[2]["h"])
+    # The state still round-trips after the reset.
+    resumed_model, resumed = setup()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, 2, start=3)
+    _train(resumed_model, resumed, 2, start=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True))
+    assert torch.equal(opt.state_dict()["rule_global_state"]["h"], resumed.state_dict()["rule_global_state"]["h"])
+
+
 # ---------------------------------------------------------------------------- skipping
 def _step_three(grads, with_none: bool, nonfinite="skip"):
     """Params a, b, c (and d, whose grad is None, if ``with_none``) after steps with ``grads``."""

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import stat
 
 import pytest
 import torch
@@ -96,6 +97,25 @@ def test_checkpoint_folders_hold_the_last_and_the_best_weights(tmp_path):
     assert same_weights(weights(load_from_directory(tmp_path / "best")), weights(rule))
     assert same_weights(weights(load_from_directory(tmp_path / "best")), best)
     assert same_weights(weights(load_from_directory(tmp_path / "last")), last)
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    # safetensors' save_file made the checkpoint's weights 0600: a shared run folder could not
+    # be read by others. Every file must get what open() gives under the umask (0644 here).
+    old = os.umask(0o022)
+    try:
+        meta_fit(
+            small_rule(), tiny, steps=7, unroll=3, meta_iterations=2, validate_every=1, validation_instances=1,
+            checkpoint_dir=tmp_path, progress=False,
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert any(p.name.startswith("checkpoint-") and p.suffix == ".safetensors" for p in files)
+    assert {p.parent.name for p in files} >= {"last", "best"}
+    assert {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        p.relative_to(tmp_path).as_posix(): oct(0o644) for p in files
+    }
 
 
 def test_checkpoint_without_validation_has_no_best_folder(tmp_path):

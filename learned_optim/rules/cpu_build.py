@@ -13,9 +13,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,8 +84,9 @@ class KernelLibrary:
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     # Built under a temporary name and renamed: concurrent first uses never see half a file.
-                    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-                    os.close(fd)
+                    # Not mkstemp: the compiler keeps its 0600 file owner-only; a name it creates gets
+                    # the umask's mode, and others can load the kernel from a shared cache.
+                    tmp = str(target.with_name(f".{target.stem}.{secrets.token_hex(8)}.tmp.so"))
                     try:
                         subprocess.run(
                             [compiler, *flags, "-o", tmp, str(self.source), "-lm"],
