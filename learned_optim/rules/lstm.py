@@ -171,21 +171,23 @@ class CoordinateLSTM(UpdateRule):
         if not isinstance(other, CoordinateLSTM) or other.rule_type != self.rule_type:
             super().init_from(other)
             return
-        ours = {k: v for k, v in self.config.items() if k not in ("momentum_decays", "rms_decay")}
-        theirs = {k: v for k, v in other.config.items() if k not in ("momentum_decays", "rms_decay")}
+        momentum_keys = ("momentum_decays", "rms_decay")
+        ours = {k: v for k, v in self.config.items() if k not in momentum_keys}
+        theirs = {k: v for k, v in other.config.items() if k not in momentum_keys}
         kept = list(other.momentum_decays)
-        extends = same_config(ours, theirs) and list(self.momentum_decays[: len(kept)]) == kept
-        if kept and self.rms_decay != other.rms_decay:
-            extends = False
+        extends = (
+            same_config(ours, theirs)
+            and list(self.momentum_decays[: len(kept)]) == kept
+            and (not kept or self.rms_decay == other.rms_decay)  # rms_decay matters only with momenta
+        )
         if not extends:
             super().init_from(other)  # raises, naming both configs
             return
         weights = other.state_dict()
         first = weights["weights.0"]
-        gradient_inputs = (2 if self.preprocess else 1) + len(kept)
-        added = len(self.momentum_decays) - len(kept)
-        zeros = first.new_zeros(first.shape[0], added)
-        weights["weights.0"] = torch.cat((first[:, :gradient_inputs], zeros, first[:, gradient_inputs:]), dim=1)
+        old_inputs = (2 if self.preprocess else 1) + len(kept)  # layer 0 columns: inputs, then h
+        zeros = first.new_zeros(first.shape[0], len(self.momentum_decays) - len(kept))
+        weights["weights.0"] = torch.cat((first[:, :old_inputs], zeros, first[:, old_inputs:]), dim=1)
         self.load_state_dict(weights)
 
     def features(self, grad: Tensor) -> Tensor:
