@@ -21,6 +21,7 @@ update chunks, from its chunk plan).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -172,6 +173,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-naive-above", default="20M", help="skip the slow naive loops above this size")
     parser.add_argument("--no-hrnn", action="store_true", help="time the LSTM rule only")
+    parser.add_argument(
+        "--lstm-config",
+        default="{}",
+        help='CoordinateLSTM config as JSON, e.g. \'{"momentum_decays": [0.5, 0.9, 0.99]}\' (default: the paper\'s)',
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +186,7 @@ def main() -> None:
     def parse(s: str) -> int:
         return int(float(s[:-1]) * {"K": 1e3, "M": 1e6}[s[-1]]) if s[-1] in "KM" else int(s)
 
-    lstm, hrnn = CoordinateLSTM().to(device), HierarchicalRNN().to(device)
+    lstm, hrnn = CoordinateLSTM(**json.loads(args.lstm_config)).to(device), HierarchicalRNN().to(device)
     fused = "triton" if device.type == "cuda" else "cpu"
     if fused not in lstm.fused_impls():
         raise SystemExit(f"the LSTM rule has no {fused!r} kernel here (fused kernels: {lstm.fused_impls()})")
@@ -218,7 +224,8 @@ def main() -> None:
         if small:
             few = max(2, args.repeats // 2)
             rows["LSTM naive loop"] = time_steps(lambda ps: NaivePerTensor(ps, lstm), params, few)
-            rows["LSTM typical port"] = time_steps(lambda ps: TypicalPort(ps, lstm), params, few)
+            if not lstm.momentum_decays and lstm.preprocess:  # the ports have the paper's inputs only
+                rows["LSTM typical port"] = time_steps(lambda ps: TypicalPort(ps, lstm), params, few)
         if not args.no_hrnn:
             hrnn_impls = [i for i in (fused, "eager") if i == "eager" or i in hrnn.fused_impls()]
             for impl in hrnn_impls:

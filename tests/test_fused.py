@@ -156,6 +156,112 @@ def test_packed_weights_follow_rule_updates(impl):
     assert not torch.allclose(first, second)
 
 
+MOMENTUM_CONFIGS = pytest.mark.parametrize(
+    "config",
+    [
+        {"momentum_decays": [0.5, 0.9, 0.99]},
+        {"momentum_decays": [0.9, 0.3], "rms_decay": 0.9, "preprocess": False, "input_scale": 2.0},
+        {"momentum_decays": [0.7], "hidden_size": 7, "num_layers": 3},
+    ],
+    ids=["three-momenta", "raw-grad", "hidden7"],
+)
+
+
+def _momentum_inputs(rule: CoordinateLSTM, n: int, dtype: torch.dtype = torch.float32):
+    """Gradients and state mid-run: averages of earlier gradients, some coordinates still fresh (v = 0)."""
+    grad, state = _inputs(rule, n, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    scale = torch.logspace(-6, 1, n)
+    state["m"] = (torch.randn(state["m"].shape, generator=g) * scale[:, None]).to(dtype).to(DEVICE)
+    v = (torch.rand(n, generator=g) + 0.1) * scale**2
+    v[::5] = 0.0  # no gradient seen yet: the averages start at this one
+    state["v"] = v.to(dtype).to(DEVICE)
+    return grad, state
+
+
+def _fused_steps(rule, impl, grad, state, steps=1, **kwargs):
+    state = {k: v.clone() for k, v in state.items()}
+    for step in range(steps):
+        update = torch.full_like(grad, float("nan"))
+        rule.fused_step(impl, grad * (step + 1) * (-1) ** step, state, update, **kwargs)
+    return update, state
+
+
+def _eager_steps(rule, grad, state, steps=1):
+    with torch.no_grad():
+        for step in range(steps):
+            update, state = rule(grad * (step + 1) * (-1) ** step, state)
+    return update, state
+
+
+@MOMENTUM_CONFIGS
+@over_kernels
+def test_kernel_with_momentum_inputs_matches_eager_fp32(config, impl):
+    rule = _trained_like(CoordinateLSTM(**config))
+    assert impl in rule.fused_impls()
+    grad, state = _momentum_inputs(rule, 300)
+    expected_update, expected_state = _eager_steps(rule, grad, state, steps=3)
+    update, fused_state = _fused_steps(rule, impl, grad, state, steps=3)
+    assert _rel(update, expected_update) < 1e-5
+    for key in ("h", "c", "m", "v"):
+        assert _rel(fused_state[key], expected_state[key]) < 1e-5, key
+    # From the optimizer's initial state (all zero) too, with zero gradients mixed in.
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    expected_update, expected_state = _eager_steps(rule, grad, zeros, steps=2)
+    update, fused_state = _fused_steps(rule, impl, grad, zeros, steps=2)
+    assert torch.isfinite(update).all()
+    assert _rel(update, expected_update) < 1e-5
+    assert _rel(fused_state["m"], expected_state["m"]) < 1e-5
+
+
+@over_kernels
+def test_kernel_with_momentum_inputs_and_bf16_state_matches_eager(impl):
+    rule = _trained_like(CoordinateLSTM(momentum_decays=[0.5, 0.9, 0.99]))
+    grad, state = _momentum_inputs(rule, 200, dtype=torch.bfloat16)
+    expected_update, expected_state = _eager_steps(rule, grad, state)
+    update, fused_state = _fused_steps(rule, impl, grad, state)
+    assert _rel(update, expected_update) < 1e-5
+    for key in ("h", "c", "m", "v"):
+        assert fused_state[key].dtype == torch.bfloat16
+        assert torch.allclose(fused_state[key].float(), expected_state[key].float(), rtol=BF16_STATE_RTOL, atol=1e-6)
+
+
+@over_kernels
+def test_kernel_keep_flags_leave_skipped_momenta_untouched(impl):
+    rule = _trained_like(CoordinateLSTM(momentum_decays=[0.5, 0.9]))
+    grad, state = _momentum_inputs(rule, 150)
+    segment_ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate((70, 50, 30))]).to(DEVICE)
+    keep = torch.tensor([True, False, True], device=DEVICE)
+    expected_update, expected_state = _eager_steps(rule, grad, state)
+    update, fused_state = _fused_steps(rule, impl, grad, state, keep=keep, segment_ids=segment_ids)
+    kept = (segment_ids != 1).cpu()
+    assert torch.equal(update[~kept], torch.zeros_like(update[~kept]))
+    for key in ("h", "c", "m", "v"):
+        assert torch.equal(fused_state[key][~kept], state[key][~kept]), key
+        assert _rel(fused_state[key][kept], expected_state[key][kept]) < 1e-5, key
+    assert _rel(update[kept], expected_update[kept]) < 1e-5
+
+
+@over_kernels
+def test_optimizer_with_a_momentum_rule_picks_the_kernel_and_matches_eager(impl):
+    config = {"momentum_decays": [0.5, 0.9, 0.99]}
+    eager, eager_opt = _train("eager", steps=5, rule_config=config)
+    fused, fused_opt = _train(impl, steps=5, rule_config=config)
+    assert fused_opt.impl_for(DEVICE) == impl
+    for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
+        assert _rel(b, a) < TRAJECTORY_RTOL
+    for p_eager, p_fused in zip(eager.parameters(), fused.parameters(), strict=True):
+        for key in ("rule.m", "rule.v"):
+            assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
+
+
+def test_a_rule_with_more_inputs_than_the_packed_layout_holds_runs_eagerly():
+    # 16 padded units for hidden_size 7: 2 gradient features + 15 momenta do not fit.
+    rule = CoordinateLSTM(hidden_size=7, momentum_decays=[0.5] * 15)
+    assert rule.fused_impls() == ()
+    assert CoordinateLSTM(hidden_size=7, momentum_decays=[0.5] * 14).fused_impls() == CoordinateLSTM().fused_impls()
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 12), nn.Sigmoid(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)).to(DEVICE)
@@ -169,9 +275,11 @@ def _groups(model: nn.Module) -> list[dict]:
     ]
 
 
-def _train(impl: str, steps: int = 4, poison_step: int | None = None, **kwargs) -> tuple[nn.Module, LearnedOptimizer]:
+def _train(
+    impl: str, steps: int = 4, poison_step: int | None = None, rule_config: dict | None = None, **kwargs
+) -> tuple[nn.Module, LearnedOptimizer]:
     model = _model()
-    rule = _trained_like(CoordinateLSTM(), seed=3)
+    rule = _trained_like(CoordinateLSTM(**(rule_config or {})), seed=3)
     opt = LearnedOptimizer(_groups(model), pretrained=rule, impl=impl, **kwargs)
     g = torch.Generator().manual_seed(5)
     for step in range(steps):

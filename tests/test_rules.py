@@ -329,7 +329,6 @@ def test_momentum_inputs_match_hand_computation_and_grow_the_state():
     assert rule.weights[0].shape == (16, 2 + 2 + 4)
     assert rule.state_spec()["m"] == (2,) and rule.state_spec()["v"] == ()
     assert rule.state_bytes_per_coordinate() == 2 * 2 * 4 * 4 + 3 * 4
-    assert rule.fused_impls() == ()  # the kernels compute the paper's inputs only
     torch.manual_seed(0)
     history = torch.randn(5, 3, dtype=torch.float64)
     history[:2, 1] = 0.0  # a coordinate whose first gradients are zero starts later

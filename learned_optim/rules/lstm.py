@@ -59,8 +59,8 @@ class CoordinateLSTM(UpdateRule):
             rule): for each, an exponential average of the gradient divided by the root of
             a running mean square of it (decay ``rms_decay``). Both averages start at the
             first nonzero gradient a coordinate sees. Adds ``len(momentum_decays) + 1`` floats of
-            state per coordinate; such a rule runs eagerly (the fused kernels take the
-            paper's inputs only).
+            state per coordinate. The fused kernels compute them too, up to
+            ``padded_units(hidden_size)`` first-layer inputs in all (30 for 20 units).
         rms_decay: decay in [0, 1) of the running mean square that scales the momenta.
     """
 
@@ -119,12 +119,13 @@ class CoordinateLSTM(UpdateRule):
 
     def fused_impls(self) -> tuple[str, ...]:
         from learned_optim.rules import lstm_cpu
+        from learned_optim.rules.lstm_pack import input_count, padded_units
         from learned_optim.rules.lstm_triton import triton_available
 
         if type(self).forward is not CoordinateLSTM.forward or type(self).features is not CoordinateLSTM.features:
             return ()  # a subclass that changes the math must not get this class's kernels
-        if self.momentum_decays:
-            return ()  # the kernels compute the paper's inputs only
+        if input_count(self) > padded_units(self.hidden_size):
+            return ()  # the packed layout has room for at most that many first-layer inputs
 
         impls = ("triton",) if triton_available() else ()
         if lstm_cpu.supports(self) and lstm_cpu.cpu_kernel_available():
@@ -153,7 +154,9 @@ class CoordinateLSTM(UpdateRule):
         else:
             # Packed once and reused until the weights change (their version counters move).
             packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
-        kernels[impl](self, packed, grad, state["h"], state["c"], update, keep, segment_ids)
+        kernels[impl](
+            self, packed, grad, state["h"], state["c"], update, keep, segment_ids, m=state.get("m"), v=state.get("v")
+        )
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}

@@ -148,12 +148,42 @@ static inline void gate_products(v8 acc[][VECS], const float *bias, const v8 in1
     }
 }
 
-/* One step over coordinates [start, stop). State h, c: (n, L, H) contiguous, fp32 or bf16.
-   keep (per tensor, via segment) may be NULL: then every coordinate steps. */
+/* The scale-free momentum inputs of a block (CoordinateLSTM.momentum_features): per
+   coordinate, m_i <- d_i m_i + (1 - d_i) g and v <- r v + (1 - r) g^2 (both start at the first
+   gradient, where v is still 0), input i = m_i / sqrt(v). Written back where write[b]. Scalar
+   code: a few operations per coordinate beside the LSTM's hundreds. */
+static void momentum_inputs(v8 feat[][VECS], const float *g, void *m_state, void *v_state, int bf16, int64_t b0,
+                            int count, const uint8_t *write, int momenta, const float *decays, float rms_decay,
+                            float rms_rest) {
+    for (int b = 0; b < BLOCK; b++) {
+        if (b >= count) {
+            for (int i = 0; i < momenta; i++) ((float *)feat[i])[b] = 0.0f;
+            continue;
+        }
+        const float gb = g[b], squared = gb * gb, v = load_state(v_state, bf16, b0 + b);
+        const int fresh = v == 0.0f;
+        const float v_new = fresh ? squared : rms_decay * v + rms_rest * squared;
+        /* 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero. */
+        const float scale = 1.0f / sqrtf(v_new + 1e-30f);
+        for (int i = 0; i < momenta; i++) {
+            const int64_t index = (b0 + b) * momenta + i;
+            const float m = load_state(m_state, bf16, index);
+            const float m_new = fresh ? gb : decays[i] * m + (1.0f - decays[i]) * gb;
+            ((float *)feat[i])[b] = m_new * scale;
+            if (write[b]) store_state(m_state, bf16, index, m_new);
+        }
+        if (write[b]) store_state(v_state, bf16, b0 + b, v_new);
+    }
+}
+
+/* One step over coordinates [start, stop). State h, c: (n, L, H) contiguous, fp32 or bf16;
+   with momenta > 0 also m (n, momenta) and v (n,) in the same dtype. keep (per tensor, via
+   segment) may be NULL: then every coordinate steps. */
 void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *c_state, int bf16,
                float *update, const uint8_t *keep, const int32_t *segment, const float *wx, const float *wh,
                const float *bias, const float *out, int layers, int hidden, int hp, int preprocess,
-               float preprocess_p, float input_scale, float output_scale) {
+               float preprocess_p, float input_scale, float output_scale, void *m_state, void *v_state,
+               int momenta, const float *decays, float rms_decay, float rms_rest) {
     v8 inp[MAX_HP][VECS] __attribute__((aligned(32)));
     v8 hs[MAX_ROW][VECS] __attribute__((aligned(32)));
     v8 cs[MAX_ROW][VECS] __attribute__((aligned(32)));
@@ -200,6 +230,11 @@ void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
             }
         }
         int k_count = preprocess ? 2 : 1;
+        if (momenta > 0) {
+            momentum_inputs(inp + k_count, g, m_state, v_state, bf16, b0, count, write, momenta, decays, rms_decay,
+                            rms_rest);
+            k_count += momenta;
+        }
         for (int l = 0; l < layers; l++) {
             v8(*hl)[VECS] = hs + l * hidden;
             v8(*cl)[VECS] = cs + l * hidden;

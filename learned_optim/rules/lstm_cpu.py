@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
-from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state
+from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state, input_count, padded_units
 
 __all__ = ["cpu_kernel_available", "cpu_kernel_error", "lstm_step_cpu", "supports"]
 
@@ -28,8 +28,8 @@ def _configure(library: ctypes.CDLL) -> None:
     fn.restype = None
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     # (start, stop, grad, h, c, bf16, update, keep, segment, wx, wh, bias, out, layers, hidden, hp,
-    #  preprocess, preprocess_p, input_scale, output_scale)
-    fn.argtypes = [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3
+    #  preprocess, preprocess_p, input_scale, output_scale, m, v, momenta, decays, rms_decay, rms_rest)
+    fn.argtypes = [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3 + [ptr, ptr, i32, ptr, f32, f32]
 
 
 _KERNEL = KernelLibrary("lstm_cpu.c", _configure)
@@ -53,7 +53,11 @@ def cpu_kernel_error() -> str | None:
 def supports(rule: torch.nn.Module) -> bool:
     """Whether the CPU kernel handles ``rule``'s config (hidden size up to 64, and at most 256
     state units per coordinate, ``num_layers * hidden_size``: its block scratch holds that many)."""
-    return rule.hidden_size <= _MAX_HIDDEN and rule.num_layers * rule.hidden_size <= _MAX_ROW
+    return (
+        rule.hidden_size <= _MAX_HIDDEN
+        and rule.num_layers * rule.hidden_size <= _MAX_ROW
+        and input_count(rule) <= padded_units(rule.hidden_size)
+    )
 
 
 def lstm_step_cpu(
@@ -65,11 +69,13 @@ def lstm_step_cpu(
     update: Tensor,
     keep: Tensor | None = None,
     segment_ids: Tensor | None = None,
+    m: Tensor | None = None,
+    v: Tensor | None = None,
 ) -> None:
     """One fused LSTM step over ``n`` CPU coordinates; same contract as ``lstm_step_triton``.
 
     ``grad`` and ``update`` are fp32; ``h``/``c`` are contiguous ``(n, num_layers, hidden_size)``
-    in fp32 or bf16.
+    in fp32 or bf16, and so are a momentum rule's ``m`` ``(n, k)`` and ``v`` ``(n,)``.
     """
     # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
     if not torch.compiler.is_compiling() and _load() is None:
@@ -83,7 +89,7 @@ def lstm_step_cpu(
         raise ValueError(f"update must be a contiguous ({n},) tensor, got {tuple(update.shape)}")
     if not supports(rule):
         raise ValueError(f"the fused CPU kernel handles hidden_size <= {_MAX_HIDDEN}, got {rule.hidden_size}")
-    check_state(rule, n, h, c, dtypes=(torch.float32, torch.bfloat16))
+    check_state(rule, n, h, c, dtypes=(torch.float32, torch.bfloat16), m=m, v=v)
     if keep is not None:
         if segment_ids is None or segment_ids.dtype != torch.int32:
             raise ValueError("keep needs int32 segment_ids")
@@ -95,19 +101,24 @@ def lstm_step_cpu(
         update,
         keep,
         segment_ids if keep is not None else None,
-        [packed.wx, packed.wh, packed.bias, packed.out],
+        packed.tensors(),
         rule.num_layers,
         rule.hidden_size,
         bool(rule.preprocess),
         float(rule.preprocess_p),
         float(rule.input_scale),
         float(rule.output_scale),
+        m if rule.momentum_decays else None,
+        v if rule.momentum_decays else None,
+        float(rule.rms_decay),
     )
 
 
 # A registered op (with declared mutations) so that torch.compile keeps the step in one graph
 # instead of breaking at the ctypes call.
-@torch.library.custom_op("learned_optim::lstm_step_cpu", mutates_args=("h", "c", "update"), device_types="cpu")
+@torch.library.custom_op(
+    "learned_optim::lstm_step_cpu", mutates_args=("h", "c", "update", "m", "v"), device_types="cpu"
+)
 def _lstm_step_cpu_op(
     grad: Tensor | None,
     h: Tensor,
@@ -122,13 +133,17 @@ def _lstm_step_cpu_op(
     preprocess_p: float,
     input_scale: float,
     output_scale: float,
+    m: Tensor | None,
+    v: Tensor | None,
+    rms_decay: float,
 ) -> None:
     """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
     library = _load()
     if library is None:
         raise RuntimeError(f"the fused CPU LSTM kernel is unavailable: {_KERNEL.error}")
     n = update.numel()
-    wx, wh, bias, out = packed
+    wx, wh, bias, out, decays = packed
+    momenta = decays.numel() if m is not None else 0
     args = (
         (update if grad is None else grad).data_ptr(),
         h.data_ptr(),
@@ -148,6 +163,12 @@ def _lstm_step_cpu_op(
         preprocess_p,
         input_scale,
         output_scale,
+        m.data_ptr() if momenta else None,
+        v.data_ptr() if momenta else None,
+        momenta,
+        decays.data_ptr() if momenta else None,
+        rms_decay,
+        1.0 - rms_decay,  # in double, then rounded: as the eager rule computes it
     )
     # Ranges are multiples of the kernel's 32-coordinate block; ctypes drops the GIL per call.
     run_parallel(library.lstm_step, [(lo, hi, *args) for lo, hi in split_ranges(n)])

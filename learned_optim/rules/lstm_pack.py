@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PackedLSTMWeights", "check_state", "pack_lstm_weights", "padded_units"]
+__all__ = ["PackedLSTMWeights", "check_state", "input_count", "pack_lstm_weights", "padded_units"]
 
 
 def padded_units(n: int) -> int:
@@ -16,11 +16,25 @@ def padded_units(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def input_count(rule: torch.nn.Module) -> int:
+    """The first layer's inputs per coordinate: the gradient features, then the momenta.
+
+    The packed layout holds at most ``padded_units(hidden_size)`` of them.
+    """
+    return (2 if rule.preprocess else 1) + len(getattr(rule, "momentum_decays", ()))
+
+
 class PackedLSTMWeights:
     """The rule's weights laid out for the kernel (gate-major, zero-padded), plus a key to detect changes."""
 
-    def __init__(self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, key: tuple[Any, ...]) -> None:
-        self.wx, self.wh, self.bias, self.out, self.key = wx, wh, bias, out, key
+    def __init__(
+        self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, decays: Tensor, key: tuple[Any, ...]
+    ) -> None:
+        self.wx, self.wh, self.bias, self.out, self.decays, self.key = wx, wh, bias, out, decays, key
+
+    def tensors(self) -> list[Tensor]:
+        """What the kernels read, in their argument order."""
+        return [self.wx, self.wh, self.bias, self.out, self.decays]
 
 
 def _weights_key(rule: torch.nn.Module) -> tuple[Any, ...]:
@@ -33,6 +47,8 @@ def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = 
 
     ``wx[l, q, k, j]`` is the weight from input ``k`` of layer ``l`` to unit ``j`` of gate
     ``q`` (input, forget, output, cell); ``wh`` likewise from the layer's own hidden state.
+    ``decays`` holds the rule's momentum decays (empty without momentum inputs), on the
+    weights' device so that the kernels read them without a copy from the host.
     """
     if torch.compiler.is_compiling():
         # Traced into the compiled graph (a few tiny ops) instead of a host-side cache check.
@@ -58,14 +74,32 @@ def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = 
         out = first.new_zeros(hp + 1, dtype=torch.float32)
         out[:hidden] = rule.output.weight.detach().float().view(-1)
         out[hp] = rule.output.bias.detach().float().view(())  # read by the kernel: no .item() sync
-    return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, key)
+        decays = torch.tensor(list(getattr(rule, "momentum_decays", ())), dtype=torch.float32, device=first.device)
+    return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, decays, key)
 
 
-def check_state(rule: torch.nn.Module, n: int, h: Tensor, c: Tensor, dtypes: tuple[torch.dtype, ...] = ()) -> None:
-    """Raise ValueError unless ``h`` and ``c`` are contiguous ``(n, num_layers, hidden_size)`` state."""
-    shape = (n, rule.num_layers, rule.hidden_size)
-    for name, t in (("h", h), ("c", c)):
+def check_state(
+    rule: torch.nn.Module,
+    n: int,
+    h: Tensor,
+    c: Tensor,
+    dtypes: tuple[torch.dtype, ...] = (),
+    m: Tensor | None = None,
+    v: Tensor | None = None,
+) -> None:
+    """Raise ValueError unless ``h`` and ``c`` are contiguous ``(n, num_layers, hidden_size)``
+    state, and, for a rule with momentum inputs, ``m`` and ``v`` contiguous ``(n, k)`` and
+    ``(n,)`` state of ``h``'s dtype."""
+    momenta = len(getattr(rule, "momentum_decays", ()))
+    expected = {"h": (h, (n, rule.num_layers, rule.hidden_size)), "c": (c, (n, rule.num_layers, rule.hidden_size))}
+    if momenta:
+        if m is None or v is None:
+            raise ValueError(f"a rule with {momenta} momentum inputs needs state 'm' and 'v'")
+        expected.update({"m": (m, (n, momenta)), "v": (v, (n,))})
+    for name, (t, shape) in expected.items():
         if not t.is_contiguous() or t.shape != shape:
             raise ValueError(f"state {name!r} must be contiguous with shape {shape}, got {tuple(t.shape)}")
         if dtypes and t.dtype not in dtypes:
             raise ValueError(f"state {name!r} must be one of {dtypes}, got {t.dtype}")
+        if t.dtype != h.dtype:
+            raise ValueError(f"state {name!r} must have the dtype of 'h', {h.dtype}, got {t.dtype}")

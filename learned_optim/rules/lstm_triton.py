@@ -63,10 +63,16 @@ if triton is not None:
         wh_ptr,
         b_ptr,
         out_ptr,
+        m_ptr,
+        v_ptr,
+        decay_ptr,
         n,
         preprocess_p,
         input_scale,
         output_scale,
+        rms_decay,
+        rms_rest,
+        MOMENTA: tl.constexpr,
         L: tl.constexpr,
         H: tl.constexpr,
         HP: tl.constexpr,
@@ -101,11 +107,35 @@ if triton is not None:
         tile_mask = in_range[:, None] & unit_ok[None, :]
         store_mask = write[:, None] & unit_ok[None, :]
         inp = tl.zeros((BLOCK_SIZE, HP), dtype=tl.float32)
+        if MOMENTA > 0:
+            # Scale-free momenta (CoordinateLSTM.momentum_features) in the input columns after
+            # the gradient features; layer 0 then takes the whole input tile through tl.dot.
+            first = 2 if PREPROCESS else 1
+            slot = j - first
+            is_momentum = (slot >= 0) & (slot < MOMENTA)
+            decay = tl.load(decay_ptr + slot, mask=is_momentum, other=0.0)[None, :]
+            m_offsets = rows[:, None] * MOMENTA + slot[None, :]
+            m_mask = in_range[:, None] & is_momentum[None, :]
+            m = tl.load(m_ptr + m_offsets, mask=m_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
+            squared = g * g
+            # Both averages start at the first gradient, where v is still 0.
+            fresh = v == 0.0
+            v_new = tl.where(fresh, squared, rms_decay * v + rms_rest * squared)
+            m_new = tl.where(fresh[:, None], g[:, None], decay * m + (1.0 - decay) * g[:, None])
+            tl.store(m_ptr + m_offsets, m_new.to(m_ptr.dtype.element_ty), mask=write[:, None] & is_momentum[None, :])
+            tl.store(v_ptr + rows, v_new.to(v_ptr.dtype.element_ty), mask=write)
+            # 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero.
+            scaled = m_new / tl.sqrt(v_new + 1e-30)[:, None]
+            column = j[None, :]
+            inp = tl.where(column == 0, x0[:, None], tl.where(is_momentum[None, :], scaled, 0.0))
+            if PREPROCESS:
+                inp = tl.where(column == 1, x1[:, None], inp)
         for layer in tl.static_range(L):
             offsets = rows[:, None] * (L * H) + layer * H + j[None, :]
             h = tl.load(h_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
             c = tl.load(c_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            if layer == 0:
+            if layer == 0 and MOMENTA == 0:
                 gi = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 0, HP, PRECISION)
                 gf = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 1, HP, PRECISION)
                 go = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 2, HP, PRECISION)
@@ -139,6 +169,8 @@ def lstm_step_triton(
     keep: Tensor | None = None,
     segment_ids: Tensor | None = None,
     precision: str = "tf32x3",
+    m: Tensor | None = None,
+    v: Tensor | None = None,
 ) -> None:
     """One fused LSTM step over ``n`` coordinates; writes ``h``/``c`` in place and ``update``.
 
@@ -153,13 +185,15 @@ def lstm_step_triton(
         segment_ids: ``(n,)`` int32 tensor index of each coordinate (with ``keep``).
         precision: ``tl.dot`` input precision on GPU: ``"tf32x3"`` (fp32 accuracy on matrix
             units), ``"ieee"`` (plain fp32) or ``"tf32"`` (fastest, ~1e-3 relative error).
+        m, v: a momentum rule's averages, ``(n, k)`` and ``(n,)`` contiguous, ``h``'s dtype;
+            updated in place.
     """
     if triton is None:
         raise RuntimeError("the Triton LSTM kernel needs the `triton` package (pip install triton)")
     n = grad.numel()
     if n == 0:
         return
-    check_state(rule, n, h, c)
+    check_state(rule, n, h, c, m=m, v=v)
     masked = keep is not None
     if masked and segment_ids is None:
         raise ValueError("keep needs segment_ids")
@@ -174,7 +208,7 @@ def lstm_step_triton(
         update,
         keep,
         segment_ids if masked else None,
-        [packed.wx, packed.wh, packed.bias, packed.out],
+        packed.tensors(),
         rule.num_layers,
         rule.hidden_size,
         bool(rule.preprocess),
@@ -182,12 +216,15 @@ def lstm_step_triton(
         float(rule.input_scale),
         float(rule.output_scale),
         precision,
+        m if rule.momentum_decays else None,
+        v if rule.momentum_decays else None,
+        float(rule.rms_decay),
     )
 
 
 # A registered op (with declared mutations): torch.compile keeps the step in one graph and
 # CUDA graphs capture the launch like any other op.
-@torch.library.custom_op("learned_optim::lstm_step_triton", mutates_args=("h", "c", "update"))
+@torch.library.custom_op("learned_optim::lstm_step_triton", mutates_args=("h", "c", "update", "m", "v"))
 def _lstm_step_triton_op(
     grad: Tensor | None,
     h: Tensor,
@@ -203,6 +240,9 @@ def _lstm_step_triton_op(
     input_scale: float,
     output_scale: float,
     precision: str,
+    m: Tensor | None,
+    v: Tensor | None,
+    rms_decay: float,
 ) -> None:
     """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
     n = update.numel()
@@ -210,7 +250,8 @@ def _lstm_step_triton_op(
         precision = "ieee"  # the interpreter computes dots in numpy fp32
     masked = keep is not None
     source = update if grad is None else grad
-    wx, wh, bias, out = packed
+    wx, wh, bias, out, decays = packed
+    momenta = decays.numel() if m is not None else 0
     grid = (triton.cdiv(n, BLOCK),)
     _lstm_kernel[grid](
         source,
@@ -223,10 +264,16 @@ def _lstm_step_triton_op(
         wh,
         bias,
         out,
+        m if momenta else source,
+        v if momenta else source,
+        decays if momenta else source,
         n,
         preprocess_p,
         input_scale,
         output_scale,
+        rms_decay,
+        1.0 - rms_decay,
+        MOMENTA=momenta,
         L=num_layers,
         H=hidden_size,
         HP=padded_units(hidden_size),
