@@ -440,10 +440,11 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 @cuda_only
-def test_cuda_graph_captures_a_training_step():
+@pytest.mark.parametrize("config", [{}, {"momentum_decays": [0.5, 0.9]}], ids=["paper", "momenta"])
+def test_cuda_graph_captures_a_training_step(config):
     model = _model()
     # Default warn_nonfinite=True: the step drops its host-side check while being captured.
-    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM()), impl="triton")
+    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM(**config)), impl="triton")
     x = torch.randn(16, 6, device=DEVICE)
     y = torch.randint(0, 3, (16,), device=DEVICE)
 
@@ -477,13 +478,14 @@ def test_cuda_graph_captures_a_training_step():
         assert _rel(b, a) < TRAJECTORY_RTOL
 
 
+@pytest.mark.parametrize("config", [{}, {"momentum_decays": [0.5, 0.9]}], ids=["paper", "momenta"])
 @pytest.mark.parametrize("impl", ["eager", "auto", *KERNELS])
-def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl):
+def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl, config):
     # fullgraph=True fails on any graph break in step(): host syncs, data-pointer checks, the
     # kernel launch. The default warn_nonfinite=True must not add a sync while tracing.
     torch._dynamo.reset()
     model = _model()
-    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM()), impl=impl)
+    opt = LearnedOptimizer(model.parameters(), pretrained=_trained_like(CoordinateLSTM(**config)), impl=impl)
     reference = _model()
     reference.load_state_dict(model.state_dict())
     reference_opt = LearnedOptimizer(reference.parameters(), pretrained=opt.rule, impl="eager")
@@ -502,7 +504,8 @@ def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl)
         assert _rel(b, a) < TRAJECTORY_RTOL
     # The state the compiled steps wrote is the optimizer's own (resume works from it).
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert _rel(opt.state[p]["rule.h"], reference_opt.state[q]["rule.h"]) < TRAJECTORY_RTOL
+        for key in opt.rule.state_spec():
+            assert _rel(opt.state[p][f"rule.{key}"], reference_opt.state[q][f"rule.{key}"]) < TRAJECTORY_RTOL
 
 
 @over_kernels
