@@ -513,7 +513,12 @@ class LearnedOptimizer(Optimizer):
             "weights": {k: v.detach().clone() for k, v in self.rule.state_dict().items()},
         }
         if self._global_state is not None:
-            sd["rule_global_state"] = {k: v.detach().clone() for k, v in self._global_state.items()}
+            global_state = self._global_state
+            if not any(self.state.values()):
+                # After opt.state.clear() the next step starts the global state afresh (see
+                # step()); save what it will start from, not the values from before the reset.
+                global_state = self._fresh_global_state(next(iter(global_state.values())).device)
+            sd["rule_global_state"] = {k: v.detach().clone() for k, v in global_state.items()}
         for hook in post_hooks.values():
             result = hook(self, sd)
             if result is not None:

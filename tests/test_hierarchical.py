@@ -386,6 +386,10 @@ def test_clearing_the_state_starts_every_level_afresh(impl):
     _train(model, opt, 3, start=0)
     model.load_state_dict(start)
     opt.state.clear()
+    # Saved before the next step, the global state is the fresh one that step starts from.
+    cleared = opt.state_dict()["rule_global_state"]
+    new_optimizer = setup()[1].state_dict()["rule_global_state"]
+    assert cleared.keys() == new_optimizer.keys() and all(torch.equal(cleared[k], new_optimizer[k]) for k in cleared)
     _train(model, opt, 3, start=0)
 
     fresh_model, fresh_opt = setup()
