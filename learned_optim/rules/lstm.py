@@ -60,7 +60,8 @@ class CoordinateLSTM(UpdateRule):
             a running mean square of it (decay ``rms_decay``). Both averages start at the
             first nonzero gradient a coordinate sees. Adds ``len(momentum_decays) + 1`` floats of
             state per coordinate. The fused kernels compute them too, up to
-            ``padded_units(hidden_size)`` first-layer inputs in all (30 for 20 units).
+            ``padded_units(hidden_size)`` first-layer inputs in all (32 for 20 units: up to 30
+            momenta beside the two gradient features).
         rms_decay: decay in [0, 1) of the running mean square that scales the momenta.
     """
 
