@@ -51,6 +51,8 @@ PROBLEMS = {
         ("teacher", 200),
         ("mnist-mlp", 1000),
     ],
+    # An architecture unlike every MLP/convnet task: a small transformer reversing sequences.
+    "transformer": [("transformer-reverse", 300)],
 }
 
 

@@ -19,6 +19,7 @@ from learned_optim.tasks import (
     MNISTMLPFamily,
     QuadraticFamily,
     ReversalFamily,
+    SequenceMixFamily,
     TeacherFamily,
     XORFamily,
     call_model,
@@ -48,6 +49,7 @@ SGD_LR = {
     "xor": 0.5,
     "teacher": 0.05,
     "transformer-reverse": 0.1,
+    "transformer-mix": 0.1,
     "problem-set": 0.01,
     "problem-set-nn": 0.01,
     "problem-set-data": 0.01,
@@ -435,6 +437,56 @@ def test_transformer_reversal_targets_and_chance_level_start():
         assert abs(_loss(instance, instance.train_set).item() - math.log(8)) < 0.5
     with pytest.raises(ValueError, match="multiple of heads"):
         ReversalFamily(width=10, heads=4)
+
+
+def test_transformer_mix_targets_follow_the_drawn_operation():
+    family = SequenceMixFamily(n_train=64, n_test=16, batch_size=8)
+    seen_ops, seen_norms, seen_shifts = set(), set(), set()
+    for seed in range(40):
+        instance = family.sample(seed)
+        tokens, targets = instance.train_set
+        assert tokens.dtype == torch.int64 and targets.shape == tokens.shape
+        assert tokens.shape[1] in family.lengths and int(tokens.max()) < max(family.vocabs)
+        label = instance.name
+        if "[sort " in label:
+            seen_ops.add("sort")
+            assert torch.equal(targets, tokens.sort(dim=1).values)
+        elif "[prefix-max " in label:
+            seen_ops.add("prefix-max")
+            assert torch.equal(targets, tokens.cummax(dim=1).values)
+        else:
+            shift = int(label.split("[rotate")[1].split()[0])
+            assert 1 <= shift < tokens.shape[1]
+            seen_ops.add("rotate")
+            seen_shifts.add(shift)
+            assert torch.equal(targets, tokens.roll(-shift, dims=1))
+        layer = instance.model.encoder.layers[0]
+        seen_norms.add(layer.norm_first)
+        assert ("pre-norm" in label) == layer.norm_first
+        vocab = instance.model.readout.out_features
+        with torch.no_grad():  # a fresh network starts near chance, log(vocab)
+            assert abs(_loss(instance, instance.train_set).item() - math.log(vocab)) < 0.7
+    assert seen_ops == {"rotate", "sort", "prefix-max"} and seen_norms == {True, False} and len(seen_shifts) > 1
+    # Deterministic per seed: same draw, data and initial weights.
+    a, b = family.sample(3), family.sample(3)
+    assert a.name == b.name and _batches_equal(a.train_set, b.train_set)
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"operations": ("reverse",)}, "operations must be"),
+        ({"operations": ()}, "operations must be"),
+        ({"widths": (18,)}, "multiple of heads"),
+        ({"lengths": (1, 4)}, "at least 2"),
+        ({"vocabs": ()}, "vocabs must be"),
+        ({"norm_first": ()}, "norm_first"),
+    ],
+)
+def test_transformer_mix_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SequenceMixFamily(**kwargs)
 
 
 def test_meta_fit_runs_on_the_transformer_task():

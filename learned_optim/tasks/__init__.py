@@ -42,7 +42,7 @@ def get_task(name: str) -> TaskFamily:
 from learned_optim.tasks.mnist import MLPVariations, MNISTConvFamily, MNISTMLPFamily, load_mnist, load_mnist_folder  # noqa: E402
 from learned_optim.tasks.problem_set import ProblemModel, ProblemSet  # noqa: E402
 from learned_optim.tasks.quadratic import QuadraticFamily  # noqa: E402
-from learned_optim.tasks.sequence import ReversalFamily, ReversalTransformer  # noqa: E402
+from learned_optim.tasks.sequence import ReversalFamily, ReversalTransformer, SequenceMixFamily  # noqa: E402
 from learned_optim.tasks.synthetic import XORDataset, XORFamily, make_xor_dataset  # noqa: E402
 from learned_optim.tasks.teacher import TeacherFamily  # noqa: E402
 
@@ -57,6 +57,7 @@ __all__ = [
     "QuadraticFamily",
     "ReversalFamily",
     "ReversalTransformer",
+    "SequenceMixFamily",
     "Task",
     "TaskError",
     "TaskFamily",
