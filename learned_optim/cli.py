@@ -242,10 +242,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     out = _output_folder(args.out)
     rules = [r for r in args.rules.split(",") if r]
+    rule_lrs = _parse_rule_lrs(args.rule_lr)
     args.seeds_given = args.seeds is not None
     if args.seeds is None:
         args.seeds = 10
     if args.suite:
+        if rule_lrs != 1.0:
+            raise ValueError("--rule-lr is not supported with --suite; compare one task at a time")
         return _run_suite(args, rules)
     family = _load_task(args.task)
     task_name = args.task if ":" not in args.task else args.task.split(":")[-1]
@@ -257,12 +260,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         baselines=args.baselines.split(","),
         cache_path=out / ".cache" / f"{task_name}.json",
         progress=not args.quiet,
+        rule_lrs=rule_lrs,
     )
     print(result.table())
     paths = write_report(result, out, command=_command_line(args))
     for p in paths:
         print(f"wrote {p}")
     return 0
+
+
+def _parse_rule_lrs(text: str) -> float | list[float]:
+    """``--rule-lr``: one multiplier, or a comma separated list of them."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--rule-lr must be numbers separated by commas, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _run_suite(args: argparse.Namespace, rules: list[str]) -> int:
@@ -360,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare learned rules with tuned Adam, RMSprop, SGD, Nesterov")
     cp.add_argument("--task", default="mnist-mlp", help="task name or module:attribute")
     cp.add_argument("--rules", default="default", help="comma separated: default, bundled names, dirs, Hub ids")
+    cp.add_argument(
+        "--rule-lr",
+        default="1",
+        help="lr multiplier of the rules: one value for all or one per rule, comma separated (default 1, "
+        "the working point they are meta-trained at)",
+    )
     cp.add_argument("--steps", type=int, default=100)
     cp.add_argument("--seeds", type=int, default=None, help="evaluation seeds (default 10; seed-xor: 500)")
     cp.add_argument("--suite", choices=("paper", "seed-xor"), default=None, help="run a benchmark suite")

@@ -505,6 +505,7 @@ def compare(
     rule_names: Sequence[str] | None = None,
     tune_test: bool = False,
     task_label: str | None = None,
+    rule_lrs: float | Sequence[float] = 1.0,
 ) -> Comparison:
     """Compare learned rules against tuned baselines on ``task``.
 
@@ -522,6 +523,9 @@ def compare(
         tune_test: report baselines' held-out loss at the lr best on held-out loss.
         task_label: name of the task in reports and in the cache key (default: its name; the key
             also holds :func:`task_fingerprint`, so tasks that share a name never share entries).
+        rule_lrs: the ``lr`` multiplier each rule runs at: one value for all, or one per rule
+            (default 1, the working point rules are meta-trained at; learned rules are not
+            tuned). A rule at another multiplier is labelled ``name@lr``.
     """
     from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
@@ -538,6 +542,13 @@ def compare(
     )
     if not seed_list:
         raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
+    rules = list(rules)
+    lrs = [float(rule_lrs)] * len(rules) if isinstance(rule_lrs, (int, float)) else [float(x) for x in rule_lrs]
+    if len(lrs) != len(rules):
+        raise ValueError(f"rule_lrs has {len(lrs)} values for {len(rules)} rules; give one value or one per rule")
+    bad = [x for x in lrs if not (math.isfinite(x) and x > 0)]
+    if bad:
+        raise ValueError(f"rule_lrs must be positive finite numbers, got {bad}")
     loaded = []
     for item in rules:
         if isinstance(item, str) and item == "default":
@@ -548,6 +559,8 @@ def compare(
             loaded.append((type(item).__name__, resolve_rule(item)))
     if rule_names is not None:
         loaded = [(n, r) for n, (_, r) in zip(rule_names, loaded, strict=True)]
+    else:
+        loaded = [(n if lr == 1.0 else f"{n}@{lr:g}", r) for (n, r), lr in zip(loaded, lrs, strict=True)]
     # Results are looked up by name (ratios, wins, report): two rules of the same class,
     # or a rule named like a baseline, must not share one.
     taken = set(baselines)
@@ -575,8 +588,8 @@ def compare(
     on_widen = grow if bar is not None else None
     results = []
     try:
-        for name, rule in loaded:
-            results.append(evaluate_rule(name, rule, family, seed_list, steps, on_run=tick))
+        for (name, rule), lr in zip(loaded, lrs, strict=True):
+            results.append(evaluate_rule(name, rule, family, seed_list, steps, lr=lr, on_run=tick))
         for b in baselines:
             results.append(
                 tune_baseline(

@@ -54,6 +54,41 @@ def test_compare_tiny_task_writes_reports(tmp_path, capsys):
     assert (out / ".cache" / "tiny.json").is_file()
 
 
+def test_compare_runs_rules_at_other_lr_multipliers(tmp_path, capsys):
+    rule_dir = tmp_path / "rule"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CoordinateLSTM(hidden_size=8).save_pretrained(str(rule_dir))
+    out = tmp_path / "results"
+    argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", f"{rule_dir},{rule_dir}", "--rule-lr", "1,0.3",
+            "--steps", "5", "--seeds", "2", "--baselines", "sgd", "--out", str(out), "--quiet"]  # fmt: skip
+    assert run_cli(argv) == 0
+    report = json.loads((out / "tiny-5.json").read_text())
+    by_name = {r["name"]: r for r in report["results"]}
+    assert set(by_name) == {str(rule_dir), f"{rule_dir}@0.3", "sgd"}
+    assert by_name[f"{rule_dir}@0.3"]["best_lr"]["final_loss"] == 0.3
+    # The same rule at another multiplier takes other steps.
+    assert by_name[f"{rule_dir}@0.3"]["final_loss"] != by_name[str(rule_dir)]["final_loss"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "rule_lr, message",
+    [
+        ("1,2,3", "rule_lrs has 3 values for 1 rules"),
+        ("0", "rule_lrs must be positive finite numbers"),
+        ("fast", "--rule-lr must be numbers separated by commas"),
+    ],
+)
+def test_compare_bad_rule_lr_exits_2(rule_lr, message, tmp_path, capsys):
+    argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", "lstm-mnist", "--rule-lr", rule_lr, "--steps", "2",
+            "--seeds", "1", "--baselines", "sgd", "--out", str(tmp_path / "r"), "--quiet"]  # fmt: skip
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     "task, message",
     [
