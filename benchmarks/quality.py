@@ -30,7 +30,7 @@ from learned_optim.compare import (
     tune_baseline,
 )
 from learned_optim.tasks import get_task
-from learned_optim.weights import resolve_rule
+from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
 PROBLEMS = {
     # Issue 3: MNIST and its generalisation settings (Andrychowicz et al. 2016, section 3.2).
@@ -66,7 +66,7 @@ def lr_sweep(
     Adam over the same 100x range twice: around its default lr 1e-3 (what untuned users run)
     and around its tuned lr for this task (the like-for-like comparison)."""
     family = get_task(task)
-    rule = resolve_rule(rule_name)
+    rule = resolve_rule(DEFAULT_RULE if rule_name == "default" else rule_name)
     baseline_cache = ResultCache(cache / f"{task}.json" if cache else None)
     tuned = tune_baseline(
         "adam", BASELINES["adam"], family, f"{task}#{task_fingerprint(family, seeds[0])}", seeds, steps,

@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes a weights file may store (loaded into the rule's own dtype)."""
 # The rule LearnedOptimizer uses when no `pretrained` is given.
-DEFAULT_RULE = "lstm-mnist-mixed"
+DEFAULT_RULE = "lstm-mnist-mixed-momentum"
 
 
 class PretrainedError(ValueError):
