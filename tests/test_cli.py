@@ -24,6 +24,16 @@ def run_cli(argv: list[str]) -> int:
         return exit_.code if isinstance(exit_.code, int) else 1
 
 
+@pytest.fixture
+def rule_dir(tmp_path: Path) -> Path:
+    """A small untrained CoordinateLSTM saved as a rule folder (seeded)."""
+    folder = tmp_path / "rule"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CoordinateLSTM(hidden_size=8).save_pretrained(str(folder))
+    return folder
+
+
 def test_list_prints_tasks_and_rules(capsys):
     assert run_cli(["list"]) == 0
     out = capsys.readouterr().out
@@ -33,11 +43,7 @@ def test_list_prints_tasks_and_rules(capsys):
     assert "quadratic" in tasks_line and "mnist-mlp" in tasks_line
 
 
-def test_compare_tiny_task_writes_reports(tmp_path, capsys):
-    rule_dir = tmp_path / "rule"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CoordinateLSTM(hidden_size=8).save_pretrained(str(rule_dir))
+def test_compare_tiny_task_writes_reports(rule_dir, tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", str(rule_dir), "--steps", "5", "--seeds", "2",
             "--baselines", "sgd,adam", "--out", str(out), "--quiet"]  # fmt: skip
@@ -54,11 +60,7 @@ def test_compare_tiny_task_writes_reports(tmp_path, capsys):
     assert (out / ".cache" / "tiny.json").is_file()
 
 
-def test_compare_runs_rules_at_other_lr_multipliers(tmp_path, capsys):
-    rule_dir = tmp_path / "rule"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CoordinateLSTM(hidden_size=8).save_pretrained(str(rule_dir))
+def test_compare_runs_rules_at_other_lr_multipliers(rule_dir, tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", f"{rule_dir},{rule_dir}", "--rule-lr", "1,0.3",
             "--steps", "5", "--seeds", "2", "--baselines", "sgd", "--out", str(out), "--quiet"]  # fmt: skip

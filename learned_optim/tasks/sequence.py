@@ -46,6 +46,27 @@ def sequence_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def _sequence_instance(
+    seed: int,
+    tokens: Tensor,
+    targets: Tensor,
+    n_train: int,
+    batch_size: int,
+    model_factory: Callable[[], nn.Module],
+    name: str,
+) -> TaskInstance:
+    """The first ``n_train`` sequences train (in minibatches), the rest are held out."""
+    train, test = slice(0, n_train), slice(n_train, None)
+    return TaskInstance(
+        model=seeded_module(seed, model_factory),
+        loss=sequence_cross_entropy,
+        batches=minibatches(tokens[train], targets[train], batch_size, generator(seed, "batches")),
+        train_set=(tokens[train], targets[train]),
+        test_set=(tokens[test], targets[test]),
+        name=name,
+    )
+
+
 class ReversalFamily(TaskFamily):
     """Reverse random token sequences with a small transformer.
 
@@ -92,18 +113,14 @@ class ReversalFamily(TaskFamily):
         tokens = torch.randint(
             self.vocab, (self.n_train + self.n_test, self.length), generator=generator(seed, "reversal")
         )
-        targets = tokens.flip(1)
-        train, test = slice(0, self.n_train), slice(self.n_train, None)
-        model = seeded_module(
-            seed, lambda: ReversalTransformer(self.vocab, self.length, self.width, self.heads, self.layers)
-        )
-        return TaskInstance(
-            model=model,
-            loss=sequence_cross_entropy,
-            batches=minibatches(tokens[train], targets[train], self.batch_size, generator(seed, "batches")),
-            train_set=(tokens[train], targets[train]),
-            test_set=(tokens[test], targets[test]),
-            name=f"{self.name}[v{self.vocab} len{self.length} w{self.width} x{self.layers}]",
+        return _sequence_instance(
+            seed,
+            tokens,
+            tokens.flip(1),
+            self.n_train,
+            self.batch_size,
+            lambda: ReversalTransformer(self.vocab, self.length, self.width, self.heads, self.layers),
+            f"{self.name}[v{self.vocab} len{self.length} w{self.width} x{self.layers}]",
         )
 
 
@@ -184,22 +201,15 @@ class SequenceMixFamily(TaskFamily):
         width, depth, norm_first = choose(self.widths, gen), choose(self.layers, gen), choose(self.norm_first, gen)
         shift = int(torch.randint(1, length, (1,), generator=gen))
         tokens = torch.randint(vocab, (self.n_train + self.n_test, length), generator=generator(seed, "sequences"))
-        targets = SEQUENCE_OPERATIONS[operation](tokens, shift)
-        train, test = slice(0, self.n_train), slice(self.n_train, None)
-        model = seeded_module(
-            seed, lambda: ReversalTransformer(vocab, length, width, self.heads, depth, norm_first=norm_first)
-        )
         detail = f"{operation}{shift}" if operation == "rotate" else operation
-        return TaskInstance(
-            model=model,
-            loss=sequence_cross_entropy,
-            batches=minibatches(tokens[train], targets[train], self.batch_size, generator(seed, "batches")),
-            train_set=(tokens[train], targets[train]),
-            test_set=(tokens[test], targets[test]),
-            name=(
-                f"{self.name}[{detail} v{vocab} len{length} w{width} x{depth} "
-                f"{'pre' if norm_first else 'post'}-norm]"
-            ),
+        return _sequence_instance(
+            seed,
+            tokens,
+            SEQUENCE_OPERATIONS[operation](tokens, shift),
+            self.n_train,
+            self.batch_size,
+            lambda: ReversalTransformer(vocab, length, width, self.heads, depth, norm_first=norm_first),
+            f"{self.name}[{detail} v{vocab} len{length} w{width} x{depth} {'pre' if norm_first else 'post'}-norm]",
         )
 
 
