@@ -178,7 +178,16 @@ def main() -> None:
         default="{}",
         help='CoordinateLSTM config as JSON, e.g. \'{"momentum_decays": [0.5, 0.9, 0.99]}\' (default: the paper\'s)',
     )
+    parser.add_argument(
+        "--triton-launch",
+        default="{}",
+        help='override the Triton LSTM kernel\'s launch settings (lstm_triton.LAUNCH), e.g. \'{"block": 128}\'',
+    )
     args = parser.parse_args()
+    if args.triton_launch != "{}":
+        from learned_optim.rules import lstm_triton
+
+        lstm_triton.LAUNCH.update(json.loads(args.triton_launch))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -61,9 +61,17 @@ def _tracing_or_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+_AUTOCAST_AVAILABLE: dict[str, bool] = {"cpu": True, "cuda": True}
+"""Device types with autocast, looked up once each: torch.compile cannot trace the lookup
+(``torch.amp.is_autocast_available`` is a C call Dynamo skips, torch 2.11)."""
+
+
 def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """A context that turns autocast off on ``device`` (nothing where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device.type):
+    available = _AUTOCAST_AVAILABLE.get(device.type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device.type] = torch.amp.is_autocast_available(device.type)
+    if available:
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

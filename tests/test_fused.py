@@ -466,10 +466,10 @@ def test_cuda_graph_captures_a_training_step(config):
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        train_step()
-    for _ in range(3):
+        train_step()  # recorded, not run
+    for _ in range(4):
         graph.replay()
-    for _ in range(4):  # capture ran one step; three replays
+    for _ in range(4):
         reference_opt.zero_grad()
         nn.functional.cross_entropy(reference(x), y).backward()
         reference_opt.step()
@@ -629,7 +629,7 @@ def test_parameters_left_out_of_a_step_do_not_keep_the_old_state_buffers(impl):
     small_state = opt.state[small]["rule.h"].clone()
     small.grad = None
     opt.step()  # only `big` steps: new buffers
-    buffer = opt._flat_states[DEVICE].buffers["h"]
+    buffer = opt._flat_states[big.device].buffers["h"]
     assert opt.state[big]["rule.h"].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
     held = opt.state[small]["rule.h"]
     assert torch.equal(held, small_state)

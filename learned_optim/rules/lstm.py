@@ -23,6 +23,7 @@ from learned_optim.rules.base import (
     config_int,
     same_config,
 )
+from learned_optim.rules.lstm_pack import device_vector
 from learned_optim.rules.preprocess import log_sign_preprocess
 
 
@@ -204,7 +205,7 @@ class CoordinateLSTM(UpdateRule):
         """The scale-free momenta ``(n, k)`` and the new averages ``m`` ``(n, k)`` and ``v`` ``(n,)``."""
         m = state["m"].to(grad.dtype)
         v = state["v"].to(grad.dtype)
-        decays = torch.tensor(self.momentum_decays, dtype=grad.dtype, device=grad.device)
+        decays = device_vector(self.momentum_decays, grad, grad.dtype)  # no host copy: capturable
         squared = grad * grad
         # v == 0: no gradient seen yet; starting the averages at the gradient avoids zero-start
         # bias without a step counter (which bf16 state could not hold past 256).

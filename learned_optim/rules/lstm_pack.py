@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -74,8 +75,17 @@ def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = 
         out = first.new_zeros(hp + 1, dtype=torch.float32)
         out[:hidden] = rule.output.weight.detach().float().view(-1)
         out[hp] = rule.output.bias.detach().float().view(())  # read by the kernel: no .item() sync
-        decays = torch.tensor(list(getattr(rule, "momentum_decays", ())), dtype=torch.float32, device=first.device)
+        decays = device_vector(getattr(rule, "momentum_decays", ()), first)
     return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, decays, key)
+
+
+def device_vector(values: Sequence[float], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``values`` as a 1-D tensor on ``like``'s device, written by fills: a host-to-device copy
+    from pageable memory is refused while a CUDA graph is being captured."""
+    vector = like.new_empty(len(values), dtype=dtype)
+    for i, value in enumerate(values):
+        vector[i] = value
+    return vector
 
 
 def check_state(
