@@ -226,6 +226,24 @@ def test_kernel_with_momentum_inputs_and_bf16_state_matches_eager(impl):
         assert torch.allclose(fused_state[key].float(), expected_state[key].float(), rtol=BF16_STATE_RTOL, atol=1e-6)
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs Triton")
+@pytest.mark.parametrize("config", [{}, {"momentum_decays": [0.5, 0.9]}], ids=["paper", "momenta"])
+def test_triton_kernel_splits_launches_that_would_overflow_its_offsets(config, monkeypatch):
+    from learned_optim.rules import lstm_triton
+
+    rule = _trained_like(CoordinateLSTM(**config))
+    grad, state = _momentum_inputs(rule, 300) if config else (torch.randn(300, device=DEVICE) * 1e-2, None)
+    if state is None:
+        state = {k: torch.randn_like(v) for k, v in rule.init_state(300, DEVICE).items()}
+    whole_update, whole_state = _fused_steps(rule, "triton", grad, state, steps=2)
+    # Room for one block of coordinates (40 state elements each) per launch: 5 launches.
+    monkeypatch.setattr(lstm_triton, "MAX_STATE_ELEMENTS", lstm_triton.LAUNCH["block"] * 41)
+    split_update, split_state = _fused_steps(rule, "triton", grad, state, steps=2)
+    assert torch.equal(split_update, whole_update)
+    for key, value in whole_state.items():
+        assert torch.equal(split_state[key], value), key
+
+
 @over_kernels
 def test_kernel_keep_flags_leave_skipped_momenta_untouched(impl):
     rule = _trained_like(CoordinateLSTM(momentum_decays=[0.5, 0.9]))

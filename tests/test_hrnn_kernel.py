@@ -275,8 +275,12 @@ def test_a_compiled_first_step_keeps_the_global_state(impl):
         params[0].grad, reference[0].grad = grad.clone(), grad.clone()
         compiled_step()
         reference_opt.step()
-    assert _rel(params[0], reference[0]) < TRAJECTORY_RTOL
+    # Inductor's CUDA kernels round differently from eager mode (fused reductions, its own
+    # exp/log), and the noisy rule's learning-rate state amplifies that over the steps:
+    # seen 6.6e-4 on an H100 (torch 2.11). A step that lost its state would be off by O(1).
+    rtol = TRAJECTORY_RTOL if backend == "aot_eager" else 2e-3
+    assert _rel(params[0], reference[0]) < rtol
     saved = opt.state_dict()["rule_global_state"]
     for k, v in reference_opt.state_dict()["rule_global_state"].items():
-        assert _rel(saved[k], v) < TRAJECTORY_RTOL, k
+        assert _rel(saved[k], v) < rtol, k
         assert saved[k].grad_fn is None and not saved[k].requires_grad

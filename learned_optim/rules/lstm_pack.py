@@ -84,7 +84,7 @@ def device_vector(values: Sequence[float], like: Tensor, dtype: torch.dtype = to
     from pageable memory is refused while a CUDA graph is being captured."""
     vector = like.new_empty(len(values), dtype=dtype)
     for i, value in enumerate(values):
-        vector[i] = value
+        vector[i].fill_(value)  # a fill kernel; `vector[i] = value` copies a host scalar tensor
     return vector
 
 

@@ -25,6 +25,9 @@ from learned_optim.rules.triton_common import tl, triton, triton_available, trit
 
 __all__ = ["lstm_step_triton", "triton_available", "triton_usable_on"]
 
+MAX_STATE_ELEMENTS = 2**31 - 1
+"""The most state elements one launch indexes (the kernel's offsets are 32-bit)."""
+
 LAUNCH = {"block": 64, "num_warps": 4, "fused_gates": False}
 """Launch settings of the kernel on GPU (coordinates per program, warps, one product for all
 four gates); ``benchmarks/triton_tuning.py`` times the alternatives."""
@@ -284,38 +287,42 @@ def _lstm_step_triton_op(
     wx, wh, bias, out, decays = packed
     momenta = decays.numel() if m is not None else 0
     block = LAUNCH["block"]
-    grid = (triton.cdiv(n, block),)
-    _lstm_kernel[grid](
-        source,
-        h,
-        c,
-        update,
-        keep if masked else source,
-        segment_ids if masked else source,
-        wx,
-        wh,
-        bias,
-        out,
-        m if momenta else source,
-        v if momenta else source,
-        decays if momenta else source,
-        n,
-        preprocess_p,
-        input_scale,
-        output_scale,
-        rms_decay,
-        1.0 - rms_decay,
-        MOMENTA=momenta,
-        L=num_layers,
-        H=hidden_size,
-        HP=padded_units(hidden_size),
-        PREPROCESS=preprocess,
-        MASKED=masked,
-        BLOCK_SIZE=block,
-        PRECISION=precision,
-        FUSED_GATES=LAUNCH["fused_gates"],
-        num_warps=LAUNCH["num_warps"],
-    )
+    # Launches of whole blocks over at most MAX_STATE_ELEMENTS state elements each.
+    rows = max(block, MAX_STATE_ELEMENTS // max(num_layers * hidden_size, momenta, 1) // block * block)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        count = end - start
+        _lstm_kernel[(triton.cdiv(count, block),)](
+            source[start:end],
+            h[start:end],
+            c[start:end],
+            update[start:end],
+            keep if masked else source,
+            segment_ids[start:end] if masked else source,
+            wx,
+            wh,
+            bias,
+            out,
+            m[start:end] if momenta else source,
+            v[start:end] if momenta else source,
+            decays if momenta else source,
+            count,
+            preprocess_p,
+            input_scale,
+            output_scale,
+            rms_decay,
+            1.0 - rms_decay,
+            MOMENTA=momenta,
+            L=num_layers,
+            H=hidden_size,
+            HP=padded_units(hidden_size),
+            PREPROCESS=preprocess,
+            MASKED=masked,
+            BLOCK_SIZE=block,
+            PRECISION=precision,
+            FUSED_GATES=LAUNCH["fused_gates"],
+            num_warps=LAUNCH["num_warps"],
+        )
 
 
 @_lstm_step_triton_op.register_fake
