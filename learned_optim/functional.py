@@ -9,7 +9,7 @@ host: the non-finite check is a device-side mask.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -389,9 +389,30 @@ class FlatState:
         self._views: list[RuleState] | None = None
 
     @classmethod
-    def gather(cls, states: Sequence[RuleState], numels: Sequence[int]) -> FlatState:
-        """Copy ``states`` (one per tensor, same keys) into fresh contiguous buffers."""
-        buffers = {k: torch.cat([s[k] for s in states]) for k in states[0]}
+    def gather(
+        cls,
+        states: Sequence[RuleState],
+        numels: Sequence[int],
+        release: Callable[[int, str, Tensor], None] | None = None,
+    ) -> FlatState:
+        """Copy ``states`` (one per tensor, same keys) into fresh contiguous buffers, one key
+        at a time. ``release(i, key, view)`` is called once tensor ``i``'s ``key`` is copied, so
+        that the caller can drop the old tensor: the peak is then the state plus one key's
+        buffer, not twice the state (the first step of a large model would not fit otherwise)."""
+        cut = [0]
+        for n in numels:
+            cut.append(cut[-1] + n)
+        buffers = {}
+        for key in states[0]:
+            first = states[0][key]
+            buffer = first.new_empty((cut[-1], *first.shape[1:]))
+            del first
+            for i, state in enumerate(states):
+                view = buffer[cut[i] : cut[i + 1]]
+                view.copy_(state[key])
+                if release is not None:
+                    release(i, key, view)
+            buffers[key] = buffer
         return cls(buffers, numels)
 
     def views(self, index: int) -> RuleState:

@@ -340,7 +340,11 @@ class LearnedOptimizer(Optimizer):
         flat = self._flat_states.get(device)
         if flat is not None and flat.holds([e.state for e in entries]):
             return flat
-        flat = FlatState.gather([e.state for e in entries], [e.param.numel() for e in entries])
+        def release(index: int, key: str, view: Tensor) -> None:
+            entries[index].state[key] = view
+            self.state[params[index]][STATE_PREFIX + key] = view
+
+        flat = FlatState.gather([e.state for e in entries], [e.param.numel() for e in entries], release)
         if device in self._flat_states:
             # Parameters left out of the new buffers (no gradient this step) get their own copy
             # of their state, so that the old buffers are freed.

@@ -638,6 +638,28 @@ def test_state_dtypes_the_kernels_cannot_store_are_refused_or_run_eagerly():
     assert opt.impl_for(torch.device("cpu")) == "eager"
 
 
+def test_gathering_the_flat_state_lets_each_old_tensor_go_once_copied():
+    import weakref
+
+    from learned_optim.functional import FlatState
+
+    states = [{"h": torch.randn(n, 2, 3), "v": torch.randn(n)} for n in (5, 0, 7)]
+    expected = {k: torch.cat([s[k] for s in states]) for k in ("h", "v")}
+    old = [weakref.ref(s[k]) for s in states for k in ("h", "v")]
+    released = []
+
+    def release(index, key, view):
+        released.append((index, key))
+        states[index][key] = view  # the caller's only reference to the old tensor
+
+    flat = FlatState.gather(states, [5, 0, 7], release)
+    assert released == [(i, k) for k in ("h", "v") for i in range(3)]
+    assert all(ref() is None for ref in old)  # every old tensor was freed
+    for key, value in expected.items():
+        assert torch.equal(flat.buffers[key], value)
+        assert flat.buffers[key].dtype == value.dtype
+
+
 @over_kernels
 def test_parameters_left_out_of_a_step_do_not_keep_the_old_state_buffers(impl):
     big, small = nn.Parameter(torch.randn(5000, device=DEVICE)), nn.Parameter(torch.randn(2, device=DEVICE))
