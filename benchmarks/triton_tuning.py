@@ -1,11 +1,11 @@
 """Launch settings of the fused Triton LSTM kernel: time and accuracy of each variant (CUDA).
 
-For every variant (coordinates per program, warps, one product for all four gates, ``tl.dot``
-precision) this times the kernel alone on ``--size`` coordinates of random state (median of
-``triton.testing.do_bench``) and checks it on fresh random inputs against the eager rule
-computed in float64: ``||out - ref|| / ||ref||`` for the update and the new state. The
-memory-traffic floor (state read and written, gradient read, update written, over the
-measured copy bandwidth) is printed beside each time.
+For every variant (coordinates per program, warps, ``tl.dot`` precision) this times the kernel
+alone on ``--size`` coordinates of random state (median of ``triton.testing.do_bench``) and
+checks it on fresh random inputs against the eager rule computed in float64
+(``||out - ref|| / ||ref||`` for the update and the new state). The memory-traffic floor
+(state read and written, gradient read, update written, over the measured copy bandwidth)
+is printed beside each time.
 
     python benchmarks/triton_tuning.py --size 124M
 """
@@ -25,18 +25,13 @@ from learned_optim.rules import lstm_triton
 from learned_optim.rules.lstm_pack import pack_lstm_weights
 
 VARIANTS = [
-    # block, num_warps, fused_gates, precision
-    (64, 4, False, "tf32x3"),
-    (128, 4, False, "tf32x3"),
-    (128, 8, False, "tf32x3"),
-    (32, 2, False, "tf32x3"),
-    (64, 4, True, "tf32x3"),
-    (128, 4, True, "tf32x3"),
-    (128, 8, True, "tf32x3"),
-    (64, 4, False, "tf32"),
-    (64, 4, True, "tf32"),
-    (128, 8, True, "tf32"),
-    (64, 4, False, "ieee"),
+    # block, num_warps, tl.dot precision
+    (64, 4, "tf32x3"),
+    (128, 4, "tf32x3"),
+    (128, 8, "tf32x3"),
+    (32, 2, "tf32x3"),
+    (64, 4, "tf32"),
+    (64, 4, "ieee"),
 ]
 
 
@@ -112,8 +107,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, n = {n:,}")  # fmt: skip
     chosen = [VARIANTS[int(i)] for i in args.variants.split(",")] if args.variants else VARIANTS
-    print("| rule | state | block | warps | fused gates | precision | ms | x floor | max rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rule | state | block | warps | precision | ms | x floor | max rel err |")
+    print("|---|---|---|---|---|---|---|---|")
     for config in json.loads(args.configs):
         torch.manual_seed(0)
         rule = random_rule(config).to(device)
@@ -124,14 +119,14 @@ def main() -> None:
             update = torch.empty(n, device=device)
             state_bytes = rule.state_bytes_per_coordinate(dtype)
             floor_ms = n * (2 * state_bytes + 8) / bandwidth * 1e3
-            for block, warps, fused, precision in chosen:
-                lstm_triton.LAUNCH.update(block=block, num_warps=warps, fused_gates=fused)
+            for block, warps, precision in chosen:
+                lstm_triton.LAUNCH.update(block=block, num_warps=warps)
                 error = check(rule, dtype, precision, device)
 
                 ms = time_kernel(rule, packed, grad, state, update, precision)
                 name = "momenta" if config else "paper"
                 tag = "bf16" if dtype == torch.bfloat16 else "fp32"
-                cells = [name, tag, block, warps, fused, precision, f"{ms:.2f}", f"{ms / floor_ms:.2f}", f"{error:.1e}"]
+                cells = [name, tag, block, warps, precision, f"{ms:.2f}", f"{ms / floor_ms:.2f}", f"{error:.1e}"]
                 print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
             del state, grad, update
             torch.cuda.empty_cache()

@@ -28,9 +28,9 @@ __all__ = ["lstm_step_triton", "triton_available", "triton_usable_on"]
 MAX_STATE_ELEMENTS = 2**31 - 1
 """The most state elements one launch indexes (the kernel's offsets are 32-bit)."""
 
-LAUNCH = {"block": 64, "num_warps": 4, "fused_gates": False}
-"""Launch settings of the kernel on GPU (coordinates per program, warps, one product for all
-four gates); ``benchmarks/triton_tuning.py`` times the alternatives."""
+LAUNCH = {"block": 64, "num_warps": 4}
+"""Launch settings of the kernel on GPU (coordinates per program, warps): the fastest measured
+on an H100 (``benchmarks/triton_tuning.py``; docs/performance.md)."""
 
 
 if triton is not None:
@@ -55,30 +55,6 @@ if triton is not None:
         acc += x0[:, None] * tl.load(wx_ptr + q * HP * HP + j)[None, :]
         acc += x1[:, None] * tl.load(wx_ptr + (q * HP + 1) * HP + j)[None, :]
         return acc + tl.load(b_ptr + q * HP + j)[None, :]
-
-    @triton.jit
-    def _gates_fused(
-        inp, x0, x1, h, wx_ptr, wh_ptr, b_ptr, layer: tl.constexpr, FIRST: tl.constexpr,
-        HP: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        # All four gates as one (BLOCK, HP) x (HP, 4 HP) product per input, split afterwards.
-        k = tl.arange(0, HP)[:, None]
-        col = tl.arange(0, 4 * HP)[None, :]
-        gate, unit = col // HP, col % HP
-        tile = ((layer * 4 + gate) * HP + k) * HP + unit
-        acc = tl.dot(h, tl.load(wh_ptr + tile), input_precision=PRECISION)
-        if FIRST:
-            acc += x0[:, None] * tl.load(wx_ptr + gate * HP * HP + unit)
-            acc += x1[:, None] * tl.load(wx_ptr + (gate * HP + 1) * HP + unit)
-        else:
-            acc = tl.dot(inp, tl.load(wx_ptr + tile), acc, input_precision=PRECISION)
-        acc += tl.load(b_ptr + layer * 4 * HP + col)
-        # Column q * HP + j is unit j of gate q = 2a + b.
-        pairs = tl.permute(tl.reshape(acc, (BLOCK_SIZE, 2, 2, HP)), (0, 3, 1, 2))
-        b0, b1 = tl.split(pairs)
-        gi, go = tl.split(b0)
-        gf, gg = tl.split(b1)
-        return gi, gf, go, gg
 
     @triton.jit
     def _lstm_kernel(
@@ -109,7 +85,6 @@ if triton is not None:
         MASKED: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         PRECISION: tl.constexpr,
-        FUSED_GATES: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -165,11 +140,7 @@ if triton is not None:
             offsets = rows[:, None] * (L * H) + layer * H + j[None, :]
             h = tl.load(h_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
             c = tl.load(c_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            if FUSED_GATES:
-                gi, gf, go, gg = _gates_fused(
-                    inp, x0, x1, h, wx_ptr, wh_ptr, b_ptr, layer, layer == 0 and MOMENTA == 0, HP, BLOCK_SIZE, PRECISION
-                )
-            elif layer == 0 and MOMENTA == 0:
+            if layer == 0 and MOMENTA == 0:
                 gi = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 0, HP, PRECISION)
                 gf = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 1, HP, PRECISION)
                 go = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 2, HP, PRECISION)
@@ -320,7 +291,6 @@ def _lstm_step_triton_op(
             MASKED=masked,
             BLOCK_SIZE=block,
             PRECISION=precision,
-            FUSED_GATES=LAUNCH["fused_gates"],
             num_warps=LAUNCH["num_warps"],
         )
 
