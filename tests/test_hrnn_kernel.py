@@ -159,6 +159,29 @@ def test_skipped_tensor_keeps_its_state_and_gets_no_update(impl):
         assert _rel(sums[k], expected_sums[k]) < STEP_RTOL, k
 
 
+@pytest.mark.skipif("triton" not in KERNELS, reason="needs Triton")
+def test_triton_kernel_splits_launches_that_would_overflow_its_offsets(monkeypatch):
+    from learned_optim.rules import hrnn_triton
+
+    rule = _noisy(HierarchicalRNN())
+    grad, state, ids, segment = _inputs(rule, SIZES)
+    runs = []
+    for limit in (hrnn_triton.MAX_STATE_ELEMENTS, hrnn_triton.BLOCK * rule.p):  # one launch; 21 launches
+        monkeypatch.setattr(hrnn_triton, "MAX_STATE_ELEMENTS", limit)
+        got_state = {k: v.clone() for k, v in state.items()}
+        update = torch.empty_like(grad)
+        sums = _kernel_step("triton", rule, grad, got_state, update, ids, SIZES, segment)
+        runs.append((update, got_state, sums))
+    (whole_update, whole_state, whole_sums), (split_update, split_state, split_sums) = runs
+    # The per-tensor sums are float64 atomics (their order varies): the direction scale and
+    # the tensor-level sums agree to rounding, the per-coordinate state exactly.
+    assert _rel(split_update, whole_update) < 1e-6
+    for k, v in whole_state.items():
+        assert torch.equal(split_state[k], v), k
+    for k, v in whole_sums.items():
+        assert _rel(split_sums[k], v) < 1e-12, k
+
+
 def _train(impl: str, steps: int = 6, state_dict=None, model=None, chunk_size: int = 1 << 16):
     torch.manual_seed(0)
     model = model or nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(DEVICE)

@@ -29,6 +29,8 @@ from learned_optim.rules.triton_common import tl, triton
 __all__ = ["hrnn_step_triton", "pack_hrnn_weights"]
 
 BLOCK = 64
+MAX_STATE_ELEMENTS = 2**31 - 1
+"""The most elements of one state tensor a launch indexes (the kernel's offsets are 32-bit)."""
 
 
 def _padded(n: int) -> int:
@@ -290,14 +292,19 @@ def _hrnn_step_triton_op(
     pp, kp = _padded(param_hidden), _padded(timescales)
     sums = torch.zeros(counts.numel(), pp + 2, dtype=torch.float64, device=update.device)
     source = update if grad is None else grad
-    grid = (triton.cdiv(n, BLOCK),)
-    _hrnn_kernel[grid](
-        source, h, m, v, log_lr, update, keep if keep is not None else segment_ids, segment_ids, segment_gates,
-        segment_mean_log_lr, *weights, sums, n, lr_change_scale, log_min_lr, log_max_lr,
-        P=param_hidden, K=timescales, PP=pp, KP=kp, AGREE=agreement_feature, MASKED=keep is not None,
-        BLOCK_SIZE=BLOCK, PRECISION=precision,
-        num_warps=4,
-    )  # fmt: skip
+    # Launches of whole blocks over at most MAX_STATE_ELEMENTS per state tensor (32-bit offsets);
+    # the per-tensor sums accumulate across them.
+    rows = max(BLOCK, MAX_STATE_ELEMENTS // max(param_hidden, timescales) // BLOCK * BLOCK)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        _hrnn_kernel[(triton.cdiv(end - start, BLOCK),)](
+            source[start:end], h[start:end], m[start:end], v[start:end], log_lr[start:end], update[start:end],
+            keep if keep is not None else segment_ids, segment_ids[start:end], segment_gates,
+            segment_mean_log_lr, *weights, sums, end - start, lr_change_scale, log_min_lr, log_max_lr,
+            P=param_hidden, K=timescales, PP=pp, KP=kp, AGREE=agreement_feature, MASKED=keep is not None,
+            BLOCK_SIZE=BLOCK, PRECISION=precision,
+            num_warps=4,
+        )  # fmt: skip
     scale = direction_scale(sums[:, pp + 1], counts)
     _scale_kernel[(triton.cdiv(n, 1024),)](update, segment_ids, scale, n, BLOCK_SIZE=1024)
     return sums
