@@ -340,6 +340,7 @@ class LearnedOptimizer(Optimizer):
         flat = self._flat_states.get(device)
         if flat is not None and flat.holds([e.state for e in entries]):
             return flat
+
         def release(index: int, key: str, view: Tensor) -> None:
             entries[index].state[key] = view
             self.state[params[index]][STATE_PREFIX + key] = view

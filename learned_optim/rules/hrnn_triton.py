@@ -22,9 +22,9 @@ from torch import Tensor
 
 from learned_optim.rules.base import RuleState
 from learned_optim.rules.hrnn_cpu import check_step_inputs, direction_scale, no_sums
+from learned_optim.rules.triton_common import launch_ranges, tl, triton
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
-from learned_optim.rules.triton_common import tl, triton
 
 __all__ = ["hrnn_step_triton", "pack_hrnn_weights"]
 
@@ -292,11 +292,8 @@ def _hrnn_step_triton_op(
     pp, kp = _padded(param_hidden), _padded(timescales)
     sums = torch.zeros(counts.numel(), pp + 2, dtype=torch.float64, device=update.device)
     source = update if grad is None else grad
-    # Launches of whole blocks over at most MAX_STATE_ELEMENTS per state tensor (32-bit offsets);
-    # the per-tensor sums accumulate across them.
-    rows = max(BLOCK, MAX_STATE_ELEMENTS // max(param_hidden, timescales) // BLOCK * BLOCK)
-    for start in range(0, n, rows):
-        end = min(n, start + rows)
+    # The per-tensor sums accumulate across launches.
+    for start, end in launch_ranges(n, BLOCK, max(param_hidden, timescales), MAX_STATE_ELEMENTS):
         _hrnn_kernel[(triton.cdiv(end - start, BLOCK),)](
             source[start:end], h[start:end], m[start:end], v[start:end], log_lr[start:end], update[start:end],
             keep if keep is not None else segment_ids, segment_ids[start:end], segment_gates,

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state, padded_units
+from learned_optim.rules.triton_common import launch_ranges, tl, triton, triton_available, triton_usable_on
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
-from learned_optim.rules.triton_common import tl, triton, triton_available, triton_usable_on
 
 __all__ = ["lstm_step_triton", "triton_available", "triton_usable_on"]
 
@@ -258,10 +258,7 @@ def _lstm_step_triton_op(
     wx, wh, bias, out, decays = packed
     momenta = decays.numel() if m is not None else 0
     block = LAUNCH["block"]
-    # Launches of whole blocks over at most MAX_STATE_ELEMENTS state elements each.
-    rows = max(block, MAX_STATE_ELEMENTS // max(num_layers * hidden_size, momenta, 1) // block * block)
-    for start in range(0, n, rows):
-        end = min(n, start + rows)
+    for start, end in launch_ranges(n, block, max(num_layers * hidden_size, momenta), MAX_STATE_ELEMENTS):
         count = end - start
         _lstm_kernel[(triton.cdiv(count, block),)](
             source[start:end],

@@ -14,7 +14,7 @@ except ImportError:  # Triton is an optional dependency (GPU installs of torch b
     triton = None
     tl = None
 
-__all__ = ["sigmoid", "tanh", "tl", "triton", "triton_available", "triton_usable_on"]
+__all__ = ["launch_ranges", "sigmoid", "tanh", "tl", "triton", "triton_available", "triton_usable_on"]
 
 
 def triton_available() -> bool:
@@ -27,6 +27,13 @@ def triton_usable_on(device: torch.device) -> bool:
     if triton is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_ranges(n: int, block: int, row_elements: int, max_elements: int) -> list[tuple[int, int]]:
+    """``(start, end)`` row ranges of whole blocks, each indexing at most ``max_elements`` state
+    elements of ``row_elements`` per row (at least one block): the kernels' offsets are 32-bit."""
+    rows = max(block, max_elements // max(row_elements, 1) // block * block)
+    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
 
 
 if triton is not None:
