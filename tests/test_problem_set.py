@@ -16,6 +16,8 @@ from learned_optim.tasks.problem_set import (
     FUNCTION_DOMAINS,
     LARGE_DATA_KINDS,
     LARGE_DATA_TRAIN_SIZES,
+    MEMORIZE_KINDS,
+    MEMORIZE_TRAIN_SIZES,
     MICHALEWICZ_ARGMIN,
     MICHALEWICZ_MIN,
     PROBLEM_KINDS,
@@ -100,6 +102,28 @@ def test_large_data_problems_are_minibatched_classifiers_on_many_examples(kind):
         assert logits.shape[0] == 4 and int(labels.max()) < logits.shape[1] <= 10
         if kind == "softmax-large":
             assert len(list(instance.model.parameters())) == 2
+
+
+@pytest.mark.parametrize("kind", MEMORIZE_KINDS)
+def test_memorization_problems_fit_random_labels_in_minibatches(kind):
+    family = only(kind)
+    instance = family.sample(5)
+    validate_instance(instance, instance.name)
+    instance = family.sample(5)
+    labels = instance.train_set[1]
+    low, high = MEMORIZE_TRAIN_SIZES
+    assert low <= len(labels) <= high and instance.test_set is not None
+    assert len(instance.next_batch()[1]) <= len(labels) // 4  # always minibatched
+    # Random labels: every class appears, about equally often, whatever the inputs.
+    counts = torch.bincount(labels)
+    assert len(counts) >= 2 and int(counts.min()) > 0.5 * len(labels) / len(counts)
+    assert "random labels" in instance.name
+    # Not drawn by the default families; drawn by problem-set-long together with the large ones.
+    assert kind not in {get_task("problem-set-large").draw(seed).kind for seed in range(100)}
+    assert {get_task("problem-set-long").draw(seed).kind for seed in range(100)} == {
+        *LARGE_DATA_KINDS,
+        *MEMORIZE_KINDS,
+    }
 
 
 def test_seeds_give_varied_problems():

@@ -16,7 +16,11 @@ Outside the paper's set, and never drawn unless asked for (``kinds=``, or the fa
 ``problem-set-large``), the *large-data* kinds ``softmax-large``, ``mlp-sigmoid-large`` and
 ``mlp-relu-large``: the same classifiers with thousands of training examples, wider networks and
 always minibatched, so that they keep improving for thousands of steps under gradient noise, as
-real training does; an optimizer that anneals its step early pays for it there.
+real training does; an optimizer that anneals its step early pays for it there. And the
+*memorisation* kinds ``mlp-sigmoid-memorize`` and ``mlp-relu-memorize`` (family
+``problem-set-long`` with the large-data kinds): MLPs fitting random labels, which have no noise
+floor above zero but need thousands of minibatch steps to reach it; there an optimizer that
+takes the noisy gradients for convergence and anneals stops far above the reachable loss.
 
 and, independently with the family's probabilities, *transforms* on top of it:
 
@@ -72,7 +76,10 @@ PROBLEM_KINDS = ("quadratic", "bowl2d", *TEST_FUNCTIONS, "logistic", "softmax", 
 LARGE_DATA_KINDS = ("softmax-large", "mlp-sigmoid-large", "mlp-relu-large")
 """Classifiers on many examples, always minibatched (drawn only when named in ``kinds``)."""
 
-ALL_KINDS = (*PROBLEM_KINDS, *LARGE_DATA_KINDS)
+MEMORIZE_KINDS = ("mlp-sigmoid-memorize", "mlp-relu-memorize")
+"""MLPs fitting random labels, always minibatched (drawn only when named in ``kinds``)."""
+
+ALL_KINDS = (*PROBLEM_KINDS, *LARGE_DATA_KINDS, *MEMORIZE_KINDS)
 
 TRANSFORMS = ("rescale", "sparse", "noisy")
 """The transforms that can be applied on top of a problem."""
@@ -123,6 +130,10 @@ LARGE_CLASSES = (2, 10)
 LARGE_MLP_HIDDEN = (32, 128)
 LARGE_TEACHER_HIDDEN = 32
 LARGE_BATCH_SIZES = (16, 32, 64, 128)
+MEMORIZE_DATA_DIMS = (8, 32)
+MEMORIZE_TRAIN_SIZES = (512, 4096)
+MEMORIZE_HIDDEN = (32, 128)
+MEMORIZE_BATCH_SIZES = (32, 64, 128)
 RESCALE_RANGE = (1e-2, 1e2)
 SPARSE_KEEP = (0.1, 0.9)
 # Noise standard deviation relative to the RMS of the clean initial gradient: the gradient
@@ -466,6 +477,33 @@ def _classification_data(
     return inputs, labels, "teacher"
 
 
+def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
+    """An MLP fitting labels drawn independently of the inputs (the test split too)."""
+    dim = _int(gen, *MEMORIZE_DATA_DIMS)
+    n_train = _log_int(gen, *MEMORIZE_TRAIN_SIZES)
+    classes = _int(gen, *LARGE_CLASSES)
+    hidden = tuple(_log_int(gen, *MEMORIZE_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
+    act = kind.removeprefix("mlp-").removesuffix("-memorize")
+    batch_size = choose(list(MEMORIZE_BATCH_SIZES), gen)
+    n = n_train + DATA_TEST_SIZE
+    inputs = torch.randn(n, dim, generator=gen)
+    labels = torch.randint(classes, (n,), generator=gen)
+    sizes = (dim, *hidden, classes)
+    net = seeded_module(seed, partial(mlp, sizes, act))
+    init = {f"{'w' if p.ndim == 2 else 'b'}{i // 2}": p.detach() for i, p in enumerate(net.parameters())}
+    inputs = _with_seed_column(inputs)
+    shape = "-".join(map(str, sizes))
+    return _Problem(
+        label=f"{kind}({shape} random labels n={n_train} bs={batch_size})",
+        body=partial(_mlp_body, act, False),
+        init=init,
+        loss=cross_entropy_loss,
+        train=(inputs[:n_train], labels[:n_train]),
+        test=(inputs[n_train:], labels[n_train:]),
+        batch_size=batch_size,
+    )
+
+
 def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     label = kind
     large = kind.endswith("-large")
@@ -526,6 +564,8 @@ def _build(kind: str, gen: torch.Generator, seed: int) -> _Problem:
         return _bowl2d(gen)
     if kind in _FUNCTIONS:
         return _function(kind, gen)
+    if kind in MEMORIZE_KINDS:
+        return _memorizer(kind, gen, seed)
     return _classifier(kind, gen, seed)
 
 
@@ -676,3 +716,8 @@ DATA_KINDS = ("quadratic", "logistic", "softmax", "mlp-sigmoid", "mlp-relu")
 register_task("problem-set-data", partial(ProblemSet, kinds=DATA_KINDS, name="problem-set-data"))
 # Classifiers that take thousands of noisy minibatch steps to fit (see the module docstring).
 register_task("problem-set-large", partial(ProblemSet, kinds=LARGE_DATA_KINDS, name="problem-set-large"))
+# The large-data classifiers plus random-label memorisation: long runs where some problems
+# reach a noise floor (annealing pays) and others keep improving to zero (annealing stalls).
+register_task(
+    "problem-set-long", partial(ProblemSet, kinds=(*LARGE_DATA_KINDS, *MEMORIZE_KINDS), name="problem-set-long")
+)
