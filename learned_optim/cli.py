@@ -153,6 +153,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         estimator=args.estimator,
         pes_pairs=args.pes_pairs,
         pes_std=args.pes_std,
+        grad_checkpoint_steps=args.grad_checkpoint_steps,
         seed=args.seed,
         validate_every=args.validate_every,
         validation_instances=args.validation_instances,
@@ -358,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mf.add_argument("--pes-pairs", type=int, default=8, help="antithetic pairs per instance (--estimator pes)")
     mf.add_argument("--pes-std", type=float, default=0.01, help="perturbation std of the rule's weights (pes)")
+    mf.add_argument(
+        "--grad-checkpoint-steps",
+        type=int,
+        default=0,
+        help="gradient checkpointing: recompute the unroll in segments of this many steps in the backward "
+        "pass (same meta-gradient, much less memory for long unrolls; 0: off)",
+    )
     mf.add_argument("--validate-every", type=int, default=50)
     mf.add_argument("--validation-instances", type=int, default=4)
     mf.add_argument("--validation-steps", type=int, default=0, help="horizon of validation runs (0: --steps)")

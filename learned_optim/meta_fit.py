@@ -124,6 +124,12 @@ class MetaFitConfig:
             (Gaussian-smoothed) meta-loss.
         pes_pairs: antithetic perturbation pairs per instance (``estimator="pes"``).
         pes_std: standard deviation of the perturbations of the rule's weights (``"pes"``).
+        grad_checkpoint_steps: gradient checkpointing of the unroll (``0``: off): keep only
+            every this many steps' parameters and rule state for the backward pass and
+            recompute the steps in between, for about one more forward pass. The meta-gradient
+            is the same; memory falls from ``unroll`` steps of activations to about
+            ``unroll / n + n`` (``n`` near ``sqrt(unroll)`` minimises it), so much longer whole
+            unrolls fit.
     """
 
     steps: int = 100
@@ -147,6 +153,7 @@ class MetaFitConfig:
     estimator: str = "tbptt"
     pes_pairs: int = 8
     pes_std: float = 0.01
+    grad_checkpoint_steps: int = 0
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting (types included)."""
@@ -160,7 +167,7 @@ class MetaFitConfig:
             "pes_pairs",
         ):
             config_int(name, getattr(self, name), minimum=1)
-        for name in ("seed", "validate_every", "validation_steps"):
+        for name in ("seed", "validate_every", "validation_steps", "grad_checkpoint_steps"):
             config_int(name, getattr(self, name), minimum=0)
         for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range", "pes_std"):
             config_float(name, getattr(self, name))
@@ -206,6 +213,17 @@ class _Particle:
     state: RuleState
     segment_state: RuleState
     global_state: RuleState
+
+
+@dataclass
+class _Carry:
+    """What one step of an unroll hands to the next, for every run side by side."""
+
+    params: list[list[Tensor]]
+    states: list[RuleState]
+    segment_states: list[RuleState]
+    global_states: list[RuleState]
+    subset_state: RuleState | None = None
 
 
 @dataclass
@@ -394,36 +412,101 @@ class MetaTrainer:
         return run.instance.next_batch()
 
     def _unroll(self, runs: Sequence[_Run]) -> Tensor:
-        """Run ``unroll`` steps of every run with autograd to the rule; return the meta-loss."""
+        """Run ``unroll`` steps of every run with autograd to the rule; return the meta-loss.
+
+        With ``grad_checkpoint_steps`` the unroll runs in segments of that many steps under
+        :func:`torch.utils.checkpoint.checkpoint`: only the segments' boundaries are kept for
+        the backward pass, which recomputes each segment's forward (same batches, same random
+        streams), so memory grows with ``unroll / checkpoint_steps + checkpoint_steps`` instead
+        of ``unroll`` steps of activations, for about one more forward pass.
+        """
         cfg = self.config
-        params = [[p.requires_grad_(True) for p in run.params] for run in runs]
-        states = [run.state for run in runs]
-        sizes = [_flatten(ps).numel() for ps in params]
-        terms: list[list[Tensor]] = [[] for _ in runs]
         length = min(cfg.unroll, min(run.horizon - run.steps_done for run in runs))
-        subset, subset_state = None, None
+        carry = _Carry(
+            params=[[p.requires_grad_(True) for p in run.params] for run in runs],
+            states=[run.state for run in runs],
+            segment_states=[run.segment_state for run in runs],
+            global_states=[run.global_state for run in runs],
+        )
+        sizes = [_flatten(ps).numel() for ps in carry.params]
+        subset = None
         if cfg.meta_grad_fraction < 1 and not self.hierarchical and not getattr(self.rule, "needs_segments", False):
             total = sum(sizes)
             gen = torch.Generator().manual_seed(self.rng.randrange(2**62))
             count = max(1, round(cfg.meta_grad_fraction * total))
             subset = torch.randperm(total, generator=gen)[:count]
-            subset_state = {k: torch.cat([s[k] for s in states])[subset] for k in states[0]}
-        for t in range(length + 1):
+            carry.subset_state = {k: torch.cat([s[k] for s in carry.states])[subset] for k in carry.states[0]}
+        segment = cfg.grad_checkpoint_steps if cfg.grad_checkpoint_steps > 0 and torch.is_grad_enabled() else length + 1
+        terms: list[list[Tensor]] = [[] for _ in runs]
+        for first in range(0, length + 1, segment):
+            steps = range(first, min(first + segment, length + 1))
+            # Drawn here, outside the checkpointed function: its recomputation must see the same batches.
+            batches = [[self._batch_for_step(run) for run in runs] for _ in steps]
+            if segment <= length:
+                carry, losses = torch.utils.checkpoint.checkpoint(
+                    self._unroll_segment, runs, steps, length, batches, carry, sizes, subset, use_reentrant=False
+                )
+            else:
+                carry, losses = self._unroll_segment(runs, steps, length, batches, carry, sizes, subset)
+            for i in range(len(runs)):
+                terms[i].extend(losses[i].unbind(0))
+        for run, (batch, _) in zip(runs, batches[-1], strict=True):
+            run.pending_batch = batch  # measured the last loss; the next truncation's first step
+        per_run = []
+        for i, run in enumerate(runs):
+            per_run.append(self._truncation_objective(torch.stack(terms[i]), run))
+            run.params = [p.detach() for p in carry.params[i]]
+            run.state = {k: v.detach() for k, v in carry.states[i].items()}
+            run.segment_state = {k: v.detach() for k, v in carry.segment_states[i].items()}
+            run.global_state = {k: v.detach() for k, v in carry.global_states[i].items()}
+            run.steps_done += length
+        return torch.stack(per_run).mean()
+
+    def _batch_for_step(self, run: _Run) -> tuple[Any, int]:
+        """The batch ``run``'s next step uses and its index (which keys the step's random stream).
+
+        A step's batch stays pending until the step is taken: the last loss of a truncation is
+        measured on the batch that the next truncation's first step then uses.
+        """
+        if run.pending_batch is None:
+            run.pending_batch = self._next_batch(run)
+        batch = run.pending_batch, run.batches_used
+        run.pending_batch = None
+        return batch
+
+    def _unroll_segment(
+        self,
+        runs: Sequence[_Run],
+        steps: range,
+        length: int,
+        batches: Sequence[Sequence[tuple[Any, int]]],
+        carry: _Carry,
+        sizes: Sequence[int],
+        subset: Tensor | None,
+    ) -> tuple[_Carry, list[Tensor]]:
+        """Steps ``steps`` of the unroll from ``carry``: the new carry and each run's meta-loss terms.
+
+        Step ``length`` only measures the loss (its batch is left pending for the next truncation).
+        Reads ``runs`` but changes nothing in them besides a first ``initial_loss``, so that it
+        can be recomputed for the backward pass.
+        """
+        cfg = self.config
+        params, states = list(carry.params), list(carry.states)
+        segment_states, global_states = list(carry.segment_states), list(carry.global_states)
+        subset_state = carry.subset_state
+        terms: list[list[Tensor]] = [[] for _ in runs]
+        for t, step_batches in zip(steps, batches, strict=True):
             grads = []
             for i, run in enumerate(runs):
-                if run.pending_batch is None:
-                    run.pending_batch = self._next_batch(run)
-                # The pending batch is the last one drawn: its index is batches_used.
-                with _global_rng(run.seed, f"meta-fit/batch/{run.batches_used}"):
-                    loss = functional_loss(run.instance, run.names, params[i], run.pending_batch)
+                batch, index = step_batches[i]
+                with _global_rng(run.seed, f"meta-fit/batch/{index}"):
+                    loss = functional_loss(run.instance, run.names, params[i], batch)
                 if math.isnan(run.initial_loss):
                     run.initial_loss = max(float(loss.detach()), 1e-12)
                 if t > 0:
                     terms[i].append(loss)
                 if t == length:
-                    # Only the final loss is needed; every run still has to record it.
                     continue
-                run.pending_batch = None
                 # retain_graph: the same loss is also a term of the meta-loss.
                 g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
                 grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
@@ -432,9 +515,9 @@ class MetaTrainer:
             if self.hierarchical:
                 # Tensor-level and global state belong to one problem: one rule call per run.
                 parts = []
-                for i, run in enumerate(runs):
-                    upd, states[i], run.segment_state, run.global_state = self.rule.full_step(
-                        grads[i], states[i], *_segment_ids(params[i]), run.segment_state, run.global_state
+                for i in range(len(runs)):
+                    upd, states[i], segment_states[i], global_states[i] = self.rule.full_step(
+                        grads[i], states[i], *_segment_ids(params[i]), segment_states[i], global_states[i]
                     )
                     parts.append(upd)
                 update = torch.cat(parts)
@@ -464,15 +547,8 @@ class MetaTrainer:
                     pos += p.numel()
                 params[i] = new_params
                 offset += sizes[i]
-        per_run = []
-        for i, run in enumerate(runs):
-            per_run.append(self._truncation_objective(torch.stack(terms[i]), run))
-            run.params = [p.detach() for p in params[i]]
-            run.state = {k: v.detach() for k, v in states[i].items()}
-            run.segment_state = {k: v.detach() for k, v in run.segment_state.items()}
-            run.global_state = {k: v.detach() for k, v in run.global_state.items()}
-            run.steps_done += length
-        return torch.stack(per_run).mean()
+        losses = [torch.stack(ts) if ts else params[i][0].new_zeros(0) for i, ts in enumerate(terms)]
+        return _Carry(params, states, segment_states, global_states, subset_state), losses
 
     def _truncation_objective(self, losses: Tensor, run: _Run) -> Tensor:
         """The meta-loss of one truncation of ``run`` from its losses after each of its steps."""
@@ -1038,6 +1114,7 @@ def meta_fit(
     estimator: str = "tbptt",
     pes_pairs: int = 8,
     pes_std: float = 0.01,
+    grad_checkpoint_steps: int = 0,
     seed: int = 0,
     validate_every: int = 50,
     validation_instances: int = 4,
@@ -1078,6 +1155,9 @@ def meta_fit(
             see :class:`MetaFitConfig`).
         pes_pairs: antithetic perturbation pairs per instance with ``estimator="pes"``.
         pes_std: standard deviation of the rule-weight perturbations with ``estimator="pes"``.
+        grad_checkpoint_steps: recompute the unroll in segments of this many steps during the
+            backward pass instead of storing every step (``0``: off); same meta-gradient, far
+            less memory for long unrolls (see :class:`MetaFitConfig`).
         seed: makes the run deterministic.
         validate_every: validate on held-out instances every this many iterations and
             keep the best weights (``0``: keep the last weights).
@@ -1110,6 +1190,7 @@ def meta_fit(
         estimator=estimator,
         pes_pairs=pes_pairs,
         pes_std=pes_std,
+        grad_checkpoint_steps=grad_checkpoint_steps,
         seed=seed,
         validate_every=validate_every,
         validation_instances=validation_instances,

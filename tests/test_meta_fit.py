@@ -215,6 +215,71 @@ def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, o
     assert not same_weights(weights(resumed), weights(base))
 
 
+def _hierarchical_rule():
+    from learned_optim import HierarchicalRNN
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return HierarchicalRNN(param_hidden=4, tensor_hidden=4, global_hidden=4, agreement_feature=True)
+
+
+@pytest.mark.parametrize(
+    "make_rule, task_factory, overrides",
+    [
+        (small_rule, lambda: make_tiny(), {}),
+        (small_rule, lambda: make_tiny(), {"meta_grad_fraction": 0.5, "lr_scale_range": 10.0}),
+        (small_rule, lambda: make_tiny(name="dropout", model=_dropout_model), {}),
+        (_hierarchical_rule, lambda: make_tiny(), {"lr_scale_range": 10.0, "meta_loss": "log-ramp"}),
+        (_hierarchical_rule, lambda: "problem-set-long", {"instances": 1, "steps": 6, "unroll": 6}),
+    ],
+    ids=["lstm", "lstm-subset-lr-scale", "lstm-dropout", "hrnn-tiny", "hrnn-problem-set"],
+)
+@pytest.mark.parametrize("segment", [1, 2, 4])
+def test_gradient_checkpointing_gives_the_same_meta_training(make_rule, task_factory, overrides, segment):
+    # Segments that divide the unroll's steps evenly and ones that do not (unroll 3: four
+    # losses, steps 0..3); the recomputed segments must use the same batches and random streams.
+    runs = {}
+    for steps in (0, segment):
+        rule = make_rule()
+        config = _config(6, validate_every=0, grad_checkpoint_steps=steps, **overrides)
+        trainer = MetaTrainer(rule, task_factory(), config, progress=False)
+        trainer.run()
+        runs[steps] = (trainer.history.meta_losses, weights(rule), [run.steps_done for run in trainer.runs])
+    (plain_losses, plain_weights, plain_steps), (losses, checkpointed_weights, steps_done) = runs.values()
+    assert steps_done == plain_steps
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert plain_weights.keys() == checkpointed_weights.keys()
+    for name, value in plain_weights.items():
+        torch.testing.assert_close(checkpointed_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert not same_weights(plain_weights, weights(make_rule()))  # it did train
+
+
+def test_gradient_checkpointing_keeps_less_for_the_backward_pass():
+    # The tensors autograd saves during one unroll: with checkpointing only the segments'
+    # inputs are kept, so a long unroll saves several times fewer bytes.
+    def saved_bytes(steps: int) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        config = _config(1, steps=40, unroll=40, grad_checkpoint_steps=steps)
+        trainer = MetaTrainer(_hierarchical_rule(), make_tiny(), config, progress=False)
+        trainer.runs = [trainer._new_run() for _ in range(trainer.config.instances)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            trainer._unroll(trainer.runs)
+        return total
+
+    assert saved_bytes(7) * 3 < saved_bytes(0)
+
+
+def test_bad_gradient_checkpoint_steps_are_rejected():
+    with pytest.raises(ValueError, match="grad_checkpoint_steps"):
+        _config(2, grad_checkpoint_steps=-1).check()
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     rule = small_rule()
     MetaTrainer(rule, tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
