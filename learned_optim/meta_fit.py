@@ -314,13 +314,44 @@ def _global_rng(seed: int, stream: str) -> Iterator[None]:
         generator.set_state(state)
 
 
+def _carry_tensors(carry: _Carry) -> list[Tensor]:
+    """Every tensor of ``carry``, in a fixed order."""
+    tensors = [p for params in carry.params for p in params]
+    for states in (carry.states, carry.segment_states, carry.global_states):
+        tensors += [state[k] for state in states for k in sorted(state)]
+    if carry.subset_state is not None:
+        tensors += [carry.subset_state[k] for k in sorted(carry.subset_state)]
+    return tensors
+
+
+def _carry_leaves(carry: _Carry) -> tuple[_Carry, list[Tensor]]:
+    """A copy of ``carry`` made of fresh autograd leaves (floating-point ones require grad) and those leaves."""
+
+    def leaf(tensor: Tensor) -> Tensor:
+        return tensor.detach().requires_grad_(tensor.is_floating_point())
+
+    def leaf_states(states: list[RuleState]) -> list[RuleState]:
+        return [{k: leaf(v) for k, v in state.items()} for state in states]
+
+    copy_ = _Carry(
+        params=[[leaf(p) for p in params] for params in carry.params],
+        states=leaf_states(carry.states),
+        segment_states=leaf_states(carry.segment_states),
+        global_states=leaf_states(carry.global_states),
+        subset_state=None if carry.subset_state is None else leaf_states([carry.subset_state])[0],
+    )
+    return copy_, _carry_tensors(copy_)
+
+
 def check_time_budget(time_budget: float | None) -> None:
     """Raise ValueError unless ``time_budget`` is None or a finite number of seconds >= 0."""
     if time_budget is None:
         return
     # NaN would never stop (every comparison is false); a negative budget stops at once.
-    if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not (
-        math.isfinite(time_budget) and time_budget >= 0
+    if (
+        isinstance(time_budget, bool)
+        or not isinstance(time_budget, (int, float))
+        or not (math.isfinite(time_budget) and time_budget >= 0)
     ):
         raise ValueError(f"time_budget must be a finite number >= 0 (seconds) or None, got {time_budget!r}")
 
@@ -411,19 +442,12 @@ class MetaTrainer:
         run.batches_used += 1
         return run.instance.next_batch()
 
-    def _unroll(self, runs: Sequence[_Run]) -> Tensor:
-        """Run ``unroll`` steps of every run with autograd to the rule; return the meta-loss.
-
-        With ``grad_checkpoint_steps`` the unroll runs in segments of that many steps under
-        :func:`torch.utils.checkpoint.checkpoint`: only the segments' boundaries are kept for
-        the backward pass, which recomputes each segment's forward (same batches, same random
-        streams), so memory grows with ``unroll / checkpoint_steps + checkpoint_steps`` instead
-        of ``unroll`` steps of activations, for about one more forward pass.
-        """
+    def _start_unroll(self, runs: Sequence[_Run]) -> tuple[int, _Carry, list[int], Tensor | None]:
+        """The length of the next truncation, its starting carry, each run's size and the meta-gradient subset."""
         cfg = self.config
         length = min(cfg.unroll, min(run.horizon - run.steps_done for run in runs))
         carry = _Carry(
-            params=[[p.requires_grad_(True) for p in run.params] for run in runs],
+            params=[list(run.params) for run in runs],
             states=[run.state for run in runs],
             segment_states=[run.segment_state for run in runs],
             global_states=[run.global_state for run in runs],
@@ -436,31 +460,113 @@ class MetaTrainer:
             count = max(1, round(cfg.meta_grad_fraction * total))
             subset = torch.randperm(total, generator=gen)[:count]
             carry.subset_state = {k: torch.cat([s[k] for s in carry.states])[subset] for k in carry.states[0]}
-        segment = cfg.grad_checkpoint_steps if cfg.grad_checkpoint_steps > 0 and torch.is_grad_enabled() else length + 1
-        terms: list[list[Tensor]] = [[] for _ in runs]
-        for first in range(0, length + 1, segment):
-            steps = range(first, min(first + segment, length + 1))
-            # Drawn here, outside the checkpointed function: its recomputation must see the same batches.
-            batches = [[self._batch_for_step(run) for run in runs] for _ in steps]
-            if segment <= length:
-                carry, losses = torch.utils.checkpoint.checkpoint(
-                    self._unroll_segment, runs, steps, length, batches, carry, sizes, subset, use_reentrant=False
-                )
-            else:
-                carry, losses = self._unroll_segment(runs, steps, length, batches, carry, sizes, subset)
-            for i in range(len(runs)):
-                terms[i].extend(losses[i].unbind(0))
-        for run, (batch, _) in zip(runs, batches[-1], strict=True):
-            run.pending_batch = batch  # measured the last loss; the next truncation's first step
-        per_run = []
+        return length, carry, sizes, subset
+
+    def _finish_unroll(self, runs: Sequence[_Run], length: int, carry: _Carry, last_batches: Sequence[Any]) -> None:
         for i, run in enumerate(runs):
-            per_run.append(self._truncation_objective(torch.stack(terms[i]), run))
             run.params = [p.detach() for p in carry.params[i]]
             run.state = {k: v.detach() for k, v in carry.states[i].items()}
             run.segment_state = {k: v.detach() for k, v in carry.segment_states[i].items()}
             run.global_state = {k: v.detach() for k, v in carry.global_states[i].items()}
             run.steps_done += length
-        return torch.stack(per_run).mean()
+            run.pending_batch = last_batches[i][0]  # measured the last loss; the next truncation's first step
+
+    def _unroll(self, runs: Sequence[_Run]) -> Tensor:
+        """Run ``unroll`` steps of every run with autograd to the rule; return the meta-loss."""
+        length, carry, sizes, subset = self._start_unroll(runs)
+        carry.params = [[p.requires_grad_(True) for p in ps] for ps in carry.params]
+        batches = [[self._batch_for_step(run) for run in runs] for _ in range(length + 1)]
+        carry, losses = self._unroll_segment(runs, range(length + 1), length, batches, carry, sizes, subset)
+        meta_loss = torch.stack([self._truncation_objective(losses[i], run) for i, run in enumerate(runs)]).mean()
+        self._finish_unroll(runs, length, carry, batches[-1])
+        return meta_loss
+
+    def _unroll_checkpointed(self, runs: Sequence[_Run]) -> float:
+        """:meth:`_unroll` and the backward pass of its meta-loss, with gradient checkpointing.
+
+        A forward pass without autograd to the rule keeps only the carry (parameters and rule
+        state) at every ``grad_checkpoint_steps``-th step and every loss. The backward pass then
+        walks the segments from the last to the first: it recomputes one from its saved carry
+        (same batches, same random streams) with autograd, and backpropagates into it the
+        meta-loss's dependence on its losses plus the gradient that the later segments sent to
+        its final carry. The rule's weights get the same gradient as backpropagating through
+        the whole unroll, while at most one segment's activations are alive.
+
+        Returns the meta-loss; the gradient is accumulated into the rule's ``.grad`` only when
+        it is finite.
+        """
+        cfg = self.config
+        length, carry, sizes, subset = self._start_unroll(runs)
+        batches = [[self._batch_for_step(run) for run in runs] for _ in range(length + 1)]
+        segments = [
+            range(first, min(first + cfg.grad_checkpoint_steps, length + 1))
+            for first in range(0, length + 1, cfg.grad_checkpoint_steps)
+        ]
+        starts: list[_Carry] = []
+        pieces: list[list[Tensor]] = []
+        with torch.no_grad():
+            for steps in segments:
+                starts.append(carry)
+                carry, losses = self._unroll_segment(
+                    runs, steps, length, batches[steps.start : steps.stop], carry, sizes, subset
+                )
+                pieces.append(losses)
+        all_losses = [torch.cat([piece[i] for piece in pieces]) for i in range(len(runs))]
+        objectives = [self._truncation_objective(all_losses[i], run) for i, run in enumerate(runs)]
+        value = float(torch.stack(objectives).mean())
+        if math.isfinite(value):
+            self._backward_by_segments(runs, length, batches, segments, starts, pieces, sizes, subset)
+        self._finish_unroll(runs, length, carry, batches[-1])
+        return value
+
+    def _backward_by_segments(
+        self,
+        runs: Sequence[_Run],
+        length: int,
+        batches: Sequence[Sequence[tuple[Any, int]]],
+        segments: Sequence[range],
+        starts: Sequence[_Carry],
+        pieces: Sequence[Sequence[Tensor]],
+        sizes: Sequence[int],
+        subset: Tensor | None,
+    ) -> None:
+        """The backward pass of :meth:`_unroll_checkpointed`, one recomputed segment at a time."""
+        trainable = [p for p in self.rule.parameters() if p.requires_grad]
+        carry_grads: list[Tensor | None] | None = None
+        for index in reversed(range(len(segments))):
+            steps = segments[index]
+            start, leaves = _carry_leaves(starts[index])
+            end, losses = self._unroll_segment(
+                runs, steps, length, batches[steps.start : steps.stop], start, sizes, subset
+            )
+            objective = []
+            for i, run in enumerate(runs):
+                # The other segments' losses enter as constants: the meta-loss is a sum over steps.
+                before = [piece[i] for piece in pieces[:index]]
+                after = [piece[i] for piece in pieces[index + 1 :]]
+                objective.append(self._truncation_objective(torch.cat([*before, losses[i], *after]), run))
+            outputs: list[Tensor] = []
+            grad_outputs: list[Tensor] = []
+            segment_objective = torch.stack(objective).mean()
+            if segment_objective.requires_grad:  # not for a segment of step 0 alone (f_0 is no term)
+                outputs.append(segment_objective)
+                grad_outputs.append(torch.ones_like(segment_objective))
+            if carry_grads is not None:
+                for tensor, grad in zip(_carry_tensors(end), carry_grads, strict=True):
+                    if grad is not None and tensor.requires_grad:
+                        outputs.append(tensor)
+                        grad_outputs.append(grad)
+            if outputs:
+                inputs = [*trainable, *(leaf for leaf in leaves if leaf.requires_grad)]
+                torch.autograd.backward(outputs, grad_outputs, inputs=inputs)
+            carry_grads = [leaf.grad for leaf in leaves]
+        # A fresh instance's starting state comes from the rule's learned initial states.
+        assert carry_grads is not None  # there is at least one segment
+        first = [(t, g) for t, g in zip(_carry_tensors(starts[0]), carry_grads, strict=True) if g is not None]
+        first = [(t, g) for t, g in first if t.requires_grad]
+        if first:
+            tensors, grads = zip(*first, strict=True)
+            torch.autograd.backward(list(tensors), list(grads), inputs=trainable)
 
     def _batch_for_step(self, run: _Run) -> tuple[Any, int]:
         """The batch ``run``'s next step uses and its index (which keys the step's random stream).
@@ -499,16 +605,20 @@ class MetaTrainer:
             grads = []
             for i, run in enumerate(runs):
                 batch, index = step_batches[i]
-                with _global_rng(run.seed, f"meta-fit/batch/{index}"):
+                if not torch.is_grad_enabled():
+                    # The forward pass of _unroll_checkpointed: the optimizee's gradient still needs autograd.
+                    params[i] = [p.detach().requires_grad_(True) for p in params[i]]
+                with _global_rng(run.seed, f"meta-fit/batch/{index}"), torch.enable_grad():
                     loss = functional_loss(run.instance, run.names, params[i], batch)
                 if math.isnan(run.initial_loss):
                     run.initial_loss = max(float(loss.detach()), 1e-12)
                 if t > 0:
-                    terms[i].append(loss)
+                    terms[i].append(loss if torch.is_grad_enabled() else loss.detach())
                 if t == length:
                     continue
                 # retain_graph: the same loss is also a term of the meta-loss.
-                g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
+                with torch.enable_grad():
+                    g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
                 grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
             if t == length:
                 break
@@ -687,11 +797,15 @@ class MetaTrainer:
                     p.grad = estimate[offset : offset + p.numel()].view_as(p).to(p.dtype).clone()
                     offset += p.numel()
         else:
-            meta_loss = self._unroll(self.runs)
-            value = float(meta_loss.detach())
-            ok = math.isfinite(value)
-            if ok:
-                meta_loss.backward()
+            if cfg.grad_checkpoint_steps > 0:
+                value = self._unroll_checkpointed(self.runs)  # backward included
+                ok = math.isfinite(value)
+            else:
+                meta_loss = self._unroll(self.runs)
+                value = float(meta_loss.detach())
+                ok = math.isfinite(value)
+                if ok:
+                    meta_loss.backward()
         if ok:
             grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -1017,9 +1131,7 @@ class _Segments:
         return cls(ids, count, torch.bincount(ids, minlength=count), kernel)
 
 
-def _forward_only_step(
-    rule: UpdateRule, grad: Tensor, trajectory: _Particle, segments: _Segments
-) -> Tensor:
+def _forward_only_step(rule: UpdateRule, grad: Tensor, trajectory: _Particle, segments: _Segments) -> Tensor:
     """The rule's update for ``grad`` without autograd; advances ``trajectory``'s rule state."""
     if segments.kernel is None:
         update, trajectory.state, trajectory.segment_state, trajectory.global_state = rule.full_step(
