@@ -279,7 +279,7 @@ def test_gradient_checkpointing_keeps_fewer_activations_alive():
                 value = trainer._unroll_checkpointed(trainer.runs)
             else:
                 meta_loss = trainer._unroll(trainer.runs)
-                value = float(meta_loss)
+                value = float(meta_loss.detach())
                 meta_loss.backward()
                 del meta_loss
         assert math.isfinite(value) and any(p.grad is not None for p in trainer.rule.parameters())
