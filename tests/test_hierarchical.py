@@ -644,6 +644,26 @@ def test_agreement_feature_reads_the_gradient_against_the_momentum():
     assert agreement.abs().max() <= 1
 
 
+def test_a_second_stage_may_change_the_learning_rate_bounds():
+    # meta-fit --init with other min_lr/max_lr: same weights, the new bounds; other sizes refused.
+    base = noisy_rule(agreement_feature=True)
+    bounded = HierarchicalRNN(**{**base.config, "min_lr": 1e-3, "max_lr": 1.0})
+    bounded.init_from(base)
+    assert same_weights(weights(bounded), weights(base))
+    assert bounded.config["min_lr"] == 1e-3 and bounded.log_min_lr == pytest.approx(math.log(1e-3))
+    n = 30
+    ids = torch.zeros(n, dtype=torch.int64)
+    with torch.no_grad():
+        state, seg, glob = bounded.init_state(n), bounded.init_segment_state(1), bounded.init_global_state()
+        state["log_lr"].fill_(math.log(1e-6))  # below the new floor: clamped up on the next step
+        _, state, _, _ = bounded.full_step(torch.randn(n), state, ids, 1, seg, glob)
+    assert state["log_lr"].min() >= math.log(1e-3) - 1e-6
+    with pytest.raises(ValueError, match="asked for"):
+        HierarchicalRNN(**{**base.config, "min_lr": 1e-3, "tensor_hidden": 5}).init_from(base)
+    with pytest.raises(ValueError, match="asked for"):
+        HierarchicalRNN(**{**base.config, "agreement_feature": False}).init_from(base)
+
+
 def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
     """Extending a trained rule by the feature with zero weights keeps every update, and the
     weights round-trip through config.json (the option is in it)."""

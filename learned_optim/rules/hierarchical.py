@@ -275,17 +275,25 @@ class HierarchicalRNN(UpdateRule):
         return update, new_state
 
     def init_from(self, other: UpdateRule) -> None:
-        """As :meth:`UpdateRule.init_from`; a rule without the agreement feature also extends to
-        one with it, the new input's weights zero, so the rule starts out computing the same."""
-        extends = (
-            isinstance(other, HierarchicalRNN)
-            and self.agreement_feature
-            and not other.agreement_feature
-            and {**other.config, "agreement_feature": True} == self.config
-        )
-        if not extends:
+        """As :meth:`UpdateRule.init_from`, with two extensions for second stages:
+
+        - the learning-rate bounds ``min_lr`` and ``max_lr`` may differ (they clamp the step,
+          they are not weights), so a stage can continue a rule under other bounds;
+        - a rule without the agreement feature extends to one with it, the new input's
+          weights zero, so the rule starts out computing the same.
+        """
+        if not isinstance(other, HierarchicalRNN):
             super().init_from(other)
             return
+        bounds = {"min_lr": self.config["min_lr"], "max_lr": self.config["max_lr"]}
+        other_config = {**other.config, **bounds}
+        if not self.agreement_feature or other.agreement_feature:
+            if other_config != self.config:
+                super().init_from(other)  # raises, naming both configs
+            self.load_state_dict(other.state_dict())
+            return
+        if {**other_config, "agreement_feature": True} != self.config:
+            super().init_from(other)
         state_dict = other.state_dict()
         for name in ("param_in.weight", "direct.weight"):
             weight = state_dict[name]
