@@ -477,6 +477,13 @@ def _classification_data(
     return inputs, labels, "teacher"
 
 
+def _mlp_init(seed: int, sizes: Sequence[int], act: str) -> dict[str, Tensor]:
+    """Initial weights ``w0, b0, w1, ...`` of an MLP with layer ``sizes``: PyTorch's default
+    initialisation, reproducible and without touching the global RNG."""
+    net = seeded_module(seed, partial(mlp, tuple(sizes), act))
+    return {f"{'w' if p.ndim == 2 else 'b'}{i // 2}": p.detach() for i, p in enumerate(net.parameters())}
+
+
 def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     """An MLP fitting labels drawn independently of the inputs (the test split too)."""
     dim = _int(gen, *MEMORIZE_DATA_DIMS)
@@ -489,8 +496,7 @@ def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     inputs = torch.randn(n, dim, generator=gen)
     labels = torch.randint(classes, (n,), generator=gen)
     sizes = (dim, *hidden, classes)
-    net = seeded_module(seed, partial(mlp, sizes, act))
-    init = {f"{'w' if p.ndim == 2 else 'b'}{i // 2}": p.detach() for i, p in enumerate(net.parameters())}
+    init = _mlp_init(seed, sizes, act)
     inputs = _with_seed_column(inputs)
     shape = "-".join(map(str, sizes))
     return _Problem(
@@ -540,9 +546,7 @@ def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
         batch_size = None if _uniform(gen, 0.0, 1.0) < 0.5 else choose([b for b in BATCH_SIZES if b < n_train], gen)
     binary = kind == "logistic"
     sizes = (dim, *hidden, 1 if binary else classes)
-    # PyTorch's default initialisation, reproducible and without touching the global RNG.
-    net = seeded_module(seed, partial(mlp, sizes, act))
-    init = {f"{'w' if p.ndim == 2 else 'b'}{i // 2}": p.detach() for i, p in enumerate(net.parameters())}
+    init = _mlp_init(seed, sizes, act)
     targets = labels.float() if binary else labels
     inputs = _with_seed_column(inputs)
     shape = "-".join(map(str, sizes))
