@@ -492,8 +492,8 @@ class MetaTrainer:
         its final carry. The rule's weights get the same gradient as backpropagating through
         the whole unroll, while at most one segment's activations are alive.
 
-        Returns the meta-loss; the gradient is accumulated into the rule's ``.grad`` only when
-        it is finite.
+        Returns the meta-loss; the backward pass runs (accumulating into the rule's ``.grad``)
+        only when the meta-loss is finite.
         """
         cfg = self.config
         length, carry, sizes, subset = self._start_unroll(runs)

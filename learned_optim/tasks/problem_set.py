@@ -477,11 +477,35 @@ def _classification_data(
     return inputs, labels, "teacher"
 
 
-def _mlp_init(seed: int, sizes: Sequence[int], act: str) -> dict[str, Tensor]:
-    """Initial weights ``w0, b0, w1, ...`` of an MLP with layer ``sizes``: PyTorch's default
-    initialisation, reproducible and without touching the global RNG."""
-    net = seeded_module(seed, partial(mlp, tuple(sizes), act))
-    return {f"{'w' if p.ndim == 2 else 'b'}{i // 2}": p.detach() for i, p in enumerate(net.parameters())}
+def _mlp_problem(
+    label: str,
+    source: str,
+    seed: int,
+    sizes: tuple[int, ...],
+    act: str,
+    inputs: Tensor,
+    labels: Tensor,
+    n_train: int,
+    batch_size: int | None,
+) -> _Problem:
+    """An MLP with layer ``sizes`` classifying ``inputs`` (the first ``n_train`` rows train, the
+    rest test); one output unit means logistic regression on 0/1 labels."""
+    binary = sizes[-1] == 1
+    # PyTorch's default initialisation, reproducible and without touching the global RNG.
+    net = seeded_module(seed, partial(mlp, sizes, act))
+    init = {f"{'w' if p.ndim == 2 else 'b'}{i // 2}": p.detach() for i, p in enumerate(net.parameters())}
+    targets = labels.float() if binary else labels
+    inputs = _with_seed_column(inputs)
+    shape = "-".join(map(str, sizes))
+    return _Problem(
+        label=f"{label}({shape} {source} n={n_train} bs={batch_size or 'full'})",
+        body=partial(_mlp_body, act, binary),
+        init=init,
+        loss=binary_cross_entropy_loss if binary else cross_entropy_loss,
+        train=(inputs[:n_train], targets[:n_train]),
+        test=(inputs[n_train:], targets[n_train:]),
+        batch_size=batch_size,
+    )
 
 
 def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
@@ -496,18 +520,7 @@ def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     inputs = torch.randn(n, dim, generator=gen)
     labels = torch.randint(classes, (n,), generator=gen)
     sizes = (dim, *hidden, classes)
-    init = _mlp_init(seed, sizes, act)
-    inputs = _with_seed_column(inputs)
-    shape = "-".join(map(str, sizes))
-    return _Problem(
-        label=f"{kind}({shape} random labels n={n_train} bs={batch_size})",
-        body=partial(_mlp_body, act, False),
-        init=init,
-        loss=cross_entropy_loss,
-        train=(inputs[:n_train], labels[:n_train]),
-        test=(inputs[n_train:], labels[n_train:]),
-        batch_size=batch_size,
-    )
+    return _mlp_problem(kind, "random labels", seed, sizes, act, inputs, labels, n_train, batch_size)
 
 
 def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
@@ -544,21 +557,8 @@ def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     if not large:
         # Drawn after the data, as always, so that seeds keep giving the same problems.
         batch_size = None if _uniform(gen, 0.0, 1.0) < 0.5 else choose([b for b in BATCH_SIZES if b < n_train], gen)
-    binary = kind == "logistic"
-    sizes = (dim, *hidden, 1 if binary else classes)
-    init = _mlp_init(seed, sizes, act)
-    targets = labels.float() if binary else labels
-    inputs = _with_seed_column(inputs)
-    shape = "-".join(map(str, sizes))
-    return _Problem(
-        label=f"{label}({shape} {source} n={n_train} bs={batch_size or 'full'})",
-        body=partial(_mlp_body, act, binary),
-        init=init,
-        loss=binary_cross_entropy_loss if binary else cross_entropy_loss,
-        train=(inputs[:n_train], targets[:n_train]),
-        test=(inputs[n_train:], targets[n_train:]),
-        batch_size=batch_size,
-    )
+    sizes = (dim, *hidden, 1 if kind == "logistic" else classes)
+    return _mlp_problem(label, source, seed, sizes, act, inputs, labels, n_train, batch_size)
 
 
 def _build(kind: str, gen: torch.Generator, seed: int) -> _Problem:
