@@ -728,3 +728,68 @@ def test_config_saved_before_the_option_loads_with_it_off(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="missing config keys \\['timescales'\\]"):
         load_rule(str(tmp_path))
+
+
+def _constant_lr_change(rule: HierarchicalRNN, change: float) -> HierarchicalRNN:
+    """Make the parameter GRU ask for the same log-lr change every step, whatever it sees."""
+    with torch.no_grad():
+        rule.param_out.weight[1].zero_()
+        rule.param_out.bias[1] = change
+    return rule
+
+
+def test_lr_leak_bounds_the_drift_of_a_constant_lr_change():
+    """A small constant decrease of the log lr: without a leak it integrates down to min_lr; with
+    one the log lr settles ``lr_change_scale * change / lr_leak`` below the learned initial one."""
+    n, steps = 12, 600
+    ids = torch.zeros(n, dtype=torch.int64)
+    final = {}
+    for leak in (0.0, 0.05):
+        rule = _constant_lr_change(noisy_rule(agreement_feature=True, lr_leak=leak), -0.5)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            state, seg, glob = rule.init_state(n), rule.init_segment_state(1), rule.init_global_state()
+            for _ in range(steps):
+                _, state, seg, glob = rule.full_step(torch.randn(n, generator=gen), state, ids, 1, seg, glob)
+        final[leak] = state["log_lr"]
+        log_lr0 = float(rule.log_lr0.detach())
+    floor = torch.full_like(final[0.0], math.log(1e-8))
+    torch.testing.assert_close(final[0.0], floor, rtol=0, atol=1e-6)  # drifted to the floor
+    expected = log_lr0 - 0.1 * 0.5 / 0.05
+    torch.testing.assert_close(final[0.05], torch.full_like(final[0.05], expected), rtol=0, atol=1e-4)
+
+
+def test_lr_leak_is_checked_saved_and_may_change_between_stages(tmp_path):
+    for bad in (-0.1, 1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="lr_leak"):
+            HierarchicalRNN(lr_leak=bad)
+    base = noisy_rule(agreement_feature=True)
+    assert base.config["lr_leak"] == 0.0
+    leaky = HierarchicalRNN(**{**base.config, "lr_leak": 0.01})
+    leaky.init_from(base)  # meta-fit --init: same weights, the leak added
+    assert same_weights(weights(leaky), weights(base))
+    leaky.save_pretrained(str(tmp_path))
+    loaded = load_rule(str(tmp_path))
+    assert loaded.lr_leak == 0.01 and same_weights(weights(loaded), weights(leaky))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["config"]["lr_leak"]  # a rule saved before the option: the free integrator
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert load_rule(str(tmp_path)).lr_leak == 0.0
+
+
+def test_lr_leak_on_every_impl_of_the_optimizer():
+    def train(impl):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        rule = noisy_rule(agreement_feature=True, lr_leak=0.2)
+        opt = LearnedOptimizer(model.parameters(), pretrained=rule, impl=impl)
+        x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    eager = train("eager")
+    for impl in _cpu_kernels(fresh_rule(agreement_feature=True, lr_leak=0.2)):
+        torch.testing.assert_close(train(impl), eager, rtol=1e-4, atol=1e-6)

@@ -96,8 +96,10 @@ def _eager(rule, grad, state, ids, segment, num):
         {"param_hidden": 16, "timescales": 6, "lr_change_scale": 0.5},
         {"agreement_feature": True},
         {"param_hidden": 7, "timescales": 3, "agreement_feature": True},
+        {"agreement_feature": True, "lr_leak": 0.05},
+        {"param_hidden": 7, "timescales": 3, "lr_leak": 0.3},
     ],
-    ids=["paper", "p7-k3", "p16-k6", "agreement", "p7-k3-agreement"],
+    ids=["paper", "p7-k3", "p16-k6", "agreement", "p7-k3-agreement", "leak", "p7-k3-leak"],
 )
 @over_kernels
 def test_kernel_matches_eager_rule(config, impl):

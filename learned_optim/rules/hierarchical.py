@@ -83,11 +83,16 @@ class HierarchicalRNN(UpdateRule):
             (positive while they point the same way, negative after an overshoot, zero on
             average under pure gradient noise), a direct signal for the learning rate. Off
             by default (the paper's features); the fused kernels compute it too.
+        lr_leak: pull of each log learning rate back towards the learned initial one per step,
+            ``log_lr += lr_change_scale * change - lr_leak * (log_lr - log_lr0)``. 0 (default)
+            is the paper's free integrator, where a small average decrease of the log learning
+            rate adds up over thousands of steps; with a leak, a sustained change still moves the
+            learning rate as far as it likes, but a small bias moves it only by ``bias / lr_leak``.
     """
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
-    added_config_keys = frozenset({"agreement_feature"})
+    added_config_keys = frozenset({"agreement_feature", "lr_leak"})
 
     def __init__(
         self,
@@ -100,6 +105,7 @@ class HierarchicalRNN(UpdateRule):
         min_lr: float = 1e-8,
         max_lr: float = 10.0,
         agreement_feature: bool = False,
+        lr_leak: float = 0.0,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too.
@@ -113,13 +119,17 @@ class HierarchicalRNN(UpdateRule):
             "min_lr": config_float("min_lr", min_lr, positive=True),
             "max_lr": config_float("max_lr", max_lr, positive=True),
             "agreement_feature": config_bool("agreement_feature", agreement_feature),
+            "lr_leak": config_float("lr_leak", lr_leak),
         }
+        if not 0.0 <= lr_leak < 1.0:
+            raise ValueError(f"lr_leak must be in [0, 1), got {lr_leak}")
         if not min_lr <= init_lr <= max_lr:
             raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
         self.agreement_feature = bool(agreement_feature)
         p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
         self.p, self.t, self.g, self.k = p, t, g, k
         self.lr_change_scale = float(lr_change_scale)
+        self.lr_leak = float(lr_leak)
         self.log_min_lr, self.log_max_lr = math.log(min_lr), math.log(max_lr)
         self.register_buffer("decays", torch.tensor([1.0 - 0.5 ** (i + 1) for i in range(k)]), persistent=False)
         n_features = 2 * k + 1 + int(self.agreement_feature)
@@ -252,6 +262,8 @@ class HierarchicalRNN(UpdateRule):
         )
         out = self.param_out(h)
         direction = out[:, 0] + self.direct(features).squeeze(-1)
+        if self.lr_leak:
+            log_lr = log_lr - self.lr_leak * (log_lr - self.log_lr0.to(dtype))
         log_lr = (log_lr + self.lr_change_scale * out[:, 1:2]).clamp(self.log_min_lr, self.log_max_lr)
         # Unit RMS per tensor: the step size lives in the learning rate, not the direction.
         # Per segment of this batch; where the eager optimizer path splits a tensor over
@@ -277,15 +289,16 @@ class HierarchicalRNN(UpdateRule):
     def init_from(self, other: UpdateRule) -> None:
         """As :meth:`UpdateRule.init_from`, with two extensions for second stages:
 
-        - the learning-rate bounds ``min_lr`` and ``max_lr`` may differ (they clamp the step,
-          they are not weights), so a stage can continue a rule under other bounds;
+        - the learning-rate bounds ``min_lr`` and ``max_lr`` and the leak ``lr_leak`` may differ
+          (they shape the step, they are not weights), so a stage can continue a rule under
+          other bounds or with a leak;
         - a rule without the agreement feature extends to one with it, the new input's
           weights zero, so the rule starts out computing the same.
         """
         if not isinstance(other, HierarchicalRNN):
             super().init_from(other)
             return
-        bounds = {"min_lr": self.config["min_lr"], "max_lr": self.config["max_lr"]}
+        bounds = {key: self.config[key] for key in ("min_lr", "max_lr", "lr_leak")}
         other_config = {**other.config, **bounds}
         if not self.agreement_feature or other.agreement_feature:
             if other_config != self.config:

@@ -72,8 +72,8 @@ static inline __attribute__((always_inline)) void hrnn_range(
     int64_t start, int64_t stop, const float *grad, void *h_state, void *m_state, void *v_state, void *lr_state,
     int bf16, float *update, const uint8_t *keep, const int32_t *segment, const float *segment_gates,
     const float *segment_mean_log_lr, const float *w_in, const float *w_hh, const float *b_hh, const float *w_out,
-    const float *b_out, const float *w_direct, const float *decays, const int P, const int K, const int A, float lr_change_scale,
-    float log_min_lr, float log_max_lr, double *sums) {
+    const float *b_out, const float *w_direct, const float *decays, const float *initial_log_lr, const int P, const int K,
+    const int A, float lr_change_scale, float lr_leak, float log_min_lr, float log_max_lr, double *sums) {
     const int F = 2 * K + 1 + A, G = 3 * P;
     for (int64_t b0 = start; b0 < stop; b0 += LANES) {
         const int count = (int)(stop - b0 < LANES ? stop - b0 : LANES);
@@ -172,6 +172,8 @@ static inline __attribute__((always_inline)) void hrnn_range(
         }
         v8 direction = out0;
         for (int f = 0; f < F; f++) direction += splat(w_direct[f]) * feat[f];
+        /* The leak towards the learned initial log lr (a no-op at lr_leak 0, as in the eager rule). */
+        log_lr = log_lr - splat(lr_leak) * (log_lr - splat(initial_log_lr[0]));
         log_lr = log_lr + splat(lr_change_scale) * out1;
         log_lr = vselect(log_lr < splat(log_min_lr), splat(log_min_lr), log_lr);
         log_lr = vselect(log_lr > splat(log_max_lr), splat(log_max_lr), log_lr);
@@ -204,12 +206,12 @@ void hrnn_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
                void *lr_state, int bf16, float *update, const uint8_t *keep, const int32_t *segment,
                const float *segment_gates, const float *segment_mean_log_lr, const float *w_in, const float *w_hh,
                const float *b_hh, const float *w_out, const float *b_out, const float *w_direct,
-               const float *decays, int P, int K, int A, float lr_change_scale, float log_min_lr, float log_max_lr,
-               double *sums) {
+               const float *decays, const float *initial_log_lr, int P, int K, int A, float lr_change_scale,
+               float lr_leak, float log_min_lr, float log_max_lr, double *sums) {
 #define HRNN_ARGS(p, k, a)                                                                                        \
     start, stop, grad, h_state, m_state, v_state, lr_state, bf16, update, keep, segment, segment_gates,          \
-        segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, p, k, a, lr_change_scale,         \
-        log_min_lr, log_max_lr, sums
+        segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, initial_log_lr, p, k, a,         \
+        lr_change_scale, lr_leak, log_min_lr, log_max_lr, sums
     /* The paper's sizes (HierarchicalRNN's defaults) with and without the agreement feature. */
     if (P == 10 && K == 4 && !A)
         hrnn_range(HRNN_ARGS(10, 4, 0));

@@ -30,9 +30,9 @@ def _configure(library: ctypes.CDLL) -> None:
     step = library.hrnn_step
     step.restype = None
     # (start, stop, grad, h, m, v, log_lr, bf16, update, keep, segment, segment_gates,
-    #  segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, P, K,
-    #  agreement_feature, lr_change_scale, log_min_lr, log_max_lr, sums)
-    step.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i32] + [ptr] * 12 + [i32, i32, i32, f32, f32, f32, ptr]
+    #  segment_mean_log_lr, w_in, w_hh, b_hh, w_out, b_out, w_direct, decays, initial_log_lr, P, K,
+    #  agreement_feature, lr_change_scale, lr_leak, log_min_lr, log_max_lr, sums)
+    step.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, i32] + [ptr] * 13 + [i32, i32, i32] + [f32] * 4 + [ptr]
     scale = library.hrnn_scale
     scale.restype = None
     scale.argtypes = [i64, i64, ptr, ptr, ptr]
@@ -139,6 +139,7 @@ def hrnn_step_cpu(
         rule.param_out.bias.detach().float().contiguous(),
         rule.direct.weight.detach().float().reshape(-1).contiguous(),
         rule.decays.float().contiguous(),
+        rule.log_lr0.detach().float().reshape(1).contiguous(),
     ]
     keep_flags = keep.to(torch.uint8).contiguous() if keep is not None else None
     sums = torch.ops.learned_optim.hrnn_step_cpu(
@@ -156,6 +157,7 @@ def hrnn_step_cpu(
         rule.k,
         int(rule.agreement_feature),
         float(rule.lr_change_scale),
+        float(rule.lr_leak),
         float(rule.log_min_lr),
         float(rule.log_max_lr),
     )
@@ -182,6 +184,7 @@ def _hrnn_step_cpu_op(
     timescales: int,
     agreement_feature: int,
     lr_change_scale: float,
+    lr_leak: float,
     log_min_lr: float,
     log_max_lr: float,
 ) -> Tensor:
@@ -207,6 +210,7 @@ def _hrnn_step_cpu_op(
         timescales,
         agreement_feature,
         lr_change_scale,
+        lr_leak,
         log_min_lr,
         log_max_lr,
     )

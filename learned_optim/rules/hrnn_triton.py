@@ -78,9 +78,10 @@ def pack_hrnn_weights(rule: torch.nn.Module, cached: PackedHRNNWeights | None = 
         wdir[0, :k] = direct[:k]
         wdir[1, :k] = direct[k : 2 * k]
         # Read by the kernel (no .item() syncs): output biases, the direct path's log-lr and
-        # agreement weights.
+        # agreement weights, the learned initial log lr (the leak's target).
         direct_tail = torch.cat((direct[2 * k :], direct.new_zeros(1 - agree)))
-        scalars = torch.cat((rule.param_out.bias.detach().float(), direct_tail)).contiguous()
+        initial_log_lr = rule.log_lr0.detach().float().reshape(1)
+        scalars = torch.cat((rule.param_out.bias.detach().float(), direct_tail, initial_log_lr)).contiguous()
         decays = first.new_zeros(kp, dtype=torch.float32)
         decays[:k] = rule.decays.float()
     tensors = {"wm": wm, "wr": wr, "wl": wl, "wh": wh, "bh": bh, "wout": wout, "wdir": wdir, "scalars": scalars}
@@ -95,7 +96,7 @@ if triton is not None:
     def _hrnn_kernel(
         grad_ptr, h_ptr, m_ptr, v_ptr, lr_ptr, update_ptr, keep_ptr, seg_ptr, seg_gates_ptr, seg_mean_ptr,
         wm_ptr, wr_ptr, wl_ptr, wh_ptr, bh_ptr, wout_ptr, wdir_ptr, scalars_ptr, decays_ptr, wa_ptr, sums_ptr,
-        n, lr_change_scale, log_min_lr, log_max_lr,
+        n, lr_change_scale, lr_leak, log_min_lr, log_max_lr,
         P: tl.constexpr, K: tl.constexpr, PP: tl.constexpr, KP: tl.constexpr, AGREE: tl.constexpr,
         MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -173,7 +174,8 @@ if triton is not None:
         direction += rel_lr * tl.load(scalars_ptr + 2)
         if AGREE:
             direction += agree * tl.load(scalars_ptr + 3)
-        new_lr = tl.minimum(tl.maximum(log_lr + lr_change_scale * out1, log_min_lr), log_max_lr)
+        leaked_lr = log_lr - lr_leak * (log_lr - tl.load(scalars_ptr + 4))
+        new_lr = tl.minimum(tl.maximum(leaked_lr + lr_change_scale * out1, log_min_lr), log_max_lr)
         step = tl.exp(new_lr) * direction
 
         write_k = write[:, None] & kmask[None, :]
@@ -256,6 +258,7 @@ def hrnn_step_triton(
         rule.k,
         bool(getattr(rule, "agreement_feature", False)),
         float(rule.lr_change_scale),
+        float(rule.lr_leak),
         float(rule.log_min_lr),
         float(rule.log_max_lr),
         precision,
@@ -283,6 +286,7 @@ def _hrnn_step_triton_op(
     timescales: int,
     agreement_feature: bool,
     lr_change_scale: float,
+    lr_leak: float,
     log_min_lr: float,
     log_max_lr: float,
     precision: str,
@@ -297,7 +301,7 @@ def _hrnn_step_triton_op(
         _hrnn_kernel[(triton.cdiv(end - start, BLOCK),)](
             source[start:end], h[start:end], m[start:end], v[start:end], log_lr[start:end], update[start:end],
             keep if keep is not None else segment_ids, segment_ids[start:end], segment_gates,
-            segment_mean_log_lr, *weights, sums, end - start, lr_change_scale, log_min_lr, log_max_lr,
+            segment_mean_log_lr, *weights, sums, end - start, lr_change_scale, lr_leak, log_min_lr, log_max_lr,
             P=param_hidden, K=timescales, PP=pp, KP=kp, AGREE=agreement_feature, MASKED=keep is not None,
             BLOCK_SIZE=BLOCK, PRECISION=precision,
             num_warps=4,
