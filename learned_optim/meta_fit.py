@@ -84,7 +84,7 @@ class MetaFitConfig:
         steps: inner steps per task instance (the horizon); with ``random_horizon`` the
             mean of a heavy-tailed draw.
         unroll: inner steps per truncation (one meta-gradient step each).
-        meta_iterations: meta-gradient steps in total.
+        meta_iterations: meta-gradient steps in total (0: only validate the starting rule).
         meta_lr: Adam learning rate on the rule's weights.
         meta_lr_schedule: ``"constant"``, or ``"cosine"``: decays ``meta_lr`` to 5% of it
             at ``meta_iterations`` (late meta-gradient noise otherwise keeps moving the rule
@@ -160,14 +160,15 @@ class MetaFitConfig:
         for name in (
             "steps",
             "unroll",
-            "meta_iterations",
             "instances",
             "validation_instances",
             "checkpoint_every",
             "pes_pairs",
         ):
             config_int(name, getattr(self, name), minimum=1)
-        for name in ("seed", "validate_every", "validation_steps", "grad_checkpoint_steps"):
+        # meta_iterations 0: validate and return the starting rule (e.g. --init with a changed
+        # non-weight option such as an lr bound), recorded like any other run.
+        for name in ("meta_iterations", "seed", "validate_every", "validation_steps", "grad_checkpoint_steps"):
             config_int(name, getattr(self, name), minimum=0)
         for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range", "pes_std"):
             config_float(name, getattr(self, name))
@@ -886,6 +887,7 @@ class MetaTrainer:
         finally:
             if bar is not None:
                 bar.close()
+            self.history.seconds = time.perf_counter() - start
         if cfg.validate_every and self.history.best_iteration >= 0:
             self.rule.load_state_dict(self.best_weights)
         return self.rule
@@ -1247,7 +1249,8 @@ def meta_fit(
             (each instance picks one at random).
         steps: inner optimisation steps per instance (horizon).
         unroll: inner steps per truncation.
-        meta_iterations: number of meta-gradient steps.
+        meta_iterations: number of meta-gradient steps (0 returns the starting rule, validated
+            when ``validate_every`` is set: a way to re-save a rule under changed options).
         meta_lr: Adam learning rate on the rule's weights.
         meta_lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 5% of ``meta_lr``).
         instances: instances optimised side by side per meta-iteration (one rule call).

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tiny_tasks import TRAIN_X, TRAIN_Y, make_tiny, tiny, tiny_loader, tiny_model, tiny_sampler
 from torch import nn
 
-from learned_optim import CoordinateLSTM, LearnedOptimizer
+from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
 from learned_optim.cli import main
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaFitConfig, MetaTrainer, meta_fit, rollout
 from learned_optim.tasks import Task, TaskError, get_task
@@ -139,6 +139,31 @@ def test_a_run_that_only_makes_the_rule_worse_returns_the_starting_rule():
     assert history.best_iteration == 0
     assert all(score > history.best_validation for it, score in history.validation if it > 0)
     assert same_weights(weights(rule), start)
+
+
+def test_zero_meta_iterations_validates_and_saves_the_starting_rule(tmp_path):
+    """``--meta-iterations 0``: a rule continued under changed options (here an lr bound) is
+    validated and saved, with the usual metadata, and its weights are untouched."""
+    start = HierarchicalRNN(agreement_feature=True)
+    start.save_pretrained(str(tmp_path / "start"))
+    config = json.dumps({**start.config, "lr_leak": 0.05})
+    main([
+        "meta-fit", "--task", "quadratic", "--rule", "HierarchicalRNN", "--rule-config", config,
+        "--init", str(tmp_path / "start"), "--out", str(tmp_path / "out"), "--meta-iterations", "0",
+        "--steps", "10", "--unroll", "10", "--validate-every", "1", "--validation-instances", "2", "--quiet",
+    ])  # fmt: skip
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["config"]["lr_leak"] == 0.05
+    assert saved["metadata"]["meta_iterations"] == 0 and saved["metadata"]["best_iteration"] == 0
+    assert math.isfinite(saved["metadata"]["best_validation"])
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert same_weights(out, weights(start))
+    rule = small_rule()
+    before = weights(rule)
+    meta_fit(rule, "quadratic", steps=10, unroll=5, meta_iterations=0, validate_every=0, progress=False)
+    assert rule.meta_fit_history.iteration == 0 and same_weights(weights(rule), before)
+    with pytest.raises(ValueError, match="meta_iterations"):
+        meta_fit(small_rule(), "quadratic", meta_iterations=-1, progress=False)
 
 
 # ---------------------------------------------------------------------------- resume
