@@ -710,7 +710,7 @@ def test_resume_without_checkpoint_dir():
     [
         ({"unroll": 0}, "unroll must be an integer >= 1, got 0"),
         ({"steps": 0}, "steps must be an integer >= 1"),
-        ({"meta_iterations": 2.5}, "meta_iterations must be an integer >= 1, got 2.5"),
+        ({"meta_iterations": 2.5}, "meta_iterations must be an integer >= 0, got 2.5"),
         ({"instances": 2.5}, "instances must be an integer >= 1, got 2.5"),
         ({"meta_lr": float("inf")}, "meta_lr must be a finite number, got inf"),
         ({"lr_scale_range": float("inf")}, "lr_scale_range must be a finite number, got inf"),
