@@ -87,7 +87,8 @@ class HierarchicalRNN(UpdateRule):
             ``log_lr += lr_change_scale * change - lr_leak * (log_lr - log_lr0)``. 0 (default)
             is the paper's free integrator, where a small average decrease of the log learning
             rate adds up over thousands of steps; with a leak, a sustained change still moves the
-            learning rate as far as it likes, but a small bias moves it only by ``bias / lr_leak``.
+            learning rate as far as it likes, but a small bias moves it only by
+            ``lr_change_scale * bias / lr_leak``.
     """
 
     rule_type = "HierarchicalRNN"
