@@ -142,7 +142,7 @@ def test_a_run_that_only_makes_the_rule_worse_returns_the_starting_rule():
 
 
 def test_zero_meta_iterations_validates_and_saves_the_starting_rule(tmp_path):
-    """``--meta-iterations 0``: a rule continued under changed options (here an lr bound) is
+    """``--meta-iterations 0``: a rule continued under a changed non-weight option (here the lr leak) is
     validated and saved, with the usual metadata, and its weights are untouched."""
     start = HierarchicalRNN(agreement_feature=True)
     start.save_pretrained(str(tmp_path / "start"))
