@@ -158,6 +158,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         validate_every=args.validate_every,
         validation_instances=args.validation_instances,
         validation_steps=args.validation_steps,
+        validation_lr_scales=args.validation_lr_scales,
         checkpoint_every=args.checkpoint_every,
     )
     _check_config(config)
@@ -279,6 +280,17 @@ def _parse_rule_lrs(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _parse_lr_scales(text: str) -> tuple[float, ...]:
+    """``--validation-lr-scales``: comma-separated multipliers, each a finite number > 0."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"every multiplier must be a finite number > 0, got {text!r}")
+    return values
+
+
 def _run_suite(args: argparse.Namespace, rules: list[str]) -> int:
     from learned_optim.report import plot_curves
     from learned_optim.suites import run_suite
@@ -369,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--validate-every", type=int, default=50)
     mf.add_argument("--validation-instances", type=int, default=4)
     mf.add_argument("--validation-steps", type=int, default=0, help="horizon of validation runs (0: --steps)")
+    mf.add_argument(
+        "--validation-lr-scales",
+        type=_parse_lr_scales,
+        default=(1.0,),
+        help="run each validation instance at each of these comma-separated lr multipliers and score the mean "
+        "(default: 1)",
+    )
     mf.add_argument("--checkpoint-every", type=int, default=25)
     mf.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     mf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

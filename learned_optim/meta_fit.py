@@ -113,8 +113,12 @@ class MetaFitConfig:
             (``0``: no floor). Problems that can be solved to machine precision otherwise
             dominate the objective and reward ever-growing steps.
         lr_scale_range: each meta-training instance's updates are multiplied by a factor drawn
-            log-uniformly from ``[1/r, r]`` (``1``: off; validation always uses 1), so the rule
-            learns to correct a learning rate that is off by that much.
+            log-uniformly from ``[1/r, r]`` (``1``: off), so the rule learns to correct a
+            learning rate that is off by that much.
+        validation_lr_scales: the validation runs each held-out instance once per factor here,
+            its updates multiplied by it, and scores the mean over all runs. ``(1.0,)``
+            (default) scores the rule as meta-trained; e.g. ``(0.1, 1.0, 10.0)`` keeps the
+            checkpoint that is best across learning rates a user might set.
         estimator: how the meta-gradient is estimated. ``"tbptt"``: backpropagation through
             each truncation (exact within it, blind to what the rule's state does to later
             truncations: the short-horizon bias). ``"pes"``: persistent evolution strategies
@@ -154,6 +158,7 @@ class MetaFitConfig:
     pes_pairs: int = 8
     pes_std: float = 0.01
     grad_checkpoint_steps: int = 0
+    validation_lr_scales: tuple[float, ...] = (1.0,)
 
     def check(self) -> None:
         """Raise ValueError naming the first invalid setting (types included)."""
@@ -202,6 +207,14 @@ class MetaFitConfig:
             raise ValueError(f"lr_scale_range must be >= 1, got {self.lr_scale_range}")
         if self.validation_steps < 0:
             raise ValueError(f"validation_steps must be >= 0, got {self.validation_steps}")
+        scales = self.validation_lr_scales
+        if (
+            not isinstance(scales, (tuple, list))
+            or not scales
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scales)
+            or not all(0 < x < math.inf for x in scales)
+        ):
+            raise ValueError(f"validation_lr_scales must be a non-empty sequence of finite numbers > 0, got {scales!r}")
         if self.validate_every < 0 or self.validation_instances < 1 or self.checkpoint_every < 1:
             raise ValueError("validate_every must be >= 0, validation_instances and checkpoint_every >= 1")
 
@@ -831,17 +844,18 @@ class MetaTrainer:
         cfg = self.config
         scores = []
         for i in range(cfg.validation_instances):
-            family_index = i % len(self.families)
-            horizon = cfg.validation_steps or cfg.steps
-            run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
-            with _global_rng(run.seed, "meta-fit/validation"):
-                losses = rollout(self.rule, run.instance, horizon)
-            f0 = max(losses[0], 1e-12)
-            trace = torch.tensor(losses)
-            if not torch.isfinite(trace).all():  # the first loss too: a NaN f_0 would score NaN
-                scores.append(float("inf"))
-            else:
-                scores.append(float(_objective(trace[1:], f0, 1, horizon, cfg)))
+            for lr_scale in cfg.validation_lr_scales:
+                family_index = i % len(self.families)
+                horizon = cfg.validation_steps or cfg.steps
+                run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
+                with _global_rng(run.seed, "meta-fit/validation"):
+                    losses = rollout(self.rule, run.instance, horizon, lr=float(lr_scale))
+                f0 = max(losses[0], 1e-12)
+                trace = torch.tensor(losses)
+                if not torch.isfinite(trace).all():  # the first loss too: a NaN f_0 would score NaN
+                    scores.append(float("inf"))
+                else:
+                    scores.append(float(_objective(trace[1:], f0, 1, horizon, cfg)))
         return float(sum(scores) / len(scores))
 
     def _record_validation(self, iteration: int) -> None:
@@ -1004,8 +1018,9 @@ class MetaTrainer:
                 f"not {self.rule.rule_type} {self.rule.config}"
             )
         saved_cfg = meta["config"]
-        ours = asdict(self.config)
-        defaults = asdict(MetaFitConfig())
+        # As JSON holds them (tuples come back as lists).
+        ours = json.loads(json.dumps(asdict(self.config)))
+        defaults = json.loads(json.dumps(asdict(MetaFitConfig())))
         # Settings added after a checkpoint was written count as their defaults.
         differing = {k for k in ours if k != "meta_iterations" and saved_cfg.get(k, defaults[k]) != ours[k]}
         if differing:
@@ -1233,6 +1248,7 @@ def meta_fit(
     validate_every: int = 50,
     validation_instances: int = 4,
     validation_steps: int = 0,
+    validation_lr_scales: Sequence[float] = (1.0,),
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
@@ -1278,6 +1294,8 @@ def meta_fit(
             keep the best weights (``0``: keep the last weights).
         validation_instances: instances per validation.
         validation_steps: horizon of the validation runs (``0``: ``steps``).
+        validation_lr_scales: run each validation instance at each of these learning-rate
+            multipliers and score the mean (default: at 1 only).
         checkpoint_dir: write checkpoints here every ``checkpoint_every`` iterations.
         checkpoint_every: iterations between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
@@ -1310,6 +1328,7 @@ def meta_fit(
         validate_every=validate_every,
         validation_instances=validation_instances,
         validation_steps=validation_steps,
+        validation_lr_scales=tuple(validation_lr_scales),
         checkpoint_every=checkpoint_every,
     )
     if resume and checkpoint_dir is None:

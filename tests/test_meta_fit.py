@@ -201,8 +201,10 @@ def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
         (lambda: make_tiny(), {"meta_lr_schedule": "cosine"}),
         # Each instance's random lr scale must come back from the checkpoint.
         (lambda: make_tiny(), {"lr_scale_range": 10.0, "log_floor": 0.5}),
+        # A tuple setting comes back from checkpoint.json as a list and must still match.
+        (lambda: make_tiny(), {"validation_lr_scales": (0.5, 2.0)}),
     ],
-    ids=["sampler-2-instances", "dataloader-random-horizon", "cosine-meta-lr", "lr-scale-log-floor"],
+    ids=["sampler-2-instances", "dataloader-random-horizon", "cosine-meta-lr", "lr-scale-log-floor", "val-lr-scales"],
 )
 def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, overrides):
     total = 12
@@ -721,6 +723,9 @@ def test_resume_without_checkpoint_dir():
         ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
         ({"lr_scale_range": 0.5}, "lr_scale_range must be >= 1, got 0.5"),
         ({"validation_steps": -1}, "validation_steps must be an integer >= 0, got -1"),
+        ({"validation_lr_scales": ()}, "validation_lr_scales must be a non-empty sequence of finite numbers > 0"),
+        ({"validation_lr_scales": (1.0, 0.0)}, r"validation_lr_scales .* got \(1.0, 0.0\)"),
+        ({"validation_lr_scales": (float("inf"),)}, "validation_lr_scales must be"),
         ({"estimator": "es"}, "estimator must be one of 'tbptt', 'pes', got 'es'"),
         ({"estimator": "pes", "pes_pairs": 0}, "pes_pairs must be an integer >= 1, got 0"),
         ({"estimator": "pes", "pes_std": 0.0}, "pes_std must be a finite number > 0, got 0.0"),
@@ -854,6 +859,28 @@ def test_validation_steps_sets_the_validation_horizon(monkeypatch):
         horizons.clear()
         MetaTrainer(small_rule(), make_tiny(), _config(2, validation_steps=validation_steps), progress=False).run()
         assert horizons and set(horizons) == {expected}
+
+
+def test_validation_lr_scales_score_the_mean_over_the_multipliers():
+    rule = small_rule()
+
+    def score(scales):
+        return MetaTrainer(rule, make_tiny(), _config(2, validation_lr_scales=scales), progress=False).validate()
+
+    one, half, double = score((1.0,)), score((0.5,)), score((2.0,))
+    assert len({one, half, double}) == 3  # the multiplier reaches the validation runs
+    assert score((0.5, 2.0)) == pytest.approx((half + double) / 2, rel=1e-12)
+    assert one == MetaTrainer(rule, make_tiny(), _config(2), progress=False).validate()  # default: 1 only
+
+
+def test_cli_validation_lr_scales(tmp_path, capsys):
+    assert _cli_meta_fit(tmp_path / "a", 2, "--validation-lr-scales", "0.1,1,10") == 0
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())["metadata"]
+    assert "--validation-lr-scales 0.1,1,10" in meta["command"]
+    for bad in ("0.1,x", "1,0", "1,inf"):
+        with pytest.raises(SystemExit):
+            _cli_meta_fit(tmp_path / "b", 2, "--validation-lr-scales", bad)
+        assert "--validation-lr-scales" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("meta_loss", ["ramp", "log-ramp"])

@@ -24,6 +24,9 @@ from learned_optim.tasks.problem_set import (
     STYBLINSKI_TANG_ARGMIN,
     TEST_FUNCTIONS,
     TRANSFORMS,
+    WIDE_ACTIVE_FRACTION,
+    WIDE_DATA_DIMS,
+    WIDE_DATA_KINDS,
     evaluate_function,
 )
 
@@ -123,6 +126,47 @@ def test_memorization_problems_fit_random_labels_in_minibatches(kind):
     assert {get_task("problem-set-long").draw(seed).kind for seed in range(100)} == {
         *LARGE_DATA_KINDS,
         *MEMORIZE_KINDS,
+    }
+
+
+def _mean_abs_correlation(features: Tensor) -> float:
+    centred = features - features.mean(0)
+    cov = centred.T @ centred / len(features)
+    std = cov.diagonal().sqrt().clamp_min(1e-6)
+    corr = (cov / std[:, None] / std[None, :]).abs().fill_diagonal_(0)
+    return float(corr.sum() / (corr.numel() - len(corr)))
+
+
+@pytest.mark.parametrize("kind", WIDE_DATA_KINDS)
+def test_wide_problems_classify_sparse_non_negative_inputs_in_minibatches(kind):
+    family = only(kind)
+    gen = torch.Generator().manual_seed(0)
+    dims = set()
+    for seed in range(4):
+        instance = family.sample(seed)
+        validate_instance(instance, instance.name)
+        instance = family.sample(seed)
+        inputs, labels = instance.train_set
+        features = inputs[:, :-1]  # the last column is the perturbation seed
+        dims.add(features.shape[1])
+        assert WIDE_DATA_DIMS[0] <= features.shape[1] <= WIDE_DATA_DIMS[1]
+        assert float(features.min()) >= 0 and float(features.max()) <= 1
+        active = float((features > 0).float().mean())
+        assert WIDE_ACTIVE_FRACTION[0] - 0.05 < active < WIDE_ACTIVE_FRACTION[1] + 0.05, active
+        # Correlated through the low-rank latent: co-activation well above that of the same
+        # features with each column shuffled independently (chance level).
+        shuffled = torch.stack([col[torch.randperm(len(col), generator=gen)] for col in features.T], dim=1)
+        assert _mean_abs_correlation(features) > 1.5 * _mean_abs_correlation(shuffled)
+        assert len(instance.next_batch()[1]) < len(labels) // 16  # always minibatched
+        assert int(labels.max()) >= 1 and "image-like" in instance.name
+        if kind == "softmax-wide":
+            assert len(list(instance.model.parameters())) == 2
+    assert len(dims) > 1
+    assert kind not in {get_task("problem-set-long").draw(seed).kind for seed in range(100)}
+    assert {get_task("problem-set-wide").draw(seed).kind for seed in range(200)} == {
+        *LARGE_DATA_KINDS,
+        *MEMORIZE_KINDS,
+        *WIDE_DATA_KINDS,
     }
 
 

@@ -79,7 +79,11 @@ LARGE_DATA_KINDS = ("softmax-large", "mlp-sigmoid-large", "mlp-relu-large")
 MEMORIZE_KINDS = ("mlp-sigmoid-memorize", "mlp-relu-memorize")
 """MLPs fitting random labels, always minibatched (drawn only when named in ``kinds``)."""
 
-ALL_KINDS = (*PROBLEM_KINDS, *LARGE_DATA_KINDS, *MEMORIZE_KINDS)
+WIDE_DATA_KINDS = ("softmax-wide", "mlp-sigmoid-wide", "mlp-relu-wide")
+"""Classifiers on wide, sparse, non-negative image-like inputs, always minibatched (drawn only
+when named in ``kinds``)."""
+
+ALL_KINDS = (*PROBLEM_KINDS, *LARGE_DATA_KINDS, *MEMORIZE_KINDS, *WIDE_DATA_KINDS)
 
 TRANSFORMS = ("rescale", "sparse", "noisy")
 """The transforms that can be applied on top of a problem."""
@@ -134,6 +138,11 @@ MEMORIZE_DATA_DIMS = (8, 32)
 MEMORIZE_TRAIN_SIZES = (512, 4096)
 MEMORIZE_HIDDEN = (32, 128)
 MEMORIZE_BATCH_SIZES = (32, 64, 128)
+WIDE_DATA_DIMS = (128, 1024)
+WIDE_DATA_TRAIN_SIZES = (2048, 8192)
+WIDE_MLP_HIDDEN = (8, 32)
+WIDE_ACTIVE_FRACTION = (0.1, 0.5)
+WIDE_DATA_RANK = 16
 RESCALE_RANGE = (1e-2, 1e2)
 SPARSE_KEEP = (0.1, 0.9)
 # Noise standard deviation relative to the RMS of the clean initial gradient: the gradient
@@ -464,6 +473,12 @@ def _classification_data(
         labels = torch.randint(classes, (n,), generator=gen)
         return centers[labels] + torch.randn(n, dim, generator=gen), labels, "clusters"
     inputs = torch.randn(n, dim, generator=gen)
+    return inputs, _teacher_labels(gen, inputs, classes, teacher_hidden), "teacher"
+
+
+def _teacher_labels(gen: torch.Generator, inputs: Tensor, classes: int, teacher_hidden: int | None) -> Tensor:
+    """Labels of zero-mean ``inputs`` from a random linear or one-hidden-layer ReLU teacher."""
+    n, dim = inputs.shape
     if teacher_hidden is None:
         logits = inputs @ torch.randn(dim, classes, generator=gen) / math.sqrt(dim)
     else:
@@ -473,8 +488,26 @@ def _classification_data(
     # Labels sampled from softmax(β·logits) (Gumbel-max): large β gives nearly separable data.
     sharpness = _log_uniform(gen, 1.0, 10.0)
     gumbel = -torch.log(-torch.log(torch.rand(n, classes, generator=gen).clamp_min(1e-12)))
-    labels = (sharpness * logits / logits.std().clamp_min(1e-6) + gumbel).argmax(dim=1)
-    return inputs, labels, "teacher"
+    return (sharpness * logits / logits.std().clamp_min(1e-6) + gumbel).argmax(dim=1)
+
+
+def _image_like_data(gen: torch.Generator, n: int, dim: int, classes: int) -> tuple[Tensor, Tensor]:
+    """``n`` wide inputs like pixels or bag-of-words counts, and teacher labels.
+
+    Non-negative, sparse (a random fraction of the features is non-zero in each example) and
+    correlated (a low-rank latent plus noise, thresholded). Unlike zero-mean inputs, these add up
+    coherently in a first layer: the same per-coordinate step moves a unit's pre-activation
+    by ~``dim`` times the step rather than ~``sqrt(dim)``, so a step size that suits a narrow
+    network overshoots here, as it does on MNIST.
+    """
+    basis = torch.randn(WIDE_DATA_RANK, dim, generator=gen)
+    latent = torch.randn(n, WIDE_DATA_RANK, generator=gen) @ basis / math.sqrt(WIDE_DATA_RANK)
+    z = (0.8 * latent + 0.6 * torch.randn(n, dim, generator=gen)).clamp(-6, 6)  # unit variance
+    active = _uniform(gen, *WIDE_ACTIVE_FRACTION)
+    threshold = math.sqrt(2.0) * torch.erfinv(torch.tensor(1.0 - 2.0 * active)).item()
+    inputs = (torch.relu(z - threshold) / 2).clamp(max=1.0)
+    labels = _teacher_labels(gen, inputs - inputs.mean(0), classes, LARGE_TEACHER_HIDDEN)
+    return inputs, labels
 
 
 def _mlp_problem(
@@ -521,6 +554,23 @@ def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     labels = torch.randint(classes, (n,), generator=gen)
     sizes = (dim, *hidden, classes)
     return _mlp_problem(kind, "random labels", seed, sizes, act, inputs, labels, n_train, batch_size)
+
+
+def _wide_classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
+    """A classifier on image-like inputs of 128..1024 features (see :func:`_image_like_data`)."""
+    kind_base = kind.removesuffix("-wide")
+    dim = _log_int(gen, *WIDE_DATA_DIMS)
+    n_train = _log_int(gen, *WIDE_DATA_TRAIN_SIZES)
+    classes = _int(gen, *LARGE_CLASSES)
+    if kind_base == "softmax":
+        hidden, act = (), "relu"
+    else:
+        hidden = tuple(_log_int(gen, *WIDE_MLP_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
+        act = kind_base.removeprefix("mlp-")
+    batch_size = choose(list(LARGE_BATCH_SIZES), gen)
+    inputs, labels = _image_like_data(gen, n_train + LARGE_DATA_TEST_SIZE, dim, classes)
+    sizes = (dim, *hidden, classes)
+    return _mlp_problem(kind, "image-like", seed, sizes, act, inputs, labels, n_train, batch_size)
 
 
 def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
@@ -570,6 +620,8 @@ def _build(kind: str, gen: torch.Generator, seed: int) -> _Problem:
         return _function(kind, gen)
     if kind in MEMORIZE_KINDS:
         return _memorizer(kind, gen, seed)
+    if kind in WIDE_DATA_KINDS:
+        return _wide_classifier(kind, gen, seed)
     return _classifier(kind, gen, seed)
 
 
@@ -724,4 +776,10 @@ register_task("problem-set-large", partial(ProblemSet, kinds=LARGE_DATA_KINDS, n
 # reach a noise floor (annealing pays) and others keep improving to zero (annealing stalls).
 register_task(
     "problem-set-long", partial(ProblemSet, kinds=(*LARGE_DATA_KINDS, *MEMORIZE_KINDS), name="problem-set-long")
+)
+# problem-set-long plus the wide image-like classifiers, where a step size that suits narrow
+# networks overshoots: the family that teaches a rule to bring too large a learning rate down.
+register_task(
+    "problem-set-wide",
+    partial(ProblemSet, kinds=(*LARGE_DATA_KINDS, *MEMORIZE_KINDS, *WIDE_DATA_KINDS), name="problem-set-wide"),
 )
