@@ -840,13 +840,14 @@ class MetaTrainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean meta-objective of the current rule over held-out instances (full horizon)."""
+        """Mean meta-objective of the current rule over held-out instances (full horizon), each
+        run once per multiplier of ``validation_lr_scales``."""
         cfg = self.config
         scores = []
+        horizon = cfg.validation_steps or cfg.steps
         for i in range(cfg.validation_instances):
+            family_index = i % len(self.families)
             for lr_scale in cfg.validation_lr_scales:
-                family_index = i % len(self.families)
-                horizon = cfg.validation_steps or cfg.steps
                 run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
                 with _global_rng(run.seed, "meta-fit/validation"):
                     losses = rollout(self.rule, run.instance, horizon, lr=float(lr_scale))

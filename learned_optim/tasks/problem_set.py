@@ -21,6 +21,10 @@ real training does; an optimizer that anneals its step early pays for it there. 
 ``problem-set-long`` with the large-data kinds): MLPs fitting random labels, which have no noise
 floor above zero but need thousands of minibatch steps to reach it; there an optimizer that
 takes the noisy gradients for convergence and anneals stops far above the reachable loss.
+And the *wide* kinds ``softmax-wide``, ``mlp-sigmoid-wide`` and ``mlp-relu-wide`` (family
+``problem-set-wide`` with the large-data and memorisation kinds): classifiers on 128..1024
+sparse, non-negative, correlated image-like features, where a first layer's per-coordinate
+steps add up coherently, so a step size that suits the narrow problems overshoots.
 
 and, independently with the family's probabilities, *transforms* on top of it:
 
