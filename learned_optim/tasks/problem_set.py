@@ -560,17 +560,21 @@ def _memorizer(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     return _mlp_problem(kind, "random labels", seed, sizes, act, inputs, labels, n_train, batch_size)
 
 
+def _hidden_layers(gen: torch.Generator, kind: str, widths: tuple[int, int]) -> tuple[tuple[int, ...], str]:
+    """Hidden widths (log-uniform in ``widths``, one or two layers) and activation of a ``softmax``
+    (none) or ``mlp-<activation>`` classifier."""
+    if kind == "softmax":
+        return (), "relu"
+    return tuple(_log_int(gen, *widths) for _ in range(_int(gen, *MLP_DEPTHS))), kind.removeprefix("mlp-")
+
+
 def _wide_classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
     """A classifier on image-like inputs of 128..1024 features (see :func:`_image_like_data`)."""
     kind_base = kind.removesuffix("-wide")
     dim = _log_int(gen, *WIDE_DATA_DIMS)
     n_train = _log_int(gen, *WIDE_DATA_TRAIN_SIZES)
     classes = _int(gen, *LARGE_CLASSES)
-    if kind_base == "softmax":
-        hidden, act = (), "relu"
-    else:
-        hidden = tuple(_log_int(gen, *WIDE_MLP_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
-        act = kind_base.removeprefix("mlp-")
+    hidden, act = _hidden_layers(gen, kind_base, WIDE_MLP_HIDDEN)
     batch_size = choose(list(LARGE_BATCH_SIZES), gen)
     inputs, labels = _image_like_data(gen, n_train + LARGE_DATA_TEST_SIZE, dim, classes)
     sizes = (dim, *hidden, classes)
@@ -586,11 +590,7 @@ def _classifier(kind: str, gen: torch.Generator, seed: int) -> _Problem:
         n_train = _log_int(gen, *LARGE_DATA_TRAIN_SIZES)
         n_test = LARGE_DATA_TEST_SIZE
         classes = _int(gen, *LARGE_CLASSES)
-        if kind == "softmax":
-            hidden, act = (), "relu"
-        else:
-            hidden = tuple(_log_int(gen, *LARGE_MLP_HIDDEN) for _ in range(_int(gen, *MLP_DEPTHS)))
-            act = kind.removeprefix("mlp-")
+        hidden, act = _hidden_layers(gen, kind, LARGE_MLP_HIDDEN)
         teacher_hidden = LARGE_TEACHER_HIDDEN
         batch_size: int | None = choose(list(LARGE_BATCH_SIZES), gen)
     else:
