@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule, check_rule_output
+from learned_optim.rules.base import RuleState, StepContext, UpdateRule, check_rule_output, step_scales
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -229,6 +229,7 @@ def learned_step(
     # its pieces' updates wait until all of it has run (see UpdateRule.rescale_split_update).
     rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
     pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
+    scales = step_scales([e.param for e in entries], [e.lr for e in entries]) if rule.needs_step_scales else None
 
     for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size, keep_whole=needs_segments or hierarchical):
         lengths = [piece.stop - piece.start for piece in chunk]
@@ -263,6 +264,7 @@ def learned_step(
                 num_segments=len(chunk),
                 segment_state=segment_state,
                 global_state=global_state,
+                step_scales=None if scales is None else scales[[p.entry_index for p in chunk]],
             )
         update, new_state = check_rule_output(rule, grad, state, rule(grad, state, context))
         if context is not None:
@@ -512,6 +514,9 @@ def fused_learned_step(
             segment_state={k: torch.cat([e.segment_state[k] for e in entries]) for k in entries[0].segment_state},
             global_state=global_state,
             segment_counts=flat.segment_counts(),
+            step_scales=step_scales([e.param for e in entries], [e.lr for e in entries])
+            if rule.needs_step_scales
+            else None,
         )
     for chunk_start in range(0, total, chunk_size):
         chunk_stop = min(chunk_start + chunk_size, total)

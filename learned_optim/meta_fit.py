@@ -42,6 +42,7 @@ from learned_optim.rules.base import (
     config_bool,
     config_float,
     config_int,
+    step_scales,
 )
 from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.tasks._common import derive_seed
@@ -640,8 +641,9 @@ class MetaTrainer:
                 # Tensor-level and global state belong to one problem: one rule call per run.
                 parts = []
                 for i in range(len(runs)):
+                    scales = step_scales(params[i], runs[i].lr_scale) if self.rule.needs_step_scales else None
                     upd, states[i], segment_states[i], global_states[i] = self.rule.full_step(
-                        grads[i], states[i], *_segment_ids(params[i]), segment_states[i], global_states[i]
+                        grads[i], states[i], *_segment_ids(params[i]), segment_states[i], global_states[i], scales
                     )
                     parts.append(upd)
                 update = torch.cat(parts)
@@ -1149,18 +1151,33 @@ class _Segments:
         return cls(ids, count, torch.bincount(ids, minlength=count), kernel)
 
 
-def _forward_only_step(rule: UpdateRule, grad: Tensor, trajectory: _Particle, segments: _Segments) -> Tensor:
-    """The rule's update for ``grad`` without autograd; advances ``trajectory``'s rule state."""
+def _forward_only_step(
+    rule: UpdateRule, grad: Tensor, trajectory: _Particle, segments: _Segments, lr: float = 1.0
+) -> Tensor:
+    """The rule's update for ``grad`` without autograd (before ``lr``, which the rule may read);
+    advances ``trajectory``'s rule state."""
+    scales = step_scales(trajectory.params, lr) if rule.needs_step_scales else None
     if segments.kernel is None:
         update, trajectory.state, trajectory.segment_state, trajectory.global_state = rule.full_step(
-            grad, trajectory.state, segments.ids, segments.count, trajectory.segment_state, trajectory.global_state
+            grad,
+            trajectory.state,
+            segments.ids,
+            segments.count,
+            trajectory.segment_state,
+            trajectory.global_state,
+            scales,
         )
         return update
     # The kernel updates the state in place: the trajectory's own copies, fp32 and contiguous.
     state = {k: v.float().contiguous() for k, v in trajectory.state.items()}
     update = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
     context = StepContext(
-        segments.ids, segments.count, trajectory.segment_state, trajectory.global_state, segment_counts=segments.counts
+        segments.ids,
+        segments.count,
+        trajectory.segment_state,
+        trajectory.global_state,
+        segment_counts=segments.counts,
+        step_scales=scales,
     )
     grad = grad.float().contiguous()
     rule.fused_step(segments.kernel, grad, state, update, segment_ids=segments.ids, context=context)
@@ -1190,7 +1207,7 @@ def _learned_step(
         loss = functional_loss(instance, names, leaves, batch)
         grads = torch.autograd.grad(loss, leaves)
     with torch.no_grad():
-        update = _forward_only_step(rule, _flatten(grads), trajectory, segments)
+        update = _forward_only_step(rule, _flatten(grads), trajectory, segments, lr)
         if lr != 1.0:
             update = lr * update
         new_params, pos = [], 0

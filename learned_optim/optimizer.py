@@ -317,6 +317,7 @@ class LearnedOptimizer(Optimizer):
                     segment_state={k: v.detach() for k, v in segment.items()},
                     global_state={k: v.detach() for k, v in rule.init_global_state(device, self.state_dtype).items()},
                     segment_counts=torch.tensor([n], device=device),
+                    step_scales=torch.zeros(1, device=device) if rule.needs_step_scales else None,
                 )
             grad, update = torch.zeros(n, device=device), torch.empty(n, device=device)
             try:

@@ -16,7 +16,7 @@ from torch import nn
 from learned_optim import HierarchicalRNN, LearnedOptimizer
 from learned_optim.functional import StepEntry, learned_step, plan_chunks
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaTrainer, meta_fit, rollout
-from learned_optim.rules.base import StepContext
+from learned_optim.rules.base import StepContext, step_scales
 from learned_optim.rules.triton_common import triton_usable_on
 from learned_optim.tasks import get_task
 from learned_optim.weights import load_rule
@@ -694,10 +694,17 @@ def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config", [{"agreement_feature": True}, {"agreement_feature": True, "lr_leak": 0.2}], ids=["agreement", "leak"]
+    "config",
+    [
+        {"agreement_feature": True},
+        {"agreement_feature": True, "lr_leak": 0.2},
+        {"agreement_feature": True, "step_size_feature": True},
+    ],
+    ids=["agreement", "leak", "step-size"],
 )
 def test_options_on_every_impl_of_the_optimizer(config):
-    """The fused kernels compute the agreement feature and the leak too: same trajectory as eager."""
+    """The fused kernels compute the agreement feature, the leak and the step-size feature
+    too: same trajectory as eager."""
 
     def train(impl):
         torch.manual_seed(0)
@@ -778,3 +785,82 @@ def test_lr_leak_is_checked_saved_and_may_change_between_stages(tmp_path):
     del raw["config"]["lr_leak"]  # a rule saved before the option: the free integrator
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert load_rule(str(tmp_path)).lr_leak == 0.0
+
+
+# ---------------------------------------------------------------------------- step-size feature
+def test_step_scales_are_log_lr_over_parameter_rms_and_always_finite():
+    params = [torch.full((4, 25), 0.5), -2 * torch.ones(3), torch.zeros(7), torch.zeros(0)]
+    scales = step_scales(params, [1.0, 0.1, 1.0, 1.0])
+    assert scales.dtype == torch.float32 and scales.shape == (4,)
+    close(scales[:2], torch.tensor([math.log(1 / 0.5), math.log(0.1 / 2)]))
+    assert torch.isfinite(scales).all() and scales[2] > 50  # zero parameters: a huge step, not inf
+    assert torch.isfinite(step_scales([torch.zeros(3)], 0.0))  # lr 0 over zeros: not NaN
+    close(step_scales(params[:2], 3.0), torch.log(torch.tensor([3 / 0.5, 3 / 2])))
+    with pytest.raises(ValueError, match="2 learning rates for 1 tensors"):
+        step_scales(params[:1], [1.0, 1.0])
+
+
+def test_step_size_feature_with_zero_weights_keeps_a_trained_rule_and_round_trips(tmp_path):
+    base = noisy_rule(agreement_feature=True, lr_leak=0.01)
+    extended = HierarchicalRNN(**{**base.config, "step_size_feature": True})
+    extended.init_from(base)  # meta-fit --init from a rule without it: the new weights zero
+    assert extended.needs_step_scales and not base.needs_step_scales
+    assert extended.step_size_in.weight.abs().sum() == 0
+    with pytest.raises(ValueError, match="asked for"):  # only from off to on
+        base.init_from(extended)
+
+    def trajectory(rule, lr):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        opt = LearnedOptimizer(model.parameters(), pretrained=rule, impl="eager", lr=lr)
+        x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    torch.testing.assert_close(trajectory(extended, 3.0), trajectory(base, 3.0), rtol=0, atol=0)
+    extended.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["step_size_feature"] is True
+    loaded = load_rule(str(tmp_path))
+    assert loaded.step_size_feature and same_weights(weights(loaded), weights(extended))
+
+
+def test_with_the_step_size_feature_the_rule_sees_lr_and_the_parameter_scale():
+    """Without the feature the update before ``lr`` does not depend on ``lr`` or on the size of
+    the parameters; with it, both reach the parameter GRU (and only through the feature)."""
+    rule = noisy_rule(agreement_feature=True, step_size_feature=True)
+    plain = noisy_rule(agreement_feature=True)
+    grad = torch.randn(20, generator=torch.Generator().manual_seed(3))
+    ids = torch.zeros(20, dtype=torch.int64)
+
+    def update(r, params, lr):
+        with torch.no_grad():
+            scales = step_scales([params], lr) if r.needs_step_scales else None
+            state, seg, glob = r.init_state(20), r.init_segment_state(1), r.init_global_state()
+            return r.full_step(grad, state, ids, 1, seg, glob, scales)[0]
+
+    params = torch.randn(20)
+    torch.testing.assert_close(update(plain, params, 1.0), update(plain, 100 * params, 10.0))
+    at_1 = update(rule, params, 1.0)
+    assert not torch.allclose(at_1, update(rule, params, 10.0))
+    assert not torch.allclose(at_1, update(rule, 100 * params, 1.0))
+    # What it reads is the ratio: lr and the parameters scaled alike give the same update.
+    torch.testing.assert_close(update(rule, 10 * params, 10.0), at_1)
+    with pytest.raises(ValueError, match="step_scales"), torch.no_grad():
+        rule(grad, rule.init_state(20))  # no layout and no step scales to read
+
+
+def test_meta_fit_trains_the_step_size_feature_and_validates_at_each_lr():
+    """Meta-training reads the step scales (the lr multiplier of each instance included) and
+    moves the feature's weights; the validation rollouts read them too."""
+    rule = HierarchicalRNN(step_size_feature=True)
+    trained = meta_fit(
+        rule, make_tiny(), steps=6, unroll=3, meta_iterations=4, meta_lr=1e-2, instances=2,
+        lr_scale_range=10.0, validate_every=2, validation_instances=1, validation_lr_scales=(0.1, 10.0),
+        progress=False, seed=0,
+    )  # fmt: skip
+    assert trained.step_size_in.weight.abs().sum() > 0
+    losses = rollout(trained, make_tiny().sample(EVALUATION_SEED_BASE), 5, lr=0.3)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)

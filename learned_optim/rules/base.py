@@ -12,6 +12,7 @@ import inspect
 import json
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,6 +40,10 @@ class StepContext:
             tensor may span several) before calling ``finalize`` once per step.
         segment_counts: ``(num_segments,)`` coordinates of each segment in the batch, where
             the caller knows them (fused steps over whole tensors).
+        step_scales: ``(num_segments,)`` ``log(lr / RMS of the tensor's parameters)`` of each
+            tensor before the step (see :func:`step_scales`), filled by the caller for rules
+            whose :attr:`UpdateRule.needs_step_scales` is true: with it a rule can tell how large
+            the step it is about to take is against the parameters it moves, ``lr`` included.
     """
 
     segment_ids: Tensor | None = None
@@ -47,8 +52,31 @@ class StepContext:
     global_state: RuleState | None = None
     segment_sums: dict[str, Tensor] = field(default_factory=dict)
     segment_counts: Tensor | None = None
+    step_scales: Tensor | None = None
 
 
+_TINY = 1e-30  # stands in for 0 under a log
+
+
+def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tensor:
+    """``(len(params),)`` float32 ``log(lr / RMS(p))`` of each tensor (no autograd, no host sync).
+
+    ``lrs``: one learning rate (multiplier of the rule's update) per tensor, or one for all.
+    An lr of 0 or an all-zero tensor gives a large finite value of the right sign, never
+    ``inf`` or NaN.
+    """
+    if not params:
+        raise ValueError("step_scales needs at least one parameter tensor")
+    lr_list = [float(lrs)] * len(params) if isinstance(lrs, numbers.Real) else [float(v) for v in lrs]
+    if len(lr_list) != len(params):
+        raise ValueError(f"step_scales: {len(lr_list)} learning rates for {len(params)} tensors")
+    device = params[0].device
+    with torch.no_grad():
+        norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
+        sizes = torch.tensor([max(p.numel(), 1) for p in params], dtype=torch.float32, device=device)
+        log_rms = torch.log((norms / sizes.sqrt()).clamp_min(_TINY))
+        log_lr = torch.tensor([math.log(max(v, _TINY)) for v in lr_list], dtype=torch.float32, device=device)
+    return log_lr - log_rms
 def config_int(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` as a config integer: an int (not a bool, not a float) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -188,6 +216,12 @@ class UpdateRule(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement state_spec()")
 
     needs_segments: ClassVar[bool] = False
+
+    @property
+    def needs_step_scales(self) -> bool:
+        """Whether the rule reads ``StepContext.step_scales`` (its callers then fill it)."""
+        return False
+
     # Constructor arguments added after configs were first saved: a config.json without them
     # loads with their defaults, which must keep the old behaviour. Every other key is required.
     added_config_keys: ClassVar[frozenset[str]] = frozenset()
@@ -243,17 +277,19 @@ class UpdateRule(nn.Module):
         num_segments: int,
         segment_state: RuleState | None = None,
         global_state: RuleState | None = None,
+        step_scales: Tensor | None = None,
     ) -> tuple[Tensor, RuleState, RuleState, RuleState]:
         """One step over *all* coordinates of a problem at once (forward, then :meth:`finalize`).
 
-        Used where everything fits in one batch (meta-training, tests). Returns
+        Used where everything fits in one batch (meta-training, tests). ``step_scales``: see
+        :class:`StepContext` (rules that need them). Returns
         ``(update, new_state, new_segment_state, new_global_state)``.
         """
         if segment_state is None:
             segment_state = self.init_segment_state(num_segments, grad.device)
         if global_state is None:
             global_state = self.init_global_state(grad.device)
-        context = StepContext(segment_ids, num_segments, segment_state, global_state)
+        context = StepContext(segment_ids, num_segments, segment_state, global_state, step_scales=step_scales)
         update, new_state = check_rule_output(self, grad, state, self(grad, state, context))
         if not self.segment_state_spec() and not self.global_state_spec():
             return update, new_state, segment_state, global_state

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
@@ -89,11 +90,18 @@ class HierarchicalRNN(UpdateRule):
             rate adds up over thousands of steps; with a leak, a sustained change still moves the
             learning rate as far as it likes, but a small bias moves it only by
             ``lr_change_scale * bias / lr_leak``.
+        step_size_feature: give every tensor's parameter GRU one more input: the size of the
+            step the tensor is about to take against the size of its parameters,
+            ``log(r / (1 + r))`` with ``r = lr * exp(mean log learning rate) / RMS(params)``,
+            ``lr`` being the optimizer's multiplier (LARS / Adafactor's relative step size, as
+            a signal). With it a rule can see an oversized ``lr`` before the first step
+            overshoots, which the gradient features only show after the damage. Off by default;
+            its weights start at zero, so turning it on keeps what a trained rule computes.
     """
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
-    added_config_keys = frozenset({"agreement_feature", "lr_leak"})
+    added_config_keys = frozenset({"agreement_feature", "lr_leak", "step_size_feature"})
 
     def __init__(
         self,
@@ -107,6 +115,7 @@ class HierarchicalRNN(UpdateRule):
         max_lr: float = 10.0,
         agreement_feature: bool = False,
         lr_leak: float = 0.0,
+        step_size_feature: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too.
@@ -121,12 +130,14 @@ class HierarchicalRNN(UpdateRule):
             "max_lr": config_float("max_lr", max_lr, positive=True),
             "agreement_feature": config_bool("agreement_feature", agreement_feature),
             "lr_leak": config_float("lr_leak", lr_leak),
+            "step_size_feature": config_bool("step_size_feature", step_size_feature),
         }
         if not 0.0 <= lr_leak < 1.0:
             raise ValueError(f"lr_leak must be in [0, 1), got {lr_leak}")
         if not min_lr <= init_lr <= max_lr:
             raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
         self.agreement_feature = bool(agreement_feature)
+        self.step_size_feature = bool(step_size_feature)
         p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
         self.p, self.t, self.g, self.k = p, t, g, k
         self.lr_change_scale = float(lr_change_scale)
@@ -144,6 +155,9 @@ class HierarchicalRNN(UpdateRule):
         self.global_in = nn.Linear(t, 3 * g)
         self.global_hh = nn.Linear(g, 3 * g)
         self.global_to_tensor = nn.Linear(g, 3 * t, bias=False)
+        if self.step_size_feature:
+            # Per tensor, so it enters the parameter GRU's gates beside the tensor level's bias.
+            self.step_size_in = nn.Linear(1, 3 * p, bias=False)
         self.param_h0 = nn.Parameter(torch.zeros(p))
         self.tensor_h0 = nn.Parameter(torch.zeros(t))
         self.global_h0 = nn.Parameter(torch.zeros(g))
@@ -155,6 +169,29 @@ class HierarchicalRNN(UpdateRule):
             # Start as normalised momentum at the longest time scale: m_K / rms_K.
             self.direct.weight.zero_()
             self.direct.weight[0, k - 1] = -1.0
+            if self.step_size_feature:
+                self.step_size_in.weight.zero_()
+
+    @property
+    def needs_step_scales(self) -> bool:
+        return self.step_size_feature
+
+    def tensor_gates(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor:
+        """``(S, 3 * param_hidden)``: what each tensor adds to its coordinates' GRU input gates
+        (the tensor level's bias and, with ``step_size_feature``, the relative step size)."""
+        dtype = self.param_in.weight.dtype
+        gates = self.tensor_to_param(segment_state["h"].to(dtype))
+        if not self.step_size_feature:
+            return gates
+        if step_scales is None:
+            raise ValueError(
+                "HierarchicalRNN with step_size_feature needs each tensor's step scale "
+                "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
+            )
+        log_ratio = step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
+        # log(r / (1 + r)): 0 for a step that dwarfs the parameters (all-zero ones included).
+        feature = -F.softplus(-log_ratio.clamp(-30.0, 30.0)).clamp_min(-10.0) / 5
+        return gates + self.step_size_in(feature)
 
     def fused_impls(self) -> tuple[str, ...]:
         from learned_optim.rules import hrnn_cpu
@@ -189,7 +226,7 @@ class HierarchicalRNN(UpdateRule):
             counts = torch.bincount(segment_ids.long(), minlength=context.num_segments)
         if impl == "cpu":
             context.segment_sums = hrnn_step_cpu(
-                self, grad, state, update, segment_ids, counts, context.segment_state, keep
+                self, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
             )
             return
         if torch.compiler.is_compiling():
@@ -198,7 +235,7 @@ class HierarchicalRNN(UpdateRule):
             # Packed once and reused until the weights change (their version counters move).
             packed = self._packed = pack_hrnn_weights(self, getattr(self, "_packed", None))
         context.segment_sums = hrnn_step_triton(
-            self, packed, grad, state, update, segment_ids, counts, context.segment_state, keep
+            self, packed, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
         )
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
@@ -257,7 +294,7 @@ class HierarchicalRNN(UpdateRule):
             parts.append((g * m_before * torch.exp(-2 * log_rms[:, -1:])).clamp(-1, 1))
         features = torch.cat(parts, dim=-1)
 
-        tensor_bias = self.tensor_to_param(segment_state["h"].to(dtype))[ids]
+        tensor_bias = self.tensor_gates(segment_state, context.step_scales)[ids]
         h = gru_cell(
             self.param_in(features) + tensor_bias, state["h"].to(dtype), self.param_hh.weight, self.param_hh.bias
         )
@@ -288,30 +325,29 @@ class HierarchicalRNN(UpdateRule):
         return update, new_state
 
     def init_from(self, other: UpdateRule) -> None:
-        """As :meth:`UpdateRule.init_from`, with two extensions for second stages:
+        """As :meth:`UpdateRule.init_from`, with two extensions for later stages:
 
         - the learning-rate bounds ``min_lr`` and ``max_lr`` and the leak ``lr_leak`` may differ
           (they shape the step, they are not weights), so a stage can continue a rule under
           other bounds or with a leak;
-        - a rule without the agreement feature extends to one with it, the new input's
-          weights zero, so the rule starts out computing the same.
+        - a rule without the agreement feature or the step-size feature extends to one with
+          it, the new input's weights zero, so the rule starts out computing the same.
         """
         if not isinstance(other, HierarchicalRNN):
             super().init_from(other)
             return
         bounds = {key: self.config[key] for key in ("min_lr", "max_lr", "lr_leak")}
-        other_config = {**other.config, **bounds}
-        if not self.agreement_feature or other.agreement_feature:
-            if other_config != self.config:
-                super().init_from(other)  # raises, naming both configs
-            self.load_state_dict(other.state_dict())
-            return
-        if {**other_config, "agreement_feature": True} != self.config:
-            super().init_from(other)
+        features = ("agreement_feature", "step_size_feature")
+        added = [key for key in features if self.config[key] and not other.config[key]]
+        if {**other.config, **bounds, **dict.fromkeys(added, True)} != self.config:
+            super().init_from(other)  # raises, naming both configs
         state_dict = other.state_dict()
-        for name in ("param_in.weight", "direct.weight"):
-            weight = state_dict[name]
-            state_dict[name] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
+        if "agreement_feature" in added:
+            for name in ("param_in.weight", "direct.weight"):
+                weight = state_dict[name]
+                state_dict[name] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
+        if "step_size_feature" in added:
+            state_dict["step_size_in.weight"] = torch.zeros_like(self.step_size_in.weight)
         self.load_state_dict(state_dict)
 
     def rescale_split_update(

@@ -97,6 +97,7 @@ def hrnn_step_cpu(
     counts: Tensor,
     segment_state: RuleState,
     keep: Tensor | None = None,
+    step_scales: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """One step of the parameter level over ``n`` CPU coordinates of whole tensors.
 
@@ -112,6 +113,8 @@ def hrnn_step_cpu(
         segment_state: the tensors' ``h`` ``(S, tensor_hidden)`` and ``mean_log_lr`` ``(S, 1)``.
         keep: optional ``(S,)`` flags; a tensor whose flag is false keeps its state and gets a
             zero update (its sums are still computed, from a zero gradient).
+        step_scales: ``(S,)`` per-tensor step scales, for a rule with ``step_size_feature``
+            (see :class:`~learned_optim.rules.base.StepContext`).
 
     Returns:
         The per-tensor sums the eager rule reports, float64: ``h`` ``(S, P)`` and ``log_lr``
@@ -130,7 +133,7 @@ def hrnn_step_cpu(
         return no_sums(num_segments, p)
     grad, segment_ids = grad.contiguous(), segment_ids.contiguous()
     weights = [
-        (rule.tensor_to_param(segment_state["h"].float()) + rule.param_in.bias).float().contiguous(),
+        (rule.tensor_gates(segment_state, step_scales).float() + rule.param_in.bias).float().contiguous(),
         segment_state["mean_log_lr"].float().reshape(num_segments).contiguous(),
         rule.param_in.weight.detach().float().contiguous(),
         rule.param_hh.weight.detach().float().contiguous(),

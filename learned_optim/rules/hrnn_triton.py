@@ -221,6 +221,7 @@ def hrnn_step_triton(
     counts: Tensor,
     segment_state: RuleState,
     keep: Tensor | None = None,
+    step_scales: Tensor | None = None,
     precision: str = "tf32x3",
 ) -> dict[str, Tensor]:
     """:func:`~learned_optim.rules.hrnn_cpu.hrnn_step_cpu` on CUDA (or under the interpreter).
@@ -236,7 +237,7 @@ def hrnn_step_triton(
     if n == 0:
         return no_sums(num_segments, p, update.device)
     segment_gates = update.new_zeros(num_segments, 3, pp)
-    segment_gates[:, :, :p] = (rule.tensor_to_param(segment_state["h"].float()) + rule.param_in.bias).view(
+    segment_gates[:, :, :p] = (rule.tensor_gates(segment_state, step_scales).float() + rule.param_in.bias).view(
         num_segments, 3, p
     )
     if os.environ.get("TRITON_INTERPRET") == "1":
