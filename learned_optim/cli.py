@@ -172,6 +172,8 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
             rule.init_from(start_rule)
         except ValueError as err:
             raise ValueError(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
+    if args.train_only:
+        _freeze_all_but(rule, args.train_only)
     start = time.time()
 
     def log_line(history: Any) -> None:
@@ -280,6 +282,20 @@ def _parse_rule_lrs(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _freeze_all_but(rule: Any, prefixes_text: str) -> None:
+    """Leave only the rule's parameters whose names start with one of the prefixes trainable."""
+    prefixes = [p.strip() for p in prefixes_text.split(",") if p.strip()]
+    names = [name for name, _ in rule.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            raise ValueError(
+                f"--train-only {prefix!r}: no parameter of {rule.rule_type} starts with it (its parameters: "
+                f"{', '.join(names)})"
+            )
+    for name, param in rule.named_parameters():
+        param.requires_grad_(any(name.startswith(prefix) for prefix in prefixes))
+
+
 def _parse_lr_scales(text: str) -> tuple[float, ...]:
     """``--validation-lr-scales``: comma-separated multipliers, each a finite number > 0."""
     try:
@@ -345,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--meta-lr", type=float, default=3e-3)
     mf.add_argument("--meta-lr-schedule", choices=("constant", "cosine"), default="constant")
     mf.add_argument("--init", default=None, help="start from these weights (bundled name, folder or Hub id)")
+    mf.add_argument(
+        "--train-only",
+        default="",
+        help="comma separated prefixes of the rule's parameter names: train only those, the rest stays "
+        "fixed (e.g. step_size_in for a new input of a rule continued with --init)",
+    )
     mf.add_argument("--instances", type=int, default=1, help="task instances per meta-iteration")
     mf.add_argument("--meta-loss", choices=META_LOSSES, default="log")
     mf.add_argument("--second-order", action="store_true")

@@ -147,6 +147,7 @@ META_FIT_TINY = ["meta-fit", "--task", "tiny_tasks:tiny", "--rule-config", '{"hi
         (["--rule-config", '{"no_such_setting": 1}'], "--rule-config: "),
         (["--rule-config", '{"hidden_size": -1}'], "--rule-config: hidden_size must be an integer >= 1"),
         (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--train-only", "no_such"], "--train-only 'no_such': no parameter of CoordinateLSTM starts with it"),
     ],
 )
 def test_meta_fit_bad_flags_exit_2_naming_the_flag(flags, message, tmp_path, capsys):
@@ -195,3 +196,16 @@ def test_meta_fit_overwrite_discards_the_old_checkpoint_at_once(tmp_path, capsys
         assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out), "--overwrite"]) == 130
     assert not (out / "checkpoint" / "checkpoint.json").exists()
     assert "no checkpoint was written" in capsys.readouterr().err
+
+
+def test_meta_fit_train_only_trains_the_named_parameters_and_keeps_the_rest(tmp_path, rule_dir):
+    out = tmp_path / "out"
+    start = CoordinateLSTM.from_pretrained(str(rule_dir))
+    names = [name for name, _ in start.named_parameters()]
+    prefix = names[-1].split(".")[0]  # the output layer
+    argv = [*META_FIT_TINY, "--meta-iterations", "3", "--out", str(out), "--init", str(rule_dir)]
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*argv, "--rule-config", json.dumps(start.config), "--train-only", prefix]) == 0
+    trained = dict(CoordinateLSTM.from_pretrained(str(out)).named_parameters())
+    changed = {name for name, p in start.named_parameters() if not torch.equal(p, trained[name])}
+    assert changed and all(name.startswith(prefix) for name in changed)

@@ -190,7 +190,7 @@ class HierarchicalRNN(UpdateRule):
             )
         log_ratio = step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
         # log(r / (1 + r)): 0 for a step that dwarfs the parameters (all-zero ones included).
-        feature = -F.softplus(-log_ratio.clamp(-30.0, 30.0)).clamp_min(-10.0) / 5
+        feature = -F.softplus(-log_ratio.clamp(-30.0, 30.0)).clamp_min(-10.0)
         return gates + self.step_size_in(feature)
 
     def fused_impls(self) -> tuple[str, ...]:
