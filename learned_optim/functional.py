@@ -229,7 +229,7 @@ def learned_step(
     # its pieces' updates wait until all of it has run (see UpdateRule.rescale_split_update).
     rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
     pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
-    scales = step_scales([e.param for e in entries], [e.lr for e in entries]) if rule.needs_step_scales else None
+    scales = _step_scales(rule, entries)
 
     for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size, keep_whole=needs_segments or hierarchical):
         lengths = [piece.stop - piece.start for piece in chunk]
@@ -307,6 +307,11 @@ def learned_step(
     if hierarchical:
         _finalize(rule, entries, sums, keep, global_state)
     return skipped
+
+
+def _step_scales(rule: UpdateRule, entries: Sequence[StepEntry]) -> Tensor | None:
+    """Each entry's ``log(lr / RMS(param))`` before the step, for a rule that reads it."""
+    return step_scales([e.param for e in entries], [e.lr for e in entries]) if rule.needs_step_scales else None
 
 
 def _decay_factor(entry: StepEntry, keep: Tensor) -> Tensor | None:
@@ -514,9 +519,7 @@ def fused_learned_step(
             segment_state={k: torch.cat([e.segment_state[k] for e in entries]) for k in entries[0].segment_state},
             global_state=global_state,
             segment_counts=flat.segment_counts(),
-            step_scales=step_scales([e.param for e in entries], [e.lr for e in entries])
-            if rule.needs_step_scales
-            else None,
+            step_scales=_step_scales(rule, entries),
         )
     for chunk_start in range(0, total, chunk_size):
         chunk_stop = min(chunk_start + chunk_size, total)

@@ -77,6 +77,8 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tenso
         log_rms = torch.log((norms / sizes.sqrt()).clamp_min(_TINY))
         log_lr = torch.tensor([math.log(max(v, _TINY)) for v in lr_list], dtype=torch.float32, device=device)
     return log_lr - log_rms
+
+
 def config_int(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` as a config integer: an int (not a bool, not a float) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
