@@ -133,7 +133,7 @@ def hrnn_step_cpu(
         return no_sums(num_segments, p)
     grad, segment_ids = grad.contiguous(), segment_ids.contiguous()
     weights = [
-        (rule.tensor_gates(segment_state, step_scales).float() + rule.param_in.bias).float().contiguous(),
+        (rule.tensor_gates(segment_state, step_scales) + rule.param_in.bias).float().contiguous(),
         segment_state["mean_log_lr"].float().reshape(num_segments).contiguous(),
         rule.param_in.weight.detach().float().contiguous(),
         rule.param_hh.weight.detach().float().contiguous(),

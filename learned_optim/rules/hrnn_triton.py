@@ -237,7 +237,7 @@ def hrnn_step_triton(
     if n == 0:
         return no_sums(num_segments, p, update.device)
     segment_gates = update.new_zeros(num_segments, 3, pp)
-    segment_gates[:, :, :p] = (rule.tensor_gates(segment_state, step_scales).float() + rule.param_in.bias).view(
+    segment_gates[:, :, :p] = (rule.tensor_gates(segment_state, step_scales) + rule.param_in.bias).view(
         num_segments, 3, p
     )
     if os.environ.get("TRITON_INTERPRET") == "1":
