@@ -616,6 +616,9 @@ class MetaTrainer:
         segment_states, global_states = list(carry.segment_states), list(carry.global_states)
         subset_state = carry.subset_state
         terms: list[list[Tensor]] = [[] for _ in runs]
+        layout = None
+        if self.hierarchical and not self.rule.forward_reads_global_state:
+            layout = _RunsLayout.of(params)
         for t, step_batches in zip(steps, batches, strict=True):
             grads = []
             for i, run in enumerate(runs):
@@ -637,8 +640,29 @@ class MetaTrainer:
                 grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
             if t == length:
                 break
-            if self.hierarchical:
-                # Tensor-level and global state belong to one problem: one rule call per run.
+            if layout is not None:
+                # All runs in one rule call; each keeps its own tensor-level and global state.
+                scales = None
+                if self.rule.needs_step_scales:
+                    scales = torch.cat([step_scales(params[i], runs[i].lr_scale) for i in range(len(runs))])
+                update, new_state, segment_state, global_state = self.rule.full_step(
+                    torch.cat(grads),
+                    {k: torch.cat([st[k] for st in states]) for k in states[0]},
+                    layout.ids,
+                    layout.count,
+                    {k: torch.cat([st[k] for st in segment_states]) for k in segment_states[0]},
+                    {k: torch.stack([st[k] for st in global_states]) for k in global_states[0]},
+                    scales,
+                    groups=layout.groups,
+                    num_groups=len(runs),
+                )
+                first = 0
+                for i, tensors in enumerate(layout.tensors_per_run):
+                    segment_states[i] = {k: v[first : first + tensors] for k, v in segment_state.items()}
+                    global_states[i] = {k: v[i] for k, v in global_state.items()}
+                    first += tensors
+            elif self.hierarchical:
+                # A rule whose forward reads the global state: one rule call per run.
                 parts = []
                 for i in range(len(runs)):
                     scales = step_scales(params[i], runs[i].lr_scale) if self.rule.needs_step_scales else None
@@ -1107,6 +1131,26 @@ def _segment_ids(params: Sequence[Tensor]) -> tuple[Tensor, int]:
     lengths = torch.tensor([p.numel() for p in params])
     ids = torch.repeat_interleave(torch.arange(len(params)), lengths)
     return ids.to(params[0].device), len(params)
+
+
+@dataclass
+class _RunsLayout:
+    """Tensor membership of several runs' coordinates, concatenated run after run."""
+
+    ids: Tensor  # tensor of every coordinate, numbered across runs
+    count: int  # tensors of all runs
+    groups: Tensor  # run of every tensor
+    tensors_per_run: list[int]
+
+    @classmethod
+    def of(cls, params: Sequence[Sequence[Tensor]]) -> _RunsLayout:
+        tensors_per_run = [len(ps) for ps in params]
+        lengths = torch.tensor([p.numel() for ps in params for p in ps])
+        count = len(lengths)
+        device = params[0][0].device
+        ids = torch.repeat_interleave(torch.arange(count), lengths).to(device)
+        groups = torch.repeat_interleave(torch.arange(len(params)), torch.tensor(tensors_per_run)).to(device)
+        return cls(ids, count, groups, tensors_per_run)
 
 
 def _segments_for(params: Sequence[Sequence[Tensor]]) -> StepContext:

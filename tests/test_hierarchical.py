@@ -570,6 +570,93 @@ def test_meta_fit_resume_equals_straight_run(tmp_path):
     assert not same_weights(weights(resumed), weights(initial))
 
 
+def _two_problems(rule, seed=0):
+    """Two problems of different layouts: gradients, states and segment ids, each on its own."""
+    gen = torch.Generator().manual_seed(seed)
+    problems = []
+    for sizes in ((12, 3, 5), (7, 1)):
+        n = sum(sizes)
+        params = [torch.randn(size, generator=gen) for size in sizes]
+        state = rule.init_state(n)
+        state["h"] = torch.randn(n, rule.p, generator=gen) * 0.5
+        segment = rule.init_segment_state(len(sizes))
+        segment["h"] = torch.randn(len(sizes), rule.t, generator=gen) * 0.5
+        glob = {"h": torch.randn(rule.g, generator=gen) * 0.5}
+        problems.append((torch.randn(n, generator=gen), state, segment_ids(sizes), len(sizes), segment, glob, params))
+    return problems
+
+
+@pytest.mark.parametrize("vectorised", [True, False], ids=["rule-finalize-groups", "default-finalize-groups"])
+def test_full_step_of_several_problems_equals_one_by_one(vectorised):
+    """Problems stepped in one call (meta_fit's instances) keep their own tensor and global state."""
+    from learned_optim.rules.base import UpdateRule
+
+    rule = noisy_rule(3, step_size_feature=True, agreement_feature=True)
+    if not vectorised:  # the base class's loop over problems, for rules without their own
+        rule.finalize_groups = lambda *args: UpdateRule.finalize_groups(rule, *args)
+    problems = _two_problems(rule)
+    with torch.no_grad():
+        alone = [
+            rule.full_step(grad, state, ids, num, segment, glob, step_scales(params, lr))
+            for (grad, state, ids, num, segment, glob, params), lr in zip(problems, (1.0, 10.0), strict=True)
+        ]
+        offset, ids_all, groups = 0, [], []
+        for index, (_, _, ids, num, *_rest) in enumerate(problems):
+            ids_all.append(ids + offset)
+            groups.append(torch.full((num,), index))
+            offset += num
+        update, state, segment, glob = rule.full_step(
+            torch.cat([p[0] for p in problems]),
+            {k: torch.cat([p[1][k] for p in problems]) for k in problems[0][1]},
+            torch.cat(ids_all),
+            offset,
+            {k: torch.cat([p[4][k] for p in problems]) for k in problems[0][4]},
+            {k: torch.stack([p[5][k] for p in problems]) for k in problems[0][5]},
+            torch.cat([step_scales(problems[0][6], 1.0), step_scales(problems[1][6], 10.0)]),
+            groups=torch.cat(groups),
+            num_groups=2,
+        )
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(update, torch.cat([a[0] for a in alone]), **close)
+    for k in state:
+        torch.testing.assert_close(state[k], torch.cat([a[1][k] for a in alone]), **close)
+    for k in segment:
+        torch.testing.assert_close(segment[k], torch.cat([a[2][k] for a in alone]), **close)
+    torch.testing.assert_close(glob["h"], torch.stack([a[3]["h"] for a in alone]), **close)
+    # The global states differ, so a mix-up between the problems would show.
+    assert not torch.allclose(glob["h"][0], glob["h"][1])
+
+
+def test_full_step_of_several_problems_refuses_a_rule_reading_global_state_in_forward():
+    rule = noisy_rule()
+    rule.forward_reads_global_state = True
+    (grad, state, ids, num, segment, glob, _), _ = _two_problems(rule)
+    with pytest.raises(ValueError, match="reads its global state in forward"):
+        groups = torch.zeros(num, dtype=torch.int64)
+        rule.full_step(grad, state, ids, num, segment, {"h": glob["h"][None]}, groups=groups)
+
+
+@pytest.mark.parametrize("checkpoint", [0, 2], ids=["plain", "grad-checkpoint"])
+def test_meta_fit_steps_instances_in_one_call_as_one_by_one(checkpoint):
+    """meta_fit steps all instances of a meta-iteration in one rule call: same training as one by one."""
+    histories, trained = [], []
+    for batched in (True, False):
+        rule = fresh_rule(step_size_feature=True)
+        if not batched:
+            rule.forward_reads_global_state = True  # makes meta_fit step the instances one by one
+        trainer = MetaTrainer(
+            rule, "problem-set", _config(4, lr_scale_range=10.0, grad_checkpoint_steps=checkpoint, validate_every=0),
+            progress=False,
+        )  # fmt: skip
+        trainer.run()
+        histories.append(trainer.history.meta_losses)
+        trained.append(weights(rule))
+    assert histories[0] == pytest.approx(histories[1], rel=1e-4)
+    for name in trained[0]:
+        torch.testing.assert_close(trained[0][name], trained[1][name], rtol=1e-4, atol=1e-6)
+    assert not same_weights(trained[0], weights(fresh_rule(step_size_feature=True)))
+
+
 def test_empty_tensors():
     empty, full = nn.Parameter(torch.empty(0, 3)), nn.Parameter(torch.randn(3))
     opt = LearnedOptimizer([empty, full], pretrained=noisy_rule())

@@ -271,6 +271,46 @@ class UpdateRule(nn.Module):
         """
         return segment_state, global_state
 
+    forward_reads_global_state: ClassVar[bool] = True
+    """Whether :meth:`forward` reads ``StepContext.global_state``. A rule that does not (its
+    global state acts through :meth:`finalize` only) can step several problems in one call
+    (:meth:`full_step` with ``groups``), each problem keeping its own global state."""
+
+    def finalize_groups(
+        self,
+        segment_state: RuleState,
+        global_state: RuleState,
+        segment_sums: dict[str, Tensor],
+        counts: Tensor,
+        groups: Tensor,
+        num_groups: int,
+    ) -> tuple[RuleState, RuleState]:
+        """:meth:`finalize` for several problems side by side.
+
+        Tensor ``i`` belongs to problem ``groups[i]`` (``groups`` nondecreasing, int64), and
+        ``global_state`` holds one row per problem (each tensor ``(num_groups, ...)``). This
+        default finalizes the problems one after the other; a rule may do all in one go.
+        """
+        sizes = torch.bincount(groups, minlength=num_groups).tolist()
+        segment_parts: list[RuleState] = []
+        global_parts: list[RuleState] = []
+        start = 0
+        for index, size in enumerate(sizes):
+            rows = slice(start, start + size)
+            new_segment, new_global = self.finalize(
+                {k: v[rows] for k, v in segment_state.items()},
+                {k: v[index] for k, v in global_state.items()},
+                {k: v[rows] for k, v in segment_sums.items()},
+                counts[rows],
+            )
+            segment_parts.append(new_segment)
+            global_parts.append(new_global)
+            start += size
+        return (
+            {k: torch.cat([part[k] for part in segment_parts]) for k in segment_state},
+            {k: torch.stack([part[k] for part in global_parts]) for k in global_state},
+        )
+
     def full_step(
         self,
         grad: Tensor,
@@ -280,23 +320,50 @@ class UpdateRule(nn.Module):
         segment_state: RuleState | None = None,
         global_state: RuleState | None = None,
         step_scales: Tensor | None = None,
+        *,
+        groups: Tensor | None = None,
+        num_groups: int = 1,
     ) -> tuple[Tensor, RuleState, RuleState, RuleState]:
         """One step over *all* coordinates of a problem at once (forward, then :meth:`finalize`).
 
         Used where everything fits in one batch (meta-training, tests). ``step_scales``: see
         :class:`StepContext` (rules that need them). Returns
         ``(update, new_state, new_segment_state, new_global_state)``.
+
+        ``groups``: several problems in one call, for a rule whose forward does not read the
+        global state (:attr:`forward_reads_global_state`): tensor ``i`` belongs to problem
+        ``groups[i]`` (nondecreasing), and ``global_state`` (required then) holds one row per
+        problem, as does the new one returned (see :meth:`finalize_groups`).
         """
+        if groups is not None:
+            if self.forward_reads_global_state:
+                raise ValueError(
+                    f"{type(self).__name__} reads its global state in forward: it cannot step several "
+                    "problems in one call (full_step with groups); step them one by one"
+                )
+            if global_state is None:
+                raise ValueError("full_step with groups needs the global state of every problem (one row each)")
         if segment_state is None:
             segment_state = self.init_segment_state(num_segments, grad.device)
         if global_state is None:
             global_state = self.init_global_state(grad.device)
-        context = StepContext(segment_ids, num_segments, segment_state, global_state, step_scales=step_scales)
+        context = StepContext(
+            segment_ids,
+            num_segments,
+            segment_state,
+            None if groups is not None else global_state,
+            step_scales=step_scales,
+        )
         update, new_state = check_rule_output(self, grad, state, self(grad, state, context))
         if not self.segment_state_spec() and not self.global_state_spec():
             return update, new_state, segment_state, global_state
         counts = torch.bincount(segment_ids, minlength=num_segments).to(grad.dtype)
-        new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
+        if groups is not None:
+            new_segment, new_global = self.finalize_groups(
+                segment_state, global_state, context.segment_sums, counts, groups, num_groups
+            )
+        else:
+            new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
         return update, new_state, new_segment, new_global
 
     def init_from(self, other: UpdateRule) -> None:

@@ -101,6 +101,7 @@ class HierarchicalRNN(UpdateRule):
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
+    forward_reads_global_state = False  # the global GRU biases the tensor GRU, in finalize
     added_config_keys = frozenset({"agreement_feature", "lr_leak", "step_size_feature"})
 
     def __init__(
@@ -370,17 +371,53 @@ class HierarchicalRNN(UpdateRule):
         segment_sums: dict[str, Tensor],
         counts: Tensor,
     ) -> tuple[RuleState, RuleState]:
+        new_segment, new_global_h = self._advance_levels(
+            segment_state, global_state["h"].unsqueeze(0), segment_sums, counts, None, 1
+        )
+        return new_segment, {"h": new_global_h.squeeze(0).to(global_state["h"].dtype)}
+
+    def finalize_groups(
+        self,
+        segment_state: RuleState,
+        global_state: RuleState,
+        segment_sums: dict[str, Tensor],
+        counts: Tensor,
+        groups: Tensor,
+        num_groups: int,
+    ) -> tuple[RuleState, RuleState]:
+        new_segment, new_global_h = self._advance_levels(
+            segment_state, global_state["h"], segment_sums, counts, groups, num_groups
+        )
+        return new_segment, {"h": new_global_h.to(global_state["h"].dtype)}
+
+    def _advance_levels(
+        self,
+        segment_state: RuleState,
+        global_h: Tensor,
+        segment_sums: dict[str, Tensor],
+        counts: Tensor,
+        groups: Tensor | None,
+        num_groups: int,
+    ) -> tuple[RuleState, Tensor]:
+        """The tensor and global GRUs' step: ``global_h`` ``(num_groups, global_hidden)``, tensor
+        ``i`` in problem ``groups[i]`` (all in one problem when ``groups`` is None)."""
         dtype = self.tensor_in.weight.dtype
         denom = counts.to(dtype).clamp_min(1).unsqueeze(-1)
         mean_param_h = segment_sums["h"].to(dtype) / denom
         tensor_h = segment_state["h"].to(dtype)
-        global_h = global_state["h"].to(dtype)
-        gates = self.tensor_in(mean_param_h) + self.global_to_tensor(global_h)
+        global_h = global_h.to(dtype)
+        global_bias = self.global_to_tensor(global_h)
+        gates = self.tensor_in(mean_param_h) + (global_bias if groups is None else global_bias[groups])
         new_tensor_h = gru_cell(gates, tensor_h, self.tensor_hh.weight, self.tensor_hh.bias)
-        global_gates = self.global_in(new_tensor_h.mean(0, keepdim=True))
-        new_global_h = gru_cell(global_gates, global_h.unsqueeze(0), self.global_hh.weight, self.global_hh.bias)
+        if groups is None:
+            mean_tensor_h = new_tensor_h.mean(0, keepdim=True)
+        else:
+            tensors_per_group = torch.bincount(groups, minlength=num_groups).clamp_min(1).unsqueeze(-1)
+            summed = new_tensor_h.new_zeros(num_groups, self.t).index_add(0, groups, new_tensor_h)
+            mean_tensor_h = summed / tensors_per_group.to(dtype)
+        new_global_h = gru_cell(self.global_in(mean_tensor_h), global_h, self.global_hh.weight, self.global_hh.bias)
         new_segment = {
             "h": new_tensor_h.to(segment_state["h"].dtype),
             "mean_log_lr": (segment_sums["log_lr"].to(dtype) / denom).to(segment_state["mean_log_lr"].dtype),
         }
-        return new_segment, {"h": new_global_h.squeeze(0).to(global_state["h"].dtype)}
+        return new_segment, new_global_h
