@@ -586,14 +586,26 @@ def _two_problems(rule, seed=0):
     return problems
 
 
-@pytest.mark.parametrize("vectorised", [True, False], ids=["rule-finalize-groups", "default-finalize-groups"])
-def test_full_step_of_several_problems_equals_one_by_one(vectorised):
+class _ShiftedGlobal(HierarchicalRNN):
+    """A subclass with a finalize of its own (no rule_type: not registered)."""
+
+    def finalize(self, *args):
+        segment, glob = super().finalize(*args)
+        return segment, {"h": glob["h"] + 0.25}
+
+
+@pytest.mark.parametrize("variant", ["vectorised", "default", "subclass"])
+def test_full_step_of_several_problems_equals_one_by_one(variant):
     """Problems stepped in one call (meta_fit's instances) keep their own tensor and global state."""
     from learned_optim.rules.base import UpdateRule
 
     rule = noisy_rule(3, step_size_feature=True, agreement_feature=True)
-    if not vectorised:  # the base class's loop over problems, for rules without their own
+    if variant == "default":  # the base class's loop over problems, for rules without their own
         rule.finalize_groups = lambda *args: UpdateRule.finalize_groups(rule, *args)
+    elif variant == "subclass":  # its own finalize must be used for every problem
+        shifted = _ShiftedGlobal(step_size_feature=True, agreement_feature=True)
+        shifted.load_state_dict(rule.state_dict())
+        rule = shifted
     problems = _two_problems(rule)
     with torch.no_grad():
         alone = [

@@ -385,6 +385,9 @@ class HierarchicalRNN(UpdateRule):
         groups: Tensor,
         num_groups: int,
     ) -> tuple[RuleState, RuleState]:
+        if type(self).finalize is not HierarchicalRNN.finalize:
+            # A subclass with its own finalize: run that one, problem by problem.
+            return super().finalize_groups(segment_state, global_state, segment_sums, counts, groups, num_groups)
         new_segment, new_global_h = self._advance_levels(
             segment_state, global_state["h"], segment_sums, counts, groups, num_groups
         )
