@@ -1154,9 +1154,8 @@ class _RunsLayout:
 
 
 def _segments_for(params: Sequence[Sequence[Tensor]]) -> StepContext:
-    lengths = [p.numel() for ps in params for p in ps]
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    return StepContext(segment_ids=ids, num_segments=len(lengths))
+    layout = _RunsLayout.of(params)
+    return StepContext(segment_ids=layout.ids, num_segments=layout.count)
 
 
 def _rng_to_json(state: tuple) -> list:
