@@ -66,13 +66,12 @@ def main() -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.repeats):
         for one_call in (True, False):
-            seconds = time_meta_fit(args, one_call)
-            times[one_call].append(seconds)
-    fast, slow = min(times[True]), min(times[False])
+            times[one_call].append(time_meta_fit(args, one_call))
+    one_call_s, per_instance_s = min(times[True]), min(times[False])
     print(f"{args.task}, {args.instances} instances, {args.steps}-step unrolls, {args.threads} thread(s)")
-    print(f"one rule call for all instances: {fast:.2f} s per meta-iteration")
-    print(f"one rule call per instance:      {slow:.2f} s per meta-iteration")
-    print(f"speed-up: {slow / fast:.2f}x")
+    print(f"one rule call for all instances: {one_call_s:.2f} s per meta-iteration")
+    print(f"one rule call per instance:      {per_instance_s:.2f} s per meta-iteration")
+    print(f"speed-up: {per_instance_s / one_call_s:.2f}x")
 
 
 if __name__ == "__main__":

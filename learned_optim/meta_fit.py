@@ -644,7 +644,8 @@ class MetaTrainer:
                 # All runs in one rule call; each keeps its own tensor-level and global state.
                 scales = None
                 if self.rule.needs_step_scales:
-                    scales = torch.cat([step_scales(params[i], runs[i].lr_scale) for i in range(len(runs))])
+                    lrs = [run.lr_scale for run, tensors in zip(runs, params, strict=True) for _ in tensors]
+                    scales = step_scales([p for tensors in params for p in tensors], lrs)
                 update, new_state, segment_state, global_state = self.rule.full_step(
                     torch.cat(grads),
                     {k: torch.cat([st[k] for st in states]) for k in states[0]},
