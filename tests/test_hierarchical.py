@@ -798,12 +798,13 @@ def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
         {"agreement_feature": True},
         {"agreement_feature": True, "lr_leak": 0.2},
         {"agreement_feature": True, "step_size_feature": True},
+        {"agreement_feature": True, "step_gain": True},
     ],
-    ids=["agreement", "leak", "step-size"],
+    ids=["agreement", "leak", "step-size", "step-gain"],
 )
 def test_options_on_every_impl_of_the_optimizer(config):
-    """The fused kernels compute the agreement feature, the leak and the step-size feature
-    too: same trajectory as eager."""
+    """The fused kernels compute the agreement feature, the leak, the step-size feature and
+    the step gain too: same trajectory as eager."""
 
     def train(impl):
         torch.manual_seed(0)
@@ -963,3 +964,56 @@ def test_meta_fit_trains_the_step_size_feature_and_validates_at_each_lr():
     assert trained.step_size_in.weight.abs().sum() > 0
     losses = rollout(trained, make_tiny().sample(EVALUATION_SEED_BASE), 5, lr=0.3)
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+
+
+def test_step_gain_starts_at_one_and_scales_each_tensor_step():
+    """A rule extended by the step gain computes what it did (weights zero); with a gain bias
+    each tensor's update is that factor times the plain rule's, and the gain reads ``lr``."""
+    base = noisy_rule(agreement_feature=True, lr_leak=0.01)
+    extended = HierarchicalRNN(**{**base.config, "step_gain": True})
+    extended.init_from(base)
+    assert extended.needs_step_scales and extended.gain_out.weight.abs().sum() == 0
+    sizes = [7, 30]
+    ids, n = segment_ids(sizes), sum(sizes)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    params = [torch.randn(7), torch.randn(30)]
+
+    def update(rule, lr):
+        with torch.no_grad():
+            scales = step_scales(params, lr) if rule.needs_step_scales else None
+            state, seg, glob = rule.init_state(n), rule.init_segment_state(2), rule.init_global_state()
+            return rule.full_step(grad, state, ids, 2, seg, glob, scales)[0]
+
+    torch.testing.assert_close(update(extended, 3.0), update(base, 3.0), rtol=0, atol=0)
+    with torch.no_grad():
+        extended.gain_out.bias.fill_(math.log(0.5))
+    torch.testing.assert_close(update(extended, 3.0), 0.5 * update(base, 3.0))
+    with torch.no_grad():
+        extended.gain_out.weight[0, -1] = -1.0  # larger lr or smaller parameters: smaller gain
+    limit = math.log(100.0)
+    for lr in (1.0, 10.0):
+        log_r = step_scales(params, lr) + extended.log_lr0.detach()
+        gain = torch.exp(limit * torch.tanh((math.log(0.5) - log_r) / limit))
+        torch.testing.assert_close(update(extended, lr), gain[ids] * update(base, lr))
+    with torch.no_grad():
+        extended.gain_out.bias.fill_(50.0)  # the gain is bounded
+    assert update(extended, 1.0).abs().max() <= 100 * update(base, 1.0).abs().max() * (1 + 1e-5)
+
+
+def test_meta_fit_trains_only_the_step_gain(tmp_path):
+    base = noisy_rule(agreement_feature=True)
+    rule = HierarchicalRNN(**{**base.config, "step_gain": True})
+    rule.init_from(base)
+    for name, p in rule.named_parameters():
+        p.requires_grad_(name.startswith("gain_out"))
+    trained = meta_fit(
+        rule, make_tiny(), steps=6, unroll=3, meta_iterations=3, meta_lr=1e-2, instances=2,
+        lr_scale_range=10.0, progress=False, seed=0,
+    )  # fmt: skip
+    assert trained.gain_out.weight.abs().sum() > 0
+    for name, value in trained.state_dict().items():
+        if not name.startswith("gain_out"):
+            torch.testing.assert_close(value, base.state_dict()[name], rtol=0, atol=0)
+    trained.save_pretrained(str(tmp_path))
+    loaded = load_rule(str(tmp_path))
+    assert loaded.step_gain and same_weights(weights(loaded), weights(trained))

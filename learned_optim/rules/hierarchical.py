@@ -62,6 +62,9 @@ def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tenso
     return out.index_add(0, segment_ids, values.to(acc_dtype))
 
 
+_GAIN_LIMIT = math.log(100.0)  # step_gain stays within [1/100, 100]
+
+
 def _rms(square_sum: Tensor, counts: Tensor) -> Tensor:
     """Root mean square per segment from its sum of squares (zero-size segments stay finite)."""
     return torch.sqrt(square_sum / counts.to(square_sum.dtype).clamp_min(1) + 1e-16)
@@ -97,12 +100,18 @@ class HierarchicalRNN(UpdateRule):
             a signal). With it a rule can see an oversized ``lr`` before the first step
             overshoots, which the gradient features only show after the damage. Off by default;
             its weights start at zero, so turning it on keeps what a trained rule computes.
+        step_gain: multiply each tensor's step by a gain read out from the tensor level, so
+            the rule can resize a tensor's step at once instead of over many steps of its log
+            learning rates: ``log gain = L * tanh(w . [tensor state, log r] / L)`` with
+            ``r`` as for ``step_size_feature`` (``log r`` clipped to [-10, 10]) and ``L = log(100)``.
+            Off by default; its weights start at zero (gain 1), so turning it on keeps what a
+            trained rule computes.
     """
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
     forward_reads_global_state = False  # the global GRU biases the tensor GRU, in finalize
-    added_config_keys = frozenset({"agreement_feature", "lr_leak", "step_size_feature"})
+    added_config_keys = frozenset({"agreement_feature", "lr_leak", "step_size_feature", "step_gain"})
 
     def __init__(
         self,
@@ -117,6 +126,7 @@ class HierarchicalRNN(UpdateRule):
         agreement_feature: bool = False,
         lr_leak: float = 0.0,
         step_size_feature: bool = False,
+        step_gain: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too.
@@ -132,6 +142,7 @@ class HierarchicalRNN(UpdateRule):
             "agreement_feature": config_bool("agreement_feature", agreement_feature),
             "lr_leak": config_float("lr_leak", lr_leak),
             "step_size_feature": config_bool("step_size_feature", step_size_feature),
+            "step_gain": config_bool("step_gain", step_gain),
         }
         if not 0.0 <= lr_leak < 1.0:
             raise ValueError(f"lr_leak must be in [0, 1), got {lr_leak}")
@@ -139,6 +150,7 @@ class HierarchicalRNN(UpdateRule):
             raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
         self.agreement_feature = bool(agreement_feature)
         self.step_size_feature = bool(step_size_feature)
+        self.step_gain = bool(step_gain)
         p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
         self.p, self.t, self.g, self.k = p, t, g, k
         self.lr_change_scale = float(lr_change_scale)
@@ -159,6 +171,8 @@ class HierarchicalRNN(UpdateRule):
         if self.step_size_feature:
             # Per tensor, so it enters the parameter GRU's gates beside the tensor level's bias.
             self.step_size_in = nn.Linear(1, 3 * p, bias=False)
+        if self.step_gain:
+            self.gain_out = nn.Linear(t + 1, 1)  # [tensor state, log relative step] -> log gain
         self.param_h0 = nn.Parameter(torch.zeros(p))
         self.tensor_h0 = nn.Parameter(torch.zeros(t))
         self.global_h0 = nn.Parameter(torch.zeros(g))
@@ -172,10 +186,32 @@ class HierarchicalRNN(UpdateRule):
             self.direct.weight[0, k - 1] = -1.0
             if self.step_size_feature:
                 self.step_size_in.weight.zero_()
+            if self.step_gain:
+                self.gain_out.weight.zero_()
+                self.gain_out.bias.zero_()
 
     @property
     def needs_step_scales(self) -> bool:
-        return self.step_size_feature
+        return self.step_size_feature or self.step_gain
+
+    def _log_relative_step(self, segment_state: RuleState, step_scales: Tensor | None) -> Tensor:
+        """``(S, 1)`` ``log r``, ``r = lr * exp(mean log lr) / RMS(params)`` of each tensor."""
+        if step_scales is None:
+            raise ValueError(
+                "HierarchicalRNN with step_size_feature or step_gain needs each tensor's step scale "
+                "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
+            )
+        dtype = self.param_in.weight.dtype
+        return step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
+
+    def segment_gain(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor | None:
+        """``(S,)`` factor on each tensor's step with ``step_gain`` (None without it)."""
+        if not self.step_gain:
+            return None
+        dtype = self.gain_out.weight.dtype
+        log_ratio = self._log_relative_step(segment_state, step_scales).clamp(-10.0, 10.0)
+        raw = self.gain_out(torch.cat([segment_state["h"].to(dtype), log_ratio], dim=-1)).squeeze(-1)
+        return torch.exp(_GAIN_LIMIT * torch.tanh(raw / _GAIN_LIMIT))
 
     def tensor_gates(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor:
         """``(S, 3 * param_hidden)``: what each tensor adds to its coordinates' GRU input gates
@@ -184,12 +220,7 @@ class HierarchicalRNN(UpdateRule):
         gates = self.tensor_to_param(segment_state["h"].to(dtype))
         if not self.step_size_feature:
             return gates
-        if step_scales is None:
-            raise ValueError(
-                "HierarchicalRNN with step_size_feature needs each tensor's step scale "
-                "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
-            )
-        log_ratio = step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
+        log_ratio = self._log_relative_step(segment_state, step_scales)
         # log(r / (1 + r)): 0 for a step that dwarfs the parameters (all-zero ones included).
         feature = -F.softplus(-log_ratio.clamp(-30.0, 30.0)).clamp_min(-10.0)
         return gates + self.step_size_in(feature)
@@ -311,6 +342,9 @@ class HierarchicalRNN(UpdateRule):
         counts = segment_sum(torch.ones_like(direction).unsqueeze(-1), ids, num).squeeze(-1)
         rms = _rms(square_sum.squeeze(-1), counts).to(dtype)
         update = torch.exp(log_lr.squeeze(-1)) * direction / rms[ids]
+        gain = self.segment_gain(segment_state, context.step_scales)
+        if gain is not None:
+            update = update * gain[ids]
 
         context.segment_sums = {
             "h": segment_sum(h, ids, num),
@@ -331,14 +365,14 @@ class HierarchicalRNN(UpdateRule):
         - the learning-rate bounds ``min_lr`` and ``max_lr`` and the leak ``lr_leak`` may differ
           (they shape the step, they are not weights), so a stage can continue a rule under
           other bounds or with a leak;
-        - a rule without the agreement feature or the step-size feature extends to one with
-          it, the new input's weights zero, so the rule starts out computing the same.
+        - a rule without the agreement feature, the step-size feature or the step gain extends
+          to one with it, the new weights zero, so the rule starts out computing the same.
         """
         if not isinstance(other, HierarchicalRNN):
             super().init_from(other)
             return
         bounds = {key: self.config[key] for key in ("min_lr", "max_lr", "lr_leak")}
-        features = ("agreement_feature", "step_size_feature")
+        features = ("agreement_feature", "step_size_feature", "step_gain")
         added = [key for key in features if self.config[key] and not other.config[key]]
         if {**other.config, **bounds, **dict.fromkeys(added, True)} != self.config:
             super().init_from(other)  # raises, naming both configs
@@ -349,6 +383,9 @@ class HierarchicalRNN(UpdateRule):
                 state_dict[name] = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)
         if "step_size_feature" in added:
             state_dict["step_size_in.weight"] = torch.zeros_like(self.step_size_in.weight)
+        if "step_gain" in added:
+            state_dict["gain_out.weight"] = torch.zeros_like(self.gain_out.weight)
+            state_dict["gain_out.bias"] = torch.zeros_like(self.gain_out.bias)
         self.load_state_dict(state_dict)
 
     def rescale_split_update(

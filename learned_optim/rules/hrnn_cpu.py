@@ -81,10 +81,20 @@ def no_sums(num_segments: int, param_hidden: int, device: torch.device | str = "
     }
 
 
-def direction_scale(square_sums: Tensor, counts: Tensor) -> Tensor:
-    """``1 / RMS`` of each tensor's direction, as the eager rule computes it (float64), in fp32."""
+def direction_scale(square_sums: Tensor, counts: Tensor, segment_gain: Tensor | None = None) -> Tensor:
+    """``1 / RMS`` of each tensor's direction, as the eager rule computes it (float64), in fp32,
+    times the rule's per-tensor ``segment_gain`` where it has one."""
     rms = torch.sqrt(square_sums / counts.to(torch.float64).clamp_min(1) + 1e-16)
-    return (1.0 / rms).float().contiguous()
+    scale = (1.0 / rms).float()
+    if segment_gain is not None:
+        scale = scale * segment_gain
+    return scale.contiguous()
+
+
+def _segment_gain(rule: torch.nn.Module, segment_state: RuleState, step_scales: Tensor | None) -> Tensor | None:
+    """The rule's ``(S,)`` fp32 step gains (see ``HierarchicalRNN.step_gain``), or None."""
+    gain = rule.segment_gain(segment_state, step_scales) if getattr(rule, "step_gain", False) else None
+    return None if gain is None else gain.detach().float().contiguous()
 
 
 @torch.no_grad()
@@ -159,6 +169,7 @@ def hrnn_step_cpu(
         p,
         rule.k,
         int(rule.agreement_feature),
+        _segment_gain(rule, segment_state, step_scales),
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
@@ -186,6 +197,7 @@ def _hrnn_step_cpu_op(
     param_hidden: int,
     timescales: int,
     agreement_feature: int,
+    segment_gain: Tensor | None,
     lr_change_scale: float,
     lr_leak: float,
     log_min_lr: float,
@@ -221,7 +233,7 @@ def _hrnn_step_cpu_op(
         library.hrnn_step, [(lo, hi, *common, partial_sums[i].data_ptr()) for i, (lo, hi) in enumerate(ranges)]
     )
     sums = partial_sums.sum(0)
-    scale = direction_scale(sums[:, p + 1], counts)
+    scale = direction_scale(sums[:, p + 1], counts, segment_gain)
     run_parallel(
         library.hrnn_scale, [(lo, hi, update.data_ptr(), segment_ids.data_ptr(), scale.data_ptr()) for lo, hi in ranges]
     )

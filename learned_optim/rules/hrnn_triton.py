@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.base import RuleState
-from learned_optim.rules.hrnn_cpu import check_step_inputs, direction_scale, no_sums
+from learned_optim.rules.hrnn_cpu import _segment_gain, check_step_inputs, direction_scale, no_sums
 from learned_optim.rules.triton_common import launch_ranges, tl, triton
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
@@ -258,6 +258,7 @@ def hrnn_step_triton(
         p,
         rule.k,
         bool(getattr(rule, "agreement_feature", False)),
+        _segment_gain(rule, segment_state, step_scales),
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
@@ -286,6 +287,7 @@ def _hrnn_step_triton_op(
     param_hidden: int,
     timescales: int,
     agreement_feature: bool,
+    segment_gain: Tensor | None,
     lr_change_scale: float,
     lr_leak: float,
     log_min_lr: float,
@@ -307,7 +309,7 @@ def _hrnn_step_triton_op(
             BLOCK_SIZE=BLOCK, PRECISION=precision,
             num_warps=4,
         )  # fmt: skip
-    scale = direction_scale(sums[:, pp + 1], counts)
+    scale = direction_scale(sums[:, pp + 1], counts, segment_gain)
     _scale_kernel[(triton.cdiv(n, 1024),)](update, segment_ids, scale, n, BLOCK_SIZE=1024)
     return sums
 
