@@ -91,9 +91,9 @@ def direction_scale(square_sums: Tensor, counts: Tensor, segment_gain: Tensor | 
     return scale.contiguous()
 
 
-def _segment_gain(rule: torch.nn.Module, segment_state: RuleState, step_scales: Tensor | None) -> Tensor | None:
-    """The rule's ``(S,)`` fp32 step gains (see ``HierarchicalRNN.step_gain``), or None."""
-    gain = rule.segment_gain(segment_state, step_scales) if getattr(rule, "step_gain", False) else None
+def kernel_segment_gain(rule: torch.nn.Module, segment_state: RuleState, step_scales: Tensor | None) -> Tensor | None:
+    """The rule's ``(S,)`` step gains for a kernel (see ``HierarchicalRNN.step_gain``), or None."""
+    gain = rule.segment_gain(segment_state, step_scales)
     return None if gain is None else gain.detach().float().contiguous()
 
 
@@ -169,7 +169,7 @@ def hrnn_step_cpu(
         p,
         rule.k,
         int(rule.agreement_feature),
-        _segment_gain(rule, segment_state, step_scales),
+        kernel_segment_gain(rule, segment_state, step_scales),
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),

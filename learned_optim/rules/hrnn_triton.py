@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.base import RuleState
-from learned_optim.rules.hrnn_cpu import _segment_gain, check_step_inputs, direction_scale, no_sums
+from learned_optim.rules.hrnn_cpu import check_step_inputs, direction_scale, kernel_segment_gain, no_sums
 from learned_optim.rules.triton_common import launch_ranges, tl, triton
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
@@ -258,7 +258,7 @@ def hrnn_step_triton(
         p,
         rule.k,
         bool(getattr(rule, "agreement_feature", False)),
-        _segment_gain(rule, segment_state, step_scales),
+        kernel_segment_gain(rule, segment_state, step_scales),
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
