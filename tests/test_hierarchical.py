@@ -16,7 +16,7 @@ from torch import nn
 from learned_optim import HierarchicalRNN, LearnedOptimizer
 from learned_optim.functional import StepEntry, learned_step, plan_chunks
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaTrainer, meta_fit, rollout
-from learned_optim.rules.base import StepContext, step_scales
+from learned_optim.rules.base import PARAM_RMS_FLOOR, StepContext, step_scales
 from learned_optim.rules.triton_common import triton_usable_on
 from learned_optim.tasks import get_task
 from learned_optim.weights import load_rule
@@ -799,8 +799,10 @@ def test_agreement_feature_with_zero_weights_is_the_paper_rule(tmp_path):
         {"agreement_feature": True, "lr_leak": 0.2},
         {"agreement_feature": True, "step_size_feature": True},
         {"agreement_feature": True, "step_gain": True},
+        {"agreement_feature": True, "relative_step_cap": 0.02},
+        {"agreement_feature": True, "step_gain": True, "relative_step_cap": 0.05},
     ],
-    ids=["agreement", "leak", "step-size", "step-gain"],
+    ids=["agreement", "leak", "step-size", "step-gain", "step-cap", "gain-and-cap"],
 )
 def test_options_on_every_impl_of_the_optimizer(config):
     """The fused kernels compute the agreement feature, the leak, the step-size feature and
@@ -893,7 +895,9 @@ def test_step_scales_are_log_lr_over_parameter_rms_and_always_finite():
     scales = step_scales(params, [1.0, 0.1, 1.0, 1.0])
     assert scales.dtype == torch.float32 and scales.shape == (4,)
     close(scales[:2], torch.tensor([math.log(1 / 0.5), math.log(0.1 / 2)]))
-    assert torch.isfinite(scales).all() and scales[2] > 50  # zero parameters: a huge step, not inf
+    # zero parameters read as RMS PARAM_RMS_FLOOR (a small tensor), not as an infinite ratio
+    close(scales[2:], torch.full((2,), -math.log(PARAM_RMS_FLOOR)))
+    close(step_scales([torch.full((5,), 1e-5)], 1.0), torch.tensor([-math.log(PARAM_RMS_FLOOR)]))
     assert torch.isfinite(step_scales([torch.zeros(3)], 0.0))  # lr 0 over zeros: not NaN
     close(step_scales(params[:2], 3.0), torch.log(torch.tensor([3 / 0.5, 3 / 2])))
     with pytest.raises(ValueError, match="2 learning rates for 1 tensors"):
@@ -1017,3 +1021,50 @@ def test_meta_fit_trains_only_the_step_gain(tmp_path):
     trained.save_pretrained(str(tmp_path))
     loaded = load_rule(str(tmp_path))
     assert loaded.step_gain and same_weights(weights(loaded), weights(trained))
+
+
+# ---------------------------------------------------------------------------- relative step cap
+def test_relative_step_cap_scales_each_tensor_step_by_its_formula():
+    """With the cap, each tensor's update is the plain rule's times ``1 / sqrt(1 + (r / cap)^2)``;
+    small relative steps pass almost unchanged, and a huge ``lr`` ends near ``cap`` times the
+    parameters' RMS (floored for zero tensors) instead of ``lr`` times the step."""
+    base = noisy_rule(agreement_feature=True, lr_leak=0.01)
+    capped = HierarchicalRNN(**{**base.config, "relative_step_cap": 0.1})
+    capped.init_from(base)  # a setting, not a weight: any rule takes it
+    assert capped.needs_step_scales and not base.needs_step_scales
+    sizes = [7, 30, 5]
+    ids, n = segment_ids(sizes), sum(sizes)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    params = [torch.randn(7), 0.01 * torch.randn(30), torch.zeros(5)]
+
+    def update(rule, lr):
+        with torch.no_grad():
+            scales = step_scales(params, lr) if rule.needs_step_scales else None
+            state, seg, glob = rule.init_state(n), rule.init_segment_state(3), rule.init_global_state()
+            return rule.full_step(grad, state, ids, 3, seg, glob, scales)[0]
+
+    for lr in (1e-3, 1.0, 1e4):
+        ratio = torch.exp(step_scales(params, lr) + capped.log_lr0.detach())
+        factor = 1 / torch.sqrt(1 + (ratio / 0.1) ** 2)
+        torch.testing.assert_close(update(capped, lr), factor[ids] * update(base, lr))
+    assert torch.allclose(update(capped, 1e-3), update(base, 1e-3), rtol=1e-4)  # far inside the cap
+    step = 1e4 * update(capped, 1e4)
+    param_rms = torch.stack([p.pow(2).mean().sqrt().clamp_min(PARAM_RMS_FLOOR) for p in params])
+    step_rms = torch.stack([piece.pow(2).mean().sqrt() for piece in step.split(sizes)])
+    # exp(mean log lr) stands in for the RMS of the per-coordinate learning rates, hence the slack
+    assert (step_rms <= 1.5 * 0.1 * param_rms).all() and (step_rms >= 0.5 * 0.1 * param_rms).all()
+
+
+def test_relative_step_cap_is_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match="relative_step_cap"):
+        HierarchicalRNN(relative_step_cap=-0.1)
+    with pytest.raises(ValueError, match="relative_step_cap"):
+        HierarchicalRNN(relative_step_cap=float("nan"))
+    rule = noisy_rule(relative_step_cap=0.5)
+    rule.save_pretrained(str(tmp_path))
+    loaded = load_rule(str(tmp_path))
+    assert loaded.relative_step_cap == 0.5 and same_weights(weights(loaded), weights(rule))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["config"]["relative_step_cap"]  # a rule saved before the option: no cap
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert load_rule(str(tmp_path)).relative_step_cap == 0.0

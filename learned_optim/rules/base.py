@@ -56,14 +56,19 @@ class StepContext:
 
 
 _TINY = 1e-30  # stands in for 0 under a log
+PARAM_RMS_FLOOR = 1e-3
+"""The smallest parameter RMS :func:`step_scales` divides by (Adafactor's epsilon_2): a
+zero-initialised tensor (a bias) reads as a small one, so its steps are not judged infinitely
+large against it."""
 
 
 def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tensor:
-    """``(len(params),)`` float32 ``log(lr / RMS(p))`` of each tensor (no autograd, no host sync).
+    """``(len(params),)`` float32 ``log(lr / max(RMS(p), PARAM_RMS_FLOOR))`` of each tensor
+    (no autograd, no host sync).
 
     ``lrs``: one learning rate (multiplier of the rule's update) per tensor, or one for all.
-    An lr of 0 or an all-zero tensor gives a large finite value of the right sign, never
-    ``inf`` or NaN.
+    An lr of 0 gives a large negative finite value, never ``-inf``; an all-zero tensor reads
+    as one of RMS ``PARAM_RMS_FLOOR``.
     """
     if not params:
         raise ValueError("step_scales needs at least one parameter tensor")
@@ -74,7 +79,7 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tenso
     with torch.no_grad():
         norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
         sizes = torch.tensor([max(p.numel(), 1) for p in params], dtype=torch.float32, device=device)
-        log_rms = torch.log((norms / sizes.sqrt()).clamp_min(_TINY))
+        log_rms = torch.log((norms / sizes.sqrt()).clamp_min(PARAM_RMS_FLOOR))
         log_lr = torch.tensor([math.log(max(v, _TINY)) for v in lr_list], dtype=torch.float32, device=device)
     return log_lr - log_rms
 

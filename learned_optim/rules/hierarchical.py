@@ -106,12 +106,21 @@ class HierarchicalRNN(UpdateRule):
             ``r`` as for ``step_size_feature`` (``log r`` clipped to [-10, 10]) and ``L = log(100)``.
             Off by default; its weights start at zero (gain 1), so turning it on keeps what a
             trained rule computes.
+        relative_step_cap: a soft trust region on each tensor's step: the step is multiplied by
+            ``1 / sqrt(1 + (r / relative_step_cap)**2)`` with ``r`` as for ``step_size_feature``,
+            so a tensor whose step would be larger than ``relative_step_cap`` times its
+            parameters' RMS takes about that much instead (Adafactor / LAMB's relative step,
+            applied smoothly). Steps well inside the cap are left alone. It catches an oversized
+            ``lr`` at the first step, before the gradient features could show it. A setting, not
+            a weight: 0 (default) turns it off.
     """
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
     forward_reads_global_state = False  # the global GRU biases the tensor GRU, in finalize
-    added_config_keys = frozenset({"agreement_feature", "lr_leak", "step_size_feature", "step_gain"})
+    added_config_keys = frozenset(
+        {"agreement_feature", "lr_leak", "step_size_feature", "step_gain", "relative_step_cap"}
+    )
 
     def __init__(
         self,
@@ -127,6 +136,7 @@ class HierarchicalRNN(UpdateRule):
         lr_leak: float = 0.0,
         step_size_feature: bool = False,
         step_gain: bool = False,
+        relative_step_cap: float = 0.0,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too.
@@ -143,14 +153,18 @@ class HierarchicalRNN(UpdateRule):
             "lr_leak": config_float("lr_leak", lr_leak),
             "step_size_feature": config_bool("step_size_feature", step_size_feature),
             "step_gain": config_bool("step_gain", step_gain),
+            "relative_step_cap": config_float("relative_step_cap", relative_step_cap),
         }
         if not 0.0 <= lr_leak < 1.0:
             raise ValueError(f"lr_leak must be in [0, 1), got {lr_leak}")
+        if relative_step_cap < 0.0:
+            raise ValueError(f"relative_step_cap must be >= 0 (0 turns it off), got {relative_step_cap}")
         if not min_lr <= init_lr <= max_lr:
             raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
         self.agreement_feature = bool(agreement_feature)
         self.step_size_feature = bool(step_size_feature)
         self.step_gain = bool(step_gain)
+        self.relative_step_cap = float(relative_step_cap)
         p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
         self.p, self.t, self.g, self.k = p, t, g, k
         self.lr_change_scale = float(lr_change_scale)
@@ -192,26 +206,35 @@ class HierarchicalRNN(UpdateRule):
 
     @property
     def needs_step_scales(self) -> bool:
-        return self.step_size_feature or self.step_gain
+        return self.step_size_feature or self.step_gain or self.relative_step_cap > 0.0
 
     def _log_relative_step(self, segment_state: RuleState, step_scales: Tensor | None) -> Tensor:
         """``(S, 1)`` ``log r``, ``r = lr * exp(mean log lr) / RMS(params)`` of each tensor."""
         if step_scales is None:
             raise ValueError(
-                "HierarchicalRNN with step_size_feature or step_gain needs each tensor's step scale "
+                "HierarchicalRNN with step_size_feature, step_gain or relative_step_cap needs each tensor's step scale "
                 "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
             )
         dtype = self.param_in.weight.dtype
         return step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
 
     def segment_gain(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor | None:
-        """``(S,)`` factor on each tensor's step with ``step_gain`` (None without it)."""
-        if not self.step_gain:
+        """``(S,)`` factor on each tensor's step from ``step_gain`` and ``relative_step_cap``
+        (None with neither)."""
+        if not (self.step_gain or self.relative_step_cap > 0.0):
             return None
-        dtype = self.gain_out.weight.dtype
-        log_ratio = self._log_relative_step(segment_state, step_scales).clamp(-10.0, 10.0)
-        raw = self.gain_out(torch.cat([segment_state["h"].to(dtype), log_ratio], dim=-1)).squeeze(-1)
-        return torch.exp(_GAIN_LIMIT * torch.tanh(raw / _GAIN_LIMIT))
+        dtype = self.param_in.weight.dtype
+        log_ratio = self._log_relative_step(segment_state, step_scales)
+        log_gain = torch.zeros(log_ratio.shape[0], dtype=dtype, device=log_ratio.device)
+        if self.step_gain:
+            features = torch.cat([segment_state["h"].to(dtype), log_ratio.clamp(-10.0, 10.0)], dim=-1)
+            raw = self.gain_out(features).squeeze(-1)
+            log_gain = _GAIN_LIMIT * torch.tanh(raw / _GAIN_LIMIT)
+        if self.relative_step_cap > 0.0:
+            # log of 1 / sqrt(1 + (r' / cap)^2), r' the step after the gain; softplus keeps it finite.
+            excess = log_ratio.squeeze(-1) + log_gain - math.log(self.relative_step_cap)
+            log_gain = log_gain - 0.5 * F.softplus(2.0 * excess)
+        return torch.exp(log_gain)
 
     def tensor_gates(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor:
         """``(S, 3 * param_hidden)``: what each tensor adds to its coordinates' GRU input gates
@@ -362,16 +385,17 @@ class HierarchicalRNN(UpdateRule):
     def init_from(self, other: UpdateRule) -> None:
         """As :meth:`UpdateRule.init_from`, with two extensions for later stages:
 
-        - the learning-rate bounds ``min_lr`` and ``max_lr`` and the leak ``lr_leak`` may differ
-          (they shape the step, they are not weights), so a stage can continue a rule under
-          other bounds or with a leak;
+        - the learning-rate bounds ``min_lr`` and ``max_lr``, the leak ``lr_leak`` and the
+          ``relative_step_cap`` may differ (they shape the step, they are not weights), so a
+          stage can continue a rule under other bounds, with a leak or with a cap;
         - a rule without the agreement feature, the step-size feature or the step gain extends
           to one with it, the new weights zero, so the rule starts out computing the same.
         """
         if not isinstance(other, HierarchicalRNN):
             super().init_from(other)
             return
-        bounds = {key: self.config[key] for key in ("min_lr", "max_lr", "lr_leak")}
+        settings = ("min_lr", "max_lr", "lr_leak", "relative_step_cap")
+        bounds = {key: self.config[key] for key in settings}
         features = ("agreement_feature", "step_size_feature", "step_gain")
         added = [key for key in features if self.config[key] and not other.config[key]]
         if {**other.config, **bounds, **dict.fromkeys(added, True)} != self.config:
