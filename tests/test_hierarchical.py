@@ -898,6 +898,8 @@ def test_step_scales_are_log_lr_over_parameter_rms_and_always_finite():
     # zero parameters read as RMS PARAM_RMS_FLOOR (a small tensor), not as an infinite ratio
     close(scales[2:], torch.full((2,), -math.log(PARAM_RMS_FLOOR)))
     close(step_scales([torch.full((5,), 1e-5)], 1.0), torch.tensor([-math.log(PARAM_RMS_FLOOR)]))
+    z = torch.randn(4, 3, dtype=torch.complex64)  # a complex tensor reads as its real view
+    close(step_scales([z], 2.0), step_scales([torch.view_as_real(z)], 2.0))
     assert torch.isfinite(step_scales([torch.zeros(3)], 0.0))  # lr 0 over zeros: not NaN
     close(step_scales(params[:2], 3.0), torch.log(torch.tensor([3 / 0.5, 3 / 2])))
     with pytest.raises(ValueError, match="2 learning rates for 1 tensors"):

@@ -827,3 +827,26 @@ def test_state_dict_of_a_rule_loads_into_an_optimizer_with_the_rule_loaded_from_
     LearnedOptimizer([p], pretrained=str(tmp_path / "r")).load_state_dict(saved)
     with pytest.raises(ValueError, match="different update rule"):
         LearnedOptimizer([p], pretrained=TupleConfig((1.0, 0.25))).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+@pytest.mark.parametrize("rule_name", ["lstm", "hrnn-capped"])
+def test_a_complex_parameter_steps_as_its_real_view_would(rule_name, impl):
+    """A complex parameter and a real parameter holding its ``view_as_real`` take the same steps,
+    per-tensor statistics (the hierarchical rule's relative step size) included."""
+    from learned_optim import HierarchicalRNN
+
+    gen = torch.Generator().manual_seed(1)
+    z = nn.Parameter(torch.randn(5, 3, dtype=torch.complex64, generator=gen))
+    w = nn.Parameter(torch.view_as_real(z.detach()).clone())
+    target = torch.randn(5, 3, dtype=torch.complex64, generator=gen)
+
+    torch.manual_seed(0)
+    rule = _lstm() if rule_name == "lstm" else HierarchicalRNN(init_lr=0.05, relative_step_cap=0.05)
+    opts = [LearnedOptimizer([x], pretrained=rule, impl=impl) for x in (z, w)]
+    for _ in range(4):
+        for opt, value in zip(opts, (z, torch.view_as_complex(w)), strict=True):
+            opt.zero_grad()
+            ((value - target).abs() ** 2).sum().backward()
+            opt.step()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), w.detach(), rtol=1e-5, atol=1e-6)

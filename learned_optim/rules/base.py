@@ -78,7 +78,9 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tenso
     device = params[0].device
     with torch.no_grad():
         norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
-        sizes = torch.tensor([max(p.numel(), 1) for p in params], dtype=torch.float32, device=device)
+        # A complex tensor steps as its real view: twice as many coordinates as elements.
+        sizes = [max(p.numel() * (2 if p.is_complex() else 1), 1) for p in params]
+        sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
         log_rms = torch.log((norms / sizes.sqrt()).clamp_min(PARAM_RMS_FLOOR))
         log_lr = torch.tensor([math.log(max(v, _TINY)) for v in lr_list], dtype=torch.float32, device=device)
     return log_lr - log_rms
