@@ -244,7 +244,7 @@ class HierarchicalRNN(UpdateRule):
         if not self.step_size_feature:
             return gates
         log_ratio = self._log_relative_step(segment_state, step_scales)
-        # log(r / (1 + r)): 0 for a step that dwarfs the parameters (all-zero ones included).
+        # log(r / (1 + r)): about 0 for a step that dwarfs the parameters, log r for a small one.
         feature = -F.softplus(-log_ratio.clamp(-30.0, 30.0)).clamp_min(-10.0)
         return gates + self.step_size_in(feature)
 
