@@ -630,6 +630,22 @@ def test_loss_returning_non_scalar():
         _fit(task)
 
 
+def test_a_loss_of_another_signature_is_named_with_the_calling_convention():
+    def loss_of_model_and_batch(model, batch):  # a common convention, not ours
+        inputs, targets = batch
+        return nn.functional.mse_loss(model(inputs), targets)
+
+    task = Task(model=tiny_model, loss=loss_of_model_and_batch, data=tiny_sampler)
+    with pytest.raises(TaskError, match=r"loss is called as `loss\(model\(inputs\), targets\)` and raised ValueError"):
+        _fit(task)
+
+
+def test_a_model_that_cannot_take_the_inputs_is_named():
+    task = Task(model=lambda: nn.Linear(5, 1), loss=nn.functional.mse_loss, data=tiny_sampler)  # inputs have 3
+    with pytest.raises(TaskError, match=r"the model is called on each batch's inputs.*raised RuntimeError"):
+        _fit(task)
+
+
 def test_model_without_parameters():
     task = Task(model=nn.Tanh, loss=nn.functional.mse_loss, data=tiny_sampler)
     with pytest.raises(TaskError, match="no trainable parameters"):

@@ -197,7 +197,21 @@ def validate_instance(instance: TaskInstance, source: str) -> None:
         raise TaskError(f"{source}: data yielded no batches") from None
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TaskError(f"{source}: each batch must be a pair (inputs, targets), got {type(batch).__name__}")
-    value = instance.loss(call_model(instance.model, batch[0]), batch[1])
+    try:
+        output = call_model(instance.model, batch[0])
+    except Exception as error:
+        raise TaskError(
+            f"{source}: the model is called on each batch's inputs, `model(inputs)` (`model(*inputs)` for a "
+            f"tuple), and raised {type(error).__name__}: {error}"
+        ) from error
+    try:
+        value = instance.loss(output, batch[1])
+    except Exception as error:
+        raise TaskError(
+            f"{source}: the loss is called as `loss(model(inputs), targets)` and raised "
+            f"{type(error).__name__}: {error}. It takes the model's outputs and the batch's targets, "
+            "e.g. `loss=torch.nn.functional.cross_entropy`"
+        ) from error
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
         raise TaskError(f"{source}: loss must return a scalar tensor, got {shape}")
