@@ -40,7 +40,11 @@ if triton is not None:
 
     @triton.jit
     def sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
+        # exp of -|x| never overflows (1 / (1 + exp(-x)) reaches inf for x < -88, which gives
+        # the right 0 but makes the interpreter warn).
+        z = tl.exp(-tl.abs(x))
+        r = 1.0 / (1.0 + z)
+        return tl.where(x >= 0, r, z * r)
 
     @triton.jit
     def tanh(x):
