@@ -1027,9 +1027,10 @@ def test_meta_fit_trains_only_the_step_gain(tmp_path):
 
 # ---------------------------------------------------------------------------- relative step cap
 def test_relative_step_cap_scales_each_tensor_step_by_its_formula():
-    """With the cap, each tensor's update is the plain rule's times ``1 / sqrt(1 + (r / cap)^2)``;
-    small relative steps pass almost unchanged, and a huge ``lr`` ends near ``cap`` times the
-    parameters' RMS (floored for zero tensors) instead of ``lr`` times the step."""
+    """With the cap, each tensor's update is the plain rule's times ``1 / sqrt(1 + (r / cap)^2)``,
+    ``r`` the RMS of the tensor's step ``lr * update`` over its parameters' RMS (floored for zero
+    tensors); small relative steps pass almost unchanged, and a huge ``lr`` ends just under
+    ``cap`` times the parameters' RMS instead of ``lr`` times the step."""
     base = noisy_rule(agreement_feature=True, lr_leak=0.01)
     capped = HierarchicalRNN(**{**base.config, "relative_step_cap": 0.1})
     capped.init_from(base)  # a setting, not a weight: any rule takes it
@@ -1038,6 +1039,7 @@ def test_relative_step_cap_scales_each_tensor_step_by_its_formula():
     ids, n = segment_ids(sizes), sum(sizes)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(5))
     params = [torch.randn(7), 0.01 * torch.randn(30), torch.zeros(5)]
+    param_rms = torch.stack([p.pow(2).mean().sqrt().clamp_min(PARAM_RMS_FLOOR) for p in params])
 
     def update(rule, lr):
         with torch.no_grad():
@@ -1045,16 +1047,37 @@ def test_relative_step_cap_scales_each_tensor_step_by_its_formula():
             state, seg, glob = rule.init_state(n), rule.init_segment_state(3), rule.init_global_state()
             return rule.full_step(grad, state, ids, 3, seg, glob, scales)[0]
 
+    def rms_per_tensor(values):
+        return torch.stack([piece.pow(2).mean().sqrt() for piece in values.split(sizes)])
+
     for lr in (1e-3, 1.0, 1e4):
-        ratio = torch.exp(step_scales(params, lr) + capped.log_lr0.detach())
+        ratio = rms_per_tensor(lr * update(base, lr)) / param_rms
         factor = 1 / torch.sqrt(1 + (ratio / 0.1) ** 2)
         torch.testing.assert_close(update(capped, lr), factor[ids] * update(base, lr))
     assert torch.allclose(update(capped, 1e-3), update(base, 1e-3), rtol=1e-4)  # far inside the cap
-    step = 1e4 * update(capped, 1e4)
-    param_rms = torch.stack([p.pow(2).mean().sqrt().clamp_min(PARAM_RMS_FLOOR) for p in params])
-    step_rms = torch.stack([piece.pow(2).mean().sqrt() for piece in step.split(sizes)])
-    # exp(mean log lr) stands in for the RMS of the per-coordinate learning rates, hence the slack
-    assert (step_rms <= 1.5 * 0.1 * param_rms).all() and (step_rms >= 0.5 * 0.1 * param_rms).all()
+    capped_rms = rms_per_tensor(1e4 * update(capped, 1e4))
+    assert (capped_rms <= 1.0001 * 0.1 * param_rms).all() and (capped_rms >= 0.99 * 0.1 * param_rms).all()
+
+
+def test_relative_step_cap_of_a_tensor_split_over_chunks_is_the_whole_tensors():
+    """The optimizer's eager path runs a large tensor in pieces; the cap (like the direction's
+    normalisation) must come out as for the whole tensor, at any chunk size."""
+    rule = noisy_rule(agreement_feature=True, relative_step_cap=0.05)
+
+    def train(chunk_size):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 40), nn.Tanh(), nn.Linear(40, 3))
+        opt = LearnedOptimizer(model.parameters(), pretrained=rule, lr=30.0, impl="eager", chunk_size=chunk_size)
+        x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+        for _ in range(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    whole = train(100_000)
+    for chunk_size in (37, 200):
+        torch.testing.assert_close(train(chunk_size), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_relative_step_cap_is_checked_and_saved(tmp_path):

@@ -121,6 +121,45 @@ def test_kernel_matches_eager_rule(config, impl):
         assert float(piece.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-4), i
 
 
+@pytest.mark.parametrize("config", [{}, {"step_gain": True}], ids=["cap", "gain-and-cap"])
+@over_kernels
+def test_kernel_applies_the_relative_step_cap_like_the_eager_rule(config, impl):
+    """The cap reads each tensor's whole step (the kernels' step² sums): step scales from tiny
+    to huge, so that it leaves some tensors alone and shrinks others by orders of magnitude."""
+    rule = _noisy(HierarchicalRNN(agreement_feature=True, relative_step_cap=0.05, **config))
+    if config.get("step_gain"):
+        with torch.no_grad():
+            rule.gain_out.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(3))
+    grad, state, ids, segment = _inputs(rule, SIZES)
+    scales = torch.tensor([-12.0, -3.0, 0.0, 4.0, 9.0])  # log(lr / RMS(params)) per tensor
+    context = StepContext(ids, len(SIZES), segment, rule.init_global_state(), step_scales=scales)
+    with torch.no_grad():
+        expected, _ = rule(grad, {k: v.clone() for k, v in state.items()}, context)
+    if not config:
+        plain = _eager(_plain(rule), grad, state, ids, segment, len(SIZES))[0]
+        factors = [a.norm() / b.norm() for a, b in zip(expected.split(SIZES), plain.split(SIZES), strict=True)]
+        assert factors[0] > 0.99 and factors[-1] < 1e-2  # the cap is exercised at both ends
+    update = torch.empty_like(grad)
+    on = {k: v.to(DEVICE) for k, v in state.items()}
+    out, seg = update.to(DEVICE), {k: v.to(DEVICE) for k, v in segment.items()}
+    args = (grad.to(DEVICE), on, out, ids.int().to(DEVICE), torch.tensor(SIZES, device=DEVICE))
+    with torch.no_grad():
+        if impl == "cpu":
+            hrnn_step_cpu(rule, *args, seg, None, scales)
+        else:
+            moved = rule.to(DEVICE)
+            hrnn_step_triton(moved, pack_hrnn_weights(moved), *args, seg, None, scales.to(DEVICE))
+            rule.to("cpu")
+    assert _rel(out.cpu(), expected) < STEP_RTOL
+
+
+def _plain(rule: HierarchicalRNN) -> HierarchicalRNN:
+    """``rule`` without its cap: the uncapped step."""
+    plain = HierarchicalRNN(**{**rule.config, "relative_step_cap": 0.0})
+    plain.load_state_dict(rule.state_dict())
+    return plain
+
+
 @over_kernels
 def test_bf16_state_rounds_like_the_eager_rule(impl):
     rule = _noisy(HierarchicalRNN())

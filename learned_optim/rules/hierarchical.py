@@ -70,6 +70,19 @@ def _rms(square_sum: Tensor, counts: Tensor) -> Tensor:
     return torch.sqrt(square_sum / counts.to(square_sum.dtype).clamp_min(1) + 1e-16)
 
 
+def relative_step_cap_factor(log_scale: Tensor, step_square_sum: Tensor, counts: Tensor) -> Tensor:
+    """``(S,)`` factor ``1 / sqrt(1 + (r / cap)**2)`` of each tensor's step (``relative_step_cap``).
+
+    ``step_square_sum``: the sum of squares of a per-tensor step ``s``; the step the tensor
+    takes is ``s * exp(log_scale_rest)`` and ``log_scale = log(lr / (RMS(params) * cap))``
+    plus that ``log_scale_rest``, so ``log(r / cap) = log_scale + log RMS(s)``.
+    """
+    mean_square = step_square_sum / counts.to(step_square_sum.dtype).clamp_min(1)
+    excess = log_scale.to(mean_square.dtype) + 0.5 * torch.log(mean_square.clamp_min(1e-30))
+    # log of the factor is -softplus(2 * excess) / 2: finite for any excess.
+    return torch.exp(-0.5 * F.softplus(2.0 * excess))
+
+
 class HierarchicalRNN(UpdateRule):
     """Hierarchical RNN update rule (Wichrowska et al. 2017).
 
@@ -107,12 +120,13 @@ class HierarchicalRNN(UpdateRule):
             Off by default; its weights start at zero (gain 1), so turning it on keeps what a
             trained rule computes.
         relative_step_cap: a soft trust region on each tensor's step: the step is multiplied by
-            ``1 / sqrt(1 + (r / relative_step_cap)**2)`` with ``r`` as for ``step_size_feature``,
-            so a tensor whose step would be larger than ``relative_step_cap`` times its
-            parameters' RMS takes about that much instead (Adafactor / LAMB's relative step,
-            applied smoothly). Steps well inside the cap are left alone. It catches an oversized
-            ``lr`` at the first step, before the gradient features could show it. A setting, not
-            a weight: 0 (default) turns it off.
+            ``1 / sqrt(1 + (r / relative_step_cap)**2)``, ``r = RMS(lr * step) / RMS(params)``
+            the tensor's relative step this iteration (the parameters' RMS floored at 1e-3), so
+            a tensor whose step would be larger than ``relative_step_cap`` times its parameters'
+            RMS takes about that much instead (Adafactor's update clipping, applied smoothly).
+            Steps well inside the cap are left alone. It catches an oversized ``lr`` at the
+            first step, before the gradient features could show it. A setting, not a weight:
+            0 (default) turns it off.
     """
 
     rule_type = "HierarchicalRNN"
@@ -212,29 +226,33 @@ class HierarchicalRNN(UpdateRule):
         """``(S, 1)`` ``log r``, ``r = lr * exp(mean log lr) / RMS(params)`` of each tensor."""
         if step_scales is None:
             raise ValueError(
-                "HierarchicalRNN with step_size_feature, step_gain or relative_step_cap needs each tensor's step scale "
+                "HierarchicalRNN with step_size_feature or step_gain needs each tensor's step scale "
                 "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
             )
         dtype = self.param_in.weight.dtype
         return step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
 
     def segment_gain(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor | None:
-        """``(S,)`` factor on each tensor's step from ``step_gain`` and ``relative_step_cap``
-        (None with neither)."""
-        if not (self.step_gain or self.relative_step_cap > 0.0):
+        """``(S,)`` factor on each tensor's step from ``step_gain`` (None without it)."""
+        if not self.step_gain:
             return None
         dtype = self.param_in.weight.dtype
         log_ratio = self._log_relative_step(segment_state, step_scales)
-        log_gain = torch.zeros(log_ratio.shape[0], dtype=dtype, device=log_ratio.device)
-        if self.step_gain:
-            features = torch.cat([segment_state["h"].to(dtype), log_ratio.clamp(-10.0, 10.0)], dim=-1)
-            raw = self.gain_out(features).squeeze(-1)
-            log_gain = _GAIN_LIMIT * torch.tanh(raw / _GAIN_LIMIT)
-        if self.relative_step_cap > 0.0:
-            # log of 1 / sqrt(1 + (r' / cap)^2), r' the step after the gain; softplus keeps it finite.
-            excess = log_ratio.squeeze(-1) + log_gain - math.log(self.relative_step_cap)
-            log_gain = log_gain - 0.5 * F.softplus(2.0 * excess)
-        return torch.exp(log_gain)
+        features = torch.cat([segment_state["h"].to(dtype), log_ratio.clamp(-10.0, 10.0)], dim=-1)
+        raw = self.gain_out(features).squeeze(-1)
+        return torch.exp(_GAIN_LIMIT * torch.tanh(raw / _GAIN_LIMIT))
+
+    def cap_log_scale(self, step_scales: Tensor | None) -> Tensor | None:
+        """``(S,)`` float64 ``log(lr / (RMS(params) * relative_step_cap))`` of each tensor (None
+        without a cap): what :func:`relative_step_cap_factor` adds to the log RMS of a step."""
+        if self.relative_step_cap <= 0.0:
+            return None
+        if step_scales is None:
+            raise ValueError(
+                "HierarchicalRNN with relative_step_cap needs each tensor's step scale "
+                "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
+            )
+        return step_scales.to(torch.float64).reshape(-1) - math.log(self.relative_step_cap)
 
     def tensor_gates(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor:
         """``(S, 3 * param_hidden)``: what each tensor adds to its coordinates' GRU input gates
@@ -363,17 +381,28 @@ class HierarchicalRNN(UpdateRule):
         # batches, rescale_split_update makes each piece's update exact for the whole tensor.
         square_sum = segment_sum(direction.unsqueeze(-1) ** 2, ids, num)
         counts = segment_sum(torch.ones_like(direction).unsqueeze(-1), ids, num).squeeze(-1)
-        rms = _rms(square_sum.squeeze(-1), counts).to(dtype)
-        update = torch.exp(log_lr.squeeze(-1)) * direction / rms[ids]
+        rms64 = _rms(square_sum.squeeze(-1), counts)
+        step = torch.exp(log_lr.squeeze(-1)) * direction
+        update = step / rms64.to(dtype)[ids]
         gain = self.segment_gain(segment_state, context.step_scales)
         if gain is not None:
             update = update * gain[ids]
-
         context.segment_sums = {
             "h": segment_sum(h, ids, num),
             "log_lr": segment_sum(log_lr, ids, num),
             "direction_sq": square_sum,
         }
+        cap_log_scale = self.cap_log_scale(context.step_scales)
+        if cap_log_scale is not None:
+            if gain is not None:
+                cap_log_scale = cap_log_scale + torch.log(gain.to(torch.float64))
+            step_sq = segment_sum(step.unsqueeze(-1) ** 2, ids, num)
+            factor = relative_step_cap_factor(cap_log_scale - torch.log(rms64), step_sq.squeeze(-1), counts)
+            update = update * factor.to(dtype)[ids]
+            # For rescale_split_update: the step's squares, and the log scale weighted by the
+            # coordinates so that it too adds up over the pieces of a split tensor.
+            context.segment_sums["step_sq"] = step_sq
+            context.segment_sums["cap_log_scale"] = (cap_log_scale * counts).unsqueeze(-1)
         new_state = {
             "h": h.to(state["h"].dtype),
             "m": m.to(state["m"].dtype),
@@ -420,10 +449,18 @@ class HierarchicalRNN(UpdateRule):
         tensor_sums: dict[str, Tensor],
         tensor_count: int,
     ) -> Tensor:
-        # The piece was normalised by its own RMS; the tensor's is what forward means.
-        piece_rms = _rms(piece_sums["direction_sq"], torch.tensor(float(piece_count), dtype=torch.float64))
-        tensor_rms = _rms(tensor_sums["direction_sq"], torch.tensor(float(tensor_count), dtype=torch.float64))
-        return update * (piece_rms / tensor_rms).to(update.dtype)
+        # The piece was normalised (and capped) by its own sums; the tensor's are what forward means.
+        device = piece_sums["direction_sq"].device
+        counts = torch.tensor([float(piece_count), float(tensor_count)], dtype=torch.float64, device=device)
+        direction_sq = torch.stack([piece_sums["direction_sq"], tensor_sums["direction_sq"]]).reshape(2)
+        rms = _rms(direction_sq.to(torch.float64), counts)
+        factor = rms[0] / rms[1]
+        if "step_sq" in piece_sums:
+            step_sq = torch.stack([piece_sums["step_sq"], tensor_sums["step_sq"]]).reshape(2).to(torch.float64)
+            log_scale = torch.stack([piece_sums["cap_log_scale"], tensor_sums["cap_log_scale"]]).reshape(2)
+            caps = relative_step_cap_factor(log_scale.to(torch.float64) / counts - torch.log(rms), step_sq, counts)
+            factor = factor * caps[1] / caps[0]
+        return update * factor.to(update.dtype)
 
     def finalize(
         self,

@@ -5,9 +5,10 @@
    lane each): gradient averages and mean squares at K time scales, the 2K+1 features, the
    P-unit GRU (its input biased by the coordinate's tensor), the read-out, the new log
    learning rate. It writes the state in place and exp(log lr) * direction into `update`,
-   and adds each tensor's sums (new hidden states, log learning rates, squared directions)
-   into `sums`, this call's own (S, P + 2) float64 block. The caller adds the blocks of all
-   calls, divides every tensor's update by its direction's RMS (hrnn_scale) and advances
+   and adds each tensor's sums (new hidden states, log learning rates, squared directions,
+   squared steps) into `sums`, this call's own (S, P + 3) float64 block. The caller adds the
+   blocks of all calls, scales every tensor's update (hrnn_scale: 1 / its direction's RMS,
+   times the rule's gain and step cap) and advances
    the tensor and global levels in PyTorch. A coordinate of a tensor whose keep flag is 0
    runs on a zero gradient and contributes its sums, but keeps its state and gets a zero
    update, as on the eager path. */
@@ -187,16 +188,18 @@ static inline __attribute__((always_inline)) void hrnn_range(
         if (uniform) {
             /* Eight coordinates of one tensor: added up in fp32 first (eight terms), then into
                the float64 running sums. */
-            double *row = sums + (int64_t)seg[0] * (P + 2);
+            double *row = sums + (int64_t)seg[0] * (P + 3);
             for (int j = 0; j < P; j++) row[j] += lane_sum(h[j]);
             row[P] += lane_sum(log_lr);
             row[P + 1] += lane_sum(direction * direction);
+            row[P + 2] += lane_sum(step * step);
         } else {
             for (int b = 0; b < count; b++) {
-                double *row = sums + (int64_t)seg[b] * (P + 2);
+                double *row = sums + (int64_t)seg[b] * (P + 3);
                 for (int j = 0; j < P; j++) row[j] += h[j][b];
                 row[P] += log_lr[b];
                 row[P + 1] += (double)direction[b] * direction[b];
+                row[P + 2] += (double)step[b] * step[b];
             }
         }
     }

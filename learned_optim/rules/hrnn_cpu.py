@@ -18,6 +18,7 @@ from torch import Tensor
 
 from learned_optim.rules.base import RuleState
 from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
+from learned_optim.rules.hierarchical import relative_step_cap_factor
 
 __all__ = ["check_step_inputs", "direction_scale", "hrnn_kernel_available", "hrnn_step_cpu", "no_sums", "supports"]
 
@@ -81,14 +82,29 @@ def no_sums(num_segments: int, param_hidden: int, device: torch.device | str = "
     }
 
 
-def direction_scale(square_sums: Tensor, counts: Tensor, segment_gain: Tensor | None = None) -> Tensor:
-    """``1 / RMS`` of each tensor's direction, as the eager rule computes it (float64), in fp32,
-    times the rule's per-tensor ``segment_gain`` where it has one."""
+def direction_scale(
+    square_sums: Tensor,
+    counts: Tensor,
+    segment_gain: Tensor | None = None,
+    step_square_sums: Tensor | None = None,
+    cap_log_scale: Tensor | None = None,
+) -> Tensor:
+    """What each tensor's summed step ``exp(log lr) * direction`` is multiplied by, in fp32:
+    ``1 / RMS`` of its direction, as the eager rule computes it (float64), times the rule's
+    per-tensor ``segment_gain`` and its ``relative_step_cap`` factor where it has them."""
     rms = torch.sqrt(square_sums / counts.to(torch.float64).clamp_min(1) + 1e-16)
-    scale = (1.0 / rms).float()
+    scale = 1.0 / rms
     if segment_gain is not None:
-        scale = scale * segment_gain
-    return scale.contiguous()
+        scale = scale * segment_gain.to(torch.float64)
+    if cap_log_scale is not None and step_square_sums is not None:
+        scale = scale * relative_step_cap_factor(cap_log_scale + torch.log(scale), step_square_sums, counts)
+    return scale.float().contiguous()
+
+
+def kernel_cap_log_scale(rule: torch.nn.Module, step_scales: Tensor | None) -> Tensor | None:
+    """The rule's ``(S,)`` float64 ``relative_step_cap`` log scales for a kernel, or None."""
+    log_scale = rule.cap_log_scale(step_scales)
+    return None if log_scale is None else log_scale.detach().contiguous()
 
 
 def kernel_segment_gain(rule: torch.nn.Module, segment_state: RuleState, step_scales: Tensor | None) -> Tensor | None:
@@ -170,6 +186,7 @@ def hrnn_step_cpu(
         rule.k,
         int(rule.agreement_feature),
         kernel_segment_gain(rule, segment_state, step_scales),
+        kernel_cap_log_scale(rule, step_scales),
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
@@ -198,18 +215,20 @@ def _hrnn_step_cpu_op(
     timescales: int,
     agreement_feature: int,
     segment_gain: Tensor | None,
+    cap_log_scale: Tensor | None,
     lr_change_scale: float,
     lr_leak: float,
     log_min_lr: float,
     log_max_lr: float,
 ) -> Tensor:
-    """Both kernel passes; returns the per-tensor float64 sums ``(S, P + 2)`` (h, log lr, direction²)."""
+    """Both kernel passes; returns the per-tensor float64 sums ``(S, P + 3)`` (h, log lr,
+    direction², step²)."""
     library = _KERNEL.load()
     if library is None:
         raise RuntimeError(f"the fused CPU kernel of the hierarchical RNN is unavailable: {_KERNEL.error}")
     n, p = update.numel(), param_hidden
     ranges = split_ranges(n, align=8)
-    partial_sums = torch.zeros(len(ranges), counts.numel(), p + 2, dtype=torch.float64)
+    partial_sums = torch.zeros(len(ranges), counts.numel(), p + 3, dtype=torch.float64)
     common = (
         (update if grad is None else grad).data_ptr(),
         h.data_ptr(),
@@ -233,7 +252,7 @@ def _hrnn_step_cpu_op(
         library.hrnn_step, [(lo, hi, *common, partial_sums[i].data_ptr()) for i, (lo, hi) in enumerate(ranges)]
     )
     sums = partial_sums.sum(0)
-    scale = direction_scale(sums[:, p + 1], counts, segment_gain)
+    scale = direction_scale(sums[:, p + 1], counts, segment_gain, sums[:, p + 2], cap_log_scale)
     run_parallel(
         library.hrnn_scale, [(lo, hi, update.data_ptr(), segment_ids.data_ptr(), scale.data_ptr()) for lo, hi in ranges]
     )
@@ -242,4 +261,4 @@ def _hrnn_step_cpu_op(
 
 @_hrnn_step_cpu_op.register_fake
 def _hrnn_step_cpu_fake(grad, h, m, v, log_lr, update, keep, segment_ids, counts, weights, param_hidden, *rest):
-    return counts.new_empty((counts.shape[0], param_hidden + 2), dtype=torch.float64)
+    return counts.new_empty((counts.shape[0], param_hidden + 3), dtype=torch.float64)

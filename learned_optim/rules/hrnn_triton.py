@@ -5,10 +5,11 @@ One program handles ``BLOCK`` coordinates: gradient averages and mean squares at
 scales, the features, the ``P``-unit GRU (gate products as ``tl.dot`` tiles, weights
 zero-padded to 16 and read from cache), the read-out and the new log learning rates; it
 writes the state in place and ``exp(log lr) * direction`` into ``update``. The per-tensor
-sums the tensor level needs (new hidden states, log learning rates, squared directions) go
-to a float64 buffer with atomics: one per block for the block's first tensor (almost always
-all of it) and one per coordinate only for the rows of other tensors. A second kernel
-divides every coordinate's update by its tensor's direction RMS. No host synchronisation.
+sums the tensor level needs (new hidden states, log learning rates, squared directions and
+steps) go to a float64 buffer with atomics: one per block for the block's first tensor (almost
+always all of it) and one per coordinate only for the rows of other tensors. A second kernel
+scales every coordinate's update by its tensor's factor (1 / direction RMS, times the rule's
+gain and step cap). No host synchronisation.
 Tested against the eager rule through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
@@ -21,7 +22,13 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.base import RuleState
-from learned_optim.rules.hrnn_cpu import check_step_inputs, direction_scale, kernel_segment_gain, no_sums
+from learned_optim.rules.hrnn_cpu import (
+    check_step_inputs,
+    direction_scale,
+    kernel_cap_log_scale,
+    kernel_segment_gain,
+    no_sums,
+)
 from learned_optim.rules.triton_common import launch_ranges, tl, triton
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
@@ -186,21 +193,24 @@ if triton is not None:
         tl.store(lr_ptr + rows, new_lr.to(lr_ptr.dtype.element_ty), mask=write)
         tl.store(update_ptr + rows, tl.where(write, step, 0.0), mask=in_range)
 
-        # Per-tensor sums (width PP + 2 per tensor, float64): the block's first tensor with one
+        # Per-tensor sums (width PP + 3 per tensor, float64): the block's first tensor with one
         # atomic per value, rows of any other tensor (blocks that straddle tensors) one by one.
-        width = PP + 2
+        width = PP + 3
         first = tl.load(seg_ptr + pid * BLOCK_SIZE)
         same = in_range & (seg == first)
         other = in_range & (seg != first)
         h64 = h_new.to(tl.float64)
         lr64 = new_lr.to(tl.float64)
         sq64 = (direction * direction).to(tl.float64)
+        step64 = (step * step).to(tl.float64)
         tl.atomic_add(sums_ptr + first * width + pp, tl.sum(tl.where(same[:, None], h64, 0.0), axis=0), mask=pmask)
         tl.atomic_add(sums_ptr + first * width + PP, tl.sum(tl.where(same, lr64, 0.0), axis=0))
         tl.atomic_add(sums_ptr + first * width + PP + 1, tl.sum(tl.where(same, sq64, 0.0), axis=0))
+        tl.atomic_add(sums_ptr + first * width + PP + 2, tl.sum(tl.where(same, step64, 0.0), axis=0))
         tl.atomic_add(sums_ptr + seg[:, None] * width + pp[None, :], h64, mask=other[:, None] & pmask[None, :])
         tl.atomic_add(sums_ptr + seg * width + PP, lr64, mask=other)
         tl.atomic_add(sums_ptr + seg * width + PP + 1, sq64, mask=other)
+        tl.atomic_add(sums_ptr + seg * width + PP + 2, step64, mask=other)
 
     @triton.jit
     def _scale_kernel(update_ptr, seg_ptr, scale_ptr, n, BLOCK_SIZE: tl.constexpr):
@@ -259,6 +269,7 @@ def hrnn_step_triton(
         rule.k,
         bool(getattr(rule, "agreement_feature", False)),
         kernel_segment_gain(rule, segment_state, step_scales),
+        kernel_cap_log_scale(rule, step_scales),
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
@@ -288,16 +299,17 @@ def _hrnn_step_triton_op(
     timescales: int,
     agreement_feature: bool,
     segment_gain: Tensor | None,
+    cap_log_scale: Tensor | None,
     lr_change_scale: float,
     lr_leak: float,
     log_min_lr: float,
     log_max_lr: float,
     precision: str,
 ) -> Tensor:
-    """Both kernels; returns the per-tensor float64 sums ``(S, PP + 2)`` (h, log lr, direction²)."""
+    """Both kernels; returns the per-tensor float64 sums ``(S, PP + 3)`` (h, log lr, direction², step²)."""
     n = update.numel()
     pp, kp = _padded(param_hidden), _padded(timescales)
-    sums = torch.zeros(counts.numel(), pp + 2, dtype=torch.float64, device=update.device)
+    sums = torch.zeros(counts.numel(), pp + 3, dtype=torch.float64, device=update.device)
     source = update if grad is None else grad
     # The per-tensor sums accumulate across launches.
     for start, end in launch_ranges(n, BLOCK, max(param_hidden, timescales), MAX_STATE_ELEMENTS):
@@ -309,7 +321,7 @@ def _hrnn_step_triton_op(
             BLOCK_SIZE=BLOCK, PRECISION=precision,
             num_warps=4,
         )  # fmt: skip
-    scale = direction_scale(sums[:, pp + 1], counts, segment_gain)
+    scale = direction_scale(sums[:, pp + 1], counts, segment_gain, sums[:, pp + 2], cap_log_scale)
     _scale_kernel[(triton.cdiv(n, 1024),)](update, segment_ids, scale, n, BLOCK_SIZE=1024)
     return sums
 
@@ -317,4 +329,4 @@ def _hrnn_step_triton_op(
 @_hrnn_step_triton_op.register_fake
 def _hrnn_step_triton_fake(grad, h, m, v, log_lr, update, keep, segment_ids, counts, *rest):
     param_hidden = rest[3]
-    return counts.new_empty((counts.shape[0], _padded(param_hidden) + 2), dtype=torch.float64)
+    return counts.new_empty((counts.shape[0], _padded(param_hidden) + 3), dtype=torch.float64)
