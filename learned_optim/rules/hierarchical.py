@@ -222,13 +222,18 @@ class HierarchicalRNN(UpdateRule):
     def needs_step_scales(self) -> bool:
         return self.step_size_feature or self.step_gain or self.relative_step_cap > 0.0
 
-    def _log_relative_step(self, segment_state: RuleState, step_scales: Tensor | None) -> Tensor:
-        """``(S, 1)`` ``log r``, ``r = lr * exp(mean log lr) / RMS(params)`` of each tensor."""
+    @staticmethod
+    def _require_step_scales(step_scales: Tensor | None, options: str) -> Tensor:
         if step_scales is None:
             raise ValueError(
-                "HierarchicalRNN with step_size_feature or step_gain needs each tensor's step scale "
+                f"HierarchicalRNN with {options} needs each tensor's step scale "
                 "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
             )
+        return step_scales
+
+    def _log_relative_step(self, segment_state: RuleState, step_scales: Tensor | None) -> Tensor:
+        """``(S, 1)`` ``log r``, ``r = lr * exp(mean log lr) / RMS(params)`` of each tensor."""
+        step_scales = self._require_step_scales(step_scales, "step_size_feature or step_gain")
         dtype = self.param_in.weight.dtype
         return step_scales.to(dtype).reshape(-1, 1) + segment_state["mean_log_lr"].to(dtype)
 
@@ -247,11 +252,7 @@ class HierarchicalRNN(UpdateRule):
         without a cap): what :func:`relative_step_cap_factor` adds to the log RMS of a step."""
         if self.relative_step_cap <= 0.0:
             return None
-        if step_scales is None:
-            raise ValueError(
-                "HierarchicalRNN with relative_step_cap needs each tensor's step scale "
-                "(StepContext.step_scales, from learned_optim.rules.base.step_scales(params, lr))"
-            )
+        step_scales = self._require_step_scales(step_scales, "relative_step_cap")
         return step_scales.to(torch.float64).reshape(-1) - math.log(self.relative_step_cap)
 
     def tensor_gates(self, segment_state: RuleState, step_scales: Tensor | None = None) -> Tensor:
