@@ -617,6 +617,28 @@ def test_float64_model():
     assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
 
 
+def test_second_order_meta_gradients_of_a_momentum_rule_are_finite_where_gradients_are_zero():
+    # Like MNIST's border pixels: an input that is always zero gives its weights exactly zero
+    # gradients, where the momentum inputs m / sqrt(v) are 0 / 0 (a NaN second-order gradient
+    # once, so every update was skipped).
+    def sampler(generator):
+        x, y = tiny_sampler(generator)
+        return torch.cat((x, torch.zeros(len(x), 1)), dim=1), y
+
+    task = Task(
+        model=lambda: nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)),
+        loss=nn.functional.mse_loss,
+        data=sampler,
+    )
+    torch.manual_seed(0)
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9])
+    before = weights(rule)
+    meta_fit(rule, task, steps=6, unroll=3, meta_iterations=3, second_order=True, validate_every=0, progress=False)
+    assert rule.meta_fit_history.skipped_updates == 0
+    assert not same_weights(weights(rule), before)
+    assert all(torch.isfinite(w).all() for w in rule.parameters())
+
+
 # ---------------------------------------------------------------------------- errors
 def _fit(task, **kwargs):
     settings = dict(steps=5, unroll=5, meta_iterations=2, validate_every=0, progress=False)

@@ -26,6 +26,9 @@ from learned_optim.rules.base import (
 from learned_optim.rules.lstm_pack import device_vector
 from learned_optim.rules.preprocess import log_sign_preprocess
 
+# Mean squares at or below this feed the momentum inputs without a gradient (see momentum_features).
+_TINY_MEAN_SQUARE = 1e-20
+
 
 def _tanh(x: Tensor) -> Tensor:
     # tanh(x) = 2 sigmoid(2x) - 1: the same function, about 3x faster than torch.tanh on CPU.
@@ -212,13 +215,20 @@ class CoordinateLSTM(UpdateRule):
         fresh = v == 0
         m_new = torch.where(fresh.unsqueeze(-1), grad.unsqueeze(-1), decays * m + (1 - decays) * grad.unsqueeze(-1))
         v_new = torch.where(fresh, squared, self.rms_decay * v + (1 - self.rms_decay) * squared)
-        # 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero.
-        scaled = m_new * torch.rsqrt(v_new + 1e-30).unsqueeze(-1)
+        # 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero. There m / sqrt(v)
+        # is a step from -1 to 1 whose derivative (and rsqrt's, ~1e45) overflows fp32: NaN or
+        # inf in second-order meta-gradients. At or below _TINY_MEAN_SQUARE the feature keeps
+        # its value and carries no gradient.
+        tiny = v_new <= _TINY_MEAN_SQUARE
+        safe_v = torch.where(tiny, 1.0, v_new)
+        scaled = torch.where(
+            tiny.unsqueeze(-1),
+            (m_new * torch.rsqrt(v_new + 1e-30).unsqueeze(-1)).detach(),
+            m_new * torch.rsqrt(safe_v + 1e-30).unsqueeze(-1),
+        )
         return scaled, m_new, v_new
 
-    def forward(
-        self, grad: Tensor, state: RuleState, context: StepContext | None = None
-    ) -> tuple[Tensor, RuleState]:
+    def forward(self, grad: Tensor, state: RuleState, context: StepContext | None = None) -> tuple[Tensor, RuleState]:
         compute_dtype = self.output.weight.dtype
         x = self.features(grad.to(compute_dtype))
         if self.momentum_decays:
