@@ -255,11 +255,12 @@ def _hierarchical_rule():
     [
         (small_rule, lambda: make_tiny(), {}),
         (small_rule, lambda: make_tiny(), {"meta_grad_fraction": 0.5, "lr_scale_range": 10.0}),
+        (small_rule, lambda: make_tiny(), {"second_order": True}),
         (small_rule, lambda: make_tiny(name="dropout", model=_dropout_model), {}),
         (_hierarchical_rule, lambda: make_tiny(), {"lr_scale_range": 10.0, "meta_loss": "log-ramp"}),
         (_hierarchical_rule, lambda: "problem-set-long", {"instances": 1, "steps": 6, "unroll": 6}),
     ],
-    ids=["lstm", "lstm-subset-lr-scale", "lstm-dropout", "hrnn-tiny", "hrnn-problem-set"],
+    ids=["lstm", "lstm-subset-lr-scale", "lstm-second-order", "lstm-dropout", "hrnn-tiny", "hrnn-problem-set"],
 )
 @pytest.mark.parametrize("segment", [1, 2, 4])
 def test_gradient_checkpointing_gives_the_same_meta_training(make_rule, task_factory, overrides, segment):
