@@ -176,12 +176,12 @@ def main() -> None:
     parser.add_argument(
         "--lstm-config",
         default="{}",
-        help='CoordinateLSTM config as JSON, e.g. \'{"momentum_decays": [0.5, 0.9, 0.99]}\' (default: the paper\'s)',
+        help="CoordinateLSTM config as JSON, e.g. '{\"momentum_decays\": [0.5, 0.9, 0.99]}' (default: the paper's)",
     )
     parser.add_argument(
         "--triton-launch",
         default="{}",
-        help='override the Triton LSTM kernel\'s launch settings (lstm_triton.LAUNCH), e.g. \'{"block": 128}\'',
+        help="override the Triton LSTM kernel's launch settings (lstm_triton.LAUNCH), e.g. '{\"block\": 128}'",
     )
     args = parser.parse_args()
     if args.triton_launch != "{}":

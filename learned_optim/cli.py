@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--task", required=True, help="task name(s), comma separated, or module:attribute")
     mf.add_argument("--out", required=True, help="output directory (rule files; checkpoints in OUT/checkpoint)")
     mf.add_argument("--rule", default="CoordinateLSTM", help="rule type")
-    mf.add_argument("--rule-config", default="", help='JSON of rule arguments, e.g. \'{"hidden_size": 20}\'')
+    mf.add_argument("--rule-config", default="", help="JSON of rule arguments, e.g. '{\"hidden_size\": 20}'")
     mf.add_argument("--seed", type=int, default=0)
     mf.add_argument("--steps", type=int, default=100, help="inner steps per task instance")
     mf.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")

@@ -30,7 +30,6 @@ EVALUATION_SEED_BASE = 2 * 10**8
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
 
-
 @dataclass(frozen=True)
 class Baseline:
     """A hand-designed optimizer at a given lr: ``Baseline(torch.optim.SGD, {"momentum": 0.9})(params, lr)``.

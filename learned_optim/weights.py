@@ -56,9 +56,7 @@ def list_pretrained() -> list[str]:
     root = bundled_dir()
     if not root.is_dir():
         return []
-    return sorted(
-        d.name for d in root.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file()
-    )
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / CONFIG_NAME).is_file())
 
 
 def check_savable(rule: UpdateRule) -> None:
@@ -285,8 +283,7 @@ def _check_header(
     for name, shape in shapes.items():
         if shape != tuple(expected[name].shape):
             raise PretrainedError(
-                f"{weights_path}: tensor {name!r} has shape {shape}, the config "
-                f"implies {tuple(expected[name].shape)}"
+                f"{weights_path}: tensor {name!r} has shape {shape}, the config implies {tuple(expected[name].shape)}"
             )
 
 
@@ -349,9 +346,7 @@ def resolve_rule(
         _no_revision(revision, name, f"the local directory {str(path.resolve())!r}")
         return load_from_directory(path)
     if is_path or _looks_like_path(name) or path.exists():
-        raise PretrainedError(
-            f"{name!r}: no such directory (bundled rules: {bundled or 'none'})"
-        )
+        raise PretrainedError(f"{name!r}: no such directory (bundled rules: {bundled or 'none'})")
     if "/" not in name:
         raise PretrainedError(
             f"{name!r} is not a bundled rule (bundled: {bundled or 'none'}), a local directory, "

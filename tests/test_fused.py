@@ -43,10 +43,7 @@ def _inputs(rule: CoordinateLSTM, n: int, seed: int = 1, dtype: torch.dtype = to
     # Magnitudes from 1e-9 to 10, exact zeros, and values below the preprocessing cut-off exp(-p).
     grad = torch.randn(n, generator=g) * torch.logspace(-9, 1, n)
     grad[::17] = 0.0
-    state = {
-        k: (torch.randn((n, *shape), generator=g) * 0.5).to(dtype)
-        for k, shape in rule.state_spec().items()
-    }
+    state = {k: (torch.randn((n, *shape), generator=g) * 0.5).to(dtype) for k, shape in rule.state_spec().items()}
     return grad.to(DEVICE), {k: v.to(DEVICE) for k, v in state.items()}
 
 
@@ -86,7 +83,6 @@ def test_kernel_matches_eager_fp32(config, impl):
     assert _rel(c, expected_state["c"]) < 1e-5
 
 
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C kernel")
 def test_cpu_kernel_leaves_rules_with_more_state_than_its_scratch_to_eager():
     """The C kernel keeps num_layers * hidden_size <= 256 state units per coordinate in its block
@@ -106,6 +102,7 @@ def test_cpu_kernel_leaves_rules_with_more_state_than_its_scratch_to_eager():
             opt.step()
         results.append(param.detach().clone())
     torch.testing.assert_close(results[1], results[0])
+
 
 @over_kernels
 def test_kernel_with_bf16_state_matches_eager_with_bf16_state(impl):
@@ -349,9 +346,7 @@ def test_fused_state_lives_in_one_buffer_and_resumes_across_impls(impl):
         checkpoint = torch.load(saved, weights_only=True)
         resumed = _model()
         resumed.load_state_dict(checkpoint["model"])
-        resumed_opt = LearnedOptimizer(
-            _groups(resumed), pretrained=_trained_like(CoordinateLSTM(), seed=3), impl=impl
-        )
+        resumed_opt = LearnedOptimizer(_groups(resumed), pretrained=_trained_like(CoordinateLSTM(), seed=3), impl=impl)
         resumed_opt.load_state_dict(checkpoint["opt"])
         g = torch.Generator().manual_seed(9)
         for _ in range(2):

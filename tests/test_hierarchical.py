@@ -684,8 +684,6 @@ def test_empty_tensors():
     assert not torch.equal(full.detach(), before) and torch.isfinite(full.detach()).all()
 
 
-
-
 def _cpu_kernels(rule: HierarchicalRNN) -> list[str]:
     """The rule's fused kernels that run on CPU tensors here (Triton only through its interpreter)."""
     return [impl for impl in rule.fused_impls() if impl != "triton" or triton_usable_on(torch.device("cpu"))]
@@ -703,6 +701,7 @@ def test_learned_step_without_tensor_or_global_state_raises_before_changing_anyt
         learned_step(rule, [StepEntry(param, grad, state, 1.0, 0.0, False)], global_state=rule.init_global_state())
     assert torch.equal(param, before[0])
     assert all(torch.equal(state[k], v) for k, v in before[1].items())
+
 
 @pytest.mark.parametrize("agreement", [False, True], ids=["paper", "agreement"])
 def test_huge_finite_gradients_give_finite_updates_on_every_impl(agreement):

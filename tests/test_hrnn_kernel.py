@@ -41,6 +41,7 @@ def _kernel_step(impl, rule, grad, state, update, ids, sizes, segment, keep=None
     update.copy_(out.cpu())
     return {k: v.cpu() for k, v in sums.items()}
 
+
 # One step matches the eager rule within 1e-5 relative (exp/log/sigmoid approximations at fp32
 # accuracy); over a few optimizer steps the last-bit differences compound through the params.
 STEP_RTOL = 1e-5

@@ -251,9 +251,7 @@ def test_config_and_weights_come_from_one_commit(hub: HubServer, online: Worker,
     assert loaded == rule_state(old)
 
 
-def test_offline_mode_loads_from_a_warm_cache(
-    hub: HubServer, online: Worker, offline: Worker, tmp_path: Path
-) -> None:
+def test_offline_mode_loads_from_a_warm_cache(hub: HubServer, online: Worker, offline: Worker, tmp_path: Path) -> None:
     main, v2 = make_rule(2), make_rule(3)
     publish(hub, "acme/cached", main)
     publish(hub, "acme/cached", v2, revision="v2")
@@ -364,9 +362,7 @@ def test_push_to_hub_round_trips_exactly(
     assert client("load_rule", repo_id, cache_dir=cache) == rule_state(second)
 
 
-def test_push_to_hub_to_a_new_branch_and_with_a_model_card(
-    hub: HubServer, online: Worker, tmp_path: Path
-) -> None:
+def test_push_to_hub_to_a_new_branch_and_with_a_model_card(hub: HubServer, online: Worker, tmp_path: Path) -> None:
     main, v2 = make_rule(8), make_rule(9)
     card = "---\nlibrary_name: learned_optim\n---\n# A tiny LSTM rule\n"
     online("push", str(save_pretrained(main, tmp_path / "main")), "acme/branched", model_card=card)

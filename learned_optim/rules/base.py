@@ -142,8 +142,7 @@ def check_state_specs(rule: UpdateRule) -> None:
                 # The optimizer keeps per-tensor state under "rule.segment.<name>": such a name
                 # would be read back as per-tensor state.
                 raise ValueError(
-                    f"{name}.{hook}(): the name {key!r} is reserved "
-                    f"(names must not start with 'segment.')"
+                    f"{name}.{hook}(): the name {key!r} is reserved (names must not start with 'segment.')"
                 )
             if not (
                 isinstance(shape, (tuple, list))
@@ -408,14 +407,9 @@ class UpdateRule(nn.Module):
         self, n: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> RuleState:
         """Fresh state for ``n`` coordinates (zeros unless a subclass overrides)."""
-        return {
-            name: torch.zeros((n, *shape), device=device, dtype=dtype)
-            for name, shape in self.state_spec().items()
-        }
+        return {name: torch.zeros((n, *shape), device=device, dtype=dtype) for name, shape in self.state_spec().items()}
 
-    def forward(
-        self, grad: Tensor, state: RuleState, context: StepContext | None = None
-    ) -> tuple[Tensor, RuleState]:
+    def forward(self, grad: Tensor, state: RuleState, context: StepContext | None = None) -> tuple[Tensor, RuleState]:
         """Return ``(update, new_state)`` for a flat batch of coordinates.
 
         Args:
@@ -485,9 +479,7 @@ class UpdateRule(nn.Module):
 
         rule = load_rule(name_or_path, **kwargs)
         if cls is not UpdateRule and not isinstance(rule, cls):
-            raise TypeError(
-                f"{name_or_path!r} holds a {type(rule).__name__}, not a {cls.__name__}"
-            )
+            raise TypeError(f"{name_or_path!r} holds a {type(rule).__name__}, not a {cls.__name__}")
         return rule
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:

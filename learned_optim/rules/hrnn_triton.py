@@ -279,9 +279,7 @@ def hrnn_step_triton(
     return {"h": sums[:, :p], "log_lr": sums[:, pp : pp + 1], "direction_sq": sums[:, pp + 1 : pp + 2]}
 
 
-@torch.library.custom_op(
-    "learned_optim::hrnn_step_triton", mutates_args=("h", "m", "v", "log_lr", "update")
-)
+@torch.library.custom_op("learned_optim::hrnn_step_triton", mutates_args=("h", "m", "v", "log_lr", "update"))
 def _hrnn_step_triton_op(
     grad: Tensor | None,
     h: Tensor,

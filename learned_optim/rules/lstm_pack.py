@@ -28,9 +28,7 @@ def input_count(rule: torch.nn.Module) -> int:
 class PackedLSTMWeights:
     """The rule's weights laid out for the kernel (gate-major, zero-padded), plus a key to detect changes."""
 
-    def __init__(
-        self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, decays: Tensor, key: tuple[Any, ...]
-    ) -> None:
+    def __init__(self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, decays: Tensor, key: tuple[Any, ...]) -> None:
         self.wx, self.wh, self.bias, self.out, self.decays, self.key = wx, wh, bias, out, decays, key
 
     def tensors(self) -> list[Tensor]:

@@ -295,4 +295,3 @@ def _lstm_step_triton_op(
 @_lstm_step_triton_op.register_fake
 def _lstm_step_triton_fake(*args: object) -> None:
     return None
-

@@ -23,9 +23,7 @@ class ReversalTransformer(nn.Module):
     vocab)`` logits. ``norm_first=False`` gives the post-norm layout of the original
     transformer."""
 
-    def __init__(
-        self, vocab: int, length: int, width: int, heads: int, layers: int, norm_first: bool = True
-    ) -> None:
+    def __init__(self, vocab: int, length: int, width: int, heads: int, layers: int, norm_first: bool = True) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Parameter(0.02 * torch.randn(length, width))
