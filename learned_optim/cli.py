@@ -90,6 +90,37 @@ def _last_checkpoint_iteration(checkpoints: Path) -> int | None:
         return None
 
 
+def _where_to_resume(checkpoints: Path) -> str:
+    done = _last_checkpoint_iteration(checkpoints)
+    if done is None:
+        return "no checkpoint was written yet"
+    return f"{checkpoints} holds the checkpoint of meta-iteration {done}: continue with --resume"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _out_of_memory_hint(config: Any) -> str:
+    """What lowers meta-training's memory, given the flags of the run that ran out."""
+    # Backpropagation through an unroll keeps every inner step's activations; recomputing
+    # segments of about sqrt(unroll) steps keeps ~2*sqrt(unroll) of them for the same meta-gradient.
+    ways = []
+    if config.grad_checkpoint_steps == 0 and config.unroll > 4:
+        segment = max(2, round(math.sqrt(config.unroll)))
+        ways.append(f"--grad-checkpoint-steps {segment} (the same meta-gradient, ~20-30% more time)")
+    if config.instances > 1:
+        ways.append(f"fewer --instances (now {config.instances})")
+    ways.append(f"a shorter --unroll (now {config.unroll})")
+    if config.second_order:
+        ways.append("dropping --second-order")
+    return "to use less memory try " + ", or ".join(ways)
+
+
 def _discard_checkpoint(checkpoints: Path) -> None:
     """Remove a meta-fit checkpoint (for ``--overwrite``), its pointer ``checkpoint.json`` first."""
     (checkpoints / "checkpoint.json").unlink(missing_ok=True)
@@ -202,14 +233,18 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     try:
         rule = trainer.run()
     except KeyboardInterrupt:
-        done = _last_checkpoint_iteration(checkpoints)
-        where = (
-            "no checkpoint was written yet"
-            if done is None
-            else f"{checkpoints} holds the checkpoint of meta-iteration {done}: continue with --resume"
-        )
+        where = _where_to_resume(checkpoints)
         print(f"interrupted at meta-iteration {trainer.history.iteration}; {where}", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        print(
+            f"error: out of memory at meta-iteration {trainer.history.iteration} ({str(err).splitlines()[0][:200]}); "
+            f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)} (the memory flags may change)",
+            file=sys.stderr,
+        )
+        return 1
     h = trainer.history
     metadata = {
         "command": _command_line(args),

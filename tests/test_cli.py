@@ -180,6 +180,61 @@ def test_meta_fit_ctrl_c_reports_the_checkpoint_to_resume_from(tmp_path, capsys,
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
+def test_meta_fit_out_of_memory_says_how_to_use_less_and_where_to_resume(error, tmp_path, capsys, monkeypatch):
+    from learned_optim.meta_fit import MetaTrainer
+
+    real_step = MetaTrainer.step
+
+    def step(self):
+        if self.history.iteration == 3:
+            raise error
+        return real_step(self)
+
+    monkeypatch.setattr(MetaTrainer, "step", step)
+    out = tmp_path / "out"
+    argv = [*META_FIT_TINY, "--meta-iterations", "6", "--out", str(out), "--unroll", "4", "--instances", "2"]
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "out of memory at meta-iteration 3" in err and "Traceback" not in err
+    assert "--grad-checkpoint-steps 2" not in err  # 4-step unrolls: nothing to gain from checkpointing
+    assert "fewer --instances (now 2)" in err and "meta-iteration 2" in err and "--resume" in err
+    assert (out / "checkpoint" / "checkpoint.json").is_file()
+    assert not (out / "model.safetensors").exists()
+
+
+def test_meta_fit_out_of_memory_suggests_checkpointing_for_long_unrolls(tmp_path, capsys, monkeypatch):
+    from learned_optim.meta_fit import MetaTrainer
+
+    def step(self):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(MetaTrainer, "step", step)
+    argv = [*META_FIT_TINY, "--meta-iterations", "2", "--out", str(tmp_path / "out"), "--steps", "100"]
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*argv, "--unroll", "100"]) == 1
+    err = capsys.readouterr().err
+    assert "--grad-checkpoint-steps 10" in err and "no checkpoint was written yet" in err
+
+
+def test_meta_fit_other_runtime_errors_are_not_reported_as_memory(tmp_path, monkeypatch):
+    from learned_optim.meta_fit import MetaTrainer
+
+    def step(self):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(MetaTrainer, "step", step)
+    with pytest.raises(RuntimeError, match="shape mismatch"), torch.random.fork_rng(devices=[]):
+        run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(tmp_path / "out")])
+
+
 def test_meta_fit_overwrite_discards_the_old_checkpoint_at_once(tmp_path, capsys, monkeypatch):
     # Otherwise an --overwrite run cut off before its first checkpoint leaves the old one,
     # and a later --resume silently continues the old run.
