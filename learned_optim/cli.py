@@ -105,14 +105,19 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def _out_of_memory_hint(config: Any) -> str:
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def _out_of_memory_hint(config: MetaFitConfig) -> str:
     """What lowers meta-training's memory, given the flags of the run that ran out."""
     # Backpropagation through an unroll keeps every inner step's activations; recomputing
     # segments of about sqrt(unroll) steps keeps ~2*sqrt(unroll) of them for the same meta-gradient.
     ways = []
     if config.grad_checkpoint_steps == 0 and config.unroll > 4:
         segment = max(2, round(math.sqrt(config.unroll)))
-        ways.append(f"--grad-checkpoint-steps {segment} (the same meta-gradient, ~20-30% more time)")
+        hint = "same meta-gradient, one more forward pass, --resume accepts it"
+        ways.append(f"--grad-checkpoint-steps {segment} ({hint})")
     if config.instances > 1:
         ways.append(f"fewer --instances (now {config.instances})")
     ways.append(f"a shorter --unroll (now {config.unroll})")
@@ -240,8 +245,8 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         if not _is_out_of_memory(err):
             raise
         print(
-            f"error: out of memory at meta-iteration {trainer.history.iteration} ({str(err).splitlines()[0][:200]}); "
-            f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)} (the memory flags may change)",
+            f"error: out of memory at meta-iteration {trainer.history.iteration} ({_first_line(err)}); "
+            f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)}",
             file=sys.stderr,
         )
         return 1

@@ -1050,7 +1050,10 @@ class MetaTrainer:
         ours = json.loads(json.dumps(asdict(self.config)))
         defaults = json.loads(json.dumps(asdict(MetaFitConfig())))
         # Settings added after a checkpoint was written count as their defaults.
-        differing = {k for k in ours if k != "meta_iterations" and saved_cfg.get(k, defaults[k]) != ours[k]}
+        # Free to change on resume: the run's length, and gradient checkpointing (the same
+        # meta-gradient with less memory, e.g. after running out of it).
+        free = {"meta_iterations", "grad_checkpoint_steps"}
+        differing = {k for k in ours if k not in free and saved_cfg.get(k, defaults[k]) != ours[k]}
         if differing:
             raise ValueError(f"{meta_path}: meta-training settings differ from the checkpoint's: {sorted(differing)}")
         saved_tasks = meta.get("tasks")  # absent in checkpoints written before it was recorded

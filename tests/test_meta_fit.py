@@ -331,6 +331,23 @@ def test_resume_refuses_a_different_config(tmp_path):
         other.load_checkpoint(tmp_path / "elsewhere")
 
 
+def test_resume_may_turn_on_gradient_checkpointing(tmp_path):
+    # The hint after running out of memory: same meta-gradient, so the run continues as it was.
+    straight = small_rule()
+    straight_trainer = MetaTrainer(straight, tiny, _config(8, checkpoint_every=4, validate_every=0), progress=False)
+    straight_trainer.run()
+    MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=4, validate_every=0), tmp_path, progress=False).run()
+    resumed = small_rule()
+    config = _config(8, checkpoint_every=4, validate_every=0, grad_checkpoint_steps=2)
+    trainer = MetaTrainer(resumed, tiny, config, tmp_path, progress=False)
+    trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 4
+    trainer.run()
+    assert trainer.history.meta_losses == pytest.approx(straight_trainer.history.meta_losses, rel=1e-5)
+    for name, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_resume_of_a_hierarchical_rule_equals_straight_run(tmp_path):
     # Checkpoint tensors are copied on load: unaligned safetensors memory made the resumed
     # HierarchicalRNN run drift by ~1e-8 from the straight one.
