@@ -284,6 +284,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from learned_optim.report import write_report
 
     _set_threads(args.threads)
+    if args.seed_start is not None:
+        if args.suite:
+            raise ValueError("--seed-start is not supported with --suite (suites fix their own seeds)")
+        if args.seed_start < 0:
+            raise ValueError(f"--seed-start must be a non-negative integer, got {args.seed_start}")
     out = _output_folder(args.out)
     rules = [r for r in args.rules.split(",") if r]
     rule_lrs = _parse_rule_lrs(args.rule_lr)
@@ -300,7 +305,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         family if ":" in args.task else args.task,
         rules=rules,
         steps=args.steps,
-        seeds=args.seeds,
+        seeds=args.seeds if args.seed_start is None else range(args.seed_start, args.seed_start + args.seeds),
         baselines=args.baselines.split(","),
         cache_path=out / ".cache" / f"{task_name}.json",
         progress=not args.quiet,
@@ -470,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--steps", type=int, default=100)
     cp.add_argument("--seeds", type=int, default=None, help="evaluation seeds (default 10; seed-xor: 500)")
+    cp.add_argument(
+        "--seed-start",
+        type=int,
+        default=None,
+        help="first evaluation seed (default: the standard evaluation seeds; another start gives fresh "
+        "seeds never used to choose between rules)",
+    )
     cp.add_argument("--suite", choices=("paper", "seed-xor"), default=None, help="run a benchmark suite")
     cp.add_argument("--baselines", default="adam,rmsprop,sgd,nesterov")
     cp.add_argument("--out", default="results")

@@ -74,6 +74,38 @@ def test_compare_runs_rules_at_other_lr_multipliers(rule_dir, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_compare_seed_start_picks_fresh_seeds(rule_dir, tmp_path, capsys):
+    out = tmp_path / "results"
+    argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", str(rule_dir), "--steps", "3", "--seeds", "2",
+            "--seed-start", "7000", "--baselines", "sgd", "--out", str(out), "--quiet"]  # fmt: skip
+    assert run_cli(argv) == 0
+    fresh = json.loads((out / "tiny-3.json").read_text())
+    assert fresh["seeds"] == [7000, 7001]
+    without_start = [a for i, a in enumerate(argv) if i not in (argv.index("--seed-start"), argv.index("7000"))]
+    assert run_cli([*without_start, "--out", str(tmp_path / "standard")]) == 0
+    standard = json.loads((tmp_path / "standard" / "tiny-3.json").read_text())
+    assert standard["seeds"] != fresh["seeds"]
+    # Other seeds, other initialisations and minibatches: other losses.
+    assert standard["results"][0]["per_seed"]["final_loss"] != fresh["results"][0]["per_seed"]["final_loss"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed-start", "-1"], "--seed-start must be a non-negative integer, got -1"),
+        (["--seed-start", "5", "--suite", "paper"], "--seed-start is not supported with --suite"),
+    ],
+)
+def test_compare_bad_seed_start_exits_2(extra, message, tmp_path, capsys):
+    argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", "lstm-mnist", "--steps", "2", "--seeds", "1",
+            "--baselines", "sgd", "--out", str(tmp_path / "r"), "--quiet", *extra]  # fmt: skip
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize(
     "rule_lr, message",
     [
