@@ -75,16 +75,13 @@ def test_compare_runs_rules_at_other_lr_multipliers(rule_dir, tmp_path, capsys):
 
 
 def test_compare_seed_start_picks_fresh_seeds(rule_dir, tmp_path, capsys):
-    out = tmp_path / "results"
     argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", str(rule_dir), "--steps", "3", "--seeds", "2",
-            "--seed-start", "7000", "--baselines", "sgd", "--out", str(out), "--quiet"]  # fmt: skip
-    assert run_cli(argv) == 0
-    fresh = json.loads((out / "tiny-3.json").read_text())
-    assert fresh["seeds"] == [7000, 7001]
-    without_start = [a for i, a in enumerate(argv) if i not in (argv.index("--seed-start"), argv.index("7000"))]
-    assert run_cli([*without_start, "--out", str(tmp_path / "standard")]) == 0
+            "--baselines", "sgd", "--quiet"]  # fmt: skip
+    assert run_cli([*argv, "--seed-start", "7000", "--out", str(tmp_path / "fresh")]) == 0
+    assert run_cli([*argv, "--out", str(tmp_path / "standard")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "tiny-3.json").read_text())
     standard = json.loads((tmp_path / "standard" / "tiny-3.json").read_text())
-    assert standard["seeds"] != fresh["seeds"]
+    assert fresh["seeds"] == [7000, 7001] and standard["seeds"] != fresh["seeds"]
     # Other seeds, other initialisations and minibatches: other losses.
     assert standard["results"][0]["per_seed"]["final_loss"] != fresh["results"][0]["per_seed"]["final_loss"]
     capsys.readouterr()
