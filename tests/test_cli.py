@@ -188,17 +188,22 @@ def test_meta_fit_bad_flags_exit_2_naming_the_flag(flags, message, tmp_path, cap
     assert not out.exists()  # refused before any work
 
 
-def test_meta_fit_ctrl_c_reports_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+def _fail_meta_step(monkeypatch: pytest.MonkeyPatch, error: BaseException, at_iteration: int = 0) -> None:
+    """Make meta-training raise ``error`` from the step that starts at ``at_iteration``."""
     from learned_optim.meta_fit import MetaTrainer
 
     real_step = MetaTrainer.step
 
     def step(self):
-        if self.history.iteration == 3:
-            raise KeyboardInterrupt
+        if self.history.iteration >= at_iteration:
+            raise error
         return real_step(self)
 
     monkeypatch.setattr(MetaTrainer, "step", step)
+
+
+def test_meta_fit_ctrl_c_reports_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    _fail_meta_step(monkeypatch, KeyboardInterrupt(), at_iteration=3)
     out = tmp_path / "out"
     with torch.random.fork_rng(devices=[]):
         assert run_cli([*META_FIT_TINY, "--meta-iterations", "6", "--out", str(out)]) == 130
@@ -217,16 +222,7 @@ def test_meta_fit_ctrl_c_reports_the_checkpoint_to_resume_from(tmp_path, capsys,
     ],
 )
 def test_meta_fit_out_of_memory_says_how_to_use_less_and_where_to_resume(error, tmp_path, capsys, monkeypatch):
-    from learned_optim.meta_fit import MetaTrainer
-
-    real_step = MetaTrainer.step
-
-    def step(self):
-        if self.history.iteration == 3:
-            raise error
-        return real_step(self)
-
-    monkeypatch.setattr(MetaTrainer, "step", step)
+    _fail_meta_step(monkeypatch, error, at_iteration=3)
     out = tmp_path / "out"
     argv = [*META_FIT_TINY, "--meta-iterations", "6", "--out", str(out), "--unroll", "4", "--instances", "2"]
     with torch.random.fork_rng(devices=[]):
@@ -240,12 +236,7 @@ def test_meta_fit_out_of_memory_says_how_to_use_less_and_where_to_resume(error, 
 
 
 def test_meta_fit_out_of_memory_suggests_checkpointing_for_long_unrolls(tmp_path, capsys, monkeypatch):
-    from learned_optim.meta_fit import MetaTrainer
-
-    def step(self):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(MetaTrainer, "step", step)
+    _fail_meta_step(monkeypatch, torch.OutOfMemoryError("CUDA out of memory"))
     argv = [*META_FIT_TINY, "--meta-iterations", "2", "--out", str(tmp_path / "out"), "--steps", "100"]
     with torch.random.fork_rng(devices=[]):
         assert run_cli([*argv, "--unroll", "100"]) == 1
@@ -255,12 +246,7 @@ def test_meta_fit_out_of_memory_suggests_checkpointing_for_long_unrolls(tmp_path
 
 
 def test_meta_fit_other_runtime_errors_are_not_reported_as_memory(tmp_path, monkeypatch):
-    from learned_optim.meta_fit import MetaTrainer
-
-    def step(self):
-        raise RuntimeError("shape mismatch")
-
-    monkeypatch.setattr(MetaTrainer, "step", step)
+    _fail_meta_step(monkeypatch, RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"), torch.random.fork_rng(devices=[]):
         run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(tmp_path / "out")])
 
@@ -271,12 +257,7 @@ def test_meta_fit_overwrite_discards_the_old_checkpoint_at_once(tmp_path, capsys
     out = tmp_path / "out"
     with torch.random.fork_rng(devices=[]):
         assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out)]) == 0
-    from learned_optim.meta_fit import MetaTrainer
-
-    def step(self):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetaTrainer, "step", step)
+    _fail_meta_step(monkeypatch, KeyboardInterrupt())
     with torch.random.fork_rng(devices=[]):
         assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out), "--overwrite"]) == 130
     assert not (out / "checkpoint" / "checkpoint.json").exists()
