@@ -366,9 +366,30 @@ def test_init_from_a_rule_without_momentum_computes_the_same_updates():
     assert extended.weights[0].grad[:, 2:4].abs().sum() > 0
 
 
+@pytest.mark.parametrize("decays", [[], [0.9]])
+def test_init_from_a_narrower_rule_computes_the_same_updates(decays):
+    torch.manual_seed(2)
+    base = CoordinateLSTM(hidden_size=4, momentum_decays=decays)
+    wider = CoordinateLSTM(hidden_size=7, momentum_decays=[*decays, 0.99])
+    wider.init_from(base)  # meta-fit --init with a larger hidden_size
+    state_a, state_b = base.init_state(6), wider.init_state(6)
+    for _ in range(5):
+        g = torch.randn(6) * 1e-3
+        update_a, state_a = base(g, state_a)
+        update_b, state_b = wider(g, state_b)
+        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-9)
+    # the new units run (their state moves) and are trainable: their read-out gets meta-gradients
+    assert state_b["h"][:, :, 4:].abs().sum() > 0
+    update_b.sum().backward()
+    assert wider.output.weight.grad[:, 4:].abs().sum() > 0
+    assert wider.weights[1].grad[:4, 4:7].abs().sum() > 0  # layer 1's input from new layer-0 units
+
+
 def test_init_from_refuses_what_it_cannot_extend():
     with pytest.raises(ValueError, match="hidden_size"):
         CoordinateLSTM(hidden_size=4, momentum_decays=[0.9]).init_from(CoordinateLSTM(hidden_size=5))
+    with pytest.raises(ValueError, match="num_layers"):
+        CoordinateLSTM(hidden_size=6, num_layers=3).init_from(CoordinateLSTM(hidden_size=5))
     with pytest.raises(ValueError, match="momentum_decays"):
         CoordinateLSTM(momentum_decays=[0.9]).init_from(CoordinateLSTM(momentum_decays=[0.5]))
     with pytest.raises(ValueError, match="momentum_decays"):

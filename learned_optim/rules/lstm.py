@@ -171,32 +171,46 @@ class CoordinateLSTM(UpdateRule):
         return spec
 
     def init_from(self, other: UpdateRule) -> None:
-        """Start from ``other``'s weights; also from a rule with fewer momentum inputs.
+        """Start from ``other``'s weights; also from a rule with fewer momentum inputs or units.
 
-        The new inputs' weights start at zero, so the rule computes exactly what ``other``
-        did until meta-training teaches it to use them.
+        New inputs get zero weights. New hidden units keep this rule's random initial
+        weights, but every weight from a new unit into an old unit or the read-out is zero.
+        Either way the rule computes exactly what ``other`` did until meta-training teaches it
+        to use what was added (the new units already run and get meta-gradients).
         """
         if not isinstance(other, CoordinateLSTM) or other.rule_type != self.rule_type:
             super().init_from(other)
             return
-        momentum_keys = ("momentum_decays", "rms_decay")
-        ours = {k: v for k, v in self.config.items() if k not in momentum_keys}
-        theirs = {k: v for k, v in other.config.items() if k not in momentum_keys}
+        growable = ("momentum_decays", "rms_decay", "hidden_size")
+        ours = {k: v for k, v in self.config.items() if k not in growable}
+        theirs = {k: v for k, v in other.config.items() if k not in growable}
         kept = list(other.momentum_decays)
         extends = (
             same_config(ours, theirs)
             and list(self.momentum_decays[: len(kept)]) == kept
             and (not kept or self.rms_decay == other.rms_decay)  # rms_decay matters only with momenta
+            and other.hidden_size <= self.hidden_size
         )
         if not extends:
             super().init_from(other)  # raises, naming both configs
             return
-        weights = other.state_dict()
-        first = weights["weights.0"]
-        old_inputs = (2 if self.preprocess else 1) + len(kept)  # layer 0 columns: inputs, then h
-        zeros = first.new_zeros(first.shape[0], len(self.momentum_decays) - len(kept))
-        weights["weights.0"] = torch.cat((first[:, :old_inputs], zeros, first[:, old_inputs:]), dim=1)
-        self.load_state_dict(weights)
+        old_units, new_units = other.hidden_size, self.hidden_size
+        old_inputs = (2 if other.preprocess else 1) + len(kept)
+        new_inputs = (2 if self.preprocess else 1) + len(self.momentum_decays)
+        # Rows of the old units in each of the four gate blocks of the wider layout.
+        rows = torch.tensor([gate * new_units + j for gate in range(4) for j in range(old_units)])
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                below_old, below_new = (old_inputs, new_inputs) if layer == 0 else (old_units, new_units)
+                # Columns [inputs from below, own hidden state]: where the old ones sit now.
+                cols = torch.cat((torch.arange(below_old), below_new + torch.arange(old_units)))
+                weight = self.weights[layer]
+                weight[rows] = 0.0
+                weight[rows.unsqueeze(1), cols] = other.weights[layer].to(weight.dtype)
+                self.biases[layer][rows] = other.biases[layer].to(weight.dtype)
+            self.output.weight.zero_()
+            self.output.weight[:, :old_units] = other.output.weight
+            self.output.bias.copy_(other.output.bias)
 
     def features(self, grad: Tensor) -> Tensor:
         """The network's input for each coordinate, ``(n, 2)`` or ``(n, 1)``."""
