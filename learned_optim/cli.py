@@ -208,6 +208,8 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
             rule.init_from(start_rule)
         except ValueError as err:
             raise ValueError(f"--init {args.init}: {err}; set --rule/--rule-config to match") from None
+        if start_rule.config != rule.config:  # extended (e.g. wider, new inputs): say so, it may be unintended
+            print(f"--init {args.init}: its {start_rule.config} continues as {rule.config}", file=sys.stderr)
     if args.train_only:
         _freeze_all_but(rule, args.train_only)
     start = time.time()

@@ -570,11 +570,15 @@ def test_cli_init_starts_from_given_weights_and_checks_the_rule(tmp_path, capsys
     for key in first:
         assert torch.allclose(first[key], started[key], atol=1e-7)
     assert not torch.allclose(first["output.weight"], CoordinateLSTM(hidden_size=8).output.weight, atol=1e-3)
-    capsys.readouterr()
-    # The default rule config (20 units) is not the 8-unit rule in "a": "error: ..." and exit 2.
-    bad = ["meta-fit", "--task", "tiny_tasks:tiny", "--out", str(tmp_path / "bad"), "--init", str(tmp_path / "a")]
-    assert main(bad) == 2
+    assert "continues as" not in capsys.readouterr().err  # same config: nothing to say
+    # A narrower rule than the 8-unit one in "a" cannot start from it: "error: ..." and exit 2.
+    base = ["meta-fit", "--task", "tiny_tasks:tiny", "--init", str(tmp_path / "a"), "--meta-iterations", "0"]
+    assert main([*base, "--out", str(tmp_path / "bad"), "--rule-config", '{"hidden_size": 4}']) == 2
     assert "error: --init" in capsys.readouterr().err
+    # The default config (20 units) widens it, and the CLI says so.
+    assert main([*base, "--out", str(tmp_path / "wide"), "--quiet"]) == 0
+    assert "'hidden_size': 8" in capsys.readouterr().err
+    assert load_file(str(tmp_path / "wide" / "model.safetensors"))["output.weight"].shape == (1, 20)
 
 
 def test_cli_meta_fit_refuses_to_write_over_other_files(tmp_path, capsys):
