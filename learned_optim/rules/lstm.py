@@ -23,7 +23,7 @@ from learned_optim.rules.base import (
     config_int,
     same_config,
 )
-from learned_optim.rules.lstm_pack import device_vector
+from learned_optim.rules.lstm_pack import device_vector, input_count
 from learned_optim.rules.preprocess import log_sign_preprocess
 
 # Mean squares at or below this feed the momentum inputs without a gradient (see momentum_features).
@@ -124,7 +124,7 @@ class CoordinateLSTM(UpdateRule):
 
     def fused_impls(self) -> tuple[str, ...]:
         from learned_optim.rules import lstm_cpu
-        from learned_optim.rules.lstm_pack import input_count, padded_units
+        from learned_optim.rules.lstm_pack import padded_units
         from learned_optim.rules.lstm_triton import triton_available
 
         if type(self).forward is not CoordinateLSTM.forward or type(self).features is not CoordinateLSTM.features:
@@ -195,8 +195,7 @@ class CoordinateLSTM(UpdateRule):
             super().init_from(other)  # raises, naming both configs
             return
         old_units, new_units = other.hidden_size, self.hidden_size
-        old_inputs = (2 if other.preprocess else 1) + len(kept)
-        new_inputs = (2 if self.preprocess else 1) + len(self.momentum_decays)
+        old_inputs, new_inputs = input_count(other), input_count(self)
         # Rows of the old units in each of the four gate blocks of the wider layout.
         rows = torch.tensor([gate * new_units + j for gate in range(4) for j in range(old_units)])
         with torch.no_grad():
