@@ -230,6 +230,11 @@ def learned_step(
     rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
     pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
     scales = _step_scales(rule, entries)
+    whole_sums = (
+        _split_tensor_statistics(rule, entries, flat_grads, keys, chunk_size, keep if masked else None)
+        if needs_segments
+        else {}
+    )
 
     for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size, keep_whole=needs_segments or hierarchical):
         lengths = [piece.stop - piece.start for piece in chunk]
@@ -266,6 +271,12 @@ def learned_step(
                 global_state=global_state,
                 step_scales=None if scales is None else scales[[p.entry_index for p in chunk]],
             )
+            if any(p.entry_index in whole_sums for p in chunk):
+                # A piece of a split tensor: the rule reads the sums over all of it.
+                sums_here = rule.tensor_statistics(grad, state, context.segment_ids, len(chunk))
+                rows = [j for j, p in enumerate(chunk) if p.entry_index in whole_sums]
+                sums_here[rows] = torch.stack([whole_sums[chunk[j].entry_index] for j in rows])
+                context.tensor_statistics = sums_here
         update, new_state = check_rule_output(rule, grad, state, rule(grad, state, context))
         if context is not None:
             for j, piece in enumerate(chunk):
@@ -307,6 +318,35 @@ def learned_step(
     if hierarchical:
         _finalize(rule, entries, sums, keep, global_state)
     return skipped
+
+
+def _split_tensor_statistics(
+    rule: UpdateRule,
+    entries: Sequence[StepEntry],
+    flat_grads: Sequence[Tensor],
+    keys: Sequence[str],
+    chunk_size: int,
+    keep: Tensor | None,
+) -> dict[int, Tensor]:
+    """:meth:`UpdateRule.tensor_statistics` over the whole of each tensor larger than a chunk
+    (which the step splits), added up slice by slice; ``{}`` for rules without them.
+    ``keep``: where given, a skipped tensor's gradient counts as zero, as in the step."""
+    totals: dict[int, Tensor] = {}
+    for index, e in enumerate(entries):
+        numel = e.param.numel()
+        if numel <= chunk_size:
+            continue
+        for start in range(0, numel, chunk_size):
+            stop = min(start + chunk_size, numel)
+            g = flat_grads[index][start:stop].to(torch.float32)
+            if keep is not None:
+                g = torch.where(keep[index], g, 0.0)
+            ids = torch.zeros(stop - start, dtype=torch.int64, device=g.device)
+            piece = rule.tensor_statistics(-g if e.maximize else g, {k: e.state[k][start:stop] for k in keys}, ids, 1)
+            if piece is None:
+                return {}
+            totals[index] = piece[0] if index not in totals else totals[index] + piece[0]
+    return totals
 
 
 def _step_scales(rule: UpdateRule, entries: Sequence[StepEntry]) -> Tensor | None:

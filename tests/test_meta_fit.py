@@ -1093,3 +1093,18 @@ def test_forward_only_steps_use_the_fused_cpu_kernel_and_match_the_eager_rule(ki
     assert fused[-1] < 0.8 * fused[0]  # it optimises
     # One step agrees to ~1e-6 (the kernel tests); 30 steps of a trajectory amplify it a little.
     assert fused == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_meta_fit_trains_the_tensor_agreement_inputs(second_order):
+    rule = small_rule(momentum_decays=[0.5, 0.9], tensor_agreement=True)
+    assert rule.weights[0][:, 4:6].abs().sum() > 0
+    with torch.no_grad():
+        rule.weights[0][:, 4:6] = 0.0  # as after init_from a rule without them
+    meta_fit(
+        rule, "teacher", steps=10, unroll=5, meta_iterations=3, meta_lr=1e-2, instances=2,
+        second_order=second_order, validate_every=0, progress=False,
+    )  # fmt: skip
+    assert rule.meta_fit_history.skipped_updates == 0
+    assert rule.weights[0][:, 4:6].abs().sum() > 0  # meta-gradients reached them
+    assert all(torch.isfinite(p).all() for p in rule.parameters())

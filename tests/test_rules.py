@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from learned_optim.rules import RULE_TYPES, CoordinateLSTM, UpdateRule, get_rule_class
+from learned_optim.rules.base import StepContext
 from learned_optim.rules.preprocess import log_sign_preprocess
 
 
@@ -444,3 +445,88 @@ def test_momentum_rule_in_the_optimizer_saves_loads_and_resumes(tmp_path):
     train(opt, model, batches[3:])
     for a, b in zip(straight, model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_tensor_agreement_is_the_cosine_over_each_tensor():
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_agreement=True).double()
+    assert rule.weights[0].shape == (16, 2 + 2 + 2 + 4)
+    assert rule.state_spec() == CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9]).state_spec()
+    torch.manual_seed(3)
+    grad = torch.randn(12, dtype=torch.float64)
+    state = rule.init_state(12, dtype=torch.float64)
+    state["m"] = torch.randn(12, 2, dtype=torch.float64)
+    state["m"][8:] = 0.0  # a tensor whose momenta are still zero: no agreement yet
+    ids = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    features = rule.agreement_features(grad, state, StepContext(segment_ids=ids, num_segments=3))
+    for rows in (slice(0, 5), slice(5, 8)):
+        expected = torch.nn.functional.cosine_similarity(grad[rows].unsqueeze(-1), state["m"][rows], dim=0)
+        torch.testing.assert_close(features[rows], expected.expand(rows.stop - rows.start, 2))
+    assert torch.equal(features[8:], torch.zeros(4, 2, dtype=torch.float64))
+    # without a layout the whole batch is one tensor
+    whole = rule.agreement_features(grad[:5], {k: v[:5] for k, v in state.items()}, None)
+    torch.testing.assert_close(whole, features[:5])
+
+
+def test_tensor_agreement_starts_from_the_rule_it_extends_and_learns_through_it():
+    torch.manual_seed(4)
+    base = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99])
+    extended = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_agreement=True)
+    extended.init_from(base)
+    context = StepContext(segment_ids=torch.tensor([0] * 4 + [1] * 5), num_segments=2)
+    state_a, state_b = base.init_state(9), extended.init_state(9)
+    for _ in range(4):
+        g = torch.randn(9)
+        update_a, state_a = base(g, state_a, context)
+        update_b, state_b = extended(g, state_b, context)
+        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-7)
+    update_b.sum().backward()
+    assert extended.weights[0].grad[:, 4:6].abs().sum() > 0  # the agreement inputs' weights
+    with pytest.raises(ValueError, match="tensor_agreement"):
+        base.init_from(extended)  # cannot drop the inputs
+    with pytest.raises(ValueError, match="tensor_agreement needs momentum_decays"):
+        CoordinateLSTM(tensor_agreement=True)
+    with pytest.raises(ValueError, match="tensor_agreement must be true or false"):
+        CoordinateLSTM(momentum_decays=[0.9], tensor_agreement="yes")
+
+
+def test_tensor_agreement_in_the_optimizer_sees_whole_tensors_and_resumes(tmp_path):
+    from learned_optim import LearnedOptimizer
+
+    torch.manual_seed(5)
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_agreement=True)
+    with torch.no_grad():
+        rule.weights[0][:, 4:6].normal_(0, 3.0)  # make the agreement inputs matter
+    rule.save_pretrained(str(tmp_path / "rule"))
+    assert CoordinateLSTM.from_pretrained(str(tmp_path / "rule")).config["tensor_agreement"] is True
+    assert rule.fused_impls() == ()
+    with pytest.raises(ValueError, match="impl"):
+        LearnedOptimizer(torch.nn.Linear(2, 2).parameters(), rule, impl="cpu")
+
+    def train(chunk_size, steps, saved=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+        batches = [torch.randn(16, 6) for _ in range(6)]
+        opt = LearnedOptimizer(model.parameters(), str(tmp_path / "rule"), chunk_size=chunk_size)
+        if saved is not None:
+            model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+        for x in batches[len(batches) - steps :] if saved is not None else batches[:steps]:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        return model, opt
+
+    straight, _ = train(chunk_size=1 << 16, steps=6)
+    # chunks smaller than a tensor must not change the per-tensor cosine
+    small_chunks, _ = train(chunk_size=7, steps=6)
+    half, opt = train(chunk_size=1 << 16, steps=3)
+    resumed, _ = train(chunk_size=1 << 16, steps=3, saved=(half.state_dict(), opt.state_dict()))
+    for a, b, c in zip(straight.parameters(), small_chunks.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, c)
+    # the inputs are used: zeroing their weights changes the trajectory
+    with torch.no_grad():
+        rule.weights[0][:, 4:6] = 0.0
+    rule.save_pretrained(str(tmp_path / "rule"))
+    without, _ = train(chunk_size=1 << 16, steps=6)
+    assert not torch.allclose(straight[0].weight, without[0].weight)

@@ -44,6 +44,9 @@ class StepContext:
             tensor before the step (see :func:`step_scales`), filled by the caller for rules
             whose :attr:`UpdateRule.needs_step_scales` is true: with it a rule can tell how large
             the step it is about to take is against the parameters it moves, ``lr`` included.
+        tensor_statistics: ``(num_segments, k)`` sums over *whole* tensors of what the rule's
+            :meth:`UpdateRule.tensor_statistics` computes, filled by a caller that split a
+            tensor over batches (the rule then reads these instead of its own batch's sums).
     """
 
     segment_ids: Tensor | None = None
@@ -53,6 +56,7 @@ class StepContext:
     segment_sums: dict[str, Tensor] = field(default_factory=dict)
     segment_counts: Tensor | None = None
     step_scales: Tensor | None = None
+    tensor_statistics: Tensor | None = None
 
 
 _TINY = 1e-30  # stands in for 0 under a log
@@ -371,6 +375,17 @@ class UpdateRule(nn.Module):
         else:
             new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
         return update, new_state, new_segment, new_global
+
+    def tensor_statistics(
+        self, grad: Tensor, state: RuleState, segment_ids: Tensor, num_segments: int
+    ) -> Tensor | None:
+        """Per-tensor sums ``(num_segments, k)`` that :meth:`forward` reads over whole tensors.
+
+        ``None`` (the default) for rules without such inputs. The sums must add up over the
+        pieces of a tensor: where the optimizer splits a tensor over batches it calls this on
+        every piece first and passes the totals in :attr:`StepContext.tensor_statistics`.
+        """
+        return None
 
     def init_from(self, other: UpdateRule) -> None:
         """Start from ``other``'s weights (``meta-fit --init``).

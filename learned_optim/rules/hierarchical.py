@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
+from learned_optim.rules.segments import segment_sum
 
 _EPS = 1e-24
 GRAD_LIMIT = 1e18
@@ -47,19 +48,6 @@ def gru_cell(x_gates: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
     r, z = rz[:, :hidden], rz[:, hidden:]
     candidate = torch.tanh(x_gates[:, 2 * hidden :] + r * h_gates[:, 2 * hidden :])
     return candidate + z * (h - candidate)
-
-
-def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
-    """Sum of ``values`` ``(n, k)`` per segment: ``(num_segments, k)``, in float64.
-
-    ``index_add`` accumulates one value after the other: in float32 a sum over a large tensor
-    drifts by up to ~n * 2^-24 relative (0.1 added a million times gives 100958), so the mean
-    of a big tensor's states would be off by a percent and differ between chunkings. Sums are
-    kept in float64 (where the device has it) and added up across chunks that way.
-    """
-    acc_dtype = values.dtype if values.device.type == "mps" else torch.float64
-    out = torch.zeros((num_segments, values.shape[-1]), dtype=acc_dtype, device=values.device)
-    return out.index_add(0, segment_ids, values.to(acc_dtype))
 
 
 _GAIN_LIMIT = math.log(100.0)  # step_gain stays within [1/100, 100]

@@ -4,7 +4,9 @@ Two stacked LSTM layers are shared by every coordinate; each coordinate keeps it
 hidden and cell state. The input is the (optionally log/sign preprocessed) gradient, the
 output a linear read-out of the top layer times ``output_scale``. Optionally the input also
 holds gradient averages at several time scales, each divided by the root of a running mean
-square (scale-free momenta, as the hierarchical RNN of Wichrowska et al. 2017 gets).
+square (scale-free momenta, as the hierarchical RNN of Wichrowska et al. 2017 gets), and
+for each momentum the cosine over the whole tensor between the gradient and that momentum
+(a per-tensor cue of whether the steps overshoot, in the spirit of that paper's tensor level).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from learned_optim.rules.base import (
 )
 from learned_optim.rules.lstm_pack import device_vector, input_count
 from learned_optim.rules.preprocess import log_sign_preprocess
+from learned_optim.rules.segments import segment_sum
 
 # Mean squares at or below this feed the momentum inputs without a gradient (see momentum_features).
 _TINY_MEAN_SQUARE = 1e-20
@@ -67,11 +70,21 @@ class CoordinateLSTM(UpdateRule):
             ``padded_units(hidden_size)`` first-layer inputs in all (32 for 20 units: up to 30
             momenta beside the two gradient features).
         rms_decay: decay in [0, 1) of the running mean square that scales the momenta.
+        tensor_agreement: with ``momentum_decays``, one more input per momentum: the cosine,
+            over all coordinates of the coordinate's tensor, between the gradient and that
+            momentum before this step. Negative when successive gradients point against each
+            other (steps that overshoot), positive while the tensor keeps descending one way.
+            It is the same for every coordinate of a tensor, so the rule can tell networks
+            that need different step sizes apart, which per-coordinate scale-free inputs
+            cannot. Needs each tensor whole in one batch (the optimizer and ``meta_fit`` do
+            this for such rules); runs on the eager path only (no fused kernel computes it).
     """
 
     rule_type = "CoordinateLSTM"
     # Options added after rules were shipped: their configs load with the defaults.
-    added_config_keys = frozenset({"momentum_decays", "rms_decay"})
+    added_config_keys = frozenset({"momentum_decays", "rms_decay", "tensor_agreement"})
+    # No global state: several problems can step in one call (meta_fit).
+    forward_reads_global_state = False
 
     def __init__(
         self,
@@ -83,6 +96,7 @@ class CoordinateLSTM(UpdateRule):
         output_scale: float = 0.1,
         momentum_decays: tuple[float, ...] | list[float] = (),
         rms_decay: float = 0.99,
+        tensor_agreement: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -96,7 +110,10 @@ class CoordinateLSTM(UpdateRule):
             "output_scale": config_float("output_scale", output_scale),
             "momentum_decays": _decays("momentum_decays", momentum_decays),
             "rms_decay": _decay("rms_decay", rms_decay),
+            "tensor_agreement": config_bool("tensor_agreement", tensor_agreement),
         }
+        if self.config["tensor_agreement"] and not self.config["momentum_decays"]:
+            raise ValueError("tensor_agreement needs momentum_decays (it compares the gradient with each momentum)")
         self.hidden_size = self.config["hidden_size"]
         self.num_layers = self.config["num_layers"]
         self.preprocess = self.config["preprocess"]
@@ -105,7 +122,8 @@ class CoordinateLSTM(UpdateRule):
         self.output_scale = self.config["output_scale"]
         self.momentum_decays = self.config["momentum_decays"]
         self.rms_decay = self.config["rms_decay"]
-        input_size = (2 if self.preprocess else 1) + len(self.momentum_decays)
+        self.tensor_agreement = self.config["tensor_agreement"]
+        input_size = input_count(self)
         h = self.hidden_size
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -129,6 +147,8 @@ class CoordinateLSTM(UpdateRule):
 
         if type(self).forward is not CoordinateLSTM.forward or type(self).features is not CoordinateLSTM.features:
             return ()  # a subclass that changes the math must not get this class's kernels
+        if self.tensor_agreement:
+            return ()  # per-tensor reductions: eager only
         if input_count(self) > padded_units(self.hidden_size):
             return ()  # the packed layout has room for at most that many first-layer inputs
 
@@ -163,6 +183,11 @@ class CoordinateLSTM(UpdateRule):
             self, packed, grad, state["h"], state["c"], update, keep, segment_ids, m=state.get("m"), v=state.get("v")
         )
 
+    @property
+    def needs_segments(self) -> bool:  # type: ignore[override]
+        """Whether each batch must come with its tensors' layout (``tensor_agreement``)."""
+        return self.tensor_agreement
+
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}
         if self.momentum_decays:
@@ -171,7 +196,8 @@ class CoordinateLSTM(UpdateRule):
         return spec
 
     def init_from(self, other: UpdateRule) -> None:
-        """Start from ``other``'s weights; also from a rule with fewer momentum inputs or units.
+        """Start from ``other``'s weights; also from a rule with fewer momentum inputs or units,
+        or without ``tensor_agreement``.
 
         New inputs get zero weights. New hidden units keep this rule's random initial
         weights, but every weight from a new unit into an old unit or the read-out is zero.
@@ -181,7 +207,7 @@ class CoordinateLSTM(UpdateRule):
         if not isinstance(other, CoordinateLSTM) or other.rule_type != self.rule_type:
             super().init_from(other)
             return
-        growable = ("momentum_decays", "rms_decay", "hidden_size")
+        growable = ("momentum_decays", "rms_decay", "hidden_size", "tensor_agreement")
         ours = {k: v for k, v in self.config.items() if k not in growable}
         theirs = {k: v for k, v in other.config.items() if k not in growable}
         kept = list(other.momentum_decays)
@@ -190,6 +216,9 @@ class CoordinateLSTM(UpdateRule):
             and list(self.momentum_decays[: len(kept)]) == kept
             and (not kept or self.rms_decay == other.rms_decay)  # rms_decay matters only with momenta
             and other.hidden_size <= self.hidden_size
+            and (self.tensor_agreement or not other.tensor_agreement)
+            # The agreement inputs follow the momenta: the old ones must stay a prefix.
+            and (not other.tensor_agreement or self.momentum_decays == other.momentum_decays)
         )
         if not extends:
             super().init_from(other)  # raises, naming both configs
@@ -241,12 +270,43 @@ class CoordinateLSTM(UpdateRule):
         )
         return scaled, m_new, v_new
 
+    def tensor_statistics(
+        self, grad: Tensor, state: RuleState, segment_ids: Tensor, num_segments: int
+    ) -> Tensor | None:
+        """With ``tensor_agreement``: per tensor, the sums of ``grad * m`` ``(k)``, ``grad ** 2``
+        and ``m ** 2`` ``(k)`` (momenta ``m`` before the step), in float64."""
+        if not self.tensor_agreement:
+            return None
+        m = state["m"].to(grad.dtype)
+        g = grad.unsqueeze(-1)
+        return segment_sum(torch.cat((g * m, g * g, m * m), dim=-1), segment_ids, num_segments)
+
+    def agreement_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
+        """``(n, k)``: per momentum, the cosine over each coordinate's tensor between ``grad``
+        and the momentum before this step (0 where either is all zero)."""
+        if context is None or context.segment_ids is None:
+            ids, num = torch.zeros(grad.shape[0], dtype=torch.int64, device=grad.device), 1  # one tensor
+        else:
+            ids, num = context.segment_ids, context.num_segments
+        sums = context.tensor_statistics if context is not None else None
+        if sums is None:
+            sums = self.tensor_statistics(grad, state, ids, num)
+        k = len(self.momentum_decays)
+        dot, grad_sq, mom_sq = sums[:, :k], sums[:, k : k + 1], sums[:, k + 1 :]
+        product = grad_sq * mom_sq
+        # A zero product (first step, an all-zero gradient) reads 0 and carries no gradient.
+        defined = product > 1e-60
+        cosine = torch.where(defined, dot * torch.rsqrt(torch.where(defined, product, 1.0)), 0.0)
+        return cosine.clamp(-1.0, 1.0).to(grad.dtype)[ids]
+
     def forward(self, grad: Tensor, state: RuleState, context: StepContext | None = None) -> tuple[Tensor, RuleState]:
         compute_dtype = self.output.weight.dtype
         x = self.features(grad.to(compute_dtype))
         if self.momentum_decays:
             momenta, m_new, v_new = self.momentum_features(grad.to(compute_dtype), state)
             x = torch.cat((x, momenta), dim=-1)
+            if self.tensor_agreement:
+                x = torch.cat((x, self.agreement_features(grad.to(compute_dtype), state, context)), dim=-1)
         h_all = state["h"].to(compute_dtype)
         c_all = state["c"].to(compute_dtype)
         new_h, new_c = [], []

@@ -18,11 +18,13 @@ def padded_units(n: int) -> int:
 
 
 def input_count(rule: torch.nn.Module) -> int:
-    """The first layer's inputs per coordinate: the gradient features, then the momenta.
+    """The first layer's inputs per coordinate: the gradient features, the momenta, then
+    (``tensor_agreement``) one per-tensor agreement per momentum.
 
     The packed layout holds at most ``padded_units(hidden_size)`` of them.
     """
-    return (2 if rule.preprocess else 1) + len(getattr(rule, "momentum_decays", ()))
+    momenta = len(getattr(rule, "momentum_decays", ()))
+    return (2 if rule.preprocess else 1) + momenta * (2 if getattr(rule, "tensor_agreement", False) else 1)
 
 
 class PackedLSTMWeights:
