@@ -231,7 +231,7 @@ def learned_step(
     pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
     scales = _step_scales(rule, entries)
     whole_sums = (
-        _split_tensor_statistics(rule, entries, flat_grads, keys, chunk_size, keep if masked else None)
+        _tensor_statistics(rule, entries, flat_grads, chunk_size, keep if masked else None, only_split=True)
         if needs_segments
         else {}
     )
@@ -320,29 +320,31 @@ def learned_step(
     return skipped
 
 
-def _split_tensor_statistics(
+def _tensor_statistics(
     rule: UpdateRule,
     entries: Sequence[StepEntry],
     flat_grads: Sequence[Tensor],
-    keys: Sequence[str],
     chunk_size: int,
     keep: Tensor | None,
+    only_split: bool,
 ) -> dict[int, Tensor]:
-    """:meth:`UpdateRule.tensor_statistics` over the whole of each tensor larger than a chunk
-    (which the step splits), added up slice by slice; ``{}`` for rules without them.
-    ``keep``: where given, a skipped tensor's gradient counts as zero, as in the step."""
+    """:meth:`UpdateRule.tensor_statistics` over the whole of each tensor (``only_split``: of
+    each tensor larger than a chunk, which the eager step splits), added up slice by slice;
+    ``{}`` for rules without them. ``keep``: where given, a skipped tensor's gradient counts as
+    zero, as in the step."""
     totals: dict[int, Tensor] = {}
     for index, e in enumerate(entries):
         numel = e.param.numel()
-        if numel <= chunk_size:
+        if only_split and numel <= chunk_size:
             continue
-        for start in range(0, numel, chunk_size):
+        for start in range(0, max(numel, 1), chunk_size):  # an empty tensor: one empty slice, zero sums
             stop = min(start + chunk_size, numel)
             g = flat_grads[index][start:stop].to(torch.float32)
             if keep is not None:
                 g = torch.where(keep[index], g, 0.0)
             ids = torch.zeros(stop - start, dtype=torch.int64, device=g.device)
-            piece = rule.tensor_statistics(-g if e.maximize else g, {k: e.state[k][start:stop] for k in keys}, ids, 1)
+            piece_state = {k: v[start:stop] for k, v in e.state.items()}
+            piece = rule.tensor_statistics(-g if e.maximize else g, piece_state, ids, 1)
             if piece is None:
                 return {}
             totals[index] = piece[0] if index not in totals else totals[index] + piece[0]
@@ -551,6 +553,16 @@ def fused_learned_step(
 
     total = flat.offsets[-1]
     context = None
+    if getattr(rule, "needs_segments", False) and not hierarchical:
+        # Per-tensor inputs: each tensor's sums over all of it, before the kernels move the state.
+        segment_ids = flat.segment_ids()
+        totals = _tensor_statistics(rule, entries, flat_grads, chunk_size, keep if masked else None, only_split=False)
+        context = StepContext(
+            segment_ids=segment_ids,
+            num_segments=len(entries),
+            segment_counts=flat.segment_counts(),
+            tensor_statistics=torch.stack([totals[i] for i in range(len(entries))]) if totals else None,
+        )
     if hierarchical:
         chunk_size = max(total, 1)  # one pass: a tensor's update is normalised over all of it
         context = StepContext(

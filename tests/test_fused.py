@@ -7,6 +7,7 @@ TRITON_INTERPRET=1); the C kernel needs a C compiler.
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
+from learned_optim.rules.lstm_pack import input_count
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The fused kernels that can run on this machine's test device.
@@ -45,6 +47,10 @@ def _inputs(rule: CoordinateLSTM, n: int, seed: int = 1, dtype: torch.dtype = to
     grad[::17] = 0.0
     state = {k: (torch.randn((n, *shape), generator=g) * 0.5).to(dtype) for k, shape in rule.state_spec().items()}
     return grad.to(DEVICE), {k: v.to(DEVICE) for k, v in state.items()}
+
+
+def _no_warning() -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -270,6 +276,44 @@ def test_optimizer_with_a_momentum_rule_picks_the_kernel_and_matches_eager(impl)
             assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
 
 
+AGREEMENT = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_agreement": True}
+cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
+
+
+@cpu_kernel
+@pytest.mark.parametrize("poison_step", [None, 2], ids=["finite", "skips-a-tensor"])
+@pytest.mark.parametrize("chunk_size", [1 << 16, 50], ids=["whole", "split-tensors"])
+def test_cpu_kernel_with_tensor_agreement_matches_eager(poison_step, chunk_size):
+    assert CoordinateLSTM(**AGREEMENT).fused_impls() == ("cpu",)  # no Triton kernel for it yet
+    runs = {}
+    for impl in ("eager", "cpu"):
+        with pytest.warns(RuntimeWarning, match="non-finite") if poison_step is not None else _no_warning():
+            runs[impl] = _train(impl, steps=5, poison_step=poison_step, rule_config=AGREEMENT, chunk_size=chunk_size)
+    (eager, eager_opt), (fused, fused_opt) = runs["eager"], runs["cpu"]
+    assert fused_opt.impl_for(DEVICE) == "cpu"
+    for p_eager, p_fused in zip(eager.parameters(), fused.parameters(), strict=True):
+        assert _rel(p_fused, p_eager) < TRAJECTORY_RTOL
+        for key in ("rule.h", "rule.m"):
+            assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
+    # the agreement inputs matter: without them the trajectory differs
+    if poison_step is None:
+        plain, _ = _train("cpu", steps=5, rule_config=AGREEMENT, chunk_size=chunk_size, zero_agreement=True)
+        assert _rel(plain[0].weight, fused[0].weight) > 1e-3
+
+
+@cpu_kernel
+def test_cpu_kernel_with_tensor_agreement_steps_meta_fit_rollouts_like_eager(monkeypatch):
+    from learned_optim.meta_fit import rollout
+    from learned_optim.tasks import get_task
+
+    rule = _trained_like(CoordinateLSTM(hidden_size=6, **AGREEMENT), seed=4)
+    family = get_task("teacher")
+    fused = rollout(rule, family.sample(3), 12)
+    monkeypatch.setattr(CoordinateLSTM, "fused_impls", lambda self: ())
+    eager = rollout(rule, family.sample(3), 12)
+    assert fused == pytest.approx(eager, rel=1e-4)
+
+
 def test_a_rule_with_more_inputs_than_the_packed_layout_holds_runs_eagerly():
     # 16 padded units for hidden_size 7: 2 gradient features + 15 momenta do not fit.
     rule = CoordinateLSTM(hidden_size=7, momentum_decays=[0.5] * 15)
@@ -291,10 +335,19 @@ def _groups(model: nn.Module) -> list[dict]:
 
 
 def _train(
-    impl: str, steps: int = 4, poison_step: int | None = None, rule_config: dict | None = None, **kwargs
+    impl: str,
+    steps: int = 4,
+    poison_step: int | None = None,
+    rule_config: dict | None = None,
+    zero_agreement: bool = False,
+    **kwargs,
 ) -> tuple[nn.Module, LearnedOptimizer]:
     model = _model()
     rule = _trained_like(CoordinateLSTM(**(rule_config or {})), seed=3)
+    if zero_agreement:
+        with torch.no_grad():
+            first, stop = input_count(rule) - len(rule.momentum_decays), input_count(rule)
+            rule.weights[0][:, first:stop] = 0.0  # the agreement inputs' columns
     opt = LearnedOptimizer(_groups(model), pretrained=rule, impl=impl, **kwargs)
     g = torch.Generator().manual_seed(5)
     for step in range(steps):

@@ -76,8 +76,9 @@ class CoordinateLSTM(UpdateRule):
             other (steps that overshoot), positive while the tensor keeps descending one way.
             It is the same for every coordinate of a tensor, so the rule can tell networks
             that need different step sizes apart, which per-coordinate scale-free inputs
-            cannot. Needs each tensor whole in one batch (the optimizer and ``meta_fit`` do
-            this for such rules); runs on the eager path only (no fused kernel computes it).
+            cannot. Each tensor's sums are taken over all of it (the optimizer adds them up
+            over the batches of a tensor it splits). The fused CPU kernel reads these inputs
+            too; the Triton kernel does not yet, so on GPU such a rule steps eagerly.
     """
 
     rule_type = "CoordinateLSTM"
@@ -147,12 +148,11 @@ class CoordinateLSTM(UpdateRule):
 
         if type(self).forward is not CoordinateLSTM.forward or type(self).features is not CoordinateLSTM.features:
             return ()  # a subclass that changes the math must not get this class's kernels
-        if self.tensor_agreement:
-            return ()  # per-tensor reductions: eager only
         if input_count(self) > padded_units(self.hidden_size):
             return ()  # the packed layout has room for at most that many first-layer inputs
 
-        impls = ("triton",) if triton_available() else ()
+        # The Triton kernel does not read per-tensor inputs (yet).
+        impls = ("triton",) if triton_available() and not self.tensor_agreement else ()
         if lstm_cpu.supports(self) and lstm_cpu.cpu_kernel_available():
             impls += ("cpu",)
         return impls
@@ -179,8 +179,27 @@ class CoordinateLSTM(UpdateRule):
         else:
             # Packed once and reused until the weights change (their version counters move).
             packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
+        agreement = None
+        if self.tensor_agreement:
+            if segment_ids is None or context is None:
+                raise ValueError("CoordinateLSTM with tensor_agreement: fused_step needs segment_ids and a context")
+            # Read before the kernel moves the momenta; whole-tensor sums where the caller has them.
+            sums = context.tensor_statistics
+            if sums is None:
+                sums = self.tensor_statistics(grad, state, segment_ids, context.num_segments)
+            agreement = self.agreement_cosines(sums).float()
         kernels[impl](
-            self, packed, grad, state["h"], state["c"], update, keep, segment_ids, m=state.get("m"), v=state.get("v")
+            self,
+            packed,
+            grad,
+            state["h"],
+            state["c"],
+            update,
+            keep,
+            segment_ids,
+            m=state.get("m"),
+            v=state.get("v"),
+            **({"agreement": agreement} if agreement is not None else {}),
         )
 
     @property
@@ -291,13 +310,17 @@ class CoordinateLSTM(UpdateRule):
         sums = context.tensor_statistics if context is not None else None
         if sums is None:
             sums = self.tensor_statistics(grad, state, ids, num)
+        return self.agreement_cosines(sums).to(grad.dtype)[ids]
+
+    def agreement_cosines(self, sums: Tensor) -> Tensor:
+        """Per tensor, the ``(num_tensors, k)`` cosines from :meth:`tensor_statistics`' sums."""
         k = len(self.momentum_decays)
         dot, grad_sq, mom_sq = sums[:, :k], sums[:, k : k + 1], sums[:, k + 1 :]
         product = grad_sq * mom_sq
         # A zero product (first step, an all-zero gradient) reads 0 and carries no gradient.
         defined = product > 1e-60
         cosine = torch.where(defined, dot * torch.rsqrt(torch.where(defined, product, 1.0)), 0.0)
-        return cosine.clamp(-1.0, 1.0).to(grad.dtype)[ids]
+        return cosine.clamp(-1.0, 1.0)
 
     def forward(self, grad: Tensor, state: RuleState, context: StepContext | None = None) -> tuple[Tensor, RuleState]:
         compute_dtype = self.output.weight.dtype

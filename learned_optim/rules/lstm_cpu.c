@@ -178,12 +178,15 @@ static void momentum_inputs(v8 feat[][VECS], const float *g, void *m_state, void
 
 /* One step over coordinates [start, stop). State h, c: (n, L, H) contiguous, fp32 or bf16;
    with momenta > 0 also m (n, momenta) and v (n,) in the same dtype. keep (per tensor, via
-   segment) may be NULL: then every coordinate steps. */
+   segment) may be NULL: then every coordinate steps. agreement (num_tensors, agreements), via
+   segment, holds inputs shared by all coordinates of a tensor (CoordinateLSTM's tensor
+   agreement, computed before the kernel); NULL when agreements is 0. */
 void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, void *c_state, int bf16,
                float *update, const uint8_t *keep, const int32_t *segment, const float *wx, const float *wh,
                const float *bias, const float *out, int layers, int hidden, int hp, int preprocess,
                float preprocess_p, float input_scale, float output_scale, void *m_state, void *v_state,
-               int momenta, const float *decays, float rms_decay, float rms_rest) {
+               int momenta, const float *decays, float rms_decay, float rms_rest, const float *agreement,
+               int agreements) {
     v8 inp[MAX_HP][VECS] __attribute__((aligned(32)));
     v8 hs[MAX_ROW][VECS] __attribute__((aligned(32)));
     v8 cs[MAX_ROW][VECS] __attribute__((aligned(32)));
@@ -235,6 +238,12 @@ void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
                             rms_rest);
             k_count += momenta;
         }
+        for (int i = 0; i < agreements; i++) {
+            float *feat = (float *)inp[k_count + i];
+            for (int b = 0; b < BLOCK; b++)
+                feat[b] = b < count ? agreement[(int64_t)segment[b0 + b] * agreements + i] : 0.0f;
+        }
+        k_count += agreements;
         for (int l = 0; l < layers; l++) {
             v8(*hl)[VECS] = hs + l * hidden;
             v8(*cl)[VECS] = cs + l * hidden;

@@ -28,8 +28,11 @@ def _configure(library: ctypes.CDLL) -> None:
     fn.restype = None
     i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     # (start, stop, grad, h, c, bf16, update, keep, segment, wx, wh, bias, out, layers, hidden, hp,
-    #  preprocess, preprocess_p, input_scale, output_scale, m, v, momenta, decays, rms_decay, rms_rest)
-    fn.argtypes = [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3 + [ptr, ptr, i32, ptr, f32, f32]
+    #  preprocess, preprocess_p, input_scale, output_scale, m, v, momenta, decays, rms_decay, rms_rest,
+    #  agreement, agreements)
+    fn.argtypes = (
+        [i64, i64, ptr, ptr, ptr, i32] + [ptr] * 7 + [i32] * 4 + [f32] * 3 + [ptr, ptr, i32, ptr, f32, f32, ptr, i32]
+    )
 
 
 _KERNEL = KernelLibrary("lstm_cpu.c", _configure)
@@ -71,11 +74,14 @@ def lstm_step_cpu(
     segment_ids: Tensor | None = None,
     m: Tensor | None = None,
     v: Tensor | None = None,
+    agreement: Tensor | None = None,
 ) -> None:
     """One fused LSTM step over ``n`` CPU coordinates; same contract as ``lstm_step_triton``.
 
     ``grad`` and ``update`` are fp32; ``h``/``c`` are contiguous ``(n, num_layers, hidden_size)``
     in fp32 or bf16, and so are a momentum rule's ``m`` ``(n, k)`` and ``v`` ``(n,)``.
+    ``agreement``: with ``tensor_agreement``, the fp32 ``(num_tensors, k)`` per-tensor inputs,
+    read through the int32 ``segment_ids``.
     """
     # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
     if not torch.compiler.is_compiling() and _load() is None:
@@ -94,13 +100,23 @@ def lstm_step_cpu(
         if segment_ids is None or segment_ids.dtype != torch.int32:
             raise ValueError("keep needs int32 segment_ids")
         keep = keep.to(torch.uint8).contiguous()
+    if getattr(rule, "tensor_agreement", False):
+        k = len(rule.momentum_decays)
+        if agreement is None or agreement.dtype != torch.float32 or agreement.dim() != 2 or agreement.shape[1] != k:
+            got = None if agreement is None else (tuple(agreement.shape), agreement.dtype)
+            raise ValueError(f"tensor_agreement needs a float32 (num_tensors, {k}) agreement table, got {got}")
+        if segment_ids is None or segment_ids.dtype != torch.int32 or segment_ids.shape != (n,):
+            raise ValueError("tensor_agreement needs int32 segment_ids, one per coordinate")
+        agreement = agreement.contiguous()
+    else:
+        agreement = None
     torch.ops.learned_optim.lstm_step_cpu(
         None if grad is update else grad.contiguous(),
         h,
         c,
         update,
         keep,
-        segment_ids if keep is not None else None,
+        segment_ids if keep is not None or agreement is not None else None,
         packed.tensors(),
         rule.num_layers,
         rule.hidden_size,
@@ -111,6 +127,7 @@ def lstm_step_cpu(
         m if rule.momentum_decays else None,
         v if rule.momentum_decays else None,
         float(rule.rms_decay),
+        agreement,
     )
 
 
@@ -136,6 +153,7 @@ def _lstm_step_cpu_op(
     m: Tensor | None,
     v: Tensor | None,
     rms_decay: float,
+    agreement: Tensor | None,
 ) -> None:
     """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
     library = _load()
@@ -151,7 +169,7 @@ def _lstm_step_cpu_op(
         int(h.dtype == torch.bfloat16),
         update.data_ptr(),
         keep.data_ptr() if keep is not None else None,
-        segment_ids.data_ptr() if keep is not None else None,
+        segment_ids.data_ptr() if segment_ids is not None else None,
         wx.data_ptr(),
         wh.data_ptr(),
         bias.data_ptr(),
@@ -169,6 +187,8 @@ def _lstm_step_cpu_op(
         decays.data_ptr() if momenta else None,
         rms_decay,
         1.0 - rms_decay,  # in double, then rounded: as the eager rule computes it
+        agreement.data_ptr() if agreement is not None else None,
+        agreement.shape[1] if agreement is not None else 0,
     )
     # Ranges are multiples of the kernel's 32-coordinate block; ctypes drops the GIL per call.
     run_parallel(library.lstm_step, [(lo, hi, *args) for lo, hi in split_ranges(n)])
