@@ -45,8 +45,9 @@ class StepContext:
             whose :attr:`UpdateRule.needs_step_scales` is true: with it a rule can tell how large
             the step it is about to take is against the parameters it moves, ``lr`` included.
         tensor_statistics: ``(num_segments, k)`` sums over *whole* tensors of what the rule's
-            :meth:`UpdateRule.tensor_statistics` computes, filled by a caller that split a
-            tensor over batches (the rule then reads these instead of its own batch's sums).
+            :meth:`UpdateRule.tensor_statistics` computes, filled by a caller that has them
+            (the eager optimizer path where it splits a tensor over batches, the fused path
+            always); the rule then reads these instead of its own batch's sums.
     """
 
     segment_ids: Tensor | None = None
@@ -382,8 +383,9 @@ class UpdateRule(nn.Module):
         """Per-tensor sums ``(num_segments, k)`` that :meth:`forward` reads over whole tensors.
 
         ``None`` (the default) for rules without such inputs. The sums must add up over the
-        pieces of a tensor: where the optimizer splits a tensor over batches it calls this on
-        every piece first and passes the totals in :attr:`StepContext.tensor_statistics`.
+        pieces of a tensor: where the optimizer splits a tensor over batches (and before every
+        fused step) it calls this on every piece first and passes the totals in
+        :attr:`StepContext.tensor_statistics`.
         """
         return None
 
