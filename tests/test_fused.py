@@ -280,24 +280,26 @@ AGREEMENT = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_agreement": True}
 cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 
 
-@cpu_kernel
+@over_kernels
 @pytest.mark.parametrize("poison_step", [None, 2], ids=["finite", "skips-a-tensor"])
 @pytest.mark.parametrize("chunk_size", [1 << 16, 50], ids=["whole", "split-tensors"])
-def test_cpu_kernel_with_tensor_agreement_matches_eager(poison_step, chunk_size):
-    assert CoordinateLSTM(**AGREEMENT).fused_impls() == ("cpu",)  # no Triton kernel for it yet
+def test_kernel_with_tensor_agreement_matches_eager(poison_step, chunk_size, impl):
+    assert CoordinateLSTM(**AGREEMENT).fused_impls() == CoordinateLSTM().fused_impls()
     runs = {}
-    for impl in ("eager", "cpu"):
+    for run_impl in ("eager", impl):
         with pytest.warns(RuntimeWarning, match="non-finite") if poison_step is not None else _no_warning():
-            runs[impl] = _train(impl, steps=5, poison_step=poison_step, rule_config=AGREEMENT, chunk_size=chunk_size)
-    (eager, eager_opt), (fused, fused_opt) = runs["eager"], runs["cpu"]
-    assert fused_opt.impl_for(DEVICE) == "cpu"
+            runs[run_impl] = _train(
+                run_impl, steps=5, poison_step=poison_step, rule_config=AGREEMENT, chunk_size=chunk_size
+            )
+    (eager, eager_opt), (fused, fused_opt) = runs["eager"], runs[impl]
+    assert fused_opt.impl_for(DEVICE) == impl
     for p_eager, p_fused in zip(eager.parameters(), fused.parameters(), strict=True):
         assert _rel(p_fused, p_eager) < TRAJECTORY_RTOL
         for key in ("rule.h", "rule.m"):
             assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
     # the agreement inputs matter: without them the trajectory differs
     if poison_step is None:
-        plain, _ = _train("cpu", steps=5, rule_config=AGREEMENT, chunk_size=chunk_size, zero_agreement=True)
+        plain, _ = _train(impl, steps=5, rule_config=AGREEMENT, chunk_size=chunk_size, zero_agreement=True)
         assert _rel(plain[0].weight, fused[0].weight) > 1e-3
 
 
@@ -312,6 +314,34 @@ def test_cpu_kernel_with_tensor_agreement_steps_meta_fit_rollouts_like_eager(mon
     monkeypatch.setattr(CoordinateLSTM, "fused_impls", lambda self: ())
     eager = rollout(rule, family.sample(3), 12)
     assert fused == pytest.approx(eager, rel=1e-4)
+
+
+@over_kernels
+def test_kernels_refuse_a_missing_or_malformed_agreement_table_before_writing(impl):
+    from learned_optim.rules.lstm_cpu import lstm_step_cpu
+    from learned_optim.rules.lstm_pack import pack_lstm_weights
+    from learned_optim.rules.lstm_triton import lstm_step_triton
+
+    kernel = {"cpu": lstm_step_cpu, "triton": lstm_step_triton}[impl]
+    rule = _trained_like(CoordinateLSTM(hidden_size=6, **AGREEMENT))
+    grad, state = _inputs(rule, 40)
+    before = {k: v.clone() for k, v in state.items()}
+    ids = torch.zeros(40, dtype=torch.int32, device=DEVICE)
+    table = torch.zeros(1, 3, device=DEVICE)
+    bad = [
+        ({"agreement": None}, "agreement table"),
+        ({"agreement": torch.zeros(1, 2, device=DEVICE)}, r"\(num_tensors, 3\)"),
+        ({"agreement": table.double()}, "float32"),
+        ({"agreement": table, "segment_ids": None}, "int32 segment_ids"),
+        ({"agreement": table, "segment_ids": ids.long()}, "int32 segment_ids"),
+    ]
+    for overrides, message in bad:
+        kwargs = {"segment_ids": ids, "m": state["m"], "v": state["v"], **overrides}
+        update = torch.empty(40, device=DEVICE)
+        with pytest.raises(ValueError, match=message):
+            kernel(rule, pack_lstm_weights(rule), grad, state["h"], state["c"], update, **kwargs)
+        for key, value in state.items():
+            assert torch.equal(value, before[key]), key
 
 
 def test_a_rule_with_more_inputs_than_the_packed_layout_holds_runs_eagerly():
@@ -502,11 +532,14 @@ def test_built_cpu_kernel_follows_the_umask(tmp_path, monkeypatch):
     assert built.suffix == ".so" and oct(stat.S_IMODE(built.stat().st_mode)) == oct(0o755)
 
 
+STEP_CONFIGS = pytest.mark.parametrize(
+    "config", [{}, {"momentum_decays": [0.5, 0.9]}, AGREEMENT], ids=["paper", "momenta", "agreement"]
+)
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @cuda_only
-@pytest.mark.parametrize("config", [{}, {"momentum_decays": [0.5, 0.9]}], ids=["paper", "momenta"])
+@STEP_CONFIGS
 def test_cuda_graph_captures_a_training_step(config):
     model = _model()
     # Default warn_nonfinite=True: the step drops its host-side check while being captured.
@@ -544,7 +577,7 @@ def test_cuda_graph_captures_a_training_step(config):
         assert _rel(b, a) < TRAJECTORY_RTOL
 
 
-@pytest.mark.parametrize("config", [{}, {"momentum_decays": [0.5, 0.9]}], ids=["paper", "momenta"])
+@STEP_CONFIGS
 @pytest.mark.parametrize("impl", ["eager", "auto", *KERNELS])
 def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl, config):
     # fullgraph=True fails on any graph break in step(): host syncs, data-pointer checks, the

@@ -77,8 +77,7 @@ class CoordinateLSTM(UpdateRule):
             It is the same for every coordinate of a tensor, so the rule can tell networks
             that need different step sizes apart, which per-coordinate scale-free inputs
             cannot. Each tensor's sums are taken over all of it (the optimizer adds them up
-            over the batches of a tensor it splits). The fused CPU kernel reads these inputs
-            too; the Triton kernel does not yet, so on GPU such a rule steps eagerly.
+            over the batches of a tensor it splits). Both fused kernels read these inputs.
     """
 
     rule_type = "CoordinateLSTM"
@@ -151,8 +150,7 @@ class CoordinateLSTM(UpdateRule):
         if input_count(self) > padded_units(self.hidden_size):
             return ()  # the packed layout has room for at most that many first-layer inputs
 
-        # The Triton kernel does not read per-tensor inputs (yet).
-        impls = ("triton",) if triton_available() and not self.tensor_agreement else ()
+        impls = ("triton",) if triton_available() else ()
         if lstm_cpu.supports(self) and lstm_cpu.cpu_kernel_available():
             impls += ("cpu",)
         return impls

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
-from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state, input_count, padded_units
+from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_agreement, check_state, input_count, padded_units
 
 __all__ = ["cpu_kernel_available", "cpu_kernel_error", "lstm_step_cpu", "supports"]
 
@@ -100,16 +100,7 @@ def lstm_step_cpu(
         if segment_ids is None or segment_ids.dtype != torch.int32:
             raise ValueError("keep needs int32 segment_ids")
         keep = keep.to(torch.uint8).contiguous()
-    if getattr(rule, "tensor_agreement", False):
-        k = len(rule.momentum_decays)
-        if agreement is None or agreement.dtype != torch.float32 or agreement.dim() != 2 or agreement.shape[1] != k:
-            got = None if agreement is None else (tuple(agreement.shape), agreement.dtype)
-            raise ValueError(f"tensor_agreement needs a float32 (num_tensors, {k}) agreement table, got {got}")
-        if segment_ids is None or segment_ids.dtype != torch.int32 or segment_ids.shape != (n,):
-            raise ValueError("tensor_agreement needs int32 segment_ids, one per coordinate")
-        agreement = agreement.contiguous()
-    else:
-        agreement = None
+    agreement = check_agreement(rule, n, agreement, segment_ids)
     torch.ops.learned_optim.lstm_step_cpu(
         None if grad is update else grad.contiguous(),
         h,

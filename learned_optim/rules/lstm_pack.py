@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PackedLSTMWeights", "check_state", "input_count", "pack_lstm_weights", "padded_units"]
+__all__ = [
+    "PackedLSTMWeights",
+    "check_agreement",
+    "check_state",
+    "input_count",
+    "pack_lstm_weights",
+    "padded_units",
+]
 
 
 def padded_units(n: int) -> int:
@@ -113,3 +120,20 @@ def check_state(
             raise ValueError(f"state {name!r} must be one of {dtypes}, got {t.dtype}")
         if t.dtype != h.dtype:
             raise ValueError(f"state {name!r} must have the dtype of 'h', {h.dtype}, got {t.dtype}")
+
+
+def check_agreement(
+    rule: torch.nn.Module, n: int, agreement: Tensor | None, segment_ids: Tensor | None
+) -> Tensor | None:
+    """The ``(num_tensors, k)`` float32 table of a ``tensor_agreement`` rule's per-tensor inputs,
+    made contiguous; ``None`` for other rules. Raises ValueError unless the table has one
+    column per momentum and ``segment_ids`` gives each of the ``n`` coordinates its row (int32)."""
+    if not getattr(rule, "tensor_agreement", False):
+        return None
+    k = len(rule.momentum_decays)
+    if agreement is None or agreement.dtype != torch.float32 or agreement.dim() != 2 or agreement.shape[1] != k:
+        got = None if agreement is None else (tuple(agreement.shape), agreement.dtype)
+        raise ValueError(f"tensor_agreement needs a float32 (num_tensors, {k}) agreement table, got {got}")
+    if segment_ids is None or segment_ids.dtype != torch.int32 or segment_ids.shape != (n,):
+        raise ValueError("tensor_agreement needs int32 segment_ids, one per coordinate")
+    return agreement.contiguous()

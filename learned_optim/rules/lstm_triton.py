@@ -18,7 +18,7 @@ import os
 import torch
 from torch import Tensor
 
-from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_state, padded_units
+from learned_optim.rules.lstm_pack import PackedLSTMWeights, check_agreement, check_state, padded_units
 from learned_optim.rules.triton_common import launch_ranges, tl, triton, triton_available, triton_usable_on
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
 from learned_optim.rules.triton_common import tanh as _tanh
@@ -71,6 +71,7 @@ if triton is not None:
         m_ptr,
         v_ptr,
         decay_ptr,
+        agreement_ptr,
         n,
         preprocess_p,
         input_scale,
@@ -78,6 +79,7 @@ if triton is not None:
         rms_decay,
         rms_rest,
         MOMENTA: tl.constexpr,
+        AGREEMENTS: tl.constexpr,
         L: tl.constexpr,
         H: tl.constexpr,
         HP: tl.constexpr,
@@ -136,6 +138,18 @@ if triton is not None:
             inp = tl.where(column == 0, x0[:, None], tl.where(is_momentum[None, :], scaled, 0.0))
             if PREPROCESS:
                 inp = tl.where(column == 1, x1[:, None], inp)
+            if AGREEMENTS > 0:
+                # Per-tensor inputs (tensor_agreement) after the momenta: a row of the
+                # (num_tensors, AGREEMENTS) table, looked up through each coordinate's tensor index.
+                entry = slot - MOMENTA
+                is_agreement = (entry >= 0) & (entry < AGREEMENTS)
+                tensor = tl.load(segment_ptr + rows, mask=in_range, other=0)
+                shared = tl.load(
+                    agreement_ptr + tensor[:, None] * AGREEMENTS + entry[None, :],
+                    mask=in_range[:, None] & is_agreement[None, :],
+                    other=0.0,
+                )
+                inp = tl.where(is_agreement[None, :], shared, inp)
         for layer in tl.static_range(L):
             offsets = rows[:, None] * (L * H) + layer * H + j[None, :]
             h = tl.load(h_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -176,6 +190,7 @@ def lstm_step_triton(
     precision: str = "tf32x3",
     m: Tensor | None = None,
     v: Tensor | None = None,
+    agreement: Tensor | None = None,
 ) -> None:
     """One fused LSTM step over ``n`` coordinates; writes ``h``/``c`` in place and ``update``.
 
@@ -187,11 +202,13 @@ def lstm_step_triton(
         update: ``(n,)`` fp32 output, the rule's update before ``lr``.
         keep: optional per-tensor flags (``uint8``/``bool``); coordinates of a tensor whose
             flag is 0 keep their state and get a zero update.
-        segment_ids: ``(n,)`` int32 tensor index of each coordinate (with ``keep``).
+        segment_ids: ``(n,)`` int32 tensor index of each coordinate (with ``keep`` or ``agreement``).
         precision: ``tl.dot`` input precision on GPU: ``"tf32x3"`` (fp32 accuracy on matrix
             units), ``"ieee"`` (plain fp32) or ``"tf32"`` (fastest, ~1e-3 relative error).
         m, v: a momentum rule's averages, ``(n, k)`` and ``(n,)`` contiguous, ``h``'s dtype;
             updated in place.
+        agreement: with ``tensor_agreement``, the fp32 ``(num_tensors, k)`` per-tensor inputs,
+            read through ``segment_ids``.
     """
     if triton is None:
         raise RuntimeError("the Triton LSTM kernel needs the `triton` package (pip install triton)")
@@ -206,13 +223,14 @@ def lstm_step_triton(
         raise ValueError(f"update must be a contiguous ({n},) tensor, got {tuple(update.shape)}")
     if masked and keep.dtype == torch.bool:
         keep = keep.view(torch.uint8)
+    agreement = check_agreement(rule, n, agreement, segment_ids)
     torch.ops.learned_optim.lstm_step_triton(
         None if grad is update else grad,
         h,
         c,
         update,
         keep,
-        segment_ids if masked else None,
+        segment_ids if masked or agreement is not None else None,
         packed.tensors(),
         rule.num_layers,
         rule.hidden_size,
@@ -224,6 +242,7 @@ def lstm_step_triton(
         m if rule.momentum_decays else None,
         v if rule.momentum_decays else None,
         float(rule.rms_decay),
+        agreement,
     )
 
 
@@ -248,6 +267,7 @@ def _lstm_step_triton_op(
     m: Tensor | None,
     v: Tensor | None,
     rms_decay: float,
+    agreement: Tensor | None,
 ) -> None:
     """The kernel over ``update.numel()`` coordinates; ``grad=None`` reads the gradient from ``update``."""
     n = update.numel()
@@ -266,7 +286,7 @@ def _lstm_step_triton_op(
             c[start:end],
             update[start:end],
             keep if masked else source,
-            segment_ids[start:end] if masked else source,
+            segment_ids[start:end] if segment_ids is not None else source,
             wx,
             wh,
             bias,
@@ -274,6 +294,7 @@ def _lstm_step_triton_op(
             m[start:end] if momenta else source,
             v[start:end] if momenta else source,
             decays if momenta else source,
+            agreement if agreement is not None else source,
             count,
             preprocess_p,
             input_scale,
@@ -281,6 +302,7 @@ def _lstm_step_triton_op(
             rms_decay,
             1.0 - rms_decay,
             MOMENTA=momenta,
+            AGREEMENTS=agreement.shape[1] if agreement is not None else 0,
             L=num_layers,
             H=hidden_size,
             HP=padded_units(hidden_size),
