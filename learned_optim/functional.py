@@ -342,7 +342,7 @@ def _tensor_statistics(
             g = flat_grads[index][start:stop].to(torch.float32)
             if keep is not None:
                 g = torch.where(keep[index], g, 0.0)
-            ids = torch.zeros(stop - start, dtype=torch.int64, device=g.device)
+            ids = torch.zeros((), dtype=torch.int64, device=g.device).expand(stop - start)  # one segment
             piece_state = {k: v[start:stop] for k, v in e.state.items()}
             piece = rule.tensor_statistics(-g if e.maximize else g, piece_state, ids, 1)
             if piece is None:

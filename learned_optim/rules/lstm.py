@@ -296,7 +296,8 @@ class CoordinateLSTM(UpdateRule):
             return None
         m = state["m"].to(grad.dtype)
         g = grad.unsqueeze(-1)
-        return segment_sum(torch.cat((g * m, g * g, m * m), dim=-1), segment_ids, num_segments)
+        # Summed part by part: concatenating the products first would copy all of them once more.
+        return torch.cat([segment_sum(x, segment_ids, num_segments) for x in (g * m, g * g, m * m)], dim=-1)
 
     def agreement_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
         """``(n, k)``: per momentum, the cosine over each coordinate's tensor between ``grad``

@@ -17,5 +17,9 @@ def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tenso
     kept in float64 (where the device has it) and added up across chunks that way.
     """
     acc_dtype = values.dtype if values.device.type == "mps" else torch.float64
+    if num_segments == 1:
+        # One segment (a whole tensor, or a piece of one): a plain reduction. It accumulates in
+        # float64 without a float64 copy of ``values`` and, on GPU, without atomics.
+        return values.sum(0, keepdim=True, dtype=acc_dtype)
     out = torch.zeros((num_segments, values.shape[-1]), dtype=acc_dtype, device=values.device)
     return out.index_add(0, segment_ids, values.to(acc_dtype))
