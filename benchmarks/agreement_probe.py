@@ -1,0 +1,87 @@
+"""What a momentum LSTM rule's tensor agreement inputs read during training runs.
+
+For each task and ``lr`` multiplier, runs the rule for ``--steps`` steps on ``--seeds`` task
+instances (``learned_optim.meta_fit.rollout``) and prints, per parameter tensor, the mean cosine
+between its gradient and one momentum (``--momentum``: index into ``momentum_decays``) over
+windows of steps, plus the mean minibatch loss at a few steps. A rule without
+``tensor_agreement`` gets the inputs attached with zero weights (``init_from``), so its updates
+are unchanged and the probe shows what the cue would have told it. It asks whether the cue
+separates a step size that is too large from a good one.
+
+    python benchmarks/agreement_probe.py --rule lstm-mnist-momentum --tasks mnist-mlp,mnist-mlp-relu --lrs 0.5,1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import Tensor
+
+from learned_optim import CoordinateLSTM
+from learned_optim.meta_fit import rollout
+from learned_optim.tasks import get_task
+
+LOSS_STEPS = (0, 1, 2, 3, 5, 10, 20, 50, 70, 100)
+
+
+class _RecordingLSTM(CoordinateLSTM):
+    """Records each step's ``(num_tensors, k)`` agreement cosines (same math, fused kernels included)."""
+
+    def agreement_cosines(self, sums: Tensor) -> Tensor:
+        cosines = super().agreement_cosines(sums)
+        self.recorded.append(cosines.detach().clone())
+        return cosines
+
+
+def probe_rule(name: str) -> _RecordingLSTM:
+    """``name``'s weights in a recording rule with tensor agreement inputs."""
+    source = CoordinateLSTM.from_pretrained(name)
+    if not source.momentum_decays:
+        raise SystemExit(f"{name} has no momentum inputs: tensor agreement compares the gradient with a momentum")
+    rule = _RecordingLSTM(**{**source.config, "tensor_agreement": True})
+    rule.init_from(source)
+    rule.recorded = []
+    return rule
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rule", default="lstm-mnist-momentum", help="bundled name or folder of a momentum LSTM")
+    parser.add_argument("--tasks", default="mnist-mlp,mnist-mlp-relu")
+    parser.add_argument("--lrs", default="0.5,1", help="comma separated lr multipliers")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-start", type=int, default=12345, help="task instance seeds")
+    parser.add_argument("--momentum", type=int, default=0, help="which momentum's cosine (index)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rule = probe_rule(args.rule)
+    windows = [(1, 10), (10, 40), (40, args.steps)]
+    shown = [s for s in LOSS_STEPS if s <= args.steps]
+    print(f"rule {args.rule}, momentum decay {rule.momentum_decays[args.momentum]}, {args.seeds} seeds")
+    print("| task | lr | " + " | ".join(f"cosine, steps {a}-{b - 1}" for a, b in windows) + " |")
+    print("|---|---|" + "---|" * len(windows))
+    curves = {}
+    for task in args.tasks.split(","):
+        family = get_task(task)
+        for lr in (float(x) for x in args.lrs.split(",")):
+            cosines, losses = [], []
+            for seed in range(args.seed_start, args.seed_start + args.seeds):
+                rule.recorded = []
+                losses.append(rollout(rule, family.sample(seed), args.steps, lr=lr))
+                cosines.append(torch.stack(rule.recorded)[:, :, args.momentum])  # (steps, tensors)
+            mean = torch.stack(cosines).mean(0)
+            cells = [" / ".join(f"{c:.2f}" for c in mean[a:b].mean(0).tolist()) for a, b in windows]
+            print(f"| {task} | {lr:g} | " + " | ".join(cells) + " |", flush=True)
+            curves[(task, lr)] = [sum(run[s] for run in losses) / len(losses) for s in shown]
+    print()
+    print("| task | lr | " + " | ".join(f"loss at {s}" for s in shown) + " |")
+    print("|---|---|" + "---|" * len(shown))
+    for (task, lr), curve in curves.items():
+        print(f"| {task} | {lr:g} | " + " | ".join(f"{x:.2f}" for x in curve) + " |")
+
+
+if __name__ == "__main__":
+    main()
