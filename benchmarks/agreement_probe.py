@@ -1,12 +1,13 @@
-"""What a momentum LSTM rule's tensor agreement inputs read during training runs.
+"""What a momentum LSTM rule's per-tensor inputs read during training runs.
 
 For each task and ``lr`` multiplier, runs the rule for ``--steps`` steps on ``--seeds`` task
-instances (``learned_optim.meta_fit.rollout``) and prints, per parameter tensor, the mean cosine
-between its gradient and one momentum (``--momentum``: index into ``momentum_decays``) over
-windows of steps, plus the mean minibatch loss at a few steps. A rule without
-``tensor_agreement`` gets the inputs attached with zero weights (``init_from``), so its updates
-are unchanged and the probe shows what the cue would have told it. It asks whether the cue
-separates a step size that is too large from a good one.
+instances (``learned_optim.meta_fit.rollout``) and prints, per parameter tensor and over
+windows of steps, the mean of two per-tensor cues for one momentum (``--momentum``: index into
+``momentum_decays``): the cosine between the gradient and the momentum (``tensor_agreement``)
+and ``log(||g|| / ||m||)`` (``tensor_norm_ratio``), plus the mean minibatch loss at a few steps.
+The inputs are attached with zero weights (``init_from``), so the rule's updates are unchanged
+and the probe shows what each cue would have told it. It asks whether a cue separates a step
+size that is too large from a good one.
 
     python benchmarks/agreement_probe.py --rule lstm-mnist-momentum --tasks mnist-mlp,mnist-mlp-relu --lrs 0.5,1
 """
@@ -26,20 +27,19 @@ LOSS_STEPS = (0, 1, 2, 3, 5, 10, 20, 50, 70, 100)
 
 
 class _RecordingLSTM(CoordinateLSTM):
-    """Records each step's ``(num_tensors, k)`` agreement cosines (same math, fused kernels included)."""
+    """Records each step's per-tensor sums (same math, fused kernels included)."""
 
-    def agreement_cosines(self, sums: Tensor) -> Tensor:
-        cosines = super().agreement_cosines(sums)
-        self.recorded.append(cosines.detach().clone())
-        return cosines
+    def tensor_inputs(self, sums: Tensor) -> Tensor:
+        self.recorded.append(sums.detach().clone())
+        return super().tensor_inputs(sums)
 
 
 def probe_rule(name: str) -> _RecordingLSTM:
-    """``name``'s weights in a recording rule with tensor agreement inputs."""
+    """``name``'s weights in a recording rule with both kinds of per-tensor inputs."""
     source = CoordinateLSTM.from_pretrained(name)
     if not source.momentum_decays:
-        raise SystemExit(f"{name} has no momentum inputs: tensor agreement compares the gradient with a momentum")
-    rule = _RecordingLSTM(**{**source.config, "tensor_agreement": True})
+        raise SystemExit(f"{name} has no momentum inputs: the per-tensor cues compare the gradient with a momentum")
+    rule = _RecordingLSTM(**{**source.config, "tensor_agreement": True, "tensor_norm_ratio": True})
     rule.init_from(source)
     rule.recorded = []
     return rule
@@ -58,24 +58,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rule = probe_rule(args.rule)
-    windows = [(1, 10), (10, 40), (40, args.steps)]
+    windows = [(1, 2), (2, 10), (10, 40), (40, args.steps)]
     shown = [s for s in LOSS_STEPS if s <= args.steps]
     print(f"rule {args.rule}, momentum decay {rule.momentum_decays[args.momentum]}, {args.seeds} seeds")
-    print("| task | lr | " + " | ".join(f"cosine, steps {a}-{b - 1}" for a, b in windows) + " |")
-    print("|---|---|" + "---|" * len(windows))
+    k = len(rule.momentum_decays)
+    cues = {"cosine": rule.agreement_cosines, "log norm ratio": rule.norm_ratios}
+    rows = {cue: [] for cue in cues}
     curves = {}
     for task in args.tasks.split(","):
         family = get_task(task)
         for lr in (float(x) for x in args.lrs.split(",")):
-            cosines, losses = [], []
+            readings = {cue: [] for cue in cues}
+            losses = []
             for seed in range(args.seed_start, args.seed_start + args.seeds):
                 rule.recorded = []
                 losses.append(rollout(rule, family.sample(seed), args.steps, lr=lr))
-                cosines.append(torch.stack(rule.recorded)[:, :, args.momentum])  # (steps, tensors)
-            mean = torch.stack(cosines).mean(0)
-            cells = [" / ".join(f"{c:.2f}" for c in mean[a:b].mean(0).tolist()) for a, b in windows]
-            print(f"| {task} | {lr:g} | " + " | ".join(cells) + " |", flush=True)
+                sums = torch.stack(rule.recorded)  # (steps, tensors, 2k + 1)
+                for cue, read in cues.items():
+                    per_step = read(sums.reshape(-1, 2 * k + 1)).reshape(*sums.shape[:2], k)
+                    readings[cue].append(per_step[:, :, args.momentum])  # (steps, tensors)
+            for cue in cues:
+                mean = torch.stack(readings[cue]).mean(0)
+                cells = [" / ".join(f"{c:.2f}" for c in mean[a:b].mean(0).tolist()) for a, b in windows]
+                rows[cue].append(f"| {task} | {lr:g} | " + " | ".join(cells) + " |")
             curves[(task, lr)] = [sum(run[s] for run in losses) / len(losses) for s in shown]
+    for cue in cues:
+        print(f"\n{cue}, per tensor")
+        print("| task | lr | " + " | ".join(f"steps {a}-{b - 1}" for a, b in windows) + " |")
+        print("|---|---|" + "---|" * len(windows))
+        print("\n".join(rows[cue]))
     print()
     print("| task | lr | " + " | ".join(f"loss at {s}" for s in shown) + " |")
     print("|---|---|" + "---|" * len(shown))

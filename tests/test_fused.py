@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
-from learned_optim.rules.lstm_pack import input_count
+from learned_optim.rules.lstm_pack import input_count, tensor_input_count
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The fused kernels that can run on this machine's test device.
@@ -277,19 +277,22 @@ def test_optimizer_with_a_momentum_rule_picks_the_kernel_and_matches_eager(impl)
 
 
 AGREEMENT = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_agreement": True}
+NORM_RATIO = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_norm_ratio": True}
+BOTH_TENSOR_INPUTS = {**AGREEMENT, "tensor_norm_ratio": True}
 cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 
 
 @over_kernels
 @pytest.mark.parametrize("poison_step", [None, 2], ids=["finite", "skips-a-tensor"])
 @pytest.mark.parametrize("chunk_size", [1 << 16, 50], ids=["whole", "split-tensors"])
-def test_kernel_with_tensor_agreement_matches_eager(poison_step, chunk_size, impl):
-    assert CoordinateLSTM(**AGREEMENT).fused_impls() == CoordinateLSTM().fused_impls()
+@pytest.mark.parametrize("config", [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS], ids=["agreement", "ratio", "both"])
+def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_size, impl):
+    assert CoordinateLSTM(**config).fused_impls() == CoordinateLSTM().fused_impls()
     runs = {}
     for run_impl in ("eager", impl):
         with pytest.warns(RuntimeWarning, match="non-finite") if poison_step is not None else _no_warning():
             runs[run_impl] = _train(
-                run_impl, steps=5, poison_step=poison_step, rule_config=AGREEMENT, chunk_size=chunk_size
+                run_impl, steps=5, poison_step=poison_step, rule_config=config, chunk_size=chunk_size
             )
     (eager, eager_opt), (fused, fused_opt) = runs["eager"], runs[impl]
     assert fused_opt.impl_for(DEVICE) == impl
@@ -297,18 +300,18 @@ def test_kernel_with_tensor_agreement_matches_eager(poison_step, chunk_size, imp
         assert _rel(p_fused, p_eager) < TRAJECTORY_RTOL
         for key in ("rule.h", "rule.m"):
             assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
-    # the agreement inputs matter: without them the trajectory differs
+    # the per-tensor inputs matter: without them the trajectory differs
     if poison_step is None:
-        plain, _ = _train(impl, steps=5, rule_config=AGREEMENT, chunk_size=chunk_size, zero_agreement=True)
+        plain, _ = _train(impl, steps=5, rule_config=config, chunk_size=chunk_size, zero_agreement=True)
         assert _rel(plain[0].weight, fused[0].weight) > 1e-3
 
 
 @cpu_kernel
-def test_cpu_kernel_with_tensor_agreement_steps_meta_fit_rollouts_like_eager(monkeypatch):
+def test_cpu_kernel_with_per_tensor_inputs_steps_meta_fit_rollouts_like_eager(monkeypatch):
     from learned_optim.meta_fit import rollout
     from learned_optim.tasks import get_task
 
-    rule = _trained_like(CoordinateLSTM(hidden_size=6, **AGREEMENT), seed=4)
+    rule = _trained_like(CoordinateLSTM(hidden_size=6, **BOTH_TENSOR_INPUTS), seed=4)
     family = get_task("teacher")
     fused = rollout(rule, family.sample(3), 12)
     monkeypatch.setattr(CoordinateLSTM, "fused_impls", lambda self: ())
@@ -376,8 +379,8 @@ def _train(
     rule = _trained_like(CoordinateLSTM(**(rule_config or {})), seed=3)
     if zero_agreement:
         with torch.no_grad():
-            first, stop = input_count(rule) - len(rule.momentum_decays), input_count(rule)
-            rule.weights[0][:, first:stop] = 0.0  # the agreement inputs' columns
+            first, stop = input_count(rule) - tensor_input_count(rule), input_count(rule)
+            rule.weights[0][:, first:stop] = 0.0  # the per-tensor inputs' columns
     opt = LearnedOptimizer(_groups(model), pretrained=rule, impl=impl, **kwargs)
     g = torch.Generator().manual_seed(5)
     for step in range(steps):
@@ -533,7 +536,7 @@ def test_built_cpu_kernel_follows_the_umask(tmp_path, monkeypatch):
 
 
 STEP_CONFIGS = pytest.mark.parametrize(
-    "config", [{}, {"momentum_decays": [0.5, 0.9]}, AGREEMENT], ids=["paper", "momenta", "agreement"]
+    "config", [{}, {"momentum_decays": [0.5, 0.9]}, BOTH_TENSOR_INPUTS], ids=["paper", "momenta", "per-tensor"]
 )
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -457,13 +457,13 @@ def test_tensor_agreement_is_the_cosine_over_each_tensor():
     state["m"] = torch.randn(12, 2, dtype=torch.float64)
     state["m"][8:] = 0.0  # a tensor whose momenta are still zero: no agreement yet
     ids = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
-    features = rule.agreement_features(grad, state, StepContext(segment_ids=ids, num_segments=3))
+    features = rule.tensor_features(grad, state, StepContext(segment_ids=ids, num_segments=3))
     for rows in (slice(0, 5), slice(5, 8)):
         expected = torch.nn.functional.cosine_similarity(grad[rows].unsqueeze(-1), state["m"][rows], dim=0)
         torch.testing.assert_close(features[rows], expected.expand(rows.stop - rows.start, 2))
     assert torch.equal(features[8:], torch.zeros(4, 2, dtype=torch.float64))
     # without a layout the whole batch is one tensor
-    whole = rule.agreement_features(grad[:5], {k: v[:5] for k, v in state.items()}, None)
+    whole = rule.tensor_features(grad[:5], {k: v[:5] for k, v in state.items()}, None)
     torch.testing.assert_close(whole, features[:5])
 
 
@@ -487,6 +487,55 @@ def test_tensor_agreement_starts_from_the_rule_it_extends_and_learns_through_it(
         CoordinateLSTM(tensor_agreement=True)
     with pytest.raises(ValueError, match="tensor_agreement must be true or false"):
         CoordinateLSTM(momentum_decays=[0.9], tensor_agreement="yes")
+
+
+def test_tensor_norm_ratio_is_the_log_norm_ratio_over_each_tensor_after_the_cosines():
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_agreement=True, tensor_norm_ratio=True)
+    rule = rule.double()
+    assert rule.weights[0].shape == (16, 2 + 2 + 2 + 2 + 4)
+    torch.manual_seed(6)
+    grad = torch.randn(12, dtype=torch.float64)
+    state = rule.init_state(12, dtype=torch.float64)
+    state["m"] = torch.randn(12, 2, dtype=torch.float64)
+    state["m"][8:] = 0.0  # first step of that tensor: no ratio yet
+    state["m"][5:8, 1] *= 1e-6  # a tiny momentum: the ratio is clipped at 5
+    ids = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    features = rule.tensor_features(grad, state, StepContext(segment_ids=ids, num_segments=3))
+    assert features.shape == (12, 4)
+    expected = torch.log(grad[:5].norm() / state["m"][:5].norm(dim=0))
+    torch.testing.assert_close(features[:5, 2:], expected.expand(5, 2))
+    torch.testing.assert_close(features[5:8, 3], torch.full((3,), 5.0, dtype=torch.float64))
+    assert torch.equal(features[8:], torch.zeros(4, 4, dtype=torch.float64))
+    cosines = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_agreement=True).double()
+    context = StepContext(segment_ids=ids, num_segments=3)
+    torch.testing.assert_close(features[:, :2], cosines.tensor_features(grad, state, context))
+    only_ratio = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_norm_ratio=True).double()
+    torch.testing.assert_close(features[:, 2:], only_ratio.tensor_features(grad, state, context))
+    with pytest.raises(ValueError, match="tensor_norm_ratio needs momentum_decays"):
+        CoordinateLSTM(tensor_norm_ratio=True)
+
+
+def test_norm_ratio_inputs_extend_a_rule_without_changing_its_updates():
+    torch.manual_seed(7)
+    base = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_agreement=True)
+    with torch.no_grad():
+        base.weights[0][:, 4:6].normal_(0, 1.0)  # agreement weights in use
+    extended = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_agreement=True, tensor_norm_ratio=True)
+    extended.init_from(base)
+    context = StepContext(segment_ids=torch.tensor([0] * 4 + [1] * 5), num_segments=2)
+    state_a, state_b = base.init_state(9), extended.init_state(9)
+    for _ in range(4):
+        g = torch.randn(9) * torch.rand(1) * 3
+        update_a, state_a = base(g, state_a, context)
+        update_b, state_b = extended(g, state_b, context)
+        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-7)
+    update_b.sum().backward()
+    assert extended.weights[0].grad[:, 6:8].abs().sum() > 0  # the ratio inputs' weights
+    with pytest.raises(ValueError, match="tensor_norm_ratio"):
+        base.init_from(extended)  # cannot drop the inputs
+    ratio_only = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_norm_ratio=True)
+    with pytest.raises(ValueError, match="tensor_agreement"):
+        extended.init_from(ratio_only)  # the ratios would move behind new cosines
 
 
 def test_tensor_agreement_in_the_optimizer_sees_whole_tensors_and_resumes(tmp_path):

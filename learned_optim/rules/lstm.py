@@ -6,7 +6,9 @@ output a linear read-out of the top layer times ``output_scale``. Optionally the
 holds gradient averages at several time scales, each divided by the root of a running mean
 square (scale-free momenta, as the hierarchical RNN of Wichrowska et al. 2017 gets), and
 for each momentum the cosine over the whole tensor between the gradient and that momentum
-(a per-tensor cue of whether the steps overshoot, in the spirit of that paper's tensor level).
+(a per-tensor cue of whether the steps overshoot, in the spirit of that paper's tensor level)
+and the log ratio of the gradient's norm over the tensor to that momentum's (a cue that the
+gradient grew after a step, which follows a step that was too large).
 """
 
 from __future__ import annotations
@@ -78,11 +80,17 @@ class CoordinateLSTM(UpdateRule):
             that need different step sizes apart, which per-coordinate scale-free inputs
             cannot. Each tensor's sums are taken over all of it (the optimizer adds them up
             over the batches of a tensor it splits). Both fused kernels read these inputs.
+        tensor_norm_ratio: with ``momentum_decays``, one more input per momentum (after the
+            agreement inputs, if any): ``log(||g|| / ||m||)`` over the coordinate's tensor, the
+            gradient's norm against that momentum's before this step, clipped to [-5, 5] (0
+            before the first step). A gradient that grew after a step (the step overshot)
+            reads high at once, while the cosines need several noisy steps to say so. Summed
+            over whole tensors like the agreement inputs; both fused kernels read it.
     """
 
     rule_type = "CoordinateLSTM"
     # Options added after rules were shipped: their configs load with the defaults.
-    added_config_keys = frozenset({"momentum_decays", "rms_decay", "tensor_agreement"})
+    added_config_keys = frozenset({"momentum_decays", "rms_decay", "tensor_agreement", "tensor_norm_ratio"})
     # No global state: several problems can step in one call (meta_fit).
     forward_reads_global_state = False
 
@@ -97,6 +105,7 @@ class CoordinateLSTM(UpdateRule):
         momentum_decays: tuple[float, ...] | list[float] = (),
         rms_decay: float = 0.99,
         tensor_agreement: bool = False,
+        tensor_norm_ratio: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -111,9 +120,11 @@ class CoordinateLSTM(UpdateRule):
             "momentum_decays": _decays("momentum_decays", momentum_decays),
             "rms_decay": _decay("rms_decay", rms_decay),
             "tensor_agreement": config_bool("tensor_agreement", tensor_agreement),
+            "tensor_norm_ratio": config_bool("tensor_norm_ratio", tensor_norm_ratio),
         }
-        if self.config["tensor_agreement"] and not self.config["momentum_decays"]:
-            raise ValueError("tensor_agreement needs momentum_decays (it compares the gradient with each momentum)")
+        for flag in ("tensor_agreement", "tensor_norm_ratio"):
+            if self.config[flag] and not self.config["momentum_decays"]:
+                raise ValueError(f"{flag} needs momentum_decays (it compares the gradient with each momentum)")
         self.hidden_size = self.config["hidden_size"]
         self.num_layers = self.config["num_layers"]
         self.preprocess = self.config["preprocess"]
@@ -123,6 +134,7 @@ class CoordinateLSTM(UpdateRule):
         self.momentum_decays = self.config["momentum_decays"]
         self.rms_decay = self.config["rms_decay"]
         self.tensor_agreement = self.config["tensor_agreement"]
+        self.tensor_norm_ratio = self.config["tensor_norm_ratio"]
         input_size = input_count(self)
         h = self.hidden_size
         self.weights = nn.ParameterList()
@@ -178,14 +190,14 @@ class CoordinateLSTM(UpdateRule):
             # Packed once and reused until the weights change (their version counters move).
             packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
         agreement = None
-        if self.tensor_agreement:
+        if self.needs_segments:
             if segment_ids is None or context is None:
-                raise ValueError("CoordinateLSTM with tensor_agreement: fused_step needs segment_ids and a context")
+                raise ValueError("CoordinateLSTM with per-tensor inputs: fused_step needs segment_ids and a context")
             # Read before the kernel moves the momenta; whole-tensor sums where the caller has them.
             sums = context.tensor_statistics
             if sums is None:
                 sums = self.tensor_statistics(grad, state, segment_ids, context.num_segments)
-            agreement = self.agreement_cosines(sums).float()
+            agreement = self.tensor_inputs(sums).float()
         kernels[impl](
             self,
             packed,
@@ -202,8 +214,8 @@ class CoordinateLSTM(UpdateRule):
 
     @property
     def needs_segments(self) -> bool:  # type: ignore[override]
-        """Whether each batch must come with its tensors' layout (``tensor_agreement``)."""
-        return self.tensor_agreement
+        """Whether each batch must come with its tensors' layout (per-tensor inputs)."""
+        return self.tensor_agreement or self.tensor_norm_ratio
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         spec = {"h": (self.num_layers, self.hidden_size), "c": (self.num_layers, self.hidden_size)}
@@ -214,7 +226,7 @@ class CoordinateLSTM(UpdateRule):
 
     def init_from(self, other: UpdateRule) -> None:
         """Start from ``other``'s weights; also from a rule with fewer momentum inputs or units,
-        or without ``tensor_agreement``.
+        or without the per-tensor inputs.
 
         New inputs get zero weights. New hidden units keep this rule's random initial
         weights, but every weight from a new unit into an old unit or the read-out is zero.
@@ -224,7 +236,7 @@ class CoordinateLSTM(UpdateRule):
         if not isinstance(other, CoordinateLSTM) or other.rule_type != self.rule_type:
             super().init_from(other)
             return
-        growable = ("momentum_decays", "rms_decay", "hidden_size", "tensor_agreement")
+        growable = ("momentum_decays", "rms_decay", "hidden_size", "tensor_agreement", "tensor_norm_ratio")
         ours = {k: v for k, v in self.config.items() if k not in growable}
         theirs = {k: v for k, v in other.config.items() if k not in growable}
         kept = list(other.momentum_decays)
@@ -234,8 +246,11 @@ class CoordinateLSTM(UpdateRule):
             and (not kept or self.rms_decay == other.rms_decay)  # rms_decay matters only with momenta
             and other.hidden_size <= self.hidden_size
             and (self.tensor_agreement or not other.tensor_agreement)
-            # The agreement inputs follow the momenta: the old ones must stay a prefix.
-            and (not other.tensor_agreement or self.momentum_decays == other.momentum_decays)
+            and (self.tensor_norm_ratio or not other.tensor_norm_ratio)
+            # The per-tensor inputs follow the momenta, the ratios after the cosines: the old
+            # inputs must stay a prefix.
+            and (not other.needs_segments or self.momentum_decays == other.momentum_decays)
+            and (not other.tensor_norm_ratio or self.tensor_agreement == other.tensor_agreement)
         )
         if not extends:
             super().init_from(other)  # raises, naming both configs
@@ -290,18 +305,18 @@ class CoordinateLSTM(UpdateRule):
     def tensor_statistics(
         self, grad: Tensor, state: RuleState, segment_ids: Tensor, num_segments: int
     ) -> Tensor | None:
-        """With ``tensor_agreement``: per tensor, the sums of ``grad * m`` ``(k)``, ``grad ** 2``
+        """With per-tensor inputs: per tensor, the sums of ``grad * m`` ``(k)``, ``grad ** 2``
         and ``m ** 2`` ``(k)`` (momenta ``m`` before the step), in float64."""
-        if not self.tensor_agreement:
+        if not self.needs_segments:
             return None
         m = state["m"].to(grad.dtype)
         g = grad.unsqueeze(-1)
         # Summed part by part: concatenating the products first would copy all of them once more.
         return torch.cat([segment_sum(x, segment_ids, num_segments) for x in (g * m, g * g, m * m)], dim=-1)
 
-    def agreement_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
-        """``(n, k)``: per momentum, the cosine over each coordinate's tensor between ``grad``
-        and the momentum before this step (0 where either is all zero)."""
+    def tensor_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
+        """``(n, k)`` per kind of per-tensor input: the row of :meth:`tensor_inputs` of each
+        coordinate's tensor (without a layout in ``context``, all of ``grad`` is one tensor)."""
         if context is None or context.segment_ids is None:
             ids, num = torch.zeros(grad.shape[0], dtype=torch.int64, device=grad.device), 1  # one tensor
         else:
@@ -309,7 +324,17 @@ class CoordinateLSTM(UpdateRule):
         sums = context.tensor_statistics if context is not None else None
         if sums is None:
             sums = self.tensor_statistics(grad, state, ids, num)
-        return self.agreement_cosines(sums).to(grad.dtype)[ids]
+        return self.tensor_inputs(sums).to(grad.dtype)[ids]
+
+    def tensor_inputs(self, sums: Tensor) -> Tensor:
+        """Per tensor, the rule's per-tensor inputs from :meth:`tensor_statistics`' sums: the
+        agreement cosines, then the norm ratios, as configured."""
+        parts = []
+        if self.tensor_agreement:
+            parts.append(self.agreement_cosines(sums))
+        if self.tensor_norm_ratio:
+            parts.append(self.norm_ratios(sums))
+        return torch.cat(parts, dim=-1)
 
     def agreement_cosines(self, sums: Tensor) -> Tensor:
         """Per tensor, the ``(num_tensors, k)`` cosines from :meth:`tensor_statistics`' sums."""
@@ -321,14 +346,23 @@ class CoordinateLSTM(UpdateRule):
         cosine = torch.where(defined, dot * torch.rsqrt(torch.where(defined, product, 1.0)), 0.0)
         return cosine.clamp(-1.0, 1.0)
 
+    def norm_ratios(self, sums: Tensor) -> Tensor:
+        """Per tensor, the ``(num_tensors, k)`` ``log(||g|| / ||m||)`` from :meth:`tensor_statistics`'
+        sums, clipped to [-5, 5]; 0 where either norm is zero (first step, an all-zero gradient)."""
+        k = len(self.momentum_decays)
+        grad_sq, mom_sq = sums[:, k : k + 1], sums[:, k + 1 :]
+        defined = (grad_sq > 1e-60) & (mom_sq > 1e-60)
+        ratio = torch.where(defined, grad_sq, 1.0) / torch.where(defined, mom_sq, 1.0)
+        return torch.where(defined, 0.5 * torch.log(ratio), 0.0).clamp(-5.0, 5.0)
+
     def forward(self, grad: Tensor, state: RuleState, context: StepContext | None = None) -> tuple[Tensor, RuleState]:
         compute_dtype = self.output.weight.dtype
         x = self.features(grad.to(compute_dtype))
         if self.momentum_decays:
             momenta, m_new, v_new = self.momentum_features(grad.to(compute_dtype), state)
             x = torch.cat((x, momenta), dim=-1)
-            if self.tensor_agreement:
-                x = torch.cat((x, self.agreement_features(grad.to(compute_dtype), state, context)), dim=-1)
+            if self.needs_segments:
+                x = torch.cat((x, self.tensor_features(grad.to(compute_dtype), state, context)), dim=-1)
         h_all = state["h"].to(compute_dtype)
         c_all = state["c"].to(compute_dtype)
         new_h, new_c = [], []

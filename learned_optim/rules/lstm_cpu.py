@@ -80,7 +80,7 @@ def lstm_step_cpu(
 
     ``grad`` and ``update`` are fp32; ``h``/``c`` are contiguous ``(n, num_layers, hidden_size)``
     in fp32 or bf16, and so are a momentum rule's ``m`` ``(n, k)`` and ``v`` ``(n,)``.
-    ``agreement``: with ``tensor_agreement``, the fp32 ``(num_tensors, k)`` per-tensor inputs,
+    ``agreement``: with per-tensor inputs, the fp32 ``(num_tensors, k)`` table of them,
     read through the int32 ``segment_ids``.
     """
     # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)

@@ -24,14 +24,21 @@ def padded_units(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def tensor_input_count(rule: torch.nn.Module) -> int:
+    """Per-tensor inputs per coordinate: per momentum, one agreement cosine
+    (``tensor_agreement``) and one norm ratio (``tensor_norm_ratio``)."""
+    kinds = int(getattr(rule, "tensor_agreement", False)) + int(getattr(rule, "tensor_norm_ratio", False))
+    return len(getattr(rule, "momentum_decays", ())) * kinds
+
+
 def input_count(rule: torch.nn.Module) -> int:
-    """The first layer's inputs per coordinate: the gradient features, the momenta, then
-    (``tensor_agreement``) one per-tensor agreement per momentum.
+    """The first layer's inputs per coordinate: the gradient features, the momenta, then the
+    per-tensor inputs (:func:`tensor_input_count`).
 
     The packed layout holds at most ``padded_units(hidden_size)`` of them.
     """
     momenta = len(getattr(rule, "momentum_decays", ()))
-    return (2 if rule.preprocess else 1) + momenta * (2 if getattr(rule, "tensor_agreement", False) else 1)
+    return (2 if rule.preprocess else 1) + momenta + tensor_input_count(rule)
 
 
 class PackedLSTMWeights:
@@ -125,15 +132,16 @@ def check_state(
 def check_agreement(
     rule: torch.nn.Module, n: int, agreement: Tensor | None, segment_ids: Tensor | None
 ) -> Tensor | None:
-    """The ``(num_tensors, k)`` float32 table of a ``tensor_agreement`` rule's per-tensor inputs,
-    made contiguous; ``None`` for other rules. Raises ValueError unless the table has one
-    column per momentum and ``segment_ids`` gives each of the ``n`` coordinates its row (int32)."""
-    if not getattr(rule, "tensor_agreement", False):
+    """The ``(num_tensors, k)`` float32 table of a rule's per-tensor inputs (``tensor_agreement``,
+    ``tensor_norm_ratio``), made contiguous; ``None`` for rules without them. Raises ValueError
+    unless the table has one column per per-tensor input (:func:`tensor_input_count`) and
+    ``segment_ids`` gives each of the ``n`` coordinates its row (int32)."""
+    k = tensor_input_count(rule)
+    if k == 0:
         return None
-    k = len(rule.momentum_decays)
     if agreement is None or agreement.dtype != torch.float32 or agreement.dim() != 2 or agreement.shape[1] != k:
         got = None if agreement is None else (tuple(agreement.shape), agreement.dtype)
-        raise ValueError(f"tensor_agreement needs a float32 (num_tensors, {k}) agreement table, got {got}")
+        raise ValueError(f"per-tensor inputs need a float32 (num_tensors, {k}) agreement table, got {got}")
     if segment_ids is None or segment_ids.dtype != torch.int32 or segment_ids.shape != (n,):
-        raise ValueError("tensor_agreement needs int32 segment_ids, one per coordinate")
+        raise ValueError("per-tensor inputs need int32 segment_ids, one per coordinate")
     return agreement.contiguous()

@@ -139,7 +139,7 @@ if triton is not None:
             if PREPROCESS:
                 inp = tl.where(column == 1, x1[:, None], inp)
             if AGREEMENTS > 0:
-                # Per-tensor inputs (tensor_agreement) after the momenta: a row of the
+                # Per-tensor inputs (agreement cosines, norm ratios) after the momenta: a row of the
                 # (num_tensors, AGREEMENTS) table, looked up through each coordinate's tensor index.
                 entry = slot - MOMENTA
                 is_agreement = (entry >= 0) & (entry < AGREEMENTS)
@@ -207,7 +207,7 @@ def lstm_step_triton(
             units), ``"ieee"`` (plain fp32) or ``"tf32"`` (fastest, ~1e-3 relative error).
         m, v: a momentum rule's averages, ``(n, k)`` and ``(n,)`` contiguous, ``h``'s dtype;
             updated in place.
-        agreement: with ``tensor_agreement``, the fp32 ``(num_tensors, k)`` per-tensor inputs,
+        agreement: with per-tensor inputs, the fp32 ``(num_tensors, k)`` table of them,
             read through ``segment_ids``.
     """
     if triton is None:
