@@ -71,7 +71,8 @@ def main() -> None:
     search = [EVALUATION_SEED_BASE + i for i in range(args.search_seeds)]
     every = [EVALUATION_SEED_BASE + i for i in range(args.seeds)]
     s = args.steps
-    grid = itertools.product((0.8, 0.9), (0.7, 1.0, 1.3, 1.6), (s // 2, 3 * s // 5, 7 * s // 10), (0.0, 0.1, 0.3))
+    starts = sorted({s // 2, 3 * s // 5, 7 * s // 10})  # short runs would repeat a start
+    grid = itertools.product((0.8, 0.9), (0.7, 1.0, 1.3, 1.6), starts, (0.0, 0.1, 0.3))
     found = []
     for momentum, peak, start, end in grid:
         p = args.constant_lr * peak

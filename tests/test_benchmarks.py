@@ -1,0 +1,113 @@
+"""The benchmark scripts run end to end at tiny sizes and print the tables they promise.
+
+Numbers are not checked here (tests never check timings); what is checked is that each script
+still runs against the current API and prints the rows a reader of the docs expects.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str, cwd: Path | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def table_rows(output: str, first_cell: str) -> list[list[str]]:
+    """The cells of every markdown table row whose first cell is ``first_cell``."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in output.splitlines() if "|" in line]
+    return [row for row in rows if row[0] == first_cell]
+
+
+def test_agreement_probe_prints_both_cues_and_the_loss_curve():
+    out = run_benchmark("agreement_probe.py", "--tasks", "mnist-mlp", "--lrs", "1", "--steps", "4", "--seeds", "1")
+    assert "cosine, per tensor" in out and "log norm ratio, per tensor" in out
+    cue_rows = table_rows(out, "mnist-mlp")
+    assert len(cue_rows) == 3  # cosine, ratio, loss curve
+    tensors = cue_rows[0][2].split(" / ")
+    assert len(tensors) == 4  # two weights, two biases
+    assert all(-1.0 <= float(c) <= 1.0 for c in tensors)  # cosines
+    assert float(cue_rows[2][2]) > 0  # loss at step 0
+
+
+def test_step_time_times_every_path_against_adam():
+    out = run_benchmark("step_time.py", "--sizes", "10K", "--repeats", "1", "--threads", "1", "--no-hrnn")
+    paths = {row[1] for row in table_rows(out, "10K")}
+    assert "AdamW foreach" in paths and "LSTM eager, fp32 state" in paths and "LSTM naive loop" in paths
+
+
+def test_quality_compares_a_rule_with_tuned_baselines(tmp_path):
+    out = run_benchmark(
+        "quality.py",
+        "--rules",
+        "lstm-quadratic",
+        "--problems",
+        "quadratic",
+        "--seeds",
+        "1",
+        "--out",
+        str(tmp_path / "out"),
+        "--cache",
+        str(tmp_path / "cache"),
+    )
+    assert {row[0] for row in table_rows(out, "adam") + table_rows(out, "nesterov")} == {"adam", "nesterov"}
+    (summary,) = table_rows(out, "lstm-quadratic")[-1:]
+    assert summary[1] == "quadratic" and float(summary[3]) > 0  # (a) ratio
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("quadratic_bound.py", ["--seeds", "2", "--steps", "5"], "conjugate gradient"),
+        ("state_dtype_drift.py", ["--steps", "3"], "final whole-training-split loss"),
+        ("lr_trace.py", ["--rule", "hrnn-base", "--steps", "3", "--every", "2"], "learning rate per tensor"),
+        ("meta_fit_speed.py", ["--instances", "2", "--steps", "3", "--iterations", "1", "--repeats", "1"], "speed-up"),
+    ],
+)
+def test_small_benchmarks_run(script, args, expected):
+    assert expected in run_benchmark(script, *args)
+
+
+def test_schedule_reference_lists_distinct_schedules():
+    out = run_benchmark("schedule_reference.py", "--steps", "5", "--seeds", "1", "--search-seeds", "1")
+    assert len(table_rows(out, "constant lr")) == 1
+    scheduled = table_rows(out, "late decay")
+    assert len(scheduled) == 3 and len({tuple(row[1:5]) for row in scheduled}) == 3
+
+
+def test_model_card_writes_a_card_with_the_command_and_an_evaluation_table(tmp_path):
+    import shutil
+
+    from learned_optim.weights import bundled_dir
+
+    rule_dir = tmp_path / "my-rule"
+    shutil.copytree(bundled_dir() / "lstm-quadratic", rule_dir)
+    run_benchmark(
+        "model_card.py",
+        str(rule_dir),
+        "--title",
+        "A test card",
+        "--problems",
+        "quadratic:10",
+        "--seeds",
+        "1",
+        "--cache",
+        str(tmp_path / "cache"),
+    )
+    card = (rule_dir / "README.md").read_text()
+    assert "A test card" in card and "learned-optim meta-fit --task quadratic" in card
+    assert table_rows(card, "nesterov") and table_rows(card, "adam")
