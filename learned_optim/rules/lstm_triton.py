@@ -93,9 +93,10 @@ if triton is not None:
         in_range = rows < n
         g = tl.load(grad_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
         write = in_range
+        if MASKED or AGREEMENTS > 0:
+            segment = tl.load(segment_ptr + rows, mask=in_range, other=0)  # each coordinate's tensor index
         if MASKED:
             # Per-tensor keep flags, looked up through each coordinate's tensor index.
-            segment = tl.load(segment_ptr + rows, mask=in_range, other=0)
             keep = tl.load(keep_ptr + segment, mask=in_range, other=0) != 0
             write = in_range & keep
             g = tl.where(keep, g, 0.0)
@@ -143,9 +144,8 @@ if triton is not None:
                 # (num_tensors, AGREEMENTS) table, looked up through each coordinate's tensor index.
                 entry = slot - MOMENTA
                 is_agreement = (entry >= 0) & (entry < AGREEMENTS)
-                tensor = tl.load(segment_ptr + rows, mask=in_range, other=0)
                 shared = tl.load(
-                    agreement_ptr + tensor[:, None] * AGREEMENTS + entry[None, :],
+                    agreement_ptr + segment[:, None] * AGREEMENTS + entry[None, :],
                     mask=in_range[:, None] & is_agreement[None, :],
                     other=0.0,
                 )
