@@ -319,6 +319,8 @@ class LearnedOptimizer(Optimizer):
                     segment_counts=torch.tensor([n], device=device),
                     step_scales=torch.zeros(1, device=device) if rule.needs_step_scales else None,
                 )
+            elif getattr(rule, "needs_segments", False):  # per-tensor inputs: the few coordinates are one tensor
+                context = StepContext(segment_ids=ids, num_segments=1, segment_counts=torch.tensor([n], device=device))
             grad, update = torch.zeros(n, device=device), torch.empty(n, device=device)
             try:
                 rule.fused_step(impl, grad, state, update, segment_ids=ids, context=context)

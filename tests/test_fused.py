@@ -306,6 +306,18 @@ def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_
         assert _rel(plain[0].weight, fused[0].weight) > 1e-3
 
 
+@pytest.mark.skipif(not KERNELS, reason="no fused kernel here")
+@pytest.mark.parametrize("config", [AGREEMENT, NORM_RATIO], ids=["agreement", "ratio"])
+def test_auto_picks_the_kernel_for_per_tensor_inputs_without_a_warning(config):
+    # impl="auto" first tries the kernel on a few coordinates; that trial must give such
+    # rules their tensors' layout, or they would silently fall back to the eager path.
+    model = _model()
+    plain = LearnedOptimizer(model.parameters(), pretrained=CoordinateLSTM(momentum_decays=config["momentum_decays"]))
+    opt = LearnedOptimizer(model.parameters(), pretrained=CoordinateLSTM(**config))
+    with _no_warning():
+        assert opt.impl_for(DEVICE) == plain.impl_for(DEVICE) != "eager"
+
+
 @cpu_kernel
 def test_cpu_kernel_with_per_tensor_inputs_steps_meta_fit_rollouts_like_eager(monkeypatch):
     from learned_optim.meta_fit import rollout
