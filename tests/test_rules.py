@@ -467,19 +467,25 @@ def test_tensor_agreement_is_the_cosine_over_each_tensor():
     torch.testing.assert_close(whole, features[:5])
 
 
+def _steps_like(base: CoordinateLSTM, extended: CoordinateLSTM, grad_scale: float = 1.0) -> torch.Tensor:
+    """Steps both rules on the same gradients of two tensors and checks their updates match;
+    returns ``extended``'s last update (with its graph)."""
+    context = StepContext(segment_ids=torch.tensor([0] * 4 + [1] * 5), num_segments=2)
+    state_a, state_b = base.init_state(9), extended.init_state(9)
+    for _ in range(4):
+        g = torch.randn(9) * torch.rand(1) * grad_scale
+        update_a, state_a = base(g, state_a, context)
+        update_b, state_b = extended(g, state_b, context)
+        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-7)
+    return update_b
+
+
 def test_tensor_agreement_starts_from_the_rule_it_extends_and_learns_through_it():
     torch.manual_seed(4)
     base = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99])
     extended = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_agreement=True)
     extended.init_from(base)
-    context = StepContext(segment_ids=torch.tensor([0] * 4 + [1] * 5), num_segments=2)
-    state_a, state_b = base.init_state(9), extended.init_state(9)
-    for _ in range(4):
-        g = torch.randn(9)
-        update_a, state_a = base(g, state_a, context)
-        update_b, state_b = extended(g, state_b, context)
-        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-7)
-    update_b.sum().backward()
+    _steps_like(base, extended).sum().backward()
     assert extended.weights[0].grad[:, 4:6].abs().sum() > 0  # the agreement inputs' weights
     with pytest.raises(ValueError, match="tensor_agreement"):
         base.init_from(extended)  # cannot drop the inputs
@@ -522,14 +528,7 @@ def test_norm_ratio_inputs_extend_a_rule_without_changing_its_updates():
         base.weights[0][:, 4:6].normal_(0, 1.0)  # agreement weights in use
     extended = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_agreement=True, tensor_norm_ratio=True)
     extended.init_from(base)
-    context = StepContext(segment_ids=torch.tensor([0] * 4 + [1] * 5), num_segments=2)
-    state_a, state_b = base.init_state(9), extended.init_state(9)
-    for _ in range(4):
-        g = torch.randn(9) * torch.rand(1) * 3
-        update_a, state_a = base(g, state_a, context)
-        update_b, state_b = extended(g, state_b, context)
-        torch.testing.assert_close(update_a, update_b, rtol=1e-6, atol=1e-7)
-    update_b.sum().backward()
+    _steps_like(base, extended, grad_scale=3.0).sum().backward()
     assert extended.weights[0].grad[:, 6:8].abs().sum() > 0  # the ratio inputs' weights
     with pytest.raises(ValueError, match="tensor_norm_ratio"):
         base.init_from(extended)  # cannot drop the inputs
