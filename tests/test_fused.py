@@ -279,13 +279,16 @@ def test_optimizer_with_a_momentum_rule_picks_the_kernel_and_matches_eager(impl)
 AGREEMENT = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_agreement": True}
 NORM_RATIO = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_norm_ratio": True}
 BOTH_TENSOR_INPUTS = {**AGREEMENT, "tensor_norm_ratio": True}
+STEP_GAIN = {**BOTH_TENSOR_INPUTS, "tensor_step_gain": True}
 cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 
 
 @over_kernels
 @pytest.mark.parametrize("poison_step", [None, 2], ids=["finite", "skips-a-tensor"])
 @pytest.mark.parametrize("chunk_size", [1 << 16, 50], ids=["whole", "split-tensors"])
-@pytest.mark.parametrize("config", [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS], ids=["agreement", "ratio", "both"])
+@pytest.mark.parametrize(
+    "config", [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS, STEP_GAIN], ids=["agreement", "ratio", "both", "gain"]
+)
 def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_size, impl):
     assert CoordinateLSTM(**config).fused_impls() == CoordinateLSTM().fused_impls()
     runs = {}

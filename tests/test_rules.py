@@ -537,6 +537,48 @@ def test_norm_ratio_inputs_extend_a_rule_without_changing_its_updates():
         extended.init_from(ratio_only)  # the ratios would move behind new cosines
 
 
+def test_tensor_step_gain_scales_each_tensors_updates_by_a_gain_from_its_inputs():
+    torch.manual_seed(8)
+    plain = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_norm_ratio=True)
+    gained = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_norm_ratio=True, tensor_step_gain=True)
+    gained.init_from(plain)
+    assert torch.equal(gained.gain.weight, torch.zeros(1, 2))  # a gain of 1 until meta-trained
+    with torch.no_grad():
+        gained.gain.weight.copy_(torch.tensor([[0.03, -0.05]]))
+        gained.gain.bias.fill_(-0.02)
+    context = StepContext(segment_ids=torch.tensor([0] * 4 + [1] * 5), num_segments=2)
+    state_plain, state_gained = plain.init_state(9), gained.init_state(9)
+    for _ in range(3):
+        grad = torch.randn(9)
+        table = plain.tensor_inputs(plain.tensor_statistics(grad, state_plain, context.segment_ids, 2)).float()
+        update_plain, state_plain = plain(grad, state_plain, context)
+        update_gained, state_gained = gained(grad, state_gained, context)
+        gain = torch.exp(4 * torch.tanh(10 * (table @ gained.gain.weight.T - 0.02).squeeze(-1) / 4))
+        torch.testing.assert_close(update_gained, update_plain * gain[context.segment_ids])
+        torch.testing.assert_close(state_gained["h"], state_plain["h"])  # the gain scales the output only
+    assert gained.step_gains(torch.full((1, 2), 1e3)).item() == pytest.approx(math.exp(-4.0), rel=1e-5)
+    with pytest.raises(ValueError, match="tensor_step_gain needs per-tensor inputs"):
+        CoordinateLSTM(momentum_decays=[0.9], tensor_step_gain=True)
+
+
+def test_tensor_step_gain_extends_a_rule_exactly_and_gets_meta_gradients():
+    torch.manual_seed(9)
+    base = CoordinateLSTM(hidden_size=5, momentum_decays=[0.5, 0.99], tensor_agreement=True)
+    config = {"hidden_size": 5, "momentum_decays": [0.5, 0.99], "tensor_agreement": True, "tensor_step_gain": True}
+    extended = CoordinateLSTM(**config)
+    extended.init_from(base)
+    _steps_like(base, extended, grad_scale=2.0).sum().backward()
+    assert extended.gain.weight.grad.abs().sum() > 0 and extended.gain.bias.grad.abs() > 0
+    with pytest.raises(ValueError, match="tensor_step_gain"):
+        base.init_from(extended)  # cannot drop the gain
+    # a trained gain carries over to a rule with more per-tensor inputs, the new ones at zero
+    with torch.no_grad():
+        extended.gain.weight.normal_(0, 0.05)
+    wider = CoordinateLSTM(**config, tensor_norm_ratio=True)
+    wider.init_from(extended)
+    _steps_like(extended, wider, grad_scale=2.0)
+
+
 def test_tensor_agreement_in_the_optimizer_sees_whole_tensors_and_resumes(tmp_path):
     from learned_optim import LearnedOptimizer
 

@@ -27,9 +27,14 @@ from learned_optim.rules.base import (
     config_int,
     same_config,
 )
-from learned_optim.rules.lstm_pack import device_vector, input_count
+from learned_optim.rules.lstm_pack import device_vector, input_count, tensor_input_count
 from learned_optim.rules.preprocess import log_sign_preprocess
 from learned_optim.rules.segments import segment_sum
+
+# The gain's log is this times its linear map: a meta-optimizer step the size that suits the
+# LSTM weights then moves the per-tensor gain ten times as far (it starts at 1 and must be able
+# to reach e.g. 0.3 within a short meta-training run).
+_GAIN_PARAM_SCALE = 10.0
 
 # Mean squares at or below this feed the momentum inputs without a gradient (see momentum_features).
 _TINY_MEAN_SQUARE = 1e-20
@@ -86,11 +91,18 @@ class CoordinateLSTM(UpdateRule):
             before the first step). A gradient that grew after a step (the step overshot)
             reads high at once, while the cosines need several noisy steps to say so. Summed
             over whole tensors like the agreement inputs; both fused kernels read it.
+        tensor_step_gain: with per-tensor inputs, scale every update of a tensor by
+            ``exp(a . t + b)`` (bounded to [e^-4, e^4]), ``t`` that tensor's per-tensor inputs
+            and ``a``, ``b`` learned (zero at the start: a gain of 1). It lets meta-training
+            set a step size per tensor from the per-tensor cues directly, rather than through
+            the LSTM's per-coordinate state.
     """
 
     rule_type = "CoordinateLSTM"
     # Options added after rules were shipped: their configs load with the defaults.
-    added_config_keys = frozenset({"momentum_decays", "rms_decay", "tensor_agreement", "tensor_norm_ratio"})
+    added_config_keys = frozenset(
+        {"momentum_decays", "rms_decay", "tensor_agreement", "tensor_norm_ratio", "tensor_step_gain"}
+    )
     # No global state: several problems can step in one call (meta_fit).
     forward_reads_global_state = False
 
@@ -106,6 +118,7 @@ class CoordinateLSTM(UpdateRule):
         rms_decay: float = 0.99,
         tensor_agreement: bool = False,
         tensor_norm_ratio: bool = False,
+        tensor_step_gain: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -121,10 +134,14 @@ class CoordinateLSTM(UpdateRule):
             "rms_decay": _decay("rms_decay", rms_decay),
             "tensor_agreement": config_bool("tensor_agreement", tensor_agreement),
             "tensor_norm_ratio": config_bool("tensor_norm_ratio", tensor_norm_ratio),
+            "tensor_step_gain": config_bool("tensor_step_gain", tensor_step_gain),
         }
         for flag in ("tensor_agreement", "tensor_norm_ratio"):
             if self.config[flag] and not self.config["momentum_decays"]:
                 raise ValueError(f"{flag} needs momentum_decays (it compares the gradient with each momentum)")
+        per_tensor_inputs = self.config["tensor_agreement"] or self.config["tensor_norm_ratio"]
+        if self.config["tensor_step_gain"] and not per_tensor_inputs:
+            raise ValueError("tensor_step_gain needs per-tensor inputs: tensor_agreement or tensor_norm_ratio")
         self.hidden_size = self.config["hidden_size"]
         self.num_layers = self.config["num_layers"]
         self.preprocess = self.config["preprocess"]
@@ -135,6 +152,7 @@ class CoordinateLSTM(UpdateRule):
         self.rms_decay = self.config["rms_decay"]
         self.tensor_agreement = self.config["tensor_agreement"]
         self.tensor_norm_ratio = self.config["tensor_norm_ratio"]
+        self.tensor_step_gain = self.config["tensor_step_gain"]
         input_size = input_count(self)
         h = self.hidden_size
         self.weights = nn.ParameterList()
@@ -151,6 +169,11 @@ class CoordinateLSTM(UpdateRule):
         with torch.no_grad():
             self.output.weight.uniform_(-0.01, 0.01)
             self.output.bias.zero_()
+        if self.tensor_step_gain:
+            self.gain = nn.Linear(tensor_input_count(self), 1)
+            with torch.no_grad():
+                self.gain.weight.zero_()
+                self.gain.bias.zero_()
 
     def fused_impls(self) -> tuple[str, ...]:
         from learned_optim.rules import lstm_cpu
@@ -211,6 +234,8 @@ class CoordinateLSTM(UpdateRule):
             v=state.get("v"),
             **({"agreement": agreement} if agreement is not None else {}),
         )
+        if self.tensor_step_gain:
+            update.mul_(self.step_gains(agreement).to(update.dtype)[segment_ids])
 
     @property
     def needs_segments(self) -> bool:  # type: ignore[override]
@@ -236,7 +261,14 @@ class CoordinateLSTM(UpdateRule):
         if not isinstance(other, CoordinateLSTM) or other.rule_type != self.rule_type:
             super().init_from(other)
             return
-        growable = ("momentum_decays", "rms_decay", "hidden_size", "tensor_agreement", "tensor_norm_ratio")
+        growable = (
+            "momentum_decays",
+            "rms_decay",
+            "hidden_size",
+            "tensor_agreement",
+            "tensor_norm_ratio",
+            "tensor_step_gain",
+        )
         ours = {k: v for k, v in self.config.items() if k not in growable}
         theirs = {k: v for k, v in other.config.items() if k not in growable}
         kept = list(other.momentum_decays)
@@ -251,6 +283,7 @@ class CoordinateLSTM(UpdateRule):
             # inputs must stay a prefix.
             and (not other.needs_segments or self.momentum_decays == other.momentum_decays)
             and (not other.tensor_norm_ratio or self.tensor_agreement == other.tensor_agreement)
+            and (self.tensor_step_gain or not other.tensor_step_gain)
         )
         if not extends:
             super().init_from(other)  # raises, naming both configs
@@ -271,6 +304,10 @@ class CoordinateLSTM(UpdateRule):
             self.output.weight.zero_()
             self.output.weight[:, :old_units] = other.output.weight
             self.output.bias.copy_(other.output.bias)
+            if other.tensor_step_gain:  # its per-tensor inputs are a prefix of ours
+                self.gain.weight.zero_()
+                self.gain.weight[:, : other.gain.weight.shape[1]] = other.gain.weight
+                self.gain.bias.copy_(other.gain.bias)
 
     def features(self, grad: Tensor) -> Tensor:
         """The network's input for each coordinate, ``(n, 2)`` or ``(n, 1)``."""
@@ -317,6 +354,11 @@ class CoordinateLSTM(UpdateRule):
     def tensor_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
         """``(n, k)`` per kind of per-tensor input: the row of :meth:`tensor_inputs` of each
         coordinate's tensor (without a layout in ``context``, all of ``grad`` is one tensor)."""
+        table, ids = self._tensor_table(grad, state, context)
+        return table[ids]
+
+    def _tensor_table(self, grad: Tensor, state: RuleState, context: StepContext | None) -> tuple[Tensor, Tensor]:
+        # The per-tensor inputs (num_tensors, k) and each coordinate's tensor index.
         if context is None or context.segment_ids is None:
             ids, num = torch.zeros(grad.shape[0], dtype=torch.int64, device=grad.device), 1  # one tensor
         else:
@@ -324,7 +366,13 @@ class CoordinateLSTM(UpdateRule):
         sums = context.tensor_statistics if context is not None else None
         if sums is None:
             sums = self.tensor_statistics(grad, state, ids, num)
-        return self.tensor_inputs(sums).to(grad.dtype)[ids]
+        return self.tensor_inputs(sums).to(grad.dtype), ids
+
+    def step_gains(self, tensor_inputs: Tensor) -> Tensor:
+        """With ``tensor_step_gain``: per tensor, the factor on its updates, from its row of
+        :meth:`tensor_inputs`; smoothly bounded to [e^-4, e^4]."""
+        log_gain = _GAIN_PARAM_SCALE * self.gain(tensor_inputs.to(self.gain.weight.dtype)).squeeze(-1)
+        return torch.exp(4.0 * torch.tanh(log_gain / 4.0))
 
     def tensor_inputs(self, sums: Tensor) -> Tensor:
         """Per tensor, the rule's per-tensor inputs from :meth:`tensor_statistics`' sums: the
@@ -362,7 +410,8 @@ class CoordinateLSTM(UpdateRule):
             momenta, m_new, v_new = self.momentum_features(grad.to(compute_dtype), state)
             x = torch.cat((x, momenta), dim=-1)
             if self.needs_segments:
-                x = torch.cat((x, self.tensor_features(grad.to(compute_dtype), state, context)), dim=-1)
+                table, ids = self._tensor_table(grad.to(compute_dtype), state, context)
+                x = torch.cat((x, table[ids]), dim=-1)
         h_all = state["h"].to(compute_dtype)
         c_all = state["c"].to(compute_dtype)
         new_h, new_c = [], []
@@ -377,6 +426,8 @@ class CoordinateLSTM(UpdateRule):
             new_c.append(c)
             x = h
         update = self.output(x).squeeze(-1) * self.output_scale
+        if self.tensor_step_gain:
+            update = update * self.step_gains(table)[ids]
         new_state = {
             "h": torch.stack(new_h, dim=1).to(state["h"].dtype),
             "c": torch.stack(new_c, dim=1).to(state["c"].dtype),
