@@ -87,3 +87,12 @@ def test_hrnn_base_adapts_its_learning_rate_to_the_problem_scale(seed):
         losses[name] = nn.functional.mse_loss(model(inputs), targets).item() / initial
     assert losses["hrnn-base"] < 1e-6, losses
     assert losses["adam"] > 0.9, losses
+
+
+def test_lstm_mnist_gain_shrinks_the_steps_of_a_tensor_whose_gradient_just_grew():
+    """What its gain was meta-trained for (its card): a tensor whose gradient norm jumped after a
+    step (log ratio ~1-3, ReLU MLPs at lr=1) gets smaller steps; one whose gradient shrank does not."""
+    rule = load_rule("lstm-mnist-gain")
+    rows = torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [-0.5, -0.5, -0.5]])
+    grew, flat, shrank = rule.step_gains(rows).tolist()
+    assert grew < 0.7 < flat < shrank
