@@ -392,6 +392,10 @@ def _train(
 ) -> tuple[nn.Module, LearnedOptimizer]:
     model = _model()
     rule = _trained_like(CoordinateLSTM(**(rule_config or {})), seed=3)
+    if rule.tensor_step_gain:
+        with torch.no_grad():  # gains within about [1/e, e], as meta-trained ones (not saturated at e^±4)
+            rule.gain.weight.mul_(0.05)
+            rule.gain.bias.mul_(0.05)
     if zero_agreement:
         with torch.no_grad():
             first, stop = input_count(rule) - tensor_input_count(rule), input_count(rule)
