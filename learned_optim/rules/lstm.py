@@ -92,8 +92,8 @@ class CoordinateLSTM(UpdateRule):
             reads high at once, while the cosines need several noisy steps to say so. Summed
             over whole tensors like the agreement inputs; both fused kernels read it.
         tensor_step_gain: with per-tensor inputs, scale every update of a tensor by
-            ``exp(a . t + b)`` (bounded to [e^-4, e^4]), ``t`` that tensor's per-tensor inputs
-            and ``a``, ``b`` learned (zero at the start: a gain of 1). It lets meta-training
+            ``exp(4 tanh(10 (a . t + b) / 4))`` (so within [e^-4, e^4]), ``t`` that tensor's
+            per-tensor inputs and ``a``, ``b`` learned (zero at the start: a gain of 1). It lets meta-training
             set a step size per tensor from the per-tensor cues directly, rather than through
             the LSTM's per-coordinate state.
     """
@@ -212,7 +212,7 @@ class CoordinateLSTM(UpdateRule):
         else:
             # Packed once and reused until the weights change (their version counters move).
             packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
-        agreement = None
+        table = None
         if self.needs_segments:
             if segment_ids is None or context is None:
                 raise ValueError("CoordinateLSTM with per-tensor inputs: fused_step needs segment_ids and a context")
@@ -220,7 +220,7 @@ class CoordinateLSTM(UpdateRule):
             sums = context.tensor_statistics
             if sums is None:
                 sums = self.tensor_statistics(grad, state, segment_ids, context.num_segments)
-            agreement = self.tensor_inputs(sums).float()
+            table = self.tensor_inputs(sums).float()
         kernels[impl](
             self,
             packed,
@@ -232,10 +232,10 @@ class CoordinateLSTM(UpdateRule):
             segment_ids,
             m=state.get("m"),
             v=state.get("v"),
-            **({"agreement": agreement} if agreement is not None else {}),
+            **({"agreement": table} if table is not None else {}),
         )
         if self.tensor_step_gain:
-            update.mul_(self.step_gains(agreement).to(update.dtype)[segment_ids])
+            update.mul_(self.step_gains(table).to(update.dtype)[segment_ids])
 
     @property
     def needs_segments(self) -> bool:  # type: ignore[override]
