@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -169,14 +170,16 @@ class ResultCache:
 
     def __init__(self, path: str | os.PathLike[str] | None) -> None:
         self.path = Path(path) if path is not None else None
-        self.data: dict[str, Any] = {}
-        if self.path is not None and self.path.is_file():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self.data = {}  # a corrupt cache is only a cache: start over
-            if not isinstance(self.data, dict):
-                self.data = {}
+        self.data: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # a corrupt cache is only a cache: start over
+        return data if isinstance(data, dict) else {}
 
     @staticmethod
     def key(*parts: Any) -> str:
@@ -193,13 +196,21 @@ class ResultCache:
         self.data[key] = asdict(result)
 
     def save(self) -> None:
-        """Write the cache atomically (no-op without a path)."""
+        """Write the cache atomically (no-op without a path), keeping the entries another
+        process sharing the file saved meanwhile."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        self.data = {**self._read(), **self.data}
+        # A temporary name of its own: comparisons run side by side must not write into one file.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(self.data))
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _hash_tensors(digest: Any, item: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 from tiny_tasks import Counter, half_square, make_tiny, tiny_sampler
 
 from learned_optim import CoordinateLSTM
-from learned_optim.compare import BASELINES, Comparison, ResultCache, compare, run_once, tune_baseline
+from learned_optim.compare import BASELINES, Comparison, ResultCache, RunResult, compare, run_once, tune_baseline
 from learned_optim.report import write_report
 from learned_optim.weights import PretrainedError
 
@@ -367,6 +367,19 @@ def test_tasks_that_share_a_name_do_not_share_cached_runs(tmp_path):
     # Both tasks' runs are kept, side by side (each lr of each grid, on two seeds).
     entries = len(ResultCache(tmp_path / "cache.json").data)
     assert entries == 2 * (len(first.results[0].grid) + len(other.results[0].grid))
+
+
+def test_caches_sharing_a_file_keep_each_others_runs(tmp_path):
+    # Two comparisons running side by side, each with its own view of one cache file.
+    path = tmp_path / "cache.json"
+    first, second = ResultCache(path), ResultCache(path)
+    first.put("a", RunResult([1.0], 1.0, 1.0, 1.5, 0.1))
+    second.put("b", RunResult([2.0], 2.0, 2.0, 2.5, 0.2))
+    first.save()
+    second.save()
+    assert ResultCache(path).get("a") == RunResult([1.0], 1.0, 1.0, 1.5, 0.1)
+    assert ResultCache(path).get("b") == RunResult([2.0], 2.0, 2.0, 2.5, 0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]  # no temporary files left
 
 
 def test_corrupt_cache_is_ignored(tmp_path):

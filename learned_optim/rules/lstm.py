@@ -216,10 +216,8 @@ class CoordinateLSTM(UpdateRule):
         if self.needs_segments:
             if segment_ids is None or context is None:
                 raise ValueError("CoordinateLSTM with per-tensor inputs: fused_step needs segment_ids and a context")
-            # Read before the kernel moves the momenta; whole-tensor sums where the caller has them.
-            sums = context.tensor_statistics
-            if sums is None:
-                sums = self.tensor_statistics(grad, state, segment_ids, context.num_segments)
+            # Read before the kernel moves the momenta.
+            sums = self._statistics_or_given(grad, state, segment_ids, context.num_segments, context)
             table = self.tensor_inputs(sums).float()
         kernels[impl](
             self,
@@ -363,10 +361,16 @@ class CoordinateLSTM(UpdateRule):
             ids, num = torch.zeros(grad.shape[0], dtype=torch.int64, device=grad.device), 1  # one tensor
         else:
             ids, num = context.segment_ids, context.num_segments
-        sums = context.tensor_statistics if context is not None else None
-        if sums is None:
-            sums = self.tensor_statistics(grad, state, ids, num)
+        sums = self._statistics_or_given(grad, state, ids, num, context)
         return self.tensor_inputs(sums).to(grad.dtype), ids
+
+    def _statistics_or_given(
+        self, grad: Tensor, state: RuleState, ids: Tensor, num: int, context: StepContext | None
+    ) -> Tensor:
+        # The caller's whole-tensor sums where it has them (a tensor split across batches), else this batch's.
+        if context is not None and context.tensor_statistics is not None:
+            return context.tensor_statistics
+        return self.tensor_statistics(grad, state, ids, num)
 
     def step_gains(self, tensor_inputs: Tensor) -> Tensor:
         """With ``tensor_step_gain``: per tensor, the factor on its updates, from its row of
