@@ -367,7 +367,7 @@ class CoordinateLSTM(UpdateRule):
     def _statistics_or_given(
         self, grad: Tensor, state: RuleState, ids: Tensor, num: int, context: StepContext | None
     ) -> Tensor:
-        # The caller's whole-tensor sums where it has them (a tensor split across batches), else this batch's.
+        # The caller's whole-tensor sums where it has them (split tensors, the fused path), else this batch's.
         if context is not None and context.tensor_statistics is not None:
             return context.tensor_statistics
         return self.tensor_statistics(grad, state, ids, num)
