@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from learned_optim.meta_fit import META_LOSSES, MetaFitConfig, check_time_budget
+from learned_optim.meta_fit import META_LOSSES, VALIDATION_METRICS, MetaFitConfig, check_time_budget
 
 # MetaFitConfig settings whose flag is not the setting's name with dashes.
 _CONFIG_FLAGS = {"clip_grad_norm": "--clip"}
@@ -180,6 +180,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         meta_lr_schedule=args.meta_lr_schedule,
         instances=args.instances,
         meta_loss=args.meta_loss,
+        ramp_power=args.ramp_power,
         second_order=args.second_order,
         clip_grad_norm=args.clip,
         random_horizon=args.random_horizon,
@@ -195,6 +196,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         validation_instances=args.validation_instances,
         validation_steps=args.validation_steps,
         validation_lr_scales=args.validation_lr_scales,
+        validation_metric=args.validation_metric,
         checkpoint_every=args.checkpoint_every,
     )
     _check_config(config)
@@ -416,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mf.add_argument("--instances", type=int, default=1, help="task instances per meta-iteration")
     mf.add_argument("--meta-loss", choices=META_LOSSES, default="log")
+    mf.add_argument(
+        "--ramp-power",
+        type=float,
+        default=1.0,
+        help="with --meta-loss ramp or log-ramp: step t weighs in proportion to t**p (1: linear; larger: "
+        "the last steps count more)",
+    )
     mf.add_argument("--second-order", action="store_true")
     mf.add_argument("--clip", type=float, default=1.0, help="meta-gradient norm clip (0: off)")
     mf.add_argument("--random-horizon", action="store_true", help="heavy-tailed random horizons around --steps")
@@ -456,6 +465,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=(1.0,),
         help="run each validation instance at each of these comma-separated lr multipliers and score the mean "
         "(default: 1)",
+    )
+    mf.add_argument(
+        "--validation-metric",
+        choices=VALIDATION_METRICS,
+        default="objective",
+        help="score validation runs by the meta-loss (objective) or by the whole-training-split loss after "
+        "the last step relative to before the first (final); the best-scoring checkpoint is kept",
     )
     mf.add_argument("--checkpoint-every", type=int, default=25)
     mf.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")

@@ -49,6 +49,7 @@ from learned_optim.tasks._common import derive_seed
 from learned_optim.weights import check_savable, save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp", "log-ramp")
+VALIDATION_METRICS = ("objective", "final")
 ESTIMATORS = ("tbptt", "pes")
 
 # What a damaged or foreign checkpoint raises while it is read.
@@ -95,8 +96,11 @@ class MetaFitConfig:
             of different scales weigh alike); ``"mean"``: mean of ``f_t`` (the paper);
             ``"ramp"``: mean of ``f_t`` weighted by ``2t / (T + 1)`` over the horizon ``T``
             (weights of mean 1 growing linearly: the late losses, and the final one most,
-            count more than the first ones); ``"log-ramp"``: ``log(f_t / f_0)`` weighted so
-            (scale-free, and the end of the run counts most).
+            count more than the first ones); ``"log-ramp"``: ``log(f_t / f_0)`` weighted the
+            same way (scale-free, and the end of the run counts most).
+        ramp_power: with ``"ramp"`` or ``"log-ramp"``, step ``t`` weighs in proportion to
+            ``t ** ramp_power`` (weights of mean 1 over the horizon): ``1`` is the linear ramp,
+            larger values concentrate the objective on the last steps.
         second_order: backpropagate through the optimizee's gradients too.
         clip_grad_norm: meta-gradient norm clip (``0`` disables).
         random_horizon: draw each instance's horizon from a heavy-tailed distribution.
@@ -105,6 +109,10 @@ class MetaFitConfig:
         validation_instances: held-out instances per validation.
         validation_steps: horizon of the validation runs (``0``: ``steps``). Longer than the
             meta-training horizons, it selects rules that stay stable past them.
+        validation_metric: how a validation run is scored. ``"objective"``: the meta-loss of
+            its minibatch losses; ``"final"``: ``log(F(θ_T) / F(θ_0))``, where ``F`` is the loss
+            on the instance's whole training split (the next minibatch when it has none) and
+            ``T`` the validation horizon: the checkpoint kept is the one that ends lowest.
         checkpoint_every: meta-iterations between checkpoints (when a directory is given).
         meta_grad_fraction: backpropagate through a random fraction of the coordinates per
             truncation (the rest run under ``no_grad``), scaled up by its inverse. The
@@ -144,6 +152,7 @@ class MetaFitConfig:
     meta_lr_schedule: str = "constant"
     instances: int = 1
     meta_loss: str = "log"
+    ramp_power: float = 1.0
     second_order: bool = False
     clip_grad_norm: float = 1.0
     random_horizon: bool = False
@@ -151,6 +160,7 @@ class MetaFitConfig:
     validate_every: int = 50
     validation_instances: int = 4
     validation_steps: int = 0
+    validation_metric: str = "objective"
     checkpoint_every: int = 50
     meta_grad_fraction: float = 1.0
     log_floor: float = 0.0
@@ -176,12 +186,20 @@ class MetaFitConfig:
         # non-weight option such as an lr bound), recorded like any other run.
         for name in ("meta_iterations", "seed", "validate_every", "validation_steps", "grad_checkpoint_steps"):
             config_int(name, getattr(self, name), minimum=0)
-        for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range", "pes_std"):
+        for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range", "pes_std",
+                     "ramp_power"):  # fmt: skip
             config_float(name, getattr(self, name))
         for name in ("second_order", "random_horizon"):
             config_bool(name, getattr(self, name))
         if self.meta_loss not in META_LOSSES:
             raise ValueError(f"meta_loss must be one of {', '.join(map(repr, META_LOSSES))}, got {self.meta_loss!r}")
+        if not 0 <= self.ramp_power <= 16:
+            raise ValueError(f"ramp_power must be in [0, 16], got {self.ramp_power}")
+        if self.validation_metric not in VALIDATION_METRICS:
+            raise ValueError(
+                f"validation_metric must be one of {', '.join(map(repr, VALIDATION_METRICS))}, "
+                f"got {self.validation_metric!r}"
+            )
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
         if self.clip_grad_norm < 0:  # would silently mean "no clipping", like 0
@@ -282,9 +300,13 @@ def _flatten(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def _ramp_weights(steps: Tensor, horizon: int) -> Tensor:
-    """Weights ``2t / (T + 1)`` of steps ``t = 1..T``: linear in ``t``, mean 1 over the horizon."""
-    return 2.0 * steps / (horizon + 1)
+def _ramp_weights(steps: Tensor, horizon: int, power: float = 1.0) -> Tensor:
+    """Weights ``T t^p / Σ_s s^p`` of steps ``t`` of ``1..T``: mean 1 over the horizon
+    (``2t / (T + 1)`` for ``p = 1``)."""
+    if power == 1.0:
+        return 2.0 * steps / (horizon + 1)
+    total = torch.arange(1, horizon + 1, dtype=torch.float64).pow(power).sum()
+    return (steps.to(torch.float64).pow(power) * (horizon / total)).to(steps.dtype)
 
 
 def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
@@ -301,7 +323,7 @@ def _objective(losses: Tensor, initial: float, first_step: int, horizon: int, co
         values = _log_ratio(losses, initial, config.log_floor)
     if config.meta_loss in ("ramp", "log-ramp"):
         steps = torch.arange(first_step, first_step + len(losses), dtype=losses.dtype)
-        values = values * _ramp_weights(steps, horizon)
+        values = values * _ramp_weights(steps, horizon, config.ramp_power)
     return values.mean()
 
 
@@ -877,13 +899,16 @@ class MetaTrainer:
             for lr_scale in cfg.validation_lr_scales:
                 run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
                 with _global_rng(run.seed, "meta-fit/validation"):
-                    losses = rollout(self.rule, run.instance, horizon, lr=float(lr_scale))
-                f0 = max(losses[0], 1e-12)
+                    losses, names, start, end = _rollout(self.rule, run.instance, horizon, float(lr_scale))
+                    if cfg.validation_metric == "final":
+                        losses = [_whole_split_loss(run.instance, names, params) for params in (start, end)]
                 trace = torch.tensor(losses)
                 if not torch.isfinite(trace).all():  # the first loss too: a NaN f_0 would score NaN
                     scores.append(float("inf"))
+                elif cfg.validation_metric == "final":
+                    scores.append(float(_log_ratio(trace[1], max(losses[0], 1e-12), 0.0)))
                 else:
-                    scores.append(float(_objective(trace[1:], f0, 1, horizon, cfg)))
+                    scores.append(float(_objective(trace[1:], max(losses[0], 1e-12), 1, horizon, cfg)))
         return float(sum(scores) / len(scores))
 
     def _record_validation(self, iteration: int) -> None:
@@ -1122,6 +1147,20 @@ def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequen
 
 
 @torch.no_grad()
+def _whole_split_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor]) -> float:
+    """The loss on the instance's whole training split (on its next minibatch when it has none),
+    with the model in eval mode as :mod:`learned_optim.compare` scores it."""
+    model = instance.model
+    was_training = model.training
+    model.eval()
+    try:
+        batch = instance.train_set if instance.train_set is not None else instance.next_batch()
+        return float(functional_loss(instance, names, params, batch))
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def _assign(params: Sequence[Tensor], flat: Tensor) -> None:
     """Copy ``flat`` into ``params`` in place (their storage, and so any optimizer state keys, stay)."""
     offset = 0
@@ -1271,6 +1310,14 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
 
     Returns the ``steps + 1`` training minibatch losses ``f(θ_0), …, f(θ_steps)``.
     """
+    return _rollout(rule, instance, steps, lr)[0]
+
+
+@torch.no_grad()
+def _rollout(
+    rule: UpdateRule, instance: TaskInstance, steps: int, lr: float
+) -> tuple[list[float], list[str], list[Tensor], list[Tensor]]:
+    """:func:`rollout`'s losses, the parameters' names, and their values before and after."""
     named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     params = [p.detach().clone() for _, p in named]
@@ -1285,7 +1332,7 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
     losses = [float(_learned_step(rule, instance, names, trajectory, instance.next_batch(), segments, lr))
               for _ in range(steps)]  # fmt: skip
     losses.append(float(functional_loss(instance, names, trajectory.params, instance.next_batch())))
-    return losses
+    return losses, names, [p.detach().clone() for _, p in named], trajectory.params
 
 
 def meta_fit(
@@ -1299,6 +1346,7 @@ def meta_fit(
     meta_lr_schedule: str = "constant",
     instances: int = 1,
     meta_loss: str = "log",
+    ramp_power: float = 1.0,
     second_order: bool = False,
     clip_grad_norm: float = 1.0,
     random_horizon: bool = False,
@@ -1314,6 +1362,7 @@ def meta_fit(
     validation_instances: int = 4,
     validation_steps: int = 0,
     validation_lr_scales: Sequence[float] = (1.0,),
+    validation_metric: str = "objective",
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
     resume: bool = False,
@@ -1338,6 +1387,7 @@ def meta_fit(
         meta_loss: ``"log"`` (mean log loss ratio), ``"mean"`` (mean loss), ``"ramp"``
             (mean loss weighted linearly towards the end of the horizon) or ``"log-ramp"``
             (log loss ratios weighted so).
+        ramp_power: the ramps weigh step ``t`` in proportion to ``t ** ramp_power``.
         second_order: differentiate through the optimizee's gradients.
         clip_grad_norm: meta-gradient norm clip.
         random_horizon: heavy-tailed random horizons around ``steps``.
@@ -1361,6 +1411,8 @@ def meta_fit(
         validation_steps: horizon of the validation runs (``0``: ``steps``).
         validation_lr_scales: run each validation instance at each of these learning-rate
             multipliers and score the mean (default: at 1 only).
+        validation_metric: ``"objective"`` (the meta-loss) or ``"final"`` (log ratio of the
+            whole-training-split loss after the last step to the one before the first).
         checkpoint_dir: write checkpoints here every ``checkpoint_every`` iterations.
         checkpoint_every: iterations between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
@@ -1379,6 +1431,7 @@ def meta_fit(
         meta_lr_schedule=meta_lr_schedule,
         instances=instances,
         meta_loss=meta_loss,
+        ramp_power=ramp_power,
         second_order=second_order,
         clip_grad_norm=clip_grad_norm,
         random_horizon=random_horizon,
@@ -1394,6 +1447,7 @@ def meta_fit(
         validation_instances=validation_instances,
         validation_steps=validation_steps,
         validation_lr_scales=tuple(validation_lr_scales),
+        validation_metric=validation_metric,
         checkpoint_every=checkpoint_every,
     )
     if resume and checkpoint_dir is None:

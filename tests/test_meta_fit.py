@@ -18,7 +18,7 @@ from torch import nn
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
 from learned_optim.cli import main
-from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaFitConfig, MetaTrainer, meta_fit, rollout
+from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaFitConfig, MetaTrainer, _objective, meta_fit, rollout
 from learned_optim.tasks import Task, TaskError, get_task
 
 
@@ -792,6 +792,9 @@ def test_resume_without_checkpoint_dir():
         ({"estimator": "pes", "second_order": True}, "forward only"),
         ({"estimator": "pes", "meta_grad_fraction": 0.5}, "forward only"),
         ({"clip_grad_norm": -1.0}, r"clip_grad_norm must be >= 0 \(0: no clipping\), got -1.0"),
+        ({"ramp_power": -1.0}, r"ramp_power must be in \[0, 16\], got -1.0"),
+        ({"ramp_power": float("nan")}, "ramp_power must be a finite number"),
+        ({"validation_metric": "last"}, "validation_metric must be one of 'objective', 'final', got 'last'"),
         ({"time_budget": float("nan")}, r"time_budget must be a finite number >= 0 \(seconds\) or None, got nan"),
         ({"time_budget": -1}, "time_budget must be a finite number >= 0"),
     ],
@@ -908,13 +911,13 @@ def test_validation_steps_sets_the_validation_horizon(monkeypatch):
     import learned_optim.meta_fit as mf
 
     horizons = []
-    real_rollout = mf.rollout
+    real_rollout = mf._rollout
 
     def recording_rollout(rule, instance, steps, *args, **kwargs):
         horizons.append(steps)
         return real_rollout(rule, instance, steps, *args, **kwargs)
 
-    monkeypatch.setattr(mf, "rollout", recording_rollout)
+    monkeypatch.setattr(mf, "_rollout", recording_rollout)
     for validation_steps, expected in ((0, 7), (23, 23)):
         horizons.clear()
         MetaTrainer(small_rule(), make_tiny(), _config(2, validation_steps=validation_steps), progress=False).run()
@@ -972,6 +975,55 @@ def test_ramp_meta_loss_weights_steps_linearly_across_truncations(meta_loss):
     assert trainer.validate() == pytest.approx(
         float((per_step(rollout(rule, make_tiny().sample(10**8), 7)) * w).mean()), rel=1e-5
     )
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 3.0])
+def test_ramp_power_weights_have_mean_one_and_grow_as_the_power(power):
+    from learned_optim.meta_fit import _ramp_weights
+
+    steps = torch.arange(1, 51, dtype=torch.float64)
+    weights = _ramp_weights(steps, 50, power)
+    assert float(weights.mean()) == pytest.approx(1.0, rel=1e-12)
+    assert torch.allclose(weights / weights[-1], (steps / 50) ** power)
+    # The objective weighs the losses so: a run whose last loss is lower scores lower, by more
+    # the larger the power.
+    config = _config(1, meta_loss="ramp", ramp_power=power, steps=50)
+    flat, late_drop = torch.ones(50, dtype=torch.float64), torch.ones(50, dtype=torch.float64)
+    late_drop[-1] = 0.0
+    gap = float(_objective(flat, 1.0, 1, 50, config) - _objective(late_drop, 1.0, 1, 50, config))
+    assert gap == pytest.approx(float(weights[-1]) / 50, rel=1e-12)
+
+
+def test_final_validation_metric_scores_the_whole_split_loss_the_optimizer_reaches():
+    # Independent reference: the ordinary training loop of compare.run_once with
+    # LearnedOptimizer, which reports the whole-training-split loss after the last step.
+    from learned_optim.compare import run_once
+    from learned_optim.meta_fit import VALIDATION_SEED_BASE
+
+    rule = small_rule()
+    trainer = MetaTrainer(rule, make_tiny(), _config(2, validation_metric="final"), progress=False)
+    family = make_tiny()
+    initial = family.sample(VALIDATION_SEED_BASE)
+    inputs, targets = initial.train_set
+    with torch.no_grad():
+        f0 = float(initial.loss(initial.model(inputs), targets))
+    run = run_once(family, VALIDATION_SEED_BASE, lambda p: LearnedOptimizer(p, pretrained=rule), 7)
+    assert trainer.validate() == pytest.approx(math.log(run.final_loss / f0), rel=1e-4)
+    # A different measure from the meta-objective's, and the one a final-loss comparison ranks by.
+    objective = MetaTrainer(rule, make_tiny(), _config(2), progress=False).validate()
+    assert objective != pytest.approx(trainer.validate(), rel=1e-3)
+
+
+def test_meta_fit_keeps_the_checkpoint_best_by_final_loss(tmp_path):
+    # meta_fit's keyword reaches the trainer, and the kept weights are those of the best score.
+    scores = []
+    rule = meta_fit(small_rule(), make_tiny(), steps=7, unroll=3, meta_iterations=4, meta_lr=1e-2,
+                    validate_every=1, validation_instances=1, validation_metric="final", progress=False,
+                    callback=lambda h: scores.append(list(h.validation)))  # fmt: skip
+    history = scores[-1]
+    _, best = min(history, key=lambda v: v[1])
+    kept = MetaTrainer(rule, make_tiny(), _config(2, validation_metric="final"), progress=False).validate()
+    assert kept == pytest.approx(best, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------- PES
