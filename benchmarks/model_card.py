@@ -33,6 +33,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def earlier_stage(folder: Path) -> tuple[str, float | None]:
+    """The command and meta-training seconds recorded in an earlier stage's config.json."""
+    path = folder / "config.json"
+    try:
+        meta = json.loads(path.read_text()).get("metadata", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise SystemExit(f"--before-run {folder}: cannot read the metadata of {path}: {err}") from None
+    if "command" not in meta:
+        raise SystemExit(f"--before-run {folder}: {path} records no meta-fit command")
+    return meta["command"], meta.get("meta_training_seconds")
+
+
+def total_time(stage_seconds: list[float | None], unrecorded: int) -> str:
+    """``"(all N stages: S s) "`` when earlier stages' times are known, else nothing."""
+    if len(stage_seconds) < 2:
+        return ""
+    if unrecorded or any(s is None for s in stage_seconds):
+        return "for the last stage (earlier stages' times not all recorded) "
+    parts = " + ".join(f"{s:.0f}" for s in stage_seconds)
+    return f"for the last stage (all {len(stage_seconds)} stages: {parts} = {sum(stage_seconds):,.0f} s) "
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rule_dir")
@@ -49,11 +71,22 @@ def main() -> None:
         default=[],
         help="a command run before the recorded one (e.g. the run whose weights --init starts from); repeatable",
     )
+    parser.add_argument(
+        "--before-run",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="the --out folder of an earlier stage (in order, after any --before): its recorded command is "
+        "listed and its meta-training time added to the total; repeatable",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rule_dir = Path(args.rule_dir)
     config = json.loads((rule_dir / "config.json").read_text())
     meta = config.get("metadata", {})
+    earlier = [earlier_stage(Path(folder)) for folder in args.before_run]
+    commands = [*args.before, *(command for command, _ in earlier)]
+    stage_seconds = [seconds for _, seconds in earlier] + [meta.get("meta_training_seconds")]
     machine = (
         args.machine
         or f"{cpu_name()} (2 cores), {meta.get('threads', '?')} torch thread(s), torch {meta.get('torch', '?')}"
@@ -88,15 +121,16 @@ def main() -> None:
 ## How it was made
 
 ```
-{"".join(line + chr(10) for line in args.before)}{meta.get("command", "(command not recorded)")}
+{"".join(line + chr(10) for line in commands)}{meta.get("command", "(command not recorded)")}
 ```
 
 then `config.json` and `model.safetensors` of the `--out` folder are copied into `pretrained/{rule_dir.name}/`.
 Meta-training is deterministic for a seed on a given machine and torch version.
 
 - Meta-training: {meta.get("meta_iterations", "?")} meta-iterations, {meta.get("meta_training_seconds", "?")} s
-  wall-clock on {machine}, {meta.get("date", "?")}; best validation at iteration
-  {meta.get("best_iteration", "?")}; {meta.get("skipped_updates", 0)} skipped (non-finite) updates.
+  {total_time(stage_seconds, len(args.before))}wall-clock on {machine}, {meta.get("date", "?")};
+  best validation at iteration {meta.get("best_iteration", "?")};
+  {meta.get("skipped_updates", 0)} skipped (non-finite) updates.
   Other jobs shared the 2 cores during the run, so the time is an upper bound.
 {("- " + meta["note"] + ".") if meta.get("note") else ""}
 

@@ -111,3 +111,33 @@ def test_model_card_writes_a_card_with_the_command_and_an_evaluation_table(tmp_p
     card = (rule_dir / "README.md").read_text()
     assert "A test card" in card and "learned-optim meta-fit --task quadratic" in card
     assert table_rows(card, "nesterov") and table_rows(card, "adam")
+
+
+def test_model_card_lists_earlier_stages_and_sums_their_times(tmp_path):
+    import json
+    import shutil
+
+    from learned_optim.weights import bundled_dir
+
+    first, rule_dir = tmp_path / "stage-1", tmp_path / "my-rule"
+    for folder in (first, rule_dir):
+        shutil.copytree(bundled_dir() / "lstm-quadratic", folder)
+    config = json.loads((first / "config.json").read_text())
+    config["metadata"].update(command="learned-optim meta-fit --task quadratic --out stage-1")
+    config["metadata"]["meta_training_seconds"] = 100
+    (first / "config.json").write_text(json.dumps(config))
+    last = json.loads((rule_dir / "config.json").read_text())["metadata"]
+    args = ["model_card.py", str(rule_dir), "--title", "Two stages", "--problems", "quadratic:5", "--seeds", "1"]
+    run_benchmark(*args, "--cache", str(tmp_path / "cache"), "--before-run", str(first))
+    card = (rule_dir / "README.md").read_text()
+    commands = card.split("```")[1]
+    assert commands.index("--out stage-1") < commands.index(last["command"])
+    total = 100 + last["meta_training_seconds"]
+    assert f"all 2 stages: 100 + {last['meta_training_seconds']:.0f} = {total:,.0f} s" in card
+    # A folder that is not a meta-fit output is refused by name, before any evaluation.
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "model_card.py"), *args[1:], "--before-run", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and f"--before-run {tmp_path / 'nothing'}: cannot read" in result.stderr
