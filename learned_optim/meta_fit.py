@@ -48,7 +48,7 @@ from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, valida
 from learned_optim.tasks._common import derive_seed
 from learned_optim.weights import check_savable, save_pretrained
 
-META_LOSSES = ("log", "mean", "ramp", "log-ramp")
+META_LOSSES = ("log", "mean", "ramp", "log-ramp", "final")
 VALIDATION_METRICS = ("objective", "final")
 ESTIMATORS = ("tbptt", "pes")
 
@@ -97,7 +97,10 @@ class MetaFitConfig:
             ``"ramp"``: mean of ``f_t`` weighted by ``2t / (T + 1)`` over the horizon ``T``
             (weights of mean 1 growing linearly: the late losses, and the final one most,
             count more than the first ones); ``"log-ramp"``: ``log(f_t / f_0)`` weighted the
-            same way (scale-free, and the end of the run counts most).
+            same way (scale-free, and the end of the run counts most); ``"final"``:
+            ``log(F / f_0)`` with ``F`` the loss on the instance's whole training split (eval
+            mode; the minibatch otherwise measured when it has none) after each truncation's
+            last step: with ``unroll == steps``, the final training loss a comparison ranks by.
         ramp_power: with ``"ramp"`` or ``"log-ramp"``, step ``t`` weighs in proportion to
             ``t ** ramp_power`` (weights of mean 1 over the horizon): ``1`` is the linear ramp,
             larger values concentrate the objective on the last steps.
@@ -118,7 +121,7 @@ class MetaFitConfig:
             truncation (the rest run under ``no_grad``), scaled up by its inverse. The
             first-order meta-gradient is a sum over coordinates, so this is an unbiased
             estimate that costs a fraction of the backward pass (coordinatewise rules only).
-        log_floor: with ``meta_loss="log"`` or ``"log-ramp"``, each step's ``f_t / f_0`` counts as at least this
+        log_floor: with ``meta_loss="log"``, ``"log-ramp"`` or ``"final"``, each ``f_t / f_0`` counts as at least this
             (``0``: no floor). Problems that can be solved to machine precision otherwise
             dominate the objective and reward ever-growing steps.
         lr_scale_range: each meta-training instance's updates are multiplied by a factor drawn
@@ -318,6 +321,8 @@ def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
 def _objective(losses: Tensor, initial: float, first_step: int, horizon: int, config: MetaFitConfig) -> Tensor:
     """The meta-loss of consecutive losses after steps ``first_step, first_step + 1, ...`` of a run."""
     values = losses
+    if config.meta_loss == "final":  # the truncation's end alone (a whole-split loss)
+        return _log_ratio(losses[-1:], initial, config.log_floor).mean()
     if config.meta_loss in ("log", "log-ramp"):
         # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
         values = _log_ratio(losses, initial, config.log_floor)
@@ -649,7 +654,10 @@ class MetaTrainer:
                     # The forward pass of _unroll_checkpointed: the optimizee's gradient still needs autograd.
                     params[i] = [p.detach().requires_grad_(True) for p in params[i]]
                 with _global_rng(run.seed, f"meta-fit/batch/{index}"), torch.enable_grad():
-                    loss = functional_loss(run.instance, run.names, params[i], batch)
+                    if t == length and cfg.meta_loss == "final":
+                        loss = _end_of_run_loss(run.instance, run.names, params[i], batch)
+                    else:
+                        loss = functional_loss(run.instance, run.names, params[i], batch)
                 if math.isnan(run.initial_loss):
                     run.initial_loss = max(float(loss.detach()), 1e-12)
                 if t > 0:
@@ -759,8 +767,9 @@ class MetaTrainer:
                 loss = _learned_step(self.rule, run.instance, run.names, particle, batch, segments, run.lr_scale)
             if t > 0:
                 losses.append(loss)
+        last = _end_of_run_loss if self.config.meta_loss == "final" else functional_loss
         with torch.no_grad(), _global_rng(run.seed, f"meta-fit/batch/{first_batch + len(batches) - 1}"):
-            losses.append(functional_loss(run.instance, run.names, particle.params, batches[-1]))
+            losses.append(last(run.instance, run.names, particle.params, batches[-1]))
         return torch.stack(losses)
 
     def _pes_estimate(self, runs: Sequence[_Run]) -> tuple[float, Tensor]:
@@ -894,18 +903,20 @@ class MetaTrainer:
         cfg = self.config
         scores = []
         horizon = cfg.validation_steps or cfg.steps
+        # The "final" meta-loss is this score up to a constant per instance (f_0 is a minibatch's).
+        final = cfg.validation_metric == "final" or cfg.meta_loss == "final"
         for i in range(cfg.validation_instances):
             family_index = i % len(self.families)
             for lr_scale in cfg.validation_lr_scales:
                 run = self._new_run(family_index, VALIDATION_SEED_BASE + i, horizon)
                 with _global_rng(run.seed, "meta-fit/validation"):
                     losses, names, start, end = _rollout(self.rule, run.instance, horizon, float(lr_scale))
-                    if cfg.validation_metric == "final":
+                    if final:
                         losses = [_whole_split_loss(run.instance, names, params) for params in (start, end)]
                 trace = torch.tensor(losses)
                 if not torch.isfinite(trace).all():  # the first loss too: a NaN f_0 would score NaN
                     scores.append(float("inf"))
-                elif cfg.validation_metric == "final":
+                elif final:
                     scores.append(float(_log_ratio(trace[1], max(losses[0], 1e-12), 0.0)))
                 else:
                     scores.append(float(_objective(trace[1:], max(losses[0], 1e-12), 1, horizon, cfg)))
@@ -1146,18 +1157,23 @@ def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequen
     return value.reshape(())
 
 
-@torch.no_grad()
-def _whole_split_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor]) -> float:
-    """The loss on the instance's whole training split (on its next minibatch when it has none),
-    with the model in eval mode as :mod:`learned_optim.compare` scores it."""
+def _end_of_run_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor], batch: Any) -> Tensor:
+    """The loss on the instance's whole training split (on ``batch`` when it has none), with
+    the model in eval mode as :mod:`learned_optim.compare` scores the final training loss."""
     model = instance.model
     was_training = model.training
     model.eval()
     try:
-        batch = instance.train_set if instance.train_set is not None else instance.next_batch()
-        return float(functional_loss(instance, names, params, batch))
+        return functional_loss(instance, names, params, instance.train_set if instance.train_set is not None else batch)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def _whole_split_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor]) -> float:
+    """:func:`_end_of_run_loss` (the next minibatch standing in for a missing split), as a float."""
+    batch = instance.next_batch() if instance.train_set is None else None
+    return float(_end_of_run_loss(instance, names, params, batch))
 
 
 @torch.no_grad()
@@ -1386,7 +1402,8 @@ def meta_fit(
         instances: instances optimised side by side per meta-iteration (one rule call).
         meta_loss: ``"log"`` (mean log loss ratio), ``"mean"`` (mean loss), ``"ramp"``
             (mean loss weighted linearly towards the end of the horizon) or ``"log-ramp"``
-            (log loss ratios weighted so).
+            (log loss ratios weighted so), or ``"final"`` (log ratio of the whole-training-split
+            loss at the end of each truncation: the final loss itself when ``unroll == steps``).
         ramp_power: the ramps weigh step ``t`` in proportion to ``t ** ramp_power``.
         second_order: differentiate through the optimizee's gradients.
         clip_grad_norm: meta-gradient norm clip.

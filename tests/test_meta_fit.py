@@ -256,11 +256,20 @@ def _hierarchical_rule():
         (small_rule, lambda: make_tiny(), {}),
         (small_rule, lambda: make_tiny(), {"meta_grad_fraction": 0.5, "lr_scale_range": 10.0}),
         (small_rule, lambda: make_tiny(), {"second_order": True}),
+        (small_rule, lambda: make_tiny(), {"second_order": True, "meta_loss": "final"}),
         (small_rule, lambda: make_tiny(name="dropout", model=_dropout_model), {}),
         (_hierarchical_rule, lambda: make_tiny(), {"lr_scale_range": 10.0, "meta_loss": "log-ramp"}),
         (_hierarchical_rule, lambda: "problem-set-long", {"instances": 1, "steps": 6, "unroll": 6}),
     ],
-    ids=["lstm", "lstm-subset-lr-scale", "lstm-second-order", "lstm-dropout", "hrnn-tiny", "hrnn-problem-set"],
+    ids=[
+        "lstm",
+        "lstm-subset-lr-scale",
+        "lstm-second-order",
+        "lstm-final",
+        "lstm-dropout",
+        "hrnn-tiny",
+        "hrnn-problem-set",
+    ],
 )
 @pytest.mark.parametrize("segment", [1, 2, 4])
 def test_gradient_checkpointing_gives_the_same_meta_training(make_rule, task_factory, overrides, segment):
@@ -1024,6 +1033,37 @@ def test_meta_fit_keeps_the_checkpoint_best_by_final_loss(tmp_path):
     _, best = min(history, key=lambda v: v[1])
     kept = MetaTrainer(rule, make_tiny(), _config(2, validation_metric="final"), progress=False).validate()
     assert kept == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("unroll", [7, 3])
+def test_final_meta_loss_is_the_whole_split_loss_at_each_truncation_end(unroll):
+    # Reference: the rule run by rollout, then the whole training split's loss at the end of
+    # each truncation (7 steps: one truncation, or three ending after steps 3, 6 and 7).
+    from learned_optim.meta_fit import _rollout
+
+    rule = small_rule()
+    trainer = MetaTrainer(rule, make_tiny(), _config(4, meta_loss="final", unroll=unroll, steps=7), progress=False)
+    run = trainer._new_run(0, 5, 7)
+    values = []
+    while run.steps_done < run.horizon:
+        values.append(float(trainer._unroll([run]).detach()))
+    expected = []
+    for end in [7] if unroll == 7 else [3, 6, 7]:
+        instance = make_tiny().sample(5)
+        losses, names, _, params = _rollout(copy.deepcopy(rule), instance, end, 1.0)
+        with torch.no_grad():
+            split = torch.func.functional_call(instance.model, dict(zip(names, params, strict=True)), (TRAIN_X,))
+        expected.append(math.log(float(nn.functional.mse_loss(split, TRAIN_Y)) / losses[0]))
+    assert values == pytest.approx(expected, rel=1e-4)
+
+
+def test_final_meta_loss_meta_training_lowers_the_final_loss():
+    rule = small_rule()
+    trainer = MetaTrainer(rule, make_tiny(), _config(30, meta_loss="final", steps=7, unroll=7), progress=False)
+    before = trainer.validate()
+    trainer.run()
+    assert trainer.history.best_validation < before - 0.1
+    assert trainer.validate() == pytest.approx(trainer.history.best_validation, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------- PES
