@@ -786,7 +786,7 @@ def test_resume_without_checkpoint_dir():
         ({"meta_lr": float("inf")}, "meta_lr must be a finite number, got inf"),
         ({"lr_scale_range": float("inf")}, "lr_scale_range must be a finite number, got inf"),
         ({"steps": "10"}, "steps must be an integer >= 1, got '10'"),
-        ({"meta_loss": "bogus"}, "meta_loss must be one of 'log', 'mean', 'ramp', 'log-ramp', got 'bogus'"),
+        ({"meta_loss": "bogus"}, "meta_loss must be one of 'log', 'mean', 'ramp', 'log-ramp', 'final', got 'bogus'"),
         ({"meta_lr": 0.0}, "meta_lr must be > 0"),
         ({"checkpoint_every": 0}, "checkpoint_every"),
         ({"log_floor": 1.0}, r"log_floor must be in \[0, 1\), got 1.0"),
