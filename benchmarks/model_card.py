@@ -46,7 +46,8 @@ def earlier_stage(folder: Path) -> tuple[str, float | None]:
 
 
 def total_time(stage_seconds: list[float | None], unrecorded: int) -> str:
-    """``"(all N stages: S s) "`` when earlier stages' times are known, else nothing."""
+    """The total-time clause of a multi-stage card (the stages' times summed when all are known);
+    nothing for a single stage."""
     if len(stage_seconds) < 2:
         return ""
     if unrecorded or any(s is None for s in stage_seconds):

@@ -320,9 +320,9 @@ def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
 
 def _objective(losses: Tensor, initial: float, first_step: int, horizon: int, config: MetaFitConfig) -> Tensor:
     """The meta-loss of consecutive losses after steps ``first_step, first_step + 1, ...`` of a run."""
-    values = losses
     if config.meta_loss == "final":  # the truncation's end alone (a whole-split loss)
         return _log_ratio(losses[-1:], initial, config.log_floor).mean()
+    values = losses
     if config.meta_loss in ("log", "log-ramp"):
         # Non-finite or non-positive losses would break the log: clamp, NaN stays NaN.
         values = _log_ratio(losses, initial, config.log_floor)
