@@ -280,6 +280,7 @@ AGREEMENT = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_agreement": True}
 NORM_RATIO = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_norm_ratio": True}
 BOTH_TENSOR_INPUTS = {**AGREEMENT, "tensor_norm_ratio": True}
 STEP_GAIN = {**BOTH_TENSOR_INPUTS, "tensor_step_gain": True}
+STEP_RESPONSE = {**NORM_RATIO, "tensor_step_response": True, "tensor_step_gain": True}
 cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 
 
@@ -287,7 +288,9 @@ cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 @pytest.mark.parametrize("poison_step", [None, 2], ids=["finite", "skips-a-tensor"])
 @pytest.mark.parametrize("chunk_size", [1 << 16, 50], ids=["whole", "split-tensors"])
 @pytest.mark.parametrize(
-    "config", [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS, STEP_GAIN], ids=["agreement", "ratio", "both", "gain"]
+    "config",
+    [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS, STEP_GAIN, STEP_RESPONSE],
+    ids=["agreement", "ratio", "both", "gain", "response"],
 )
 def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_size, impl):
     assert CoordinateLSTM(**config).fused_impls() == CoordinateLSTM().fused_impls()
@@ -301,8 +304,11 @@ def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_
     assert fused_opt.impl_for(DEVICE) == impl
     for p_eager, p_fused in zip(eager.parameters(), fused.parameters(), strict=True):
         assert _rel(p_fused, p_eager) < TRAJECTORY_RTOL
-        for key in ("rule.h", "rule.m"):
-            assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL
+        keys = (
+            ("rule.h", "rule.m", "rule.u", "rule.q") if "rule.u" in eager_opt.state[p_eager] else ("rule.h", "rule.m")
+        )
+        for key in keys:
+            assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL, key
     # the per-tensor inputs matter: without them the trajectory differs
     if poison_step is None:
         plain, _ = _train(impl, steps=5, rule_config=config, chunk_size=chunk_size, zero_agreement=True)
@@ -310,7 +316,7 @@ def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_
 
 
 @pytest.mark.skipif(not KERNELS, reason="no fused kernel here")
-@pytest.mark.parametrize("config", [AGREEMENT, NORM_RATIO], ids=["agreement", "ratio"])
+@pytest.mark.parametrize("config", [AGREEMENT, NORM_RATIO, STEP_RESPONSE], ids=["agreement", "ratio", "response"])
 def test_auto_picks_the_kernel_for_per_tensor_inputs_without_a_warning(config):
     # impl="auto" first tries the kernel on a few coordinates; that trial must give such
     # rules their tensors' layout, or they would silently fall back to the eager path.

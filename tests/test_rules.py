@@ -579,6 +579,56 @@ def test_tensor_step_gain_extends_a_rule_exactly_and_gets_meta_gradients():
     _steps_like(extended, wider, grad_scale=2.0)
 
 
+def test_tensor_step_response_is_the_gradient_left_along_the_last_update():
+    rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_norm_ratio=True, tensor_step_response=True)
+    rule = rule.double()
+    assert rule.weights[0].shape == (16, 2 + 2 + 2 + 1 + 4)
+    assert rule.state_spec()["u"] == () and rule.state_spec()["q"] == ()
+    torch.manual_seed(10)
+    ids = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    context = StepContext(segment_ids=ids, num_segments=3)
+    state = rule.init_state(12, dtype=torch.float64)
+    first = torch.randn(12, dtype=torch.float64)
+    update, state = rule(first, state, context)
+    assert torch.equal(
+        rule.tensor_features(first, rule.init_state(12, dtype=torch.float64), context)[:, 2],
+        torch.zeros(12, dtype=torch.float64),
+    )
+    torch.testing.assert_close(state["u"], update)
+    torch.testing.assert_close(state["q"], first * update)
+    second = torch.randn(12, dtype=torch.float64)
+    along_before = first[8:] @ update[8:]
+    second[8:] = -1e4 * along_before.sign() * update[8:] / update[8:].norm()  # an overshoot: clipped at -5
+    features = rule.tensor_features(second, state, context)
+    for rows in (slice(0, 5), slice(5, 8)):
+        expected = (second[rows] @ update[rows]) / (first[rows] @ update[rows])
+        torch.testing.assert_close(features[rows, 2], expected.expand(rows.stop - rows.start))
+    torch.testing.assert_close(features[8:, 2], torch.full((4,), -5.0, dtype=torch.float64))
+    # the norm ratios come first, unchanged by the extra sums
+    only_ratio = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_norm_ratio=True).double()
+    torch.testing.assert_close(features[:, :2], only_ratio.tensor_features(second, state, context))
+    # without momenta the response is the only per-tensor input
+    alone = CoordinateLSTM(hidden_size=4, tensor_step_response=True, tensor_step_gain=True)
+    assert alone.weights[0].shape == (16, 2 + 1 + 4) and alone.gain.weight.shape == (1, 1)
+
+
+def test_tensor_step_response_extends_a_gain_rule_exactly_and_gets_meta_gradients():
+    torch.manual_seed(11)
+    config = {"hidden_size": 5, "momentum_decays": [0.5, 0.99], "tensor_norm_ratio": True, "tensor_step_gain": True}
+    base = CoordinateLSTM(**config)
+    with torch.no_grad():
+        base.gain.weight.normal_(0, 0.05)
+    extended = CoordinateLSTM(**config, tensor_step_response=True)
+    extended.init_from(base)
+    _steps_like(base, extended, grad_scale=2.0).sum().backward()
+    assert extended.weights[0].grad[:, 6].abs().sum() > 0  # the response input's weights
+    assert extended.gain.weight.grad[0, 2].abs() > 0
+    with pytest.raises(ValueError, match="tensor_step_response"):
+        base.init_from(extended)  # cannot drop the input
+    with pytest.raises(ValueError, match="tensor_step_response must be true or false"):
+        CoordinateLSTM(tensor_step_response="yes")
+
+
 def test_tensor_agreement_in_the_optimizer_sees_whole_tensors_and_resumes(tmp_path):
     from learned_optim import LearnedOptimizer
 

@@ -91,6 +91,15 @@ class CoordinateLSTM(UpdateRule):
             before the first step). A gradient that grew after a step (the step overshot)
             reads high at once, while the cosines need several noisy steps to say so. Summed
             over whole tensors like the agreement inputs; both fused kernels read it.
+        tensor_step_response: one more per-tensor input (after the others): how much of the
+            gradient along the tensor's last update is left after it, ``(g_t . u) / (g_{t-1} . u)``
+            over the tensor, ``u`` the last update, clipped to [-5, 5] (0 before the second step).
+            On a quadratic, 1 means the step was far too short, 0 that it reached the minimum
+            along its direction, -1 that it went twice too far. It reads an overshoot from the
+            first step on (where the agreement cosines stay small and noisy), so the rule can
+            tell networks that need different step sizes apart. Adds two floats of state per
+            coordinate (the last update and its product with the gradient); both fused kernels
+            read it.
         tensor_step_gain: with per-tensor inputs, scale every update of a tensor by
             ``exp(4 tanh(10 (a . t + b) / 4))`` (so within [e^-4, e^4]), ``t`` that tensor's
             per-tensor inputs and ``a``, ``b`` learned (zero at the start: a gain of 1). It lets meta-training
@@ -101,7 +110,14 @@ class CoordinateLSTM(UpdateRule):
     rule_type = "CoordinateLSTM"
     # Options added after rules were shipped: their configs load with the defaults.
     added_config_keys = frozenset(
-        {"momentum_decays", "rms_decay", "tensor_agreement", "tensor_norm_ratio", "tensor_step_gain"}
+        {
+            "momentum_decays",
+            "rms_decay",
+            "tensor_agreement",
+            "tensor_norm_ratio",
+            "tensor_step_gain",
+            "tensor_step_response",
+        }
     )
     # No global state: several problems can step in one call (meta_fit).
     forward_reads_global_state = False
@@ -119,6 +135,7 @@ class CoordinateLSTM(UpdateRule):
         tensor_agreement: bool = False,
         tensor_norm_ratio: bool = False,
         tensor_step_gain: bool = False,
+        tensor_step_response: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -135,13 +152,18 @@ class CoordinateLSTM(UpdateRule):
             "tensor_agreement": config_bool("tensor_agreement", tensor_agreement),
             "tensor_norm_ratio": config_bool("tensor_norm_ratio", tensor_norm_ratio),
             "tensor_step_gain": config_bool("tensor_step_gain", tensor_step_gain),
+            "tensor_step_response": config_bool("tensor_step_response", tensor_step_response),
         }
         for flag in ("tensor_agreement", "tensor_norm_ratio"):
             if self.config[flag] and not self.config["momentum_decays"]:
                 raise ValueError(f"{flag} needs momentum_decays (it compares the gradient with each momentum)")
-        per_tensor_inputs = self.config["tensor_agreement"] or self.config["tensor_norm_ratio"]
+        per_tensor_inputs = (
+            self.config["tensor_agreement"] or self.config["tensor_norm_ratio"] or self.config["tensor_step_response"]
+        )
         if self.config["tensor_step_gain"] and not per_tensor_inputs:
-            raise ValueError("tensor_step_gain needs per-tensor inputs: tensor_agreement or tensor_norm_ratio")
+            raise ValueError(
+                "tensor_step_gain needs per-tensor inputs: tensor_agreement, tensor_norm_ratio or tensor_step_response"
+            )
         self.hidden_size = self.config["hidden_size"]
         self.num_layers = self.config["num_layers"]
         self.preprocess = self.config["preprocess"]
@@ -153,6 +175,7 @@ class CoordinateLSTM(UpdateRule):
         self.tensor_agreement = self.config["tensor_agreement"]
         self.tensor_norm_ratio = self.config["tensor_norm_ratio"]
         self.tensor_step_gain = self.config["tensor_step_gain"]
+        self.tensor_step_response = self.config["tensor_step_response"]
         input_size = input_count(self)
         h = self.hidden_size
         self.weights = nn.ParameterList()
@@ -213,6 +236,8 @@ class CoordinateLSTM(UpdateRule):
             # Packed once and reused until the weights change (their version counters move).
             packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
         table = None
+        # The caller may hand one buffer as both grad and update: keep the gradient for after the kernel.
+        grad_seen = grad.to(torch.float32, copy=True) if self.tensor_step_response else grad
         if self.needs_segments:
             if segment_ids is None or context is None:
                 raise ValueError("CoordinateLSTM with per-tensor inputs: fused_step needs segment_ids and a context")
@@ -234,10 +259,24 @@ class CoordinateLSTM(UpdateRule):
         )
         if self.tensor_step_gain:
             update.mul_(self.step_gains(table).to(update.dtype)[segment_ids])
+        if self.tensor_step_response:
+            # Outside the kernel: the last update and its product with the gradient.
+            last_update, along = update, grad_seen * update
+            if keep is not None:
+                stepped = keep[segment_ids.long()] != 0
+                last_update = torch.where(stepped, last_update, state["u"].to(update.dtype))
+                along = torch.where(stepped, along, state["q"].to(update.dtype))
+            state["u"].copy_(last_update)
+            state["q"].copy_(along)
 
     @property
     def needs_segments(self) -> bool:  # type: ignore[override]
         """Whether each batch must come with its tensors' layout (per-tensor inputs)."""
+        return self.tensor_agreement or self.tensor_norm_ratio or self.tensor_step_response
+
+    @property
+    def _momentum_cues(self) -> bool:
+        # The per-tensor inputs that compare the gradient with the momenta.
         return self.tensor_agreement or self.tensor_norm_ratio
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
@@ -245,6 +284,9 @@ class CoordinateLSTM(UpdateRule):
         if self.momentum_decays:
             spec["m"] = (len(self.momentum_decays),)
             spec["v"] = ()
+        if self.tensor_step_response:
+            spec["u"] = ()  # the last update
+            spec["q"] = ()  # the last gradient times the last update
         return spec
 
     def init_from(self, other: UpdateRule) -> None:
@@ -266,6 +308,7 @@ class CoordinateLSTM(UpdateRule):
             "tensor_agreement",
             "tensor_norm_ratio",
             "tensor_step_gain",
+            "tensor_step_response",
         )
         ours = {k: v for k, v in self.config.items() if k not in growable}
         theirs = {k: v for k, v in other.config.items() if k not in growable}
@@ -281,6 +324,11 @@ class CoordinateLSTM(UpdateRule):
             # inputs must stay a prefix.
             and (not other.needs_segments or self.momentum_decays == other.momentum_decays)
             and (not other.tensor_norm_ratio or self.tensor_agreement == other.tensor_agreement)
+            and (self.tensor_step_response or not other.tensor_step_response)
+            and (
+                not other.tensor_step_response
+                or (self.tensor_agreement, self.tensor_norm_ratio) == (other.tensor_agreement, other.tensor_norm_ratio)
+            )
             and (self.tensor_step_gain or not other.tensor_step_gain)
         )
         if not extends:
@@ -341,13 +389,20 @@ class CoordinateLSTM(UpdateRule):
         self, grad: Tensor, state: RuleState, segment_ids: Tensor, num_segments: int
     ) -> Tensor | None:
         """With per-tensor inputs: per tensor, the sums of ``grad * m`` ``(k)``, ``grad ** 2``
-        and ``m ** 2`` ``(k)`` (momenta ``m`` before the step), in float64."""
+        and ``m ** 2`` ``(k)`` (momenta ``m`` before the step; with ``tensor_agreement`` or
+        ``tensor_norm_ratio``), then of ``grad * u`` and ``q`` (``tensor_step_response``: the
+        last update ``u`` and the last gradient times it)."""
         if not self.needs_segments:
             return None
-        m = state["m"].to(grad.dtype)
-        g = grad.unsqueeze(-1)
+        parts = []
+        if self._momentum_cues:
+            m = state["m"].to(grad.dtype)
+            g = grad.unsqueeze(-1)
+            parts += [g * m, g * g, m * m]
+        if self.tensor_step_response:
+            parts += [(grad * state["u"].to(grad.dtype)).unsqueeze(-1), state["q"].to(grad.dtype).unsqueeze(-1)]
         # Summed part by part: concatenating the products first would copy all of them once more.
-        return torch.cat([segment_sum(x, segment_ids, num_segments) for x in (g * m, g * g, m * m)], dim=-1)
+        return torch.cat([segment_sum(x, segment_ids, num_segments) for x in parts], dim=-1)
 
     def tensor_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
         """``(n, k)`` per kind of per-tensor input: the row of :meth:`tensor_inputs` of each
@@ -386,12 +441,23 @@ class CoordinateLSTM(UpdateRule):
             parts.append(self.agreement_cosines(sums))
         if self.tensor_norm_ratio:
             parts.append(self.norm_ratios(sums))
+        if self.tensor_step_response:
+            parts.append(self.step_responses(sums))
         return torch.cat(parts, dim=-1)
+
+    def step_responses(self, sums: Tensor) -> Tensor:
+        """Per tensor, the ``(num_tensors, 1)`` ``(g_t . u) / (g_{t-1} . u)`` from
+        :meth:`tensor_statistics`' sums, clipped to [-5, 5]; 0 where the last update did not
+        move along the last gradient (before the second step, an all-zero gradient)."""
+        along_now, along_before = sums[:, -2:-1], sums[:, -1:]
+        defined = along_before.abs() > 1e-60
+        ratio = along_now / torch.where(defined, along_before, 1.0)
+        return torch.where(defined, ratio, 0.0).clamp(-5.0, 5.0)
 
     def agreement_cosines(self, sums: Tensor) -> Tensor:
         """Per tensor, the ``(num_tensors, k)`` cosines from :meth:`tensor_statistics`' sums."""
         k = len(self.momentum_decays)
-        dot, grad_sq, mom_sq = sums[:, :k], sums[:, k : k + 1], sums[:, k + 1 :]
+        dot, grad_sq, mom_sq = sums[:, :k], sums[:, k : k + 1], sums[:, k + 1 : 2 * k + 1]
         product = grad_sq * mom_sq
         # A zero product (first step, an all-zero gradient) reads 0 and carries no gradient.
         defined = product > 1e-60
@@ -402,7 +468,7 @@ class CoordinateLSTM(UpdateRule):
         """Per tensor, the ``(num_tensors, k)`` ``log(||g|| / ||m||)`` from :meth:`tensor_statistics`'
         sums, clipped to [-5, 5]; 0 where either norm is zero (first step, an all-zero gradient)."""
         k = len(self.momentum_decays)
-        grad_sq, mom_sq = sums[:, k : k + 1], sums[:, k + 1 :]
+        grad_sq, mom_sq = sums[:, k : k + 1], sums[:, k + 1 : 2 * k + 1]
         defined = (grad_sq > 1e-60) & (mom_sq > 1e-60)
         ratio = torch.where(defined, grad_sq, 1.0) / torch.where(defined, mom_sq, 1.0)
         return torch.where(defined, 0.5 * torch.log(ratio), 0.0).clamp(-5.0, 5.0)
@@ -413,9 +479,9 @@ class CoordinateLSTM(UpdateRule):
         if self.momentum_decays:
             momenta, m_new, v_new = self.momentum_features(grad.to(compute_dtype), state)
             x = torch.cat((x, momenta), dim=-1)
-            if self.needs_segments:
-                table, ids = self._tensor_table(grad.to(compute_dtype), state, context)
-                x = torch.cat((x, table[ids]), dim=-1)
+        if self.needs_segments:
+            table, ids = self._tensor_table(grad.to(compute_dtype), state, context)
+            x = torch.cat((x, table[ids]), dim=-1)
         h_all = state["h"].to(compute_dtype)
         c_all = state["c"].to(compute_dtype)
         new_h, new_c = [], []
@@ -439,6 +505,9 @@ class CoordinateLSTM(UpdateRule):
         if self.momentum_decays:
             new_state["m"] = m_new.to(state["m"].dtype)
             new_state["v"] = v_new.to(state["v"].dtype)
+        if self.tensor_step_response:
+            new_state["u"] = update.to(state["u"].dtype)
+            new_state["q"] = (grad.to(compute_dtype) * update).to(state["q"].dtype)
         return update, new_state
 
 

@@ -26,9 +26,10 @@ def padded_units(n: int) -> int:
 
 def tensor_input_count(rule: torch.nn.Module) -> int:
     """Per-tensor inputs per coordinate: per momentum, one agreement cosine
-    (``tensor_agreement``) and one norm ratio (``tensor_norm_ratio``)."""
+    (``tensor_agreement``) and one norm ratio (``tensor_norm_ratio``); then one step response
+    (``tensor_step_response``)."""
     kinds = int(getattr(rule, "tensor_agreement", False)) + int(getattr(rule, "tensor_norm_ratio", False))
-    return len(getattr(rule, "momentum_decays", ())) * kinds
+    return len(getattr(rule, "momentum_decays", ())) * kinds + int(getattr(rule, "tensor_step_response", False))
 
 
 def input_count(rule: torch.nn.Module) -> int:
@@ -133,8 +134,8 @@ def check_agreement(
     rule: torch.nn.Module, n: int, agreement: Tensor | None, segment_ids: Tensor | None
 ) -> Tensor | None:
     """The ``(num_tensors, k)`` float32 table of a rule's per-tensor inputs (``tensor_agreement``,
-    ``tensor_norm_ratio``), made contiguous; ``None`` for rules without them. Raises ValueError
-    unless the table has one column per per-tensor input (:func:`tensor_input_count`) and
+    ``tensor_norm_ratio``, ``tensor_step_response``), made contiguous; ``None`` for rules without
+    them. Raises ValueError unless the table has one column per per-tensor input (:func:`tensor_input_count`) and
     ``segment_ids`` gives each of the ``n`` coordinates its row (int32)."""
     k = tensor_input_count(rule)
     if k == 0:
