@@ -582,7 +582,7 @@ def test_tensor_step_gain_extends_a_rule_exactly_and_gets_meta_gradients():
 def test_tensor_step_response_is_the_gradient_left_along_the_last_update():
     rule = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_norm_ratio=True, tensor_step_response=True)
     rule = rule.double()
-    assert rule.weights[0].shape == (16, 2 + 2 + 2 + 1 + 4)
+    assert rule.weights[0].shape == (16, 2 + 2 + 2 + 2 + 4)
     assert rule.state_spec()["u"] == () and rule.state_spec()["q"] == ()
     torch.manual_seed(10)
     ids = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
@@ -591,25 +591,26 @@ def test_tensor_step_response_is_the_gradient_left_along_the_last_update():
     first = torch.randn(12, dtype=torch.float64)
     update, state = rule(first, state, context)
     assert torch.equal(
-        rule.tensor_features(first, rule.init_state(12, dtype=torch.float64), context)[:, 2],
-        torch.zeros(12, dtype=torch.float64),
+        rule.tensor_features(first, rule.init_state(12, dtype=torch.float64), context)[:, 2:],
+        torch.zeros(12, 2, dtype=torch.float64),
     )
     torch.testing.assert_close(state["u"], update)
     torch.testing.assert_close(state["q"], first * update)
+    # per tensor, a chosen response r: 0.3, then -2.5 (an overshoot), then -100 (clipped)
     second = torch.randn(12, dtype=torch.float64)
-    along_before = first[8:] @ update[8:]
-    second[8:] = -1e4 * along_before.sign() * update[8:] / update[8:].norm()  # an overshoot: clipped at -5
+    for rows, r in ((slice(0, 5), 0.3), (slice(5, 8), -2.5), (slice(8, 12), -100.0)):
+        u = update[rows]
+        second[rows] -= (second[rows] @ u) / (u @ u) * u  # no component along u
+        second[rows] += r * (first[rows] @ u) / (u @ u) * u
     features = rule.tensor_features(second, state, context)
-    for rows in (slice(0, 5), slice(5, 8)):
-        expected = (second[rows] @ update[rows]) / (first[rows] @ update[rows])
-        torch.testing.assert_close(features[rows, 2], expected.expand(rows.stop - rows.start))
-    torch.testing.assert_close(features[8:, 2], torch.full((4,), -5.0, dtype=torch.float64))
+    expected = torch.tensor([[0.3, 0.0]] * 5 + [[-1.0, 1.5]] * 3 + [[-1.0, 4.0]] * 4, dtype=torch.float64)
+    torch.testing.assert_close(features[:, 2:], expected)
     # the norm ratios come first, unchanged by the extra sums
     only_ratio = CoordinateLSTM(hidden_size=4, momentum_decays=[0.5, 0.9], tensor_norm_ratio=True).double()
     torch.testing.assert_close(features[:, :2], only_ratio.tensor_features(second, state, context))
     # without momenta the response is the only per-tensor input
     alone = CoordinateLSTM(hidden_size=4, tensor_step_response=True, tensor_step_gain=True)
-    assert alone.weights[0].shape == (16, 2 + 1 + 4) and alone.gain.weight.shape == (1, 1)
+    assert alone.weights[0].shape == (16, 2 + 2 + 4) and alone.gain.weight.shape == (1, 2)
 
 
 def test_tensor_step_response_extends_a_gain_rule_exactly_and_gets_meta_gradients():
@@ -621,8 +622,8 @@ def test_tensor_step_response_extends_a_gain_rule_exactly_and_gets_meta_gradient
     extended = CoordinateLSTM(**config, tensor_step_response=True)
     extended.init_from(base)
     _steps_like(base, extended, grad_scale=2.0).sum().backward()
-    assert extended.weights[0].grad[:, 6].abs().sum() > 0  # the response input's weights
-    assert extended.gain.weight.grad[0, 2].abs() > 0
+    assert extended.weights[0].grad[:, 6:8].abs().sum() > 0  # the response inputs' weights
+    assert extended.gain.weight.grad[0, 2:].abs().sum() > 0
     with pytest.raises(ValueError, match="tensor_step_response"):
         base.init_from(extended)  # cannot drop the input
     with pytest.raises(ValueError, match="tensor_step_response must be true or false"):

@@ -91,15 +91,16 @@ class CoordinateLSTM(UpdateRule):
             before the first step). A gradient that grew after a step (the step overshot)
             reads high at once, while the cosines need several noisy steps to say so. Summed
             over whole tensors like the agreement inputs; both fused kernels read it.
-        tensor_step_response: one more per-tensor input (after the others): how much of the
-            gradient along the tensor's last update is left after it, ``(g_t . u) / (g_{t-1} . u)``
-            over the tensor, ``u`` the last update, clipped to [-5, 5] (0 before the second step).
-            On a quadratic, 1 means the step was far too short, 0 that it reached the minimum
-            along its direction, -1 that it went twice too far. It reads an overshoot from the
-            first step on (where the agreement cosines stay small and noisy), so the rule can
-            tell networks that need different step sizes apart. Adds two floats of state per
-            coordinate (the last update and its product with the gradient); both fused kernels
-            read it.
+        tensor_step_response: two more per-tensor inputs (after the others) from how much of
+            the gradient along the tensor's last update ``u`` is left after it,
+            ``r = (g_t . u) / (g_{t-1} . u)`` over the tensor: ``clip(r, -1, 1)`` and the
+            overshoot past -1, ``clip(-1 - r, 0, 4)`` (both 0 before the second step). On a
+            quadratic, ``r`` = 1 means the step was far too short, 0 that it reached the minimum
+            along its direction, -1 that it went twice too far (the loss along it did not
+            drop), and below -1 that it raised the loss: the second input is nonzero only for
+            such steps. It reads an overshoot from the first step on (where the agreement
+            cosines stay small and noisy). Adds two floats of state per coordinate (the last
+            update and its product with the gradient); both fused kernels read it.
         tensor_step_gain: with per-tensor inputs, scale every update of a tensor by
             ``exp(4 tanh(10 (a . t + b) / 4))`` (so within [e^-4, e^4]), ``t`` that tensor's
             per-tensor inputs and ``a``, ``b`` learned (zero at the start: a gain of 1). It lets meta-training
@@ -446,13 +447,15 @@ class CoordinateLSTM(UpdateRule):
         return torch.cat(parts, dim=-1)
 
     def step_responses(self, sums: Tensor) -> Tensor:
-        """Per tensor, the ``(num_tensors, 1)`` ``(g_t . u) / (g_{t-1} . u)`` from
-        :meth:`tensor_statistics`' sums, clipped to [-5, 5]; 0 where the last update did not
-        move along the last gradient (before the second step, an all-zero gradient)."""
+        """Per tensor, ``(num_tensors, 2)``: ``r = (g_t . u) / (g_{t-1} . u)`` from
+        :meth:`tensor_statistics`' sums clipped to [-1, 1], and ``-1 - r`` clipped to [0, 4];
+        both 0 where the last update did not move along the last gradient (before the second
+        step, an all-zero gradient)."""
         along_now, along_before = sums[:, -2:-1], sums[:, -1:]
         defined = along_before.abs() > 1e-60
-        ratio = along_now / torch.where(defined, along_before, 1.0)
-        return torch.where(defined, ratio, 0.0).clamp(-5.0, 5.0)
+        ratio = torch.where(defined, along_now / torch.where(defined, along_before, 1.0), 0.0)
+        # -1 is where a step along a quadratic stops lowering the loss: the overshoot input starts there.
+        return torch.cat((ratio.clamp(-1.0, 1.0), (-1.0 - ratio).clamp(0.0, 4.0)), dim=-1)
 
     def agreement_cosines(self, sums: Tensor) -> Tensor:
         """Per tensor, the ``(num_tensors, k)`` cosines from :meth:`tensor_statistics`' sums."""

@@ -27,9 +27,9 @@ def padded_units(n: int) -> int:
 def tensor_input_count(rule: torch.nn.Module) -> int:
     """Per-tensor inputs per coordinate: per momentum, one agreement cosine
     (``tensor_agreement``) and one norm ratio (``tensor_norm_ratio``); then one step response
-    (``tensor_step_response``)."""
+    and two step responses (``tensor_step_response``)."""
     kinds = int(getattr(rule, "tensor_agreement", False)) + int(getattr(rule, "tensor_norm_ratio", False))
-    return len(getattr(rule, "momentum_decays", ())) * kinds + int(getattr(rule, "tensor_step_response", False))
+    return len(getattr(rule, "momentum_decays", ())) * kinds + 2 * int(getattr(rule, "tensor_step_response", False))
 
 
 def input_count(rule: torch.nn.Module) -> int:
