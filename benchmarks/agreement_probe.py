@@ -4,7 +4,9 @@ For each task and ``lr`` multiplier, runs the rule for ``--steps`` steps on ``--
 instances (``learned_optim.meta_fit.rollout``) and prints, per parameter tensor and over
 windows of steps, the mean of two per-tensor cues for one momentum (``--momentum``: index into
 ``momentum_decays``): the cosine between the gradient and the momentum (``tensor_agreement``)
-and ``log(||g|| / ||m||)`` (``tensor_norm_ratio``), plus the mean minibatch loss at a few steps.
+and ``log(||g|| / ||m||)`` (``tensor_norm_ratio``), then the step response
+``(g_t . u) / (g_{t-1} . u)`` (``tensor_step_response``, unclipped), plus the mean minibatch
+loss at a few steps.
 The inputs are attached with zero weights (``init_from``), so the rule's updates are unchanged
 and the probe shows what each cue would have told it. It asks whether a cue separates a step
 size that is too large from a good one.
@@ -35,11 +37,17 @@ class _RecordingLSTM(CoordinateLSTM):
 
 
 def probe_rule(name: str) -> _RecordingLSTM:
-    """``name``'s weights in a recording rule with both kinds of per-tensor inputs."""
+    """``name``'s weights in a recording rule with every kind of per-tensor input (the sums
+    of all three cues are recorded whichever inputs the rule reads)."""
     source = CoordinateLSTM.from_pretrained(name)
     if not source.momentum_decays:
         raise SystemExit(f"{name} has no momentum inputs: the per-tensor cues compare the gradient with a momentum")
-    rule = _RecordingLSTM(**{**source.config, "tensor_agreement": True, "tensor_norm_ratio": True})
+    # New inputs go after the rule's own (init_from keeps its inputs a prefix): a rule that reads
+    # the norm ratios without the cosines keeps it that way; its sums still give the cosines.
+    config = {**source.config, "tensor_norm_ratio": True, "tensor_step_response": True}
+    if not source.needs_segments:
+        config["tensor_agreement"] = True
+    rule = _RecordingLSTM(**config)
     rule.init_from(source)
     rule.recorded = []
     return rule
@@ -62,7 +70,13 @@ def main() -> None:
     shown = [s for s in LOSS_STEPS if s <= args.steps]
     print(f"rule {args.rule}, momentum decay {rule.momentum_decays[args.momentum]}, {args.seeds} seeds")
     k = len(rule.momentum_decays)
-    cues = {"cosine": rule.agreement_cosines, "log norm ratio": rule.norm_ratios}
+
+    def response(sums: Tensor) -> Tensor:  # unclipped, to show how far a step overshot
+        along_now, along_before = sums[:, -2:-1], sums[:, -1:]
+        defined = along_before.abs() > 1e-60
+        return torch.where(defined, along_now / torch.where(defined, along_before, 1.0), 0.0).expand(-1, k)
+
+    cues = {"cosine": rule.agreement_cosines, "log norm ratio": rule.norm_ratios, "step response": response}
     rows = {cue: [] for cue in cues}
     curves = {}
     for task in args.tasks.split(","):
@@ -73,9 +87,9 @@ def main() -> None:
             for seed in range(args.seed_start, args.seed_start + args.seeds):
                 rule.recorded = []
                 losses.append(rollout(rule, family.sample(seed), args.steps, lr=lr))
-                sums = torch.stack(rule.recorded)  # (steps, tensors, 2k + 1)
+                sums = torch.stack(rule.recorded)  # (steps, tensors, 2k + 3)
                 for cue, read in cues.items():
-                    per_step = read(sums.reshape(-1, 2 * k + 1)).reshape(*sums.shape[:2], k)
+                    per_step = read(sums.reshape(-1, sums.shape[-1])).reshape(*sums.shape[:2], k)
                     readings[cue].append(per_step[:, :, args.momentum])  # (steps, tensors)
             for cue in cues:
                 mean = torch.stack(readings[cue]).mean(0)

@@ -6,6 +6,7 @@ still runs against the current API and prints the rows a reader of the docs expe
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -33,15 +34,20 @@ def table_rows(output: str, first_cell: str) -> list[list[str]]:
     return [row for row in rows if row[0] == first_cell]
 
 
-def test_agreement_probe_prints_both_cues_and_the_loss_curve():
-    out = run_benchmark("agreement_probe.py", "--tasks", "mnist-mlp", "--lrs", "1", "--steps", "4", "--seeds", "1")
-    assert "cosine, per tensor" in out and "log norm ratio, per tensor" in out
+@pytest.mark.parametrize("rule", ["lstm-mnist-momentum", "lstm-mnist-gain"])
+def test_agreement_probe_prints_the_cues_and_the_loss_curve(rule):
+    out = run_benchmark(
+        "agreement_probe.py", "--rule", rule, "--tasks", "mnist-mlp", "--lrs", "1", "--steps", "4", "--seeds", "1"
+    )
+    assert "cosine, per tensor" in out and "log norm ratio, per tensor" in out and "step response, per tensor" in out
     cue_rows = table_rows(out, "mnist-mlp")
-    assert len(cue_rows) == 3  # cosine, ratio, loss curve
+    assert len(cue_rows) == 4  # cosine, ratio, response, loss curve
     tensors = cue_rows[0][2].split(" / ")
     assert len(tensors) == 4  # two weights, two biases
     assert all(-1.0 <= float(c) <= 1.0 for c in tensors)  # cosines
-    assert float(cue_rows[2][2]) > 0  # loss at step 0
+    # step 1 (the second) is the first with a last update to respond to
+    assert all(math.isfinite(float(c)) and float(c) != 0.0 for c in cue_rows[2][2].split(" / "))
+    assert float(cue_rows[3][2]) > 0  # loss at step 0
 
 
 def test_step_time_times_every_path_against_adam():
