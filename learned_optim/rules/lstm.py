@@ -98,7 +98,7 @@ class CoordinateLSTM(UpdateRule):
             quadratic, ``r`` = 1 means the step was far too short, 0 that it reached the minimum
             along its direction, -1 that it went twice too far (the loss along it did not
             drop), and below -1 that it raised the loss: the second input is nonzero only for
-            such steps. It reads an overshoot from the first step on (where the agreement
+            such steps. It reads an overshoot from the second step on (where the agreement
             cosines stay small and noisy). Adds two floats of state per coordinate (the last
             update and its product with the gradient); both fused kernels read it.
         tensor_step_gain: with per-tensor inputs, scale every update of a tensor by
@@ -238,7 +238,8 @@ class CoordinateLSTM(UpdateRule):
             packed = self._packed = pack_lstm_weights(self, getattr(self, "_packed", None))
         table = None
         # The caller may hand one buffer as both grad and update: keep the gradient for after the kernel.
-        grad_seen = grad.to(torch.float32, copy=True) if self.tensor_step_response else grad
+        aliased = self.tensor_step_response and update.data_ptr() == grad.data_ptr()
+        grad_seen = grad.clone() if aliased else grad
         if self.needs_segments:
             if segment_ids is None or context is None:
                 raise ValueError("CoordinateLSTM with per-tensor inputs: fused_step needs segment_ids and a context")

@@ -26,8 +26,8 @@ def padded_units(n: int) -> int:
 
 def tensor_input_count(rule: torch.nn.Module) -> int:
     """Per-tensor inputs per coordinate: per momentum, one agreement cosine
-    (``tensor_agreement``) and one norm ratio (``tensor_norm_ratio``); then one step response
-    and two step responses (``tensor_step_response``)."""
+    (``tensor_agreement``) and one norm ratio (``tensor_norm_ratio``); then the two step-response
+    inputs (``tensor_step_response``)."""
     kinds = int(getattr(rule, "tensor_agreement", False)) + int(getattr(rule, "tensor_norm_ratio", False))
     return len(getattr(rule, "momentum_decays", ())) * kinds + 2 * int(getattr(rule, "tensor_step_response", False))
 
