@@ -70,13 +70,12 @@ def main() -> None:
     shown = [s for s in LOSS_STEPS if s <= args.steps]
     print(f"rule {args.rule}, momentum decay {rule.momentum_decays[args.momentum]}, {args.seeds} seeds")
     k = len(rule.momentum_decays)
-
-    def response(sums: Tensor) -> Tensor:  # unclipped, to show how far a step overshot
-        along_now, along_before = sums[:, -2:-1], sums[:, -1:]
-        defined = along_before.abs() > 1e-60
-        return torch.where(defined, along_now / torch.where(defined, along_before, 1.0), 0.0).expand(-1, k)
-
-    cues = {"cosine": rule.agreement_cosines, "log norm ratio": rule.norm_ratios, "step response": response}
+    cues = {
+        "cosine": rule.agreement_cosines,
+        "log norm ratio": rule.norm_ratios,
+        # unclipped, to show how far a step overshot; one per tensor, repeated per momentum
+        "step response": lambda sums: rule.step_response_ratios(sums).expand(-1, k),
+    }
     rows = {cue: [] for cue in cues}
     curves = {}
     for task in args.tasks.split(","):

@@ -452,11 +452,16 @@ class CoordinateLSTM(UpdateRule):
         :meth:`tensor_statistics`' sums clipped to [-1, 1], and ``-1 - r`` clipped to [0, 4];
         both 0 where the last update did not move along the last gradient (before the second
         step, an all-zero gradient)."""
-        along_now, along_before = sums[:, -2:-1], sums[:, -1:]
-        defined = along_before.abs() > 1e-60
-        ratio = torch.where(defined, along_now / torch.where(defined, along_before, 1.0), 0.0)
+        ratio = self.step_response_ratios(sums)
         # -1 is where a step along a quadratic stops lowering the loss: the overshoot input starts there.
         return torch.cat((ratio.clamp(-1.0, 1.0), (-1.0 - ratio).clamp(0.0, 4.0)), dim=-1)
+
+    def step_response_ratios(self, sums: Tensor) -> Tensor:
+        """Per tensor, the unclipped ``(num_tensors, 1)`` ``(g_t . u) / (g_{t-1} . u)`` from
+        :meth:`tensor_statistics`' sums (0 where the last update did not move along the last gradient)."""
+        along_now, along_before = sums[:, -2:-1], sums[:, -1:]
+        defined = along_before.abs() > 1e-60
+        return torch.where(defined, along_now / torch.where(defined, along_before, 1.0), 0.0)
 
     def agreement_cosines(self, sums: Tensor) -> Tensor:
         """Per tensor, the ``(num_tensors, k)`` cosines from :meth:`tensor_statistics`' sums."""
