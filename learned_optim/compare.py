@@ -16,10 +16,16 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: saves are still atomic, only concurrent merges are unguarded
+    fcntl = None
 
 import torch
 from torch import nn
@@ -197,20 +203,39 @@ class ResultCache:
 
     def save(self) -> None:
         """Write the cache atomically (no-op without a path), keeping the entries another
-        process sharing the file saved meanwhile."""
+        process sharing the file saved meanwhile.
+
+        The read-merge-write runs under an exclusive lock on a sidecar file
+        (``.<name>.lock``, POSIX only), so two comparisons saving at the same moment both
+        keep their runs."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.data = {**self._read(), **self.data}
-        # A temporary name of its own: comparisons run side by side must not write into one file.
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(json.dumps(self.data))
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self._locked():
+            self.data = {**self._read(), **self.data}
+            # A temporary name of its own: comparisons run side by side must not write into one file.
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(json.dumps(self.data))
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the cache's sidecar lock file (a no-op without ``fcntl``)."""
+        if fcntl is None or self.path is None:
+            yield
+            return
+        # Kept after use: unlinking a lock file races with a process about to lock it.
+        with open(self.path.parent / f".{self.path.name}.lock", "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _hash_tensors(digest: Any, item: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 
 import matplotlib.image
 import pytest
@@ -379,7 +380,31 @@ def test_caches_sharing_a_file_keep_each_others_runs(tmp_path):
     second.save()
     assert ResultCache(path).get("a") == RunResult([1.0], 1.0, 1.0, 1.5, 0.1)
     assert ResultCache(path).get("b") == RunResult([2.0], 2.0, 2.0, 2.5, 0.2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]  # no temporary files left
+    assert not list(tmp_path.glob("*.tmp"))  # no temporary files left
+
+
+def _save_one_at_a_time(path, prefix, count, start):
+    start.wait()
+    for i in range(count):
+        cache = ResultCache(path)
+        cache.put(f"{prefix}{i}", RunResult([float(i)], 1.0, 1.0, 1.5, 0.1))
+        cache.save()
+
+
+def test_concurrent_saves_lose_no_runs(tmp_path):
+    # Processes that each read, merge and write the shared file many times at once: without
+    # a lock around the merge, one overwrites runs the other saved between its read and write.
+    path, count = tmp_path / "cache.json", 60
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(3)
+    workers = [context.Process(target=_save_one_at_a_time, args=(path, p, count, start)) for p in "ab"]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert sorted(ResultCache(path).data) == sorted(f"{p}{i}" for p in "ab" for i in range(count))
 
 
 def test_corrupt_cache_is_ignored(tmp_path):
