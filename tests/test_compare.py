@@ -380,7 +380,8 @@ def test_caches_sharing_a_file_keep_each_others_runs(tmp_path):
     second.save()
     assert ResultCache(path).get("a") == RunResult([1.0], 1.0, 1.0, 1.5, 0.1)
     assert ResultCache(path).get("b") == RunResult([2.0], 2.0, 2.0, 2.5, 0.2)
-    assert not list(tmp_path.glob("*.tmp"))  # no temporary files left
+    # No temporary files left; the lock file stays (POSIX).
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["cache.json"], [".cache.json.lock", "cache.json"])
 
 
 def _save_one_at_a_time(path, prefix, count, start):
@@ -391,6 +392,7 @@ def _save_one_at_a_time(path, prefix, count, start):
         cache.save()
 
 
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork (POSIX)")
 def test_concurrent_saves_lose_no_runs(tmp_path):
     # Processes that each read, merge and write the shared file many times at once: without
     # a lock around the merge, one overwrites runs the other saved between its read and write.
