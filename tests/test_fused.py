@@ -281,6 +281,7 @@ NORM_RATIO = {"momentum_decays": [0.5, 0.9, 0.99], "tensor_norm_ratio": True}
 BOTH_TENSOR_INPUTS = {**AGREEMENT, "tensor_norm_ratio": True}
 STEP_GAIN = {**BOTH_TENSOR_INPUTS, "tensor_step_gain": True}
 STEP_RESPONSE = {**NORM_RATIO, "tensor_step_response": True, "tensor_step_gain": True}
+MOMENTUM_STEP = {**NORM_RATIO, "tensor_step_gain": True, "momentum_step": True}
 cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 
 
@@ -289,8 +290,8 @@ cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 @pytest.mark.parametrize("chunk_size", [1 << 16, 50], ids=["whole", "split-tensors"])
 @pytest.mark.parametrize(
     "config",
-    [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS, STEP_GAIN, STEP_RESPONSE],
-    ids=["agreement", "ratio", "both", "gain", "response"],
+    [AGREEMENT, NORM_RATIO, BOTH_TENSOR_INPUTS, STEP_GAIN, STEP_RESPONSE, MOMENTUM_STEP],
+    ids=["agreement", "ratio", "both", "gain", "response", "momentum-step"],
 )
 def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_size, impl):
     assert CoordinateLSTM(**config).fused_impls() == CoordinateLSTM().fused_impls()

@@ -630,6 +630,56 @@ def test_tensor_step_response_extends_a_gain_rule_exactly_and_gets_meta_gradient
         CoordinateLSTM(tensor_step_response="yes")
 
 
+def test_momentum_step_adds_each_tensors_normalised_momenta():
+    config = {"hidden_size": 4, "momentum_decays": [0.5, 0.9], "tensor_norm_ratio": True}
+    rule = CoordinateLSTM(**config, momentum_step=True).double()
+    plain = CoordinateLSTM(**config).double()
+    plain.load_state_dict({k: v for k, v in rule.state_dict().items() if k != "momentum_step_weight"})
+    with torch.no_grad():
+        rule.momentum_step_weight.copy_(torch.tensor([0.02, -0.05], dtype=torch.float64))
+    torch.manual_seed(12)
+    ids = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    context = StepContext(segment_ids=ids, num_segments=3)
+    state, plain_state = rule.init_state(12, dtype=torch.float64), plain.init_state(12, dtype=torch.float64)
+    scales = torch.tensor([1e-3] * 5 + [1.0] * 3 + [30.0] * 4, dtype=torch.float64)  # tensors of unlike scale
+    for _ in range(3):  # the first step (momenta start at the gradient) and two after it
+        grad = torch.randn(12, dtype=torch.float64) * scales
+        update, state = rule(grad, state, context)
+        plain_update, plain_state = plain(grad, plain_state, context)
+        expected = plain_update.clone()
+        for tensor in range(3):
+            rows = ids == tensor
+            m = state["m"][rows]
+            rms = m.pow(2).mean(0).sqrt()
+            expected[rows] += (0.3 * rule.momentum_step_weight * m / rms).sum(-1)
+        torch.testing.assert_close(update, expected)
+        torch.testing.assert_close(state["m"], plain_state["m"])
+
+
+def test_momentum_step_extends_a_gain_rule_exactly_and_gets_meta_gradients():
+    torch.manual_seed(13)
+    config = {"hidden_size": 5, "momentum_decays": [0.5, 0.99], "tensor_norm_ratio": True, "tensor_step_gain": True}
+    base = CoordinateLSTM(**config)
+    with torch.no_grad():
+        base.gain.weight.normal_(0, 0.05)
+    extended = CoordinateLSTM(**config, momentum_step=True)
+    extended.init_from(base)
+    assert torch.equal(extended.momentum_step_weight, torch.zeros(2))
+    _steps_like(base, extended, grad_scale=2.0).sum().backward()
+    assert extended.momentum_step_weight.grad.abs().min() > 0
+    with pytest.raises(ValueError, match="momentum_step"):
+        base.init_from(extended)  # cannot drop it
+    again = CoordinateLSTM(**config, momentum_step=True)
+    with torch.no_grad():
+        extended.momentum_step_weight.copy_(torch.tensor([0.1, -0.2]))
+    again.init_from(extended)
+    assert torch.equal(again.momentum_step_weight, extended.momentum_step_weight)
+    with pytest.raises(ValueError, match="momentum_step needs tensor_norm_ratio or tensor_agreement"):
+        CoordinateLSTM(momentum_decays=[0.9], momentum_step=True)
+    with pytest.raises(ValueError, match="momentum_step must be true or false"):
+        CoordinateLSTM(momentum_decays=[0.9], tensor_norm_ratio=True, momentum_step="yes")
+
+
 def test_tensor_agreement_in_the_optimizer_sees_whole_tensors_and_resumes(tmp_path):
     from learned_optim import LearnedOptimizer
 

@@ -36,6 +36,11 @@ from learned_optim.rules.segments import segment_sum
 # to reach e.g. 0.3 within a short meta-training run).
 _GAIN_PARAM_SCALE = 10.0
 
+# The momentum step's weights are this times their parameters: the weights that matter are
+# about 1e-3, which a meta-optimizer step sized for the LSTM weights reaches within a few
+# meta-iterations only through such a factor.
+_MOMENTUM_STEP_PARAM_SCALE = 0.3
+
 # Mean squares at or below this feed the momentum inputs without a gradient (see momentum_features).
 _TINY_MEAN_SQUARE = 1e-20
 
@@ -106,6 +111,13 @@ class CoordinateLSTM(UpdateRule):
             per-tensor inputs and ``a``, ``b`` learned (zero at the start: a gain of 1). It lets meta-training
             set a step size per tensor from the per-tensor cues directly, rather than through
             the LSTM's per-coordinate state.
+        momentum_step: with ``tensor_norm_ratio`` or ``tensor_agreement``, add
+            ``sum_k w_k m_k / RMS(m_k)`` to every update (before the step gain), ``m_k`` the
+            coordinate's momenta after this step, ``RMS`` over its tensor and ``w`` learned (zero
+            at the start). A momentum-SGD direction normalised per tensor, not per coordinate:
+            it keeps the relative sizes of a tensor's gradients, which the LSTM's bounded,
+            per-coordinate scale-free output does not, and it needs no ``lr`` tuning to be in
+            scale. Adds no state (the RMS comes from the per-tensor sums the other inputs take).
     """
 
     rule_type = "CoordinateLSTM"
@@ -118,6 +130,7 @@ class CoordinateLSTM(UpdateRule):
             "tensor_norm_ratio",
             "tensor_step_gain",
             "tensor_step_response",
+            "momentum_step",
         }
     )
     # No global state: several problems can step in one call (meta_fit).
@@ -137,6 +150,7 @@ class CoordinateLSTM(UpdateRule):
         tensor_norm_ratio: bool = False,
         tensor_step_gain: bool = False,
         tensor_step_response: bool = False,
+        momentum_step: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -154,6 +168,7 @@ class CoordinateLSTM(UpdateRule):
             "tensor_norm_ratio": config_bool("tensor_norm_ratio", tensor_norm_ratio),
             "tensor_step_gain": config_bool("tensor_step_gain", tensor_step_gain),
             "tensor_step_response": config_bool("tensor_step_response", tensor_step_response),
+            "momentum_step": config_bool("momentum_step", momentum_step),
         }
         for flag in ("tensor_agreement", "tensor_norm_ratio"):
             if self.config[flag] and not self.config["momentum_decays"]:
@@ -164,6 +179,10 @@ class CoordinateLSTM(UpdateRule):
         if self.config["tensor_step_gain"] and not per_tensor_inputs:
             raise ValueError(
                 "tensor_step_gain needs per-tensor inputs: tensor_agreement, tensor_norm_ratio or tensor_step_response"
+            )
+        if self.config["momentum_step"] and not (self.config["tensor_agreement"] or self.config["tensor_norm_ratio"]):
+            raise ValueError(
+                "momentum_step needs tensor_norm_ratio or tensor_agreement (it reads their per-tensor momentum sums)"
             )
         self.hidden_size = self.config["hidden_size"]
         self.num_layers = self.config["num_layers"]
@@ -177,6 +196,7 @@ class CoordinateLSTM(UpdateRule):
         self.tensor_norm_ratio = self.config["tensor_norm_ratio"]
         self.tensor_step_gain = self.config["tensor_step_gain"]
         self.tensor_step_response = self.config["tensor_step_response"]
+        self.momentum_step = self.config["momentum_step"]
         input_size = input_count(self)
         h = self.hidden_size
         self.weights = nn.ParameterList()
@@ -198,6 +218,8 @@ class CoordinateLSTM(UpdateRule):
             with torch.no_grad():
                 self.gain.weight.zero_()
                 self.gain.bias.zero_()
+        if self.momentum_step:
+            self.momentum_step_weight = nn.Parameter(torch.zeros(len(self.momentum_decays)))
 
     def fused_impls(self) -> tuple[str, ...]:
         from learned_optim.rules import lstm_cpu
@@ -259,6 +281,12 @@ class CoordinateLSTM(UpdateRule):
             v=state.get("v"),
             **({"agreement": table} if table is not None else {}),
         )
+        if self.momentum_step:
+            # Outside the kernel: it reads the momenta the kernel has just written.
+            weights = self.momentum_step_weights(sums).float()
+            if keep is not None:
+                weights = weights * (keep != 0).unsqueeze(-1)  # a skipped tensor's update stays zero
+            update.add_((weights[segment_ids] * state["m"].float()).sum(-1))
         if self.tensor_step_gain:
             update.mul_(self.step_gains(table).to(update.dtype)[segment_ids])
         if self.tensor_step_response:
@@ -311,6 +339,7 @@ class CoordinateLSTM(UpdateRule):
             "tensor_norm_ratio",
             "tensor_step_gain",
             "tensor_step_response",
+            "momentum_step",
         )
         ours = {k: v for k, v in self.config.items() if k not in growable}
         theirs = {k: v for k, v in other.config.items() if k not in growable}
@@ -332,6 +361,7 @@ class CoordinateLSTM(UpdateRule):
                 or (self.tensor_agreement, self.tensor_norm_ratio) == (other.tensor_agreement, other.tensor_norm_ratio)
             )
             and (self.tensor_step_gain or not other.tensor_step_gain)
+            and (self.momentum_step or not other.momentum_step)
         )
         if not extends:
             super().init_from(other)  # raises, naming both configs
@@ -356,6 +386,8 @@ class CoordinateLSTM(UpdateRule):
                 self.gain.weight.zero_()
                 self.gain.weight[:, : other.gain.weight.shape[1]] = other.gain.weight
                 self.gain.bias.copy_(other.gain.bias)
+            if other.momentum_step:  # same momenta (per-tensor inputs need them unchanged)
+                self.momentum_step_weight.copy_(other.momentum_step_weight)
 
     def features(self, grad: Tensor) -> Tensor:
         """The network's input for each coordinate, ``(n, 2)`` or ``(n, 1)``."""
@@ -392,8 +424,9 @@ class CoordinateLSTM(UpdateRule):
     ) -> Tensor | None:
         """With per-tensor inputs: per tensor, the sums of ``grad * m`` ``(k)``, ``grad ** 2``
         and ``m ** 2`` ``(k)`` (momenta ``m`` before the step; with ``tensor_agreement`` or
-        ``tensor_norm_ratio``), then of ``grad * u`` and ``q`` (``tensor_step_response``: the
-        last update ``u`` and the last gradient times it)."""
+        ``tensor_norm_ratio``), then the tensor's coordinate count (``momentum_step``), then of
+        ``grad * u`` and ``q`` (``tensor_step_response``: the last update ``u`` and the last
+        gradient times it)."""
         if not self.needs_segments:
             return None
         parts = []
@@ -401,25 +434,33 @@ class CoordinateLSTM(UpdateRule):
             m = state["m"].to(grad.dtype)
             g = grad.unsqueeze(-1)
             parts += [g * m, g * g, m * m]
-        if self.tensor_step_response:
-            parts += [(grad * state["u"].to(grad.dtype)).unsqueeze(-1), state["q"].to(grad.dtype).unsqueeze(-1)]
         # Summed part by part: concatenating the products first would copy all of them once more.
-        return torch.cat([segment_sum(x, segment_ids, num_segments) for x in parts], dim=-1)
+        sums = [segment_sum(x, segment_ids, num_segments) for x in parts]
+        if self.momentum_step:  # each tensor's coordinate count, for the RMS of its momenta
+            # index_add, not bincount: bincount's size depends on the data (a host sync on GPU).
+            one = torch.ones((), dtype=sums[0].dtype, device=grad.device).expand(grad.shape[0], 1)
+            sums.append(segment_sum(one, segment_ids, num_segments))
+        if self.tensor_step_response:
+            parts = [(grad * state["u"].to(grad.dtype)).unsqueeze(-1), state["q"].to(grad.dtype).unsqueeze(-1)]
+            sums += [segment_sum(x, segment_ids, num_segments) for x in parts]
+        return torch.cat(sums, dim=-1)
 
     def tensor_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
         """``(n, k)`` per kind of per-tensor input: the row of :meth:`tensor_inputs` of each
         coordinate's tensor (without a layout in ``context``, all of ``grad`` is one tensor)."""
-        table, ids = self._tensor_table(grad, state, context)
+        table, ids, _ = self._tensor_table(grad, state, context)
         return table[ids]
 
-    def _tensor_table(self, grad: Tensor, state: RuleState, context: StepContext | None) -> tuple[Tensor, Tensor]:
-        # The per-tensor inputs (num_tensors, k) and each coordinate's tensor index.
+    def _tensor_table(
+        self, grad: Tensor, state: RuleState, context: StepContext | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # The per-tensor inputs (num_tensors, k), each coordinate's tensor index and the sums.
         if context is None or context.segment_ids is None:
             ids, num = torch.zeros(grad.shape[0], dtype=torch.int64, device=grad.device), 1  # one tensor
         else:
             ids, num = context.segment_ids, context.num_segments
         sums = self._statistics_or_given(grad, state, ids, num, context)
-        return self.tensor_inputs(sums).to(grad.dtype), ids
+        return self.tensor_inputs(sums).to(grad.dtype), ids, sums
 
     def _statistics_or_given(
         self, grad: Tensor, state: RuleState, ids: Tensor, num: int, context: StepContext | None
@@ -434,6 +475,22 @@ class CoordinateLSTM(UpdateRule):
         :meth:`tensor_inputs`; smoothly bounded to [e^-4, e^4]."""
         log_gain = _GAIN_PARAM_SCALE * self.gain(tensor_inputs.to(self.gain.weight.dtype)).squeeze(-1)
         return torch.exp(4.0 * torch.tanh(log_gain / 4.0))
+
+    def momentum_step_weights(self, sums: Tensor) -> Tensor:
+        """With ``momentum_step``: per tensor, ``(num_tensors, k)`` ``w_k / RMS(m_k)``, the RMS of
+        each momentum after this step over the tensor, from :meth:`tensor_statistics`' sums
+        (before the first step the momenta start at the gradient); 0 where that RMS is 0."""
+        k = len(self.momentum_decays)
+        dot, grad_sq, mom_sq = sums[:, :k], sums[:, k : k + 1], sums[:, k + 1 : 2 * k + 1]
+        counts = sums[:, 2 * k + 1 : 2 * k + 2]
+        beta = device_vector(self.momentum_decays, sums, sums.dtype)
+        # sum of (beta m + (1 - beta) g)^2 over the tensor; a tensor without momenta yet starts them at g
+        new_sq = beta * beta * mom_sq + 2 * beta * (1 - beta) * dot + (1 - beta) ** 2 * grad_sq
+        new_sq = torch.where(mom_sq > 0, new_sq, grad_sq)
+        defined = (new_sq > 1e-60) & (counts > 0)
+        inv_rms = torch.where(defined, torch.rsqrt(torch.where(defined, new_sq, 1.0) / counts.clamp_min(1.0)), 0.0)
+        weight = _MOMENTUM_STEP_PARAM_SCALE * self.momentum_step_weight.to(sums.dtype)
+        return weight * inv_rms
 
     def tensor_inputs(self, sums: Tensor) -> Tensor:
         """Per tensor, the rule's per-tensor inputs from :meth:`tensor_statistics`' sums: the
@@ -489,7 +546,7 @@ class CoordinateLSTM(UpdateRule):
             momenta, m_new, v_new = self.momentum_features(grad.to(compute_dtype), state)
             x = torch.cat((x, momenta), dim=-1)
         if self.needs_segments:
-            table, ids = self._tensor_table(grad.to(compute_dtype), state, context)
+            table, ids, sums = self._tensor_table(grad.to(compute_dtype), state, context)
             x = torch.cat((x, table[ids]), dim=-1)
         h_all = state["h"].to(compute_dtype)
         c_all = state["c"].to(compute_dtype)
@@ -505,6 +562,8 @@ class CoordinateLSTM(UpdateRule):
             new_c.append(c)
             x = h
         update = self.output(x).squeeze(-1) * self.output_scale
+        if self.momentum_step:
+            update = update + (self.momentum_step_weights(sums).to(compute_dtype)[ids] * m_new).sum(-1)
         if self.tensor_step_gain:
             update = update * self.step_gains(table)[ids]
         new_state = {
