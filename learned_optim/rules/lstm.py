@@ -286,7 +286,9 @@ class CoordinateLSTM(UpdateRule):
             weights = self.momentum_step_weights(sums).float()
             if keep is not None:
                 weights = weights * (keep != 0).unsqueeze(-1)  # a skipped tensor's update stays zero
-            update.add_((weights[segment_ids] * state["m"].float()).sum(-1))
+            momenta = state["m"]
+            for j in range(momenta.shape[-1]):  # one momentum at a time: one coordinate-sized temporary
+                update.addcmul_(weights[:, j][segment_ids], momenta[:, j].float())
         if self.tensor_step_gain:
             update.mul_(self.step_gains(table).to(update.dtype)[segment_ids])
         if self.tensor_step_response:
