@@ -613,12 +613,20 @@ def test_tensor_step_response_is_the_gradient_left_along_the_last_update():
     assert alone.weights[0].shape == (16, 2 + 2 + 4) and alone.gain.weight.shape == (1, 2)
 
 
-def test_tensor_step_response_extends_a_gain_rule_exactly_and_gets_meta_gradients():
-    torch.manual_seed(11)
-    config = {"hidden_size": 5, "momentum_decays": [0.5, 0.99], "tensor_norm_ratio": True, "tensor_step_gain": True}
-    base = CoordinateLSTM(**config)
+_GAIN_RULE = {"hidden_size": 5, "momentum_decays": [0.5, 0.99], "tensor_norm_ratio": True, "tensor_step_gain": True}
+
+
+def _gain_rule(seed: int) -> CoordinateLSTM:
+    """A rule with norm-ratio inputs and a gain that is not 1, to extend with one more option."""
+    torch.manual_seed(seed)
+    base = CoordinateLSTM(**_GAIN_RULE)
     with torch.no_grad():
         base.gain.weight.normal_(0, 0.05)
+    return base
+
+
+def test_tensor_step_response_extends_a_gain_rule_exactly_and_gets_meta_gradients():
+    config, base = _GAIN_RULE, _gain_rule(11)
     extended = CoordinateLSTM(**config, tensor_step_response=True)
     extended.init_from(base)
     _steps_like(base, extended, grad_scale=2.0).sum().backward()
@@ -657,11 +665,7 @@ def test_momentum_step_adds_each_tensors_normalised_momenta():
 
 
 def test_momentum_step_extends_a_gain_rule_exactly_and_gets_meta_gradients():
-    torch.manual_seed(13)
-    config = {"hidden_size": 5, "momentum_decays": [0.5, 0.99], "tensor_norm_ratio": True, "tensor_step_gain": True}
-    base = CoordinateLSTM(**config)
-    with torch.no_grad():
-        base.gain.weight.normal_(0, 0.05)
+    config, base = _GAIN_RULE, _gain_rule(13)
     extended = CoordinateLSTM(**config, momentum_step=True)
     extended.init_from(base)
     assert torch.equal(extended.momentum_step_weight, torch.zeros(2))
