@@ -270,11 +270,10 @@ void lstm_step(int64_t start, int64_t stop, const float *grad, void *h_state, vo
         }
         scatter_block((const v8(*)[VECS])hs, h_state, bf16, b0, count, row, write, all_write);
         scatter_block((const v8(*)[VECS])cs, c_state, bf16, b0, count, row, write, all_write);
-        for (int b = 0; b < BLOCK; b++) upd[b] = out[hp];
-        for (int j = 0; j < hidden; j++) {
-            const float w = out[j];
-            const float *hj = (const float *)inp[j];
-            for (int b = 0; b < BLOCK; b++) upd[b] += w * hj[b];
+        for (int v = 0; v < VECS; v++) {
+            v8 sum = splat(out[hp]);
+            for (int j = 0; j < hidden; j++) sum += splat(out[j]) * inp[j][v];
+            memcpy(upd + v * LANES, &sum, sizeof sum);
         }
         for (int b = 0; b < count; b++) update[b0 + b] = write[b] ? upd[b] * output_scale : 0.0f;
     }

@@ -42,11 +42,41 @@ static inline v8 vexp(v8 x) {
     return p * (v8)bits;
 }
 
-static inline v8 vsigmoid(v8 x) {
-    v8 d = splat(1.0f) + vexp(-x);
+/* exp(-k x) for k = 1 or 2 (a compile-time constant once inlined), the core of the sigmoid and
+   tanh below, with fewer operations than vexp(-k x): 2^n exp(-k s), n = round(-k x / ln2) and
+   s = x + n ln2 / k in [-ln2 / 2k, ln2 / 2k], a degree-6 minimax polynomial for exp(-k s)
+   (relative error ~1e-7 in fp32). n is rounded with a magic constant that also holds the
+   exponent bias, so the bits of y = -k x / ln2 + 1.5 * 2^23 + 127, shifted left by 23, are
+   2^n directly (the constant's own bits shift out). x is clamped so that n stays in
+   [-126, 126]: 2^n is then a normal float. */
+static inline v8 vexp_neg_scaled(v8 x, const float k) {
+    const float limit = 87.0f / k;
 #if defined(__AVX2__)
-    /* Reciprocal estimate (12 bits) refined by one Newton step (~23 bits): cheaper than a
-       division; d >= 1, so no special cases. */
+    x = (v8)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-limit)), _mm256_set1_ps(limit));
+#else
+    x = vselect(x < splat(-limit), splat(-limit), x);
+    x = vselect(x > splat(limit), splat(limit), x);
+#endif
+    const v8 magic = splat(12583039.0f); /* 1.5 * 2^23 + 127 */
+    v8 y = x * splat(-k * 1.44269504088896341f) + magic;
+    v8 n = y - magic;
+    v8 s = x + n * splat(0.693145751953125f / k) + n * splat(1.428606765330187045e-06f / k);
+    /* Minimax coefficients c_j of exp(r) on [-ln2/2, ln2/2], evaluated at r = -k s. */
+    const float kk = -k;
+    v8 p = splat(0.0013836827129125595f * kk * kk * kk * kk * kk * kk);
+    p = p * s + splat(0.00837481115013361f * kk * kk * kk * kk * kk);
+    p = p * s + splat(0.04166822507977486f * kk * kk * kk * kk);
+    p = p * s + splat(0.16666419804096222f * kk * kk * kk);
+    p = p * s + splat(0.49999991059303284f * kk * kk);
+    p = p * s + splat(1.0f * kk);
+    p = p * s + splat(1.0f);
+    return p * (v8)((v8i)y << 23);
+}
+
+/* 1 / d for d >= 1: a reciprocal estimate (12 bits) refined by one Newton step (~23 bits),
+   cheaper than a division. */
+static inline v8 vrecip_ge1(v8 d) {
+#if defined(__AVX2__)
     v8 r = (v8)_mm256_rcp_ps((__m256)d);
     return r * (splat(2.0f) - d * r);
 #else
@@ -54,8 +84,10 @@ static inline v8 vsigmoid(v8 x) {
 #endif
 }
 
+static inline v8 vsigmoid(v8 x) { return vrecip_ge1(splat(1.0f) + vexp_neg_scaled(x, 1.0f)); }
+
 /* tanh(x) = 2 sigmoid(2x) - 1 (the LSTM eager rule computes it this way too). */
-static inline v8 vtanh(v8 x) { return splat(2.0f) * vsigmoid(splat(2.0f) * x) - splat(1.0f); }
+static inline v8 vtanh(v8 x) { return splat(2.0f) * vrecip_ge1(splat(1.0f) + vexp_neg_scaled(x, 2.0f)) - splat(1.0f); }
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
