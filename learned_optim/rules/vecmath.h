@@ -18,32 +18,8 @@ static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 
 static inline v8 vselect(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
 
-/* exp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial (relative error
-   ~2e-7, the accuracy of fp32 itself); x is clamped to [-87, 88], where exp is finite. */
-static inline v8 vexp(v8 x) {
-#if defined(__AVX2__)
-    x = (v8)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-#else
-    x = vselect(x < splat(-87.0f), splat(-87.0f), x);
-    x = vselect(x > splat(88.0f), splat(88.0f), x);
-#endif
-    /* Adding and removing 1.5 * 2^23 rounds to the nearest integer (no -ffast-math here). */
-    const v8 magic = splat(12582912.0f);
-    v8 n = (x * splat(1.44269504088896341f) + magic) - magic;
-    v8 r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
-    v8 p = splat(1.0f / 720.0f);
-    p = p * r + splat(1.0f / 120.0f);
-    p = p * r + splat(1.0f / 24.0f);
-    p = p * r + splat(1.0f / 6.0f);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-    return p * (v8)bits;
-}
-
-/* exp(-k x) for k = 1 or 2 (a compile-time constant once inlined), the core of the sigmoid and
-   tanh below, with fewer operations than vexp(-k x): 2^n exp(-k s), n = round(-k x / ln2) and
+/* exp(-k x) for k = 1 or 2 (a compile-time constant once inlined), the exponential of vexp,
+   the sigmoid and tanh below: 2^n exp(-k s), n = round(-k x / ln2) and
    s = x + n ln2 / k in [-ln2 / 2k, ln2 / 2k], a degree-6 minimax polynomial for exp(-k s)
    (relative error ~1e-7 in fp32). n is rounded with a magic constant that also holds the
    exponent bias, so the bits of y = -k x / ln2 + 1.5 * 2^23 + 127, shifted left by 23, are
@@ -72,6 +48,9 @@ static inline v8 vexp_neg_scaled(v8 x, const float k) {
     p = p * s + splat(1.0f);
     return p * (v8)((v8i)y << 23);
 }
+
+/* exp(x) for x in [-87, 87] (clamped there; exp(87) is 6e37, near fp32's largest, 3.4e38). */
+static inline v8 vexp(v8 x) { return vexp_neg_scaled(-x, 1.0f); }
 
 /* 1 / d for d >= 1 from a reciprocal estimate r (12 bits), cheaper than a division: with the
    residual e = 1 - d r (exact under FMA), 1 / d = r (1 + e + e^2 + ...). One Newton step, r (1 + e),
