@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import os
 import sys
 import warnings
@@ -20,10 +21,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from learned_optim.functional import (
-    DEFAULT_CHUNK_SIZE,
     FUSED_CHUNK_SIZE,
     FlatState,
     StepEntry,
+    default_chunk_size,
     fused_learned_step,
     learned_step,
     nonfinite_mask,
@@ -52,6 +53,19 @@ _COPIED_ATTRIBUTES = (
     "_hierarchical",
     "_global_state",
 )
+
+
+def _chunk_size_option(value: object) -> int:
+    """``chunk_size`` as an int >= 1 (numpy ints too), or a ValueError naming it."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        size = operator.index(value)
+    except TypeError:
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {value!r}")
+    return size
 
 
 def _tracing_or_capturing() -> bool:
@@ -124,7 +138,8 @@ class LearnedOptimizer(Optimizer):
         weight_decay: decoupled weight decay, ``param *= 1 - lr * weight_decay`` each step.
         maximize: maximise the objective instead of minimising it.
         chunk_size: coordinates per rule call on the eager path (bounds temporary memory);
-            fused kernels use chunks of ``max(chunk_size, 2**22)``.
+            ``None`` picks one per device (2**14 on CPU, where it keeps the temporaries in
+            cache, 2**16 elsewhere). Fused kernels use chunks of ``max(chunk_size, 2**22)``.
         state_dtype: dtype of the rule's per-coordinate state (fp32 by default, whatever
             the parameter dtype; the rule always computes in its own dtype).
         nonfinite: what to do with a parameter whose gradient holds inf or NaN:
@@ -152,7 +167,7 @@ class LearnedOptimizer(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         state_dtype: torch.dtype = torch.float32,
         nonfinite: str = "skip",
         warn_nonfinite: bool = True,
@@ -162,8 +177,8 @@ class LearnedOptimizer(Optimizer):
         token: str | bool | None = None,
     ) -> None:
         _check_group_options({"lr": lr, "weight_decay": weight_decay})
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if chunk_size is not None:
+            chunk_size = _chunk_size_option(chunk_size)
         if nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
         if impl not in IMPLS:
@@ -182,7 +197,7 @@ class LearnedOptimizer(Optimizer):
             token=token,
         )
         check_state_specs(self.rule)  # a malformed spec is named here, not inside torch.zeros at the first step
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = chunk_size
         self.state_dtype = state_dtype
         self.nonfinite = nonfinite
         self.warn_nonfinite = warn_nonfinite
@@ -463,11 +478,12 @@ class LearnedOptimizer(Optimizer):
                     # The parameters moved after the optimizer was built.
                     self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
                 impl = self.impl_for(device)
+                chunk_size = self.chunk_size if self.chunk_size is not None else default_chunk_size(device)
                 if impl == "eager":
                     skipped = learned_step(
                         self._rule_for(device),
                         entries,
-                        chunk_size=self.chunk_size,
+                        chunk_size=chunk_size,
                         nonfinite=self.nonfinite,
                         global_state=self._global_state,
                         host_check=host_check,
@@ -478,7 +494,7 @@ class LearnedOptimizer(Optimizer):
                         impl,
                         entries,
                         self._flat_state_for(device, entries, params_by_device[device]),
-                        chunk_size=max(self.chunk_size, FUSED_CHUNK_SIZE),
+                        chunk_size=max(chunk_size, FUSED_CHUNK_SIZE),
                         nonfinite=self.nonfinite,
                         host_check=host_check,
                         global_state=self._global_state,

@@ -295,11 +295,16 @@ cpu_kernel = pytest.mark.skipif("cpu" not in KERNELS, reason="the C kernel")
 )
 def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_size, impl):
     assert CoordinateLSTM(**config).fused_impls() == CoordinateLSTM().fused_impls()
+    # The step response feeds each update back into the next step's inputs, which with these
+    # large random weights amplifies last-bit differences about 5x per step by the fifth:
+    # two eager cells of equal float64 accuracy (sigmoid over a column slice or the whole
+    # gates, FMA or not in the cell update) end 2.6e-5 apart after 4 steps and 1.3e-4 after 5.
+    steps = 4 if config is STEP_RESPONSE else 5
     runs = {}
     for run_impl in ("eager", impl):
         with pytest.warns(RuntimeWarning, match="non-finite") if poison_step is not None else _no_warning():
             runs[run_impl] = _train(
-                run_impl, steps=5, poison_step=poison_step, rule_config=config, chunk_size=chunk_size
+                run_impl, steps=steps, poison_step=poison_step, rule_config=config, chunk_size=chunk_size
             )
     (eager, eager_opt), (fused, fused_opt) = runs["eager"], runs[impl]
     assert fused_opt.impl_for(DEVICE) == impl
@@ -312,7 +317,7 @@ def test_kernel_with_per_tensor_inputs_matches_eager(config, poison_step, chunk_
             assert _rel(fused_opt.state[p_fused][key], eager_opt.state[p_eager][key]) < TRAJECTORY_RTOL, key
     # the per-tensor inputs matter: without them the trajectory differs
     if poison_step is None:
-        plain, _ = _train(impl, steps=5, rule_config=config, chunk_size=chunk_size, zero_agreement=True)
+        plain, _ = _train(impl, steps=steps, rule_config=config, chunk_size=chunk_size, zero_agreement=True)
         assert _rel(plain[0].weight, fused[0].weight) > 1e-3
 
 
