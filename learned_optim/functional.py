@@ -18,7 +18,6 @@ from torch import Tensor
 from learned_optim.rules.base import RuleState, StepContext, UpdateRule, check_rule_output, step_scales
 
 __all__ = [
-    "CPU_CHUNK_SIZE",
     "DEFAULT_CHUNK_SIZE",
     "FUSED_CHUNK_SIZE",
     "FlatState",
@@ -31,17 +30,14 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 1 << 16
-CPU_CHUNK_SIZE = 1 << 14
-"""The eager step's default chunk on CPU: the LSTM's temporaries then stay in cache (1M
-coordinates on 2 cores: 234 ms per step against 324-349 ms with 2**16; benchmarks in
-docs/performance.md)."""
 NONFINITE_MODES = ("skip", "error")
 
 
-def default_chunk_size(device: torch.device) -> int:
-    """Coordinates per rule call of the eager step when none is given: smaller on CPU, where
-    cache size matters, than on accelerators, where each call costs kernel launches."""
-    return CPU_CHUNK_SIZE if device.type == "cpu" else DEFAULT_CHUNK_SIZE
+def default_chunk_size(rule: UpdateRule, device: torch.device) -> int:
+    """Coordinates per rule call of the eager step when none is given: the rule's own choice on
+    CPU (``UpdateRule.eager_cpu_chunk_size``, where cache size matters), ``DEFAULT_CHUNK_SIZE``
+    on accelerators, where each call costs kernel launches."""
+    return int(rule.eager_cpu_chunk_size) if device.type == "cpu" else DEFAULT_CHUNK_SIZE
 
 
 @dataclass

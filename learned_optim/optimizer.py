@@ -138,8 +138,9 @@ class LearnedOptimizer(Optimizer):
         weight_decay: decoupled weight decay, ``param *= 1 - lr * weight_decay`` each step.
         maximize: maximise the objective instead of minimising it.
         chunk_size: coordinates per rule call on the eager path (bounds temporary memory);
-            ``None`` picks one per device (2**14 on CPU, where it keeps the temporaries in
-            cache, 2**16 elsewhere). Fused kernels use chunks of ``max(chunk_size, 2**22)``.
+            ``None`` lets the rule pick on CPU (``UpdateRule.eager_cpu_chunk_size``: 2**14
+            for the LSTM, whose temporaries then stay in cache, 2**16 for the hierarchical
+            RNN) and uses 2**16 elsewhere. Fused kernels use chunks of ``max(chunk_size, 2**22)``.
         state_dtype: dtype of the rule's per-coordinate state (fp32 by default, whatever
             the parameter dtype; the rule always computes in its own dtype).
         nonfinite: what to do with a parameter whose gradient holds inf or NaN:
@@ -478,7 +479,7 @@ class LearnedOptimizer(Optimizer):
                     # The parameters moved after the optimizer was built.
                     self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
                 impl = self.impl_for(device)
-                chunk_size = self.chunk_size if self.chunk_size is not None else default_chunk_size(device)
+                chunk_size = self.chunk_size or default_chunk_size(self._rule_for(device), device)
                 if impl == "eager":
                     skipped = learned_step(
                         self._rule_for(device),

@@ -850,3 +850,22 @@ def test_a_complex_parameter_steps_as_its_real_view_would(rule_name, impl):
             ((value - target).abs() ** 2).sum().backward()
             opt.step()
     torch.testing.assert_close(torch.view_as_real(z.detach()), w.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("pretrained", "expected"), [("lstm", 1 << 14), ("hrnn-base", 1 << 16)])
+def test_default_chunk_size_on_cpu_is_the_rules(pretrained, expected):
+    rule = _lstm() if pretrained == "lstm" else pretrained
+    param = nn.Parameter(torch.zeros(70_000))
+    opt = LearnedOptimizer([param], pretrained=rule, impl="eager")
+    assert opt.chunk_size is None and opt.rule.eager_cpu_chunk_size == expected
+    calls = []
+    opt.rule.register_forward_pre_hook(lambda module, args: calls.append(args[0].numel()))
+    param.grad = torch.randn(70_000)
+    opt.step()
+    # the LSTM's 70,000 coordinates in chunks of 2**14; the hierarchical RNN keeps a tensor
+    # that fits in its 2**16 chunk whole (this one does not: two calls)
+    assert max(calls) == min(expected, 70_000) and sum(calls) == 70_000
+    calls.clear()
+    given = LearnedOptimizer([param], pretrained=opt.rule, impl="eager", chunk_size=5000)
+    given.step()
+    assert max(calls) == 5000 and sum(calls) == 70_000

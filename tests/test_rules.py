@@ -723,3 +723,34 @@ def test_tensor_agreement_in_the_optimizer_sees_whole_tensors_and_resumes(tmp_pa
     rule.save_pretrained(str(tmp_path / "rule"))
     without, _ = train(chunk_size=1 << 16, steps=6)
     assert not torch.allclose(straight[0].weight, without[0].weight)
+
+
+@pytest.mark.parametrize("hidden", [20, 7])
+def test_lstm_cell_without_grad_matches_the_differentiable_cell(hidden):
+    # The optimizer's step runs the in-place no-grad cell; meta-training runs the autograd one.
+    from learned_optim.rules.lstm import lstm_cell
+
+    g = torch.Generator().manual_seed(0)
+    x_and_h = torch.randn(300, 3 + hidden, generator=g)
+    c = torch.randn(300, hidden, generator=g) * 2
+    weight = torch.randn(4 * hidden, 3 + hidden, generator=g)
+    bias = torch.randn(4 * hidden, generator=g)
+    with torch.no_grad():
+        h_fast, c_fast = lstm_cell(x_and_h, c, weight, bias)
+    weight_leaf = weight.clone().requires_grad_(True)
+    h_ref, c_ref = lstm_cell(x_and_h, c, weight_leaf, bias)
+    assert h_ref.requires_grad and not h_fast.requires_grad
+    torch.testing.assert_close(h_fast, h_ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c_fast, c_ref.detach(), rtol=1e-6, atol=1e-6)
+    # float64 reference, with torch.tanh: both cells are within fp32 rounding of it
+    xd, cd, wd, bd = (t.double() for t in (x_and_h, c, weight, bias))
+    gates = torch.addmm(bd, xd, wd.t())
+    i, f, o = torch.sigmoid(gates[:, : 3 * hidden]).chunk(3, dim=-1)
+    c_exact = f * cd + i * torch.tanh(gates[:, 3 * hidden :])
+    h_exact = o * torch.tanh(c_exact)
+    assert (h_fast.double() - h_exact).abs().max() < 1e-5
+    assert (c_fast.double() - c_exact).abs().max() < 1e-5
+    # its inputs are not modified in place
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(x_and_h, torch.randn(300, 3 + hidden, generator=again))
+    assert torch.equal(c, torch.randn(300, hidden, generator=again) * 2)
