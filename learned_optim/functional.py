@@ -35,7 +35,7 @@ NONFINITE_MODES = ("skip", "error")
 
 def default_chunk_size(rule: UpdateRule, device: torch.device) -> int:
     """Coordinates per rule call of the eager step when none is given: the rule's own choice on
-    CPU (``UpdateRule.eager_cpu_chunk_size``, where cache size matters), ``DEFAULT_CHUNK_SIZE``
+    CPU (``UpdateRule.eager_cpu_chunk_size``, where the size of temporaries matters), ``DEFAULT_CHUNK_SIZE``
     on accelerators, where each call costs kernel launches."""
     return int(rule.eager_cpu_chunk_size) if device.type == "cpu" else DEFAULT_CHUNK_SIZE
 

@@ -139,7 +139,7 @@ class LearnedOptimizer(Optimizer):
         maximize: maximise the objective instead of minimising it.
         chunk_size: coordinates per rule call on the eager path (bounds temporary memory);
             ``None`` lets the rule pick on CPU (``UpdateRule.eager_cpu_chunk_size``: 2**14
-            for the LSTM, whose temporaries then stay in cache, 2**16 for the hierarchical
+            for the LSTM, measured fastest there, 2**16 for the hierarchical
             RNN) and uses 2**16 elsewhere. Fused kernels use chunks of ``max(chunk_size, 2**22)``.
         state_dtype: dtype of the rule's per-coordinate state (fp32 by default, whatever
             the parameter dtype; the rule always computes in its own dtype).

@@ -233,7 +233,7 @@ class UpdateRule(nn.Module):
     eager_cpu_chunk_size: ClassVar[int] = 1 << 16
     """Coordinates per ``forward`` call of the optimizer's eager step on CPU when it is given no
     ``chunk_size``: large enough to amortise each call, small enough to keep the rule's
-    temporaries in cache (and, for rules with per-tensor statistics, to split few tensors)."""
+    temporaries small (and, for rules with per-tensor statistics, to split few tensors)."""
 
     @property
     def needs_step_scales(self) -> bool:
