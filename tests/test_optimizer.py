@@ -862,8 +862,7 @@ def test_default_chunk_size_on_cpu_is_the_rules(pretrained, expected):
     opt.rule.register_forward_pre_hook(lambda module, args: calls.append(args[0].numel()))
     param.grad = torch.randn(70_000)
     opt.step()
-    # the LSTM's 70,000 coordinates in chunks of 2**14; the hierarchical RNN keeps a tensor
-    # that fits in its 2**16 chunk whole (this one does not: two calls)
+    # the 70,000 coordinates go through in chunks of the rule's size
     assert max(calls) == min(expected, 70_000) and sum(calls) == 70_000
     calls.clear()
     given = LearnedOptimizer([param], pretrained=opt.rule, impl="eager", chunk_size=5000)
