@@ -479,10 +479,11 @@ class LearnedOptimizer(Optimizer):
                     # The parameters moved after the optimizer was built.
                     self._global_state = {k: v.to(device) for k, v in self._global_state.items()}
                 impl = self.impl_for(device)
-                chunk_size = self.chunk_size or default_chunk_size(self._rule_for(device), device)
+                rule = self._rule_for(device)
+                chunk_size = self.chunk_size or default_chunk_size(rule, device)
                 if impl == "eager":
                     skipped = learned_step(
-                        self._rule_for(device),
+                        rule,
                         entries,
                         chunk_size=chunk_size,
                         nonfinite=self.nonfinite,
@@ -491,7 +492,7 @@ class LearnedOptimizer(Optimizer):
                     )
                 else:
                     skipped = fused_learned_step(
-                        self._rule_for(device),
+                        rule,
                         impl,
                         entries,
                         self._flat_state_for(device, entries, params_by_device[device]),
