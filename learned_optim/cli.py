@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from learned_optim.meta_fit import META_LOSSES, VALIDATION_METRICS, MetaFitConfig, check_time_budget
+from learned_optim.weights import CONFIG_NAME, WEIGHTS_NAME
 
 # MetaFitConfig settings whose flag is not the setting's name with dashes.
 _CONFIG_FLAGS = {"clip_grad_norm": "--clip"}
@@ -126,12 +127,17 @@ def _out_of_memory_hint(config: MetaFitConfig) -> str:
     return "to use less memory try " + ", or ".join(ways)
 
 
-def _discard_checkpoint(checkpoints: Path) -> None:
-    """Remove a meta-fit checkpoint (for ``--overwrite``), its pointer ``checkpoint.json`` first."""
+def _discard_previous_run(out: Path) -> None:
+    """Remove what an earlier meta-fit left in ``out`` (for ``--overwrite``): its checkpoint,
+    pointer ``checkpoint.json`` first, its ``last``/``best`` folders, and its saved rule."""
+    checkpoints = out / "checkpoint"
     (checkpoints / "checkpoint.json").unlink(missing_ok=True)
     for stale in checkpoints.glob("checkpoint*.safetensors*"):
         stale.unlink(missing_ok=True)
-    shutil.rmtree(checkpoints / "last", ignore_errors=True)
+    for folder in ("last", "best"):
+        shutil.rmtree(checkpoints / folder, ignore_errors=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (out / name).unlink(missing_ok=True)
 
 
 def _output_folder(path: str) -> Path:
@@ -235,10 +241,10 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
     elif has_checkpoint and not args.overwrite:
         raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
-    elif has_checkpoint:
+    elif args.overwrite:
         # Gone at once: a run cut off before its first checkpoint must not leave the old
-        # one for a later --resume to continue as if it were this run's.
-        _discard_checkpoint(checkpoints)
+        # one for a later --resume to continue, nor the old rule where this run's belongs.
+        _discard_previous_run(out)
     try:
         rule = trainer.run()
     except KeyboardInterrupt:

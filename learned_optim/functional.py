@@ -9,6 +9,7 @@ host: the non-finite check is a device-side mask.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -462,7 +463,9 @@ class FlatState:
         buffers = {}
         for key in states[0]:
             first = states[0][key]
-            buffer = first.new_empty((cut[-1], *first.shape[1:]))
+            # One dtype per buffer: the widest of the tensors', so that none loses precision.
+            dtype = functools.reduce(torch.promote_types, (state[key].dtype for state in states))
+            buffer = first.new_empty((cut[-1], *first.shape[1:]), dtype=dtype)
             del first
             for i, state in enumerate(states):
                 view = buffer[cut[i] : cut[i + 1]]

@@ -101,12 +101,13 @@ def push_to_hub(
     new commit.
     """
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None and revision != constants.DEFAULT_REVISION and not _COMMIT_HASH.fullmatch(revision):
-        # The Hub refuses commits to a branch that does not exist yet.
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
+        # Written (and checked) first: a rule that cannot be saved leaves no empty repo behind.
         save_pretrained(rule, tmp, model_card=model_card)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and revision != constants.DEFAULT_REVISION and not _COMMIT_HASH.fullmatch(revision):
+            # The Hub refuses commits to a branch that does not exist yet.
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=str(Path(tmp)),

@@ -249,6 +249,7 @@ class _Particle:
     state: RuleState
     segment_state: RuleState
     global_state: RuleState
+    buffers: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -260,6 +261,9 @@ class _Carry:
     segment_states: list[RuleState]
     global_states: list[RuleState]
     subset_state: RuleState | None = None
+    # Each run's model buffers (e.g. BatchNorm's running statistics): carried like the
+    # parameters, so that a recomputed segment starts from the same ones.
+    buffers: list[dict[str, Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -275,6 +279,7 @@ class _Run:
     state: RuleState
     segment_state: RuleState = field(default_factory=dict)
     global_state: RuleState = field(default_factory=dict)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
     steps_done: int = 0
     batches_used: int = 0
     initial_loss: float = float("nan")
@@ -381,6 +386,7 @@ def _carry_leaves(carry: _Carry) -> tuple[_Carry, list[Tensor]]:
         segment_states=leaf_states(carry.segment_states),
         global_states=leaf_states(carry.global_states),
         subset_state=None if carry.subset_state is None else leaf_states([carry.subset_state])[0],
+        buffers=carry.buffers,  # no gradient flows through them
     )
     return copy_, _carry_tensors(copy_)
 
@@ -478,6 +484,7 @@ class MetaTrainer:
         run.lr_scale = 1.0 if lr_scale is None else float(lr_scale)
         run.segment_state = self.rule.init_segment_state(len(params), device=device)
         run.global_state = self.rule.init_global_state(device=device)
+        run.buffers = model_buffers(instance.model)
         return run
 
     def _next_batch(self, run: _Run) -> Any:
@@ -493,6 +500,7 @@ class MetaTrainer:
             states=[run.state for run in runs],
             segment_states=[run.segment_state for run in runs],
             global_states=[run.global_state for run in runs],
+            buffers=[run.buffers for run in runs],
         )
         sizes = [_flatten(ps).numel() for ps in carry.params]
         subset = None
@@ -510,6 +518,7 @@ class MetaTrainer:
             run.state = {k: v.detach() for k, v in carry.states[i].items()}
             run.segment_state = {k: v.detach() for k, v in carry.segment_states[i].items()}
             run.global_state = {k: v.detach() for k, v in carry.global_states[i].items()}
+            run.buffers = carry.buffers[i]
             run.steps_done += length
             run.pending_batch = last_batches[i][0]  # measured the last loss; the next truncation's first step
 
@@ -641,6 +650,7 @@ class MetaTrainer:
         cfg = self.config
         params, states = list(carry.params), list(carry.states)
         segment_states, global_states = list(carry.segment_states), list(carry.global_states)
+        buffers = list(carry.buffers)
         subset_state = carry.subset_state
         terms: list[list[Tensor]] = [[] for _ in runs]
         layout = None
@@ -653,17 +663,21 @@ class MetaTrainer:
                 if not torch.is_grad_enabled():
                     # The forward pass of _unroll_checkpointed: the optimizee's gradient still needs autograd.
                     params[i] = [p.detach().requires_grad_(True) for p in params[i]]
+                # A copy for the forward pass to update (BatchNorm's statistics); kept only
+                # for a step that is taken, not for the loss measured after the last one.
+                step_buffers = copy_buffers(buffers[i])
                 with _global_rng(run.seed, f"meta-fit/batch/{index}"), torch.enable_grad():
                     if t == length and cfg.meta_loss == "final":
-                        loss = _end_of_run_loss(run.instance, run.names, params[i], batch)
+                        loss = _end_of_run_loss(run.instance, run.names, params[i], batch, step_buffers)
                     else:
-                        loss = functional_loss(run.instance, run.names, params[i], batch)
+                        loss = functional_loss(run.instance, run.names, params[i], batch, step_buffers)
                 if math.isnan(run.initial_loss):
                     run.initial_loss = max(float(loss.detach()), 1e-12)
                 if t > 0:
                     terms[i].append(loss if torch.is_grad_enabled() else loss.detach())
                 if t == length:
                     continue
+                buffers[i] = step_buffers
                 # retain_graph: the same loss is also a term of the meta-loss.
                 with torch.enable_grad():
                     g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
@@ -729,7 +743,7 @@ class MetaTrainer:
                 params[i] = new_params
                 offset += sizes[i]
         losses = [torch.stack(ts) if ts else params[i][0].new_zeros(0) for i, ts in enumerate(terms)]
-        return _Carry(params, states, segment_states, global_states, subset_state), losses
+        return _Carry(params, states, segment_states, global_states, subset_state, buffers), losses
 
     def _truncation_objective(self, losses: Tensor, run: _Run) -> Tensor:
         """The meta-loss of one truncation of ``run`` from its losses after each of its steps."""
@@ -749,6 +763,7 @@ class MetaTrainer:
                 copy(run.state),
                 copy(run.segment_state),
                 copy(run.global_state),
+                copy_buffers(run.buffers),
             )
             for _ in range(2 * self.config.pes_pairs)
         ]
@@ -769,7 +784,7 @@ class MetaTrainer:
                 losses.append(loss)
         last = _end_of_run_loss if self.config.meta_loss == "final" else functional_loss
         with torch.no_grad(), _global_rng(run.seed, f"meta-fit/batch/{first_batch + len(batches) - 1}"):
-            losses.append(last(run.instance, run.names, particle.params, batches[-1]))
+            losses.append(last(run.instance, run.names, particle.params, batches[-1], copy_buffers(particle.buffers)))
         return torch.stack(losses)
 
     def _pes_estimate(self, runs: Sequence[_Run]) -> tuple[float, Tensor]:
@@ -798,7 +813,9 @@ class MetaTrainer:
                 first_batch = run.batches_used - length  # stream index of batches[0]
                 if math.isnan(run.initial_loss):
                     with torch.no_grad(), _global_rng(run.seed, f"meta-fit/batch/{first_batch}"):
-                        first = functional_loss(run.instance, run.names, run.particles[0].params, batches[0])
+                        first = functional_loss(
+                            run.instance, run.names, run.particles[0].params, batches[0], copy_buffers(run.buffers)
+                        )
                     run.initial_loss = max(float(first), 1e-12)
                 gen = torch.Generator().manual_seed(self.rng.randrange(2**62))
                 noise = torch.randn(cfg.pes_pairs, theta.numel(), generator=gen, dtype=theta.dtype) * cfg.pes_std
@@ -912,7 +929,7 @@ class MetaTrainer:
                 with _global_rng(run.seed, "meta-fit/validation"):
                     losses, names, start, end = _rollout(self.rule, run.instance, horizon, float(lr_scale))
                     if final:
-                        losses = [_whole_split_loss(run.instance, names, params) for params in (start, end)]
+                        losses = [_whole_split_loss(run.instance, names, *model) for model in (start, end)]
                 trace = torch.tensor(losses)
                 if not torch.isfinite(trace).all():  # the first loss too: a NaN f_0 would score NaN
                     scores.append(float("inf"))
@@ -994,6 +1011,8 @@ class MetaTrainer:
                 tensors[f"run/{r_index}/segment/{k}"] = v.detach().contiguous()
             for k, v in run.global_state.items():
                 tensors[f"run/{r_index}/global/{k}"] = v.detach().contiguous()
+            for k, v in run.buffers.items():
+                tensors[f"run/{r_index}/buffer/{k}"] = v.detach().contiguous()
             if run.particles is not None:
                 tensors[f"run/{r_index}/pes_noise"] = run.pes_noise.contiguous()
                 for k_index, particle in enumerate(run.particles):
@@ -1004,6 +1023,7 @@ class MetaTrainer:
                         ("state", particle.state),
                         ("segment", particle.segment_state),
                         ("global", particle.global_state),
+                        ("buffer", particle.buffers),
                     ):
                         for k, v in states.items():
                             tensors[f"{prefix}/{kind}/{k}"] = v.detach().contiguous()
@@ -1130,6 +1150,8 @@ class MetaTrainer:
             run.state = {k: tensors[f"run/{r_index}/state/{k}"] for k in run.state}
             run.segment_state = {k: tensors[f"run/{r_index}/segment/{k}"] for k in run.segment_state}
             run.global_state = {k: tensors[f"run/{r_index}/global/{k}"] for k in run.global_state}
+            # Checkpoints written before buffers were carried have none: the model's own.
+            run.buffers = {k: tensors.get(f"run/{r_index}/buffer/{k}", v) for k, v in run.buffers.items()}
             if info.get("particles", 0):
                 run.pes_noise = tensors[f"run/{r_index}/pes_noise"]
                 run.particles = []
@@ -1141,39 +1163,73 @@ class MetaTrainer:
                             {k: tensors[f"{prefix}/state/{k}"] for k in run.state},
                             {k: tensors[f"{prefix}/segment/{k}"] for k in run.segment_state},
                             {k: tensors[f"{prefix}/global/{k}"] for k in run.global_state},
+                            {k: tensors.get(f"{prefix}/buffer/{k}", v) for k, v in run.buffers.items()},
                         )
                     )
             self.runs.append(run)
 
 
-def functional_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor], batch: Any) -> Tensor:
-    """The instance's loss on ``batch`` with its model's parameters replaced by ``params``."""
+def model_buffers(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Copies of ``model``'s buffers (e.g. BatchNorm's running statistics), by name."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+
+
+def copy_buffers(buffers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Copies of ``buffers``, for a forward pass to update in place."""
+    return {name: buffer.clone() for name, buffer in buffers.items()}
+
+
+def functional_loss(
+    instance: TaskInstance,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    batch: Any,
+    buffers: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """The instance's loss on ``batch`` with its model's parameters replaced by ``params``.
+
+    ``buffers``: tensors that stand in for the model's buffers, updated in place where the
+    model updates its own (BatchNorm's running statistics in training mode); without them the
+    model's own buffers are used and updated.
+    """
     inputs, targets = batch
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    output = functional_call(instance.model, dict(zip(names, params, strict=True)), args)
+    tensors = dict(zip(names, params, strict=True))
+    if buffers:
+        tensors.update(buffers)
+    output = functional_call(instance.model, tensors, args)
     value = instance.loss(output, targets)
     if not isinstance(value, Tensor) or value.numel() != 1:
         raise ValueError(f"task {instance.name!r}: loss must return a scalar tensor")
     return value.reshape(())
 
 
-def _end_of_run_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor], batch: Any) -> Tensor:
+def _end_of_run_loss(
+    instance: TaskInstance,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    batch: Any,
+    buffers: dict[str, Tensor] | None = None,
+) -> Tensor:
     """The loss on the instance's whole training split (on ``batch`` when it has none), with
     the model in eval mode as :mod:`learned_optim.compare` scores the final training loss."""
     model = instance.model
     was_training = model.training
     model.eval()
     try:
-        return functional_loss(instance, names, params, instance.train_set if instance.train_set is not None else batch)
+        data = instance.train_set if instance.train_set is not None else batch
+        return functional_loss(instance, names, params, data, buffers)
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
-def _whole_split_loss(instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor]) -> float:
+def _whole_split_loss(
+    instance: TaskInstance, names: Sequence[str], params: Sequence[Tensor], buffers: dict[str, Tensor]
+) -> float:
     """:func:`_end_of_run_loss` (the next minibatch standing in for a missing split), as a float."""
     batch = instance.next_batch() if instance.train_set is None else None
-    return float(_end_of_run_loss(instance, names, params, batch))
+    return float(_end_of_run_loss(instance, names, params, batch, copy_buffers(buffers)))
 
 
 @torch.no_grad()
@@ -1305,9 +1361,11 @@ def _learned_step(
     The rule runs without autograd; ``trajectory`` is advanced in place.
     """
     leaves = [p.detach().requires_grad_(True) for p in trajectory.params]
+    buffers = copy_buffers(trajectory.buffers)
     with torch.enable_grad():
-        loss = functional_loss(instance, names, leaves, batch)
+        loss = functional_loss(instance, names, leaves, batch, buffers)
         grads = torch.autograd.grad(loss, leaves)
+    trajectory.buffers = buffers
     with torch.no_grad():
         update = _forward_only_step(rule, _flatten(grads), trajectory, segments, lr)
         if lr != 1.0:
@@ -1329,26 +1387,34 @@ def rollout(rule: UpdateRule, instance: TaskInstance, steps: int, lr: float = 1.
     return _rollout(rule, instance, steps, lr)[0]
 
 
+_ModelValues = tuple[list[Tensor], dict[str, Tensor]]  # parameters and buffers
+
+
 @torch.no_grad()
 def _rollout(
     rule: UpdateRule, instance: TaskInstance, steps: int, lr: float
-) -> tuple[list[float], list[str], list[Tensor], list[Tensor]]:
-    """:func:`rollout`'s losses, the parameters' names, and their values before and after."""
+) -> tuple[list[float], list[str], _ModelValues, _ModelValues]:
+    """:func:`rollout`'s losses, the parameters' names, and the model's values (parameters,
+    buffers) before and after. The model itself is left as it was."""
     named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     params = [p.detach().clone() for _, p in named]
     device = params[0].device
     segments = _Segments.of(rule, params)
+    start_buffers = model_buffers(instance.model)
     trajectory = _Particle(
         params,
         rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32),
         rule.init_segment_state(segments.count, device=device),
         rule.init_global_state(device=device),
+        copy_buffers(start_buffers),
     )
     losses = [float(_learned_step(rule, instance, names, trajectory, instance.next_batch(), segments, lr))
               for _ in range(steps)]  # fmt: skip
-    losses.append(float(functional_loss(instance, names, trajectory.params, instance.next_batch())))
-    return losses, names, [p.detach().clone() for _, p in named], trajectory.params
+    last = functional_loss(instance, names, trajectory.params, instance.next_batch(), copy_buffers(trajectory.buffers))
+    losses.append(float(last))
+    start = [p.detach().clone() for _, p in named], start_buffers
+    return losses, names, start, (trajectory.params, trajectory.buffers)
 
 
 def meta_fit(

@@ -560,7 +560,8 @@ class LearnedOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict``; the rule's state keeps its own dtype (not the parameter's).
+        """Load a ``state_dict``; the rule's state is cast to this optimizer's ``state_dtype``
+        (not to the parameter's dtype, as ``torch.optim`` would).
 
         Everything is checked before anything changes: the rule (type, config, weight shapes)
         and every parameter's rule state (keys, one row per coordinate) must fit this optimizer.
@@ -607,12 +608,16 @@ class LearnedOptimizer(Optimizer):
                 continue
             for key, value in values.items():
                 if key.startswith(STATE_PREFIX) and isinstance(value, Tensor):
-                    self.state[p][key] = value.detach().to(device=p.device).clone()
+                    # In this optimizer's state_dtype, as fresh state would be: one dtype for
+                    # all rule state, which the fused kernels need (float32 / bfloat16 only).
+                    self.state[p][key] = value.detach().to(device=p.device, dtype=self.state_dtype, copy=True)
         self.rule.load_state_dict(rule_sd["weights"])
         self._rule_copies.clear()
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         if global_sd is not None:
-            self._global_state = {k: v.detach().to(device=device).clone() for k, v in global_sd.items()}
+            self._global_state = {
+                k: v.detach().to(device=device, dtype=self.state_dtype, copy=True) for k, v in global_sd.items()
+            }
         elif self._hierarchical:
             # Saved before any step: like the per-parameter state, the global state starts afresh
             # (keeping ours would pair fresh tensor states with a stale global state).
@@ -633,6 +638,11 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(
                     f"optimizer state_dict: rule weight {name!r} has shape {shape}, expected {tuple(ours[name].shape)}"
                 )
+            # The checks a weight file gets (learned_optim.weights.load_from_files).
+            if ours[name].is_floating_point() and not value.is_floating_point():
+                raise ValueError(f"optimizer state_dict: rule weight {name!r} has dtype {value.dtype}, expected floats")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"optimizer state_dict: rule weight {name!r} holds non-finite values (NaN or inf)")
 
     def _saved_index_to_param(self, state_dict: dict[str, Any]) -> dict[Any, Tensor] | None:
         """Saved parameter index -> our parameter, or None where the groups do not match (then
@@ -679,6 +689,14 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(
                     f"optimizer state_dict: {where}: {prefix}{name!r} has shape {got}, expected {expected}"
                 )
+            if not value.is_floating_point():
+                raise ValueError(
+                    f"optimizer state_dict: {where}: {prefix}{name!r} has dtype {value.dtype}, expected a float dtype"
+                )
+            if not torch.isfinite(value).all():
+                # A step never leaves non-finite state (it skips such updates): this one would
+                # turn the parameters into NaN.
+                raise ValueError(f"optimizer state_dict: {where}: {prefix}{name!r} holds non-finite values")
 
     @property
     def rule_class(self) -> type[UpdateRule]:

@@ -2,14 +2,17 @@
 
 ``config.json`` holds ``{"format": "learned_optim.rule", "format_version": 1,
 "rule_type": <registered name>, "config": {<constructor arguments>}}`` (plus free-form
-``"metadata"``); ``model.safetensors`` holds the rule's ``state_dict``. Loading never
-executes code from the files: the rule type must be one this library registers.
+``"metadata"`` and ``"weights_sha256"``, the hash of the weights file it was saved with,
+checked on load where present); ``model.safetensors`` holds the rule's ``state_dict``.
+Loading never executes code from the files: the rule type must be one this library registers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 from importlib import resources
 from pathlib import Path
@@ -29,6 +32,7 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 FORMAT_NAME = "learned_optim.rule"
 FORMAT_VERSION = 1
+WEIGHTS_HASH_KEY = "weights_sha256"
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes a weights file may store (loaded into the rule's own dtype)."""
 # The rule LearnedOptimizer uses when no `pretrained` is given.
@@ -102,8 +106,8 @@ def save_pretrained(
     """Write ``rule`` to ``save_directory`` as ``config.json`` + ``model.safetensors``.
 
     Everything is checked and serialised first (a rule that would not load back as itself, see
-    :func:`check_savable`, or a config or ``metadata`` that is not plain JSON raises before any
-    file changes), then
+    :func:`check_savable`, non-finite weights, or a config or ``metadata`` that is not plain
+    JSON raises ``ValueError`` before any file changes), then
     both files are written to temporary names and only then renamed, so an interrupted save
     does not leave a half-written rule where a good one was.
     """
@@ -117,13 +121,20 @@ def save_pretrained(
     }
     if metadata:
         config["metadata"] = metadata
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
+    nonfinite = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if nonfinite:
+        # Such a file would be refused on load: better no file than one that cannot be read back.
+        raise ValueError(f"save_pretrained: the rule's weights {nonfinite} hold non-finite values (NaN or inf)")
+    # Serialised in memory and written by us: safetensors' save_file creates 0600 files.
+    payload = serialize_tensors(tensors, metadata={"format": "pt"})
+    # Ties the config to these weights: a save cut off between the two renames below leaves
+    # new weights beside the old config, which loading then refuses instead of mixing them.
+    config[WEIGHTS_HASH_KEY] = hashlib.sha256(payload).hexdigest()
     try:
         config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as err:
         raise ValueError(f"save_pretrained: metadata and config must be plain JSON values ({err})") from None
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
-    # Serialised in memory and written by us: safetensors' save_file creates 0600 files.
-    payload = serialize_tensors(tensors, metadata={"format": "pt"})
     files = {WEIGHTS_NAME: payload, CONFIG_NAME: config_text.encode()}
     if model_card is not None:
         files[MODEL_CARD_NAME] = model_card.encode()
@@ -153,6 +164,13 @@ def _write_all(directory: Path, files: dict[str, bytes]) -> None:
 
 def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any]]:
     """Parse and validate a ``config.json``; returns the rule class and its arguments."""
+    cls, config, _ = _read_config(config_path)
+    return cls, config
+
+
+def _read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any], str | None]:
+    """:func:`read_config`, and the SHA-256 of the weights file the config was saved with (None
+    for files written before it was recorded)."""
     path = Path(config_path)
     try:
         raw = json.loads(path.read_text())
@@ -195,7 +213,10 @@ def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], 
         if extra:
             parts.append(f"unexpected config keys {extra}")
         raise PretrainedError(f"{path}: {'; '.join(parts)} for rule type {cls.rule_type!r}")
-    return cls, config
+    weights_hash = raw.get(WEIGHTS_HASH_KEY)
+    if weights_hash is not None and not (isinstance(weights_hash, str) and re.fullmatch(r"[0-9a-f]{64}", weights_hash)):
+        raise PretrainedError(f"{path}: {WEIGHTS_HASH_KEY!r} must be a SHA-256 hex digest, got {weights_hash!r}")
+    return cls, config, weights_hash
 
 
 def load_from_directory(directory: str | os.PathLike[str]) -> UpdateRule:
@@ -228,11 +249,12 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
     The file's tensor names and shapes are checked against the config (built on the meta
     device) from the safetensors header, before any tensor or the rule is allocated.
     """
-    cls, config = read_config(config_path)
+    cls, config, weights_hash = _read_config(config_path)
     expected = _expected_tensors(cls, config, config_path)
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise PretrainedError(f"{weights_path}: file not found")
+
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
@@ -242,7 +264,8 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
         _check_header(weights_path, cls, expected, shapes)
     try:
         rule = cls(**config)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError, MemoryError) as err:
+        # RuntimeError / MemoryError: sizes too large to allocate (or even to count).
         raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
     if expected is None:
         _check_header(weights_path, cls, rule.state_dict(), shapes)
@@ -262,8 +285,23 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
             raise PretrainedError(
                 f"{weights_path}: tensor {name!r} holds non-finite values (in {expected[name].dtype})"
             )
+    if weights_hash is not None:
+        _check_weights_hash(weights_path, weights_hash, config_path)
     rule.load_state_dict(tensors)
     return rule
+
+
+def _check_weights_hash(weights_path: Path, weights_hash: str, config_path: Any) -> None:
+    try:
+        actual = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise PretrainedError(f"{weights_path}: cannot be read ({err.strerror or err})") from None
+    if actual != weights_hash:
+        raise PretrainedError(
+            f"{weights_path}: not the weights {config_path} was saved with (its {WEIGHTS_HASH_KEY!r} differs): "
+            "the two files come from different saves (one cut off, or a file copied over). To pair these "
+            f"weights with that config on purpose, delete the {WEIGHTS_HASH_KEY!r} entry from the config"
+        )
 
 
 def _check_header(

@@ -14,6 +14,7 @@ import torch
 from learned_optim import CoordinateLSTM
 from learned_optim.cli import main
 from learned_optim.tasks import list_tasks
+from learned_optim.weights import CONFIG_NAME
 
 
 def run_cli(argv: list[str]) -> int:
@@ -251,17 +252,23 @@ def test_meta_fit_other_runtime_errors_are_not_reported_as_memory(tmp_path, monk
         run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(tmp_path / "out")])
 
 
-def test_meta_fit_overwrite_discards_the_old_checkpoint_at_once(tmp_path, capsys, monkeypatch):
+def test_meta_fit_overwrite_discards_the_old_run_at_once(tmp_path, capsys, monkeypatch):
     # Otherwise an --overwrite run cut off before its first checkpoint leaves the old one,
-    # and a later --resume silently continues the old run.
+    # and a later --resume silently continues the old run; and the old rule (and its best
+    # checkpoint) would still load from --out as if this run had written it.
     out = tmp_path / "out"
     with torch.random.fork_rng(devices=[]):
-        assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out)]) == 0
+        argv = [*META_FIT_TINY, "--meta-iterations", "4", "--validate-every", "2", "--out", str(out)]
+        assert run_cli(argv) == 0
+    assert (out / CONFIG_NAME).exists() and (out / "checkpoint" / "best" / CONFIG_NAME).exists()
+    (out / "notes.txt").write_text("mine")
     _fail_meta_step(monkeypatch, KeyboardInterrupt())
     with torch.random.fork_rng(devices=[]):
-        assert run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out), "--overwrite"]) == 130
+        assert run_cli([*argv, "--overwrite"]) == 130
     assert not (out / "checkpoint" / "checkpoint.json").exists()
     assert "no checkpoint was written" in capsys.readouterr().err
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert left == ["notes.txt"]  # the user's own file stays
 
 
 def test_meta_fit_train_only_trains_the_named_parameters_and_keeps_the_rest(tmp_path, rule_dir):

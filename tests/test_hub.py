@@ -52,10 +52,18 @@ def _call_push(directory: str, repo_id: str, **kwargs: Any) -> str:
     return load_rule(directory).push_to_hub(repo_id, **kwargs)
 
 
+def _call_push_non_finite(directory: str, repo_id: str) -> str:
+    rule = load_rule(directory)
+    with torch.no_grad():
+        rule.output.bias.fill_(float("nan"))
+    return rule.push_to_hub(repo_id)
+
+
 WORKER_CALLS: dict[str, Callable[..., Any]] = {
     "optimizer": _call_optimizer,
     "load_rule": _call_load_rule,
     "push": _call_push,
+    "push_non_finite": _call_push_non_finite,
 }
 
 
@@ -372,6 +380,14 @@ def test_push_to_hub_to_a_new_branch_and_with_a_model_card(hub: HubServer, onlin
     assert online("load_rule", "acme/branched", cache_dir=cache) == rule_state(main)
     assert online("load_rule", "acme/branched", revision="v2", cache_dir=cache) == rule_state(v2)
     assert (hub.revision_dir("acme/branched") / "README.md").read_text() == card
+
+
+def test_a_rule_that_cannot_be_saved_is_not_pushed(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    # Checked before anything reaches the Hub: no repo is created for it.
+    local = save_pretrained(make_rule(10), tmp_path / "rule")
+    with pytest.raises(WorkerError, match=r"non-finite values"):
+        online("push_non_finite", str(local), "acme/never-created")
+    assert not (hub.root / "acme" / "never-created").exists()
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

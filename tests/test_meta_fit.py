@@ -203,8 +203,17 @@ def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
         (lambda: make_tiny(), {"lr_scale_range": 10.0, "log_floor": 0.5}),
         # A tuple setting comes back from checkpoint.json as a list and must still match.
         (lambda: make_tiny(), {"validation_lr_scales": (0.5, 2.0)}),
+        # BatchNorm's running statistics, which the final loss reads (eval mode), come back too.
+        (lambda: make_tiny(name="batchnorm", model=_batchnorm_model), {"meta_loss": "final"}),
     ],
-    ids=["sampler-2-instances", "dataloader-random-horizon", "cosine-meta-lr", "lr-scale-log-floor", "val-lr-scales"],
+    ids=[
+        "sampler-2-instances",
+        "dataloader-random-horizon",
+        "cosine-meta-lr",
+        "lr-scale-log-floor",
+        "val-lr-scales",
+        "batchnorm-final",
+    ],
 )
 def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, overrides):
     total = 12
@@ -258,6 +267,7 @@ def _hierarchical_rule():
         (small_rule, lambda: make_tiny(), {"second_order": True}),
         (small_rule, lambda: make_tiny(), {"second_order": True, "meta_loss": "final"}),
         (small_rule, lambda: make_tiny(name="dropout", model=_dropout_model), {}),
+        (small_rule, lambda: make_tiny(name="batchnorm", model=_batchnorm_model), {"meta_loss": "final"}),
         (_hierarchical_rule, lambda: make_tiny(), {"lr_scale_range": 10.0, "meta_loss": "log-ramp"}),
         (_hierarchical_rule, lambda: "problem-set-long", {"instances": 1, "steps": 6, "unroll": 6}),
     ],
@@ -267,6 +277,7 @@ def _hierarchical_rule():
         "lstm-second-order",
         "lstm-final",
         "lstm-dropout",
+        "lstm-batchnorm-final",
         "hrnn-tiny",
         "hrnn-problem-set",
     ],
@@ -427,6 +438,32 @@ def test_time_budget_stop_writes_a_checkpoint(tmp_path):
 
 def _dropout_model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _batchnorm_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def test_batchnorm_statistics_follow_each_instance_and_leave_the_model_alone():
+    # The running statistics advance once per step taken (not for the loss measured after a
+    # truncation's last step), in the run's own copies: the module the factory built keeps its
+    # initial buffers, which a fresh instance of the same seed starts from.
+    trainer = MetaTrainer(small_rule(), make_tiny(model=_batchnorm_model), _config(2, steps=6), progress=False)
+    run = trainer._new_run(0, 5, 6)
+    fresh = {k: v.clone() for k, v in run.instance.model.state_dict().items() if "running" in k or "tracked" in k}
+    while run.steps_done < run.horizon:
+        trainer._unroll([run])
+    assert int(run.buffers["1.num_batches_tracked"]) == 6
+    assert not torch.equal(run.buffers["1.running_mean"], fresh["1.running_mean"])
+    assert all(torch.equal(run.instance.model.state_dict()[k], v) for k, v in fresh.items())
+    # The same statistics as six steps of the rule through rollout (whose rule steps may run
+    # the fused kernel: equal to rounding).
+    from learned_optim.meta_fit import _rollout
+
+    _, _, _, (_, end_buffers) = _rollout(trainer.rule, make_tiny(model=_batchnorm_model).sample(5), 6, 1.0)
+    assert end_buffers.keys() == run.buffers.keys()
+    for name, value in run.buffers.items():
+        torch.testing.assert_close(end_buffers[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_dropout_model_resumes_exactly_and_leaves_the_global_rng_alone(tmp_path):
@@ -758,6 +795,32 @@ def test_a_split_that_is_not_one_pair_of_tensors(split):
         _fit(task)
 
 
+@pytest.mark.parametrize("source", ["list", "sampler"])
+def test_a_later_batch_that_is_not_a_pair(source):
+    # Only the first batch is tried before meta-training; a later bad one must still be named.
+    good = tiny_sampler(torch.Generator().manual_seed(0))
+    if source == "list":
+        data = [good, good, (*good, good[1])]
+        message = r"task 'tiny': batch 3 must be a pair \(inputs, targets\), got tuple of length 3"
+    else:
+        calls = itertools.count()
+        data = lambda g: tiny_sampler(g) if next(calls) < 2 else "a string"  # noqa: E731
+        message = r"task 'tiny': batch \d+ must be a pair \(inputs, targets\), got str"  # of a later instance
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=data, name="tiny")
+    with pytest.raises(TaskError, match=message):
+        _fit(task)
+
+
+def test_a_model_with_sparse_gradients():
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 1))
+
+    data = lambda g: (torch.randint(0, 10, (16, 2), generator=g), torch.randn(16, 1, generator=g))  # noqa: E731
+    task = Task(model=model, loss=nn.functional.mse_loss, data=data, name="embed")
+    with pytest.raises(TaskError, match=r"module '0' makes sparse gradients.*sparse=False"):
+        _fit(task)
+
+
 def test_data_that_runs_out():
     batches = (tiny_sampler(torch.Generator().manual_seed(i)) for i in range(4))  # a one-shot generator
     task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=batches)
@@ -1050,7 +1113,7 @@ def test_final_meta_loss_is_the_whole_split_loss_at_each_truncation_end(unroll):
     expected = []
     for end in [7] if unroll == 7 else [3, 6, 7]:
         instance = make_tiny().sample(5)
-        losses, names, _, params = _rollout(copy.deepcopy(rule), instance, end, 1.0)
+        losses, names, _, (params, _) = _rollout(copy.deepcopy(rule), instance, end, 1.0)
         with torch.no_grad():
             split = torch.func.functional_call(instance.model, dict(zip(names, params, strict=True)), (TRAIN_X,))
         expected.append(math.log(float(nn.functional.mse_loss(split, TRAIN_Y)) / losses[0]))
@@ -1121,18 +1184,23 @@ def test_pes_meta_training_lowers_the_loss_and_is_deterministic():
     assert same_weights(weights(train()), weights(rule))
 
 
-@pytest.mark.parametrize("make_rule", ["lstm", "hierarchical"])
+@pytest.mark.parametrize("make_rule", ["lstm", "hierarchical", "lstm-batchnorm"])
 def test_pes_resume_after_interruption_equals_straight_run(tmp_path, make_rule):
     from learned_optim import HierarchicalRNN
 
     def make():
-        if make_rule == "lstm":
+        if make_rule.startswith("lstm"):
             return small_rule()
         torch.manual_seed(0)
         return HierarchicalRNN(param_hidden=4, tensor_hidden=4, global_hidden=4)
 
     config = dict(estimator="pes", pes_pairs=2, lr_scale_range=3.0, validate_every=0)
-    straight = MetaTrainer(make(), make_tiny(), _config(10, **config), progress=False)
+    task = make_tiny
+    if make_rule == "lstm-batchnorm":
+        # Each perturbed trajectory keeps its own running statistics, which the final loss reads.
+        config["meta_loss"] = "final"
+        task = lambda: make_tiny(model=_batchnorm_model)  # noqa: E731
+    straight = MetaTrainer(make(), task(), _config(10, **config), progress=False)
     straight.run()
 
     def crash(history):
@@ -1140,9 +1208,9 @@ def test_pes_resume_after_interruption_equals_straight_run(tmp_path, make_rule):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        MetaTrainer(make(), make_tiny(), _config(10, **config), tmp_path, progress=False, callback=crash).run()
+        MetaTrainer(make(), task(), _config(10, **config), tmp_path, progress=False, callback=crash).run()
     resumed_rule = make()
-    trainer = MetaTrainer(resumed_rule, make_tiny(), _config(10, **config), tmp_path, progress=False)
+    trainer = MetaTrainer(resumed_rule, task(), _config(10, **config), tmp_path, progress=False)
     trainer.load_checkpoint(tmp_path)
     assert trainer.history.iteration == 4
     # Mid-instance: the perturbed trajectories and accumulated perturbations come back.

@@ -374,6 +374,84 @@ def test_load_state_dict_rejects_other_optimizers_and_bad_rule_weights():
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before[1].items())
 
 
+@pytest.mark.parametrize(
+    ("where", "make_bad", "message"),
+    [
+        ("weight", lambda t: t.fill_(float("nan")), r"rule weight 'output.bias' holds non-finite values"),
+        ("weight", lambda t: t.long(), r"rule weight 'output.bias' has dtype torch.int64, expected floats"),
+        ("state", lambda t: t.fill_(float("inf")), r"parameter 0 \(shape \(6,\)\): 'h' holds non-finite values"),
+        ("state", lambda t: t.int(), r"'h' has dtype torch.int32, expected a float dtype"),
+        ("state", lambda t: torch.complex(t, t), r"'h' has dtype torch.complex64, expected a float dtype"),
+    ],
+)
+def test_load_state_dict_rejects_non_finite_or_non_float_rule_tensors(where, make_bad, message):
+    # A weight file with such values is refused on load; a checkpoint must be too, before
+    # anything changes (loaded, the first step would make the parameters NaN or fail).
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = 0.123
+    if where == "weight":
+        sd["rule"]["weights"]["output.bias"] = make_bad(sd["rule"]["weights"]["output.bias"])
+    else:
+        sd["state"][0]["rule.h"] = make_bad(sd["state"][0]["rule.h"])
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    weights = {k: v.clone() for k, v in opt.rule.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1.0
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before.items())
+    assert all(torch.equal(opt.rule.state_dict()[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("rule", ["lstm", "hrnn"])
+@pytest.mark.parametrize(
+    ("saved_dtype", "loading_dtype"),
+    [
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_loaded_rule_state_takes_the_optimizers_state_dtype(impl, rule, saved_dtype, loading_dtype):
+    # A checkpoint saved with another state_dtype resumes in the loading optimizer's (which
+    # the fused kernels can run), including beside fresh state of a parameter added later.
+    make = (lambda: _lstm()) if rule == "lstm" else (lambda: learned_optim.HierarchicalRNN())
+    (a,) = _params([(6,)])
+    saver = LearnedOptimizer([a], pretrained=make(), state_dtype=saved_dtype, impl="eager")
+    _set_grads([a], 0)
+    saver.step()
+    (b,) = _params([(4,)], seed=2)
+    opt = LearnedOptimizer([a], pretrained=make(), state_dtype=loading_dtype, impl=impl)
+    opt.load_state_dict(saver.state_dict())
+    opt.add_param_group({"params": [b]})
+    for seed in (1, 2):
+        _set_grads([a, b], seed)
+        opt.step()
+    state_dtypes = {v.dtype for p in (a, b) for k, v in opt.state[p].items() if k.startswith("rule.")}
+    assert state_dtypes == {loading_dtype}
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_lstm_kernel_sees_rule_weights_edited_through_data():
+    # `.data` edits move no version counter; the CPU kernel's packed weights must not go stale.
+    if "cpu" not in CoordinateLSTM().fused_impls():
+        pytest.skip("no CPU kernel here")
+    results = []
+    for impl in ("cpu", "eager"):
+        (p,) = _params([(10,)])
+        opt = LearnedOptimizer([p], pretrained=_lstm(), impl=impl)
+        _set_grads([p], 0)
+        opt.step()
+        for weight in opt.rule.parameters():
+            weight.data.mul_(0.5)
+        _set_grads([p], 1)
+        opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("rule", ["lstm", "hrnn"])
 def test_load_state_dict_pre_hook_rewrites_what_is_loaded(rule):
     # torch.optim's documented way to adapt a checkpoint to reordered parameters: the rule

@@ -99,6 +99,55 @@ def test_save_overwrites_and_rejects_non_rules(saved, rule):
         save_pretrained(torch.nn.Linear(2, 2), saved)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_save_refuses_non_finite_weights_and_keeps_the_folder(saved, rule, value):
+    # Such a file would be refused on load: the folder keeps the good rule it held.
+    good = load_from_directory(saved).state_dict()
+    with torch.no_grad():
+        rule.output.bias.fill_(value)
+    with pytest.raises(ValueError, match=r"weights \['output.bias'\] hold non-finite values"):
+        save_pretrained(rule, saved)
+    assert sorted(os.listdir(saved)) == [CONFIG_NAME, WEIGHTS_NAME]
+    reloaded = load_from_directory(saved).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in good.items())
+
+
+def test_a_save_cut_off_between_its_two_renames_does_not_load_as_a_mixed_rule(tmp_path, monkeypatch):
+    # Weights are renamed into place first: cut off there, the folder holds the new weights
+    # beside the old config. Loading must refuse that pair, not mix them (an output_scale
+    # changes no tensor shape, so nothing else would notice).
+    first = CoordinateLSTM(hidden_size=4, output_scale=0.1)
+    save_pretrained(first, tmp_path, metadata={"who": "first"})
+    second = CoordinateLSTM(hidden_size=4, output_scale=0.5)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(weights_module.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(second, tmp_path, metadata={"who": "second"})
+    monkeypatch.undo()
+    assert Path(calls[0]).name == WEIGHTS_NAME
+    with pytest.raises(PretrainedError, match=r"not the weights .*config.json was saved with"):
+        load_from_directory(tmp_path)
+    save_pretrained(second, tmp_path)  # a completed save repairs it
+    assert load_from_directory(tmp_path).config["output_scale"] == 0.5
+
+
+def test_a_config_without_the_weights_hash_still_loads(saved, rule):
+    # Files written before the hash was recorded, or by hand.
+    _edit_config(saved, lambda config: config.pop("weights_sha256"))
+    loaded = load_from_directory(saved)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in rule.state_dict().items())
+    _edit_config(saved, lambda config: config.update(weights_sha256="abc"))
+    with pytest.raises(PretrainedError, match="'weights_sha256' must be a SHA-256 hex digest"):
+        load_from_directory(saved)
+
+
 # ---------------------------------------------------------------------------- load
 
 

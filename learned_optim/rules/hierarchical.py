@@ -208,6 +208,8 @@ class HierarchicalRNN(UpdateRule):
 
     @property
     def needs_step_scales(self) -> bool:
+        """Whether a step reads each tensor's ``log(lr / RMS(params))`` (``StepContext.step_scales``):
+        with ``step_size_feature``, ``step_gain`` or a ``relative_step_cap``."""
         return self.step_size_feature or self.step_gain or self.relative_step_cap > 0.0
 
     @staticmethod

@@ -43,10 +43,25 @@ def input_count(rule: torch.nn.Module) -> int:
 
 
 class PackedLSTMWeights:
-    """The rule's weights laid out for the kernel (gate-major, zero-padded), plus a key to detect changes."""
+    """The rule's weights laid out for the kernel (gate-major, zero-padded), plus what detects
+    a change: a key of the weights' storage and versions, and on CPU a copy of their values."""
 
     def __init__(self, wx: Tensor, wh: Tensor, bias: Tensor, out: Tensor, decays: Tensor, key: tuple[Any, ...]) -> None:
         self.wx, self.wh, self.bias, self.out, self.decays, self.key = wx, wh, bias, out, decays, key
+        self.source: list[Tensor] | None = None
+
+    def matches(self, rule: torch.nn.Module, key: tuple[Any, ...]) -> bool:
+        """Whether these were packed from ``rule``'s current weights.
+
+        Edits through ``.data`` do not move a tensor's version, so on CPU the values are
+        compared too (a few microseconds); on GPU that comparison would wait for the device
+        every step, so there the key alone decides (rebuild the optimizer after such edits).
+        """
+        if key != self.key:
+            return False
+        if self.source is None:
+            return True
+        return all(torch.equal(old, new) for old, new in zip(self.source, rule.parameters(), strict=True))
 
     def tensors(self) -> list[Tensor]:
         """What the kernels read, in their argument order."""
@@ -71,7 +86,7 @@ def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = 
         key: tuple[Any, ...] = ()
     else:
         key = _weights_key(rule)
-        if cached is not None and cached.key == key:
+        if cached is not None and cached.matches(rule, key):
             return cached
     hidden, layers = rule.hidden_size, rule.num_layers
     hp = padded_units(hidden)
@@ -91,7 +106,10 @@ def pack_lstm_weights(rule: torch.nn.Module, cached: PackedLSTMWeights | None = 
         out[:hidden] = rule.output.weight.detach().float().view(-1)
         out[hp] = rule.output.bias.detach().float().view(())  # read by the kernel: no .item() sync
         decays = device_vector(getattr(rule, "momentum_decays", ()), first)
-    return PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, decays, key)
+    packed = PackedLSTMWeights(wx.contiguous(), wh.contiguous(), bias.contiguous(), out, decays, key)
+    if key and first.device.type == "cpu":
+        packed.source = [p.detach().clone() for p in rule.parameters()]
+    return packed
 
 
 def device_vector(values: Sequence[float], like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

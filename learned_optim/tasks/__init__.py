@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from learned_optim.tasks._common import derive_seed
 from learned_optim.tasks.base import (
     Batch,
     Task,
@@ -66,6 +67,7 @@ __all__ = [
     "XORDataset",
     "XORFamily",
     "call_model",
+    "derive_seed",
     "get_task",
     "list_tasks",
     "load_mnist",

@@ -69,11 +69,19 @@ class TaskFamily:
         raise NotImplementedError(f"{type(self).__name__} must implement sample(seed)")
 
 
+def _checked_batch(batch: Any, index: int, source: str) -> Batch:
+    """``batch`` if it is a pair (inputs, targets), else a :class:`TaskError` naming it."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        length = f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise TaskError(f"{source}: batch {index} must be a pair (inputs, targets), got {type(batch).__name__}{length}")
+    return batch
+
+
 def _batch_stream(data: Any, generator: torch.Generator, source: str) -> Iterator[Batch]:
     """Endless stream of batches from a sampler function or a re-iterable (epoch after epoch)."""
     if callable(data) and not isinstance(data, Iterable):
-        while True:
-            yield data(generator)
+        for index in itertools.count(1):
+            yield _checked_batch(data(generator), index, source)
         return
     if not isinstance(data, Iterable):
         raise TaskError(
@@ -87,7 +95,7 @@ def _batch_stream(data: Any, generator: torch.Generator, source: str) -> Iterato
         for batch in iterator:
             epoch_count += 1
             served += 1
-            yield batch
+            yield _checked_batch(batch, served, source)
         if epoch_count == 0 or iterator is data:
             raise TaskError(
                 f"{source}: data ran out after {served} batch(es); pass a re-iterable source "
@@ -191,6 +199,12 @@ def validate_instance(instance: TaskInstance, source: str) -> None:
     for p in params:
         if not p.is_floating_point():
             raise TaskError(f"{source}: parameter of dtype {p.dtype} is not floating point")
+    for name, module in instance.model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            raise TaskError(
+                f"{source}: module {name!r} makes sparse gradients, which learned rules do not take; "
+                "build it with sparse=False"
+            )
     try:
         batch = instance.next_batch()
     except StopIteration:
