@@ -238,6 +238,13 @@ def test_huge_config_is_refused_from_the_file_header_without_allocating(saved, e
     assert str(saved / WEIGHTS_NAME) in str(info.value)
 
 
+def test_a_config_too_large_to_count_is_a_pretrained_error(saved):
+    # Even the size-only (meta device) build overflows: the error must still be about the file.
+    _edit_config(saved, lambda c: c["config"].update(hidden_size=10**9))
+    with pytest.raises(PretrainedError, match=r"config.json: invalid config for CoordinateLSTM"):
+        load_from_directory(saved)
+
+
 def test_missing_or_extra_tensors(saved, rule):
     tensors = {k: v.clone() for k, v in rule.state_dict().items()}
     tensors.pop("output.bias")
