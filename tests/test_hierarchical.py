@@ -730,7 +730,8 @@ def test_agreement_feature_reads_the_gradient_against_the_momentum():
     rule = fresh_rule(agreement_feature=True)
     assert rule.param_in.in_features == 2 * rule.k + 2
     captured = {}
-    rule.param_in.register_forward_hook(lambda module, args, out: captured.update(features=args[0].detach()))
+    # The features also feed the direct path, a module of their own.
+    rule.direct.register_forward_hook(lambda module, args, out: captured.update(features=args[0].detach()))
     state = rule.init_state(4)
     state["m"][:, -1] = torch.tensor([1.0, 1.0, 0.0, -1e-3])
     state["v"][:, -1] = torch.tensor([1.0, 1.0, 1.0, 1e-6])
@@ -1092,3 +1093,19 @@ def test_relative_step_cap_is_checked_and_saved(tmp_path):
     del raw["config"]["relative_step_cap"]  # a rule saved before the option: no cap
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert load_rule(str(tmp_path)).relative_step_cap == 0.0
+
+
+def test_the_no_grad_gru_cell_matches_the_differentiable_one_and_leaves_its_inputs():
+    from learned_optim.rules.hierarchical import gru_cell
+
+    gen = torch.Generator().manual_seed(0)
+    x_gates, h = torch.randn(50, 12, generator=gen) * 3, torch.randn(50, 4, generator=gen)
+    w_hh, b_hh = torch.randn(12, 4, generator=gen), torch.randn(12, generator=gen)
+    inputs = [t.clone() for t in (x_gates, h, w_hh, b_hh)]
+    expected = gru_cell(x_gates, h, w_hh, b_hh)
+    with torch.no_grad():
+        fast = gru_cell(x_gates, h, w_hh, b_hh)
+    torch.testing.assert_close(fast, expected, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (x_gates, h, w_hh, b_hh), strict=True))
+    reference = gru_cell(*(t.double() for t in inputs)).float()  # and as accurate as it
+    assert (fast - reference).abs().max() <= 2 * (expected - reference).abs().max() + 1e-7
