@@ -218,12 +218,14 @@ class LearnedOptimizer(Optimizer):
             from learned_optim.rules.lstm_triton import triton_available
 
             hint = ""
-            if impl == "triton" and not triton_available():
+            if type(self.rule) is not get_rule_class(self.rule.rule_type):
+                hint = f" (a subclass of {self.rule.rule_type} that changes its math steps eagerly)"
+            elif impl == "triton" and not triton_available():
                 hint = " (is the `triton` package installed?)"
             elif impl == "cpu" and cpu_kernel_error():
                 hint = f" ({cpu_kernel_error()})"
             raise ValueError(
-                f"impl={impl!r}: rule {self.rule.rule_type} has no such fused kernel{hint}; "
+                f"impl={impl!r}: rule {type(self.rule).__name__} has no such fused kernel{hint}; "
                 f"it has {self._fused_impls or 'none'}. Use impl='eager' or 'auto'."
             )
         self._reset_transient()

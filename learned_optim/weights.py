@@ -234,7 +234,7 @@ def _expected_tensors(cls: type[UpdateRule], config: dict[str, Any], config_path
     network must fail on the tensor shapes, not allocate gigabytes before they are compared.
     """
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
             skeleton = cls(**config)
     except (TypeError, ValueError) as err:
         raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None
@@ -263,7 +263,10 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
     if expected is not None:
         _check_header(weights_path, cls, expected, shapes)
     try:
-        rule = cls(**config)
+        # The random initial weights are overwritten below: drawing them must not move the
+        # caller's global RNG (swapping Adam for LearnedOptimizer would change later draws).
+        with torch.random.fork_rng(devices=[]):
+            rule = cls(**config)
     except (TypeError, ValueError, RuntimeError, MemoryError) as err:
         # RuntimeError / MemoryError: sizes too large to allocate (or even to count).
         raise PretrainedError(f"{config_path}: invalid config for {cls.__name__}: {err}") from None

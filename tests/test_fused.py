@@ -667,11 +667,18 @@ def test_subclass_that_changes_the_math_gets_no_fused_kernel():
             update, new_state = super().forward(grad, state, context)
             return 2 * update, new_state
 
-    rule = ScaledLSTM()
-    assert rule.fused_impls() == ()
-    assert LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule).impl_for(torch.device("cpu")) == "eager"
-    with pytest.raises(ValueError, match="no such fused kernel"):
-        LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule, impl=KERNELS[0])
+    class NoMomentumLSTM(CoordinateLSTM):  # the kernels compute the momentum inputs themselves
+        def momentum_features(self, grad, state):
+            scaled, m, v = super().momentum_features(grad, state)
+            return torch.zeros_like(scaled), m, v
+
+    for rule in (ScaledLSTM(), NoMomentumLSTM(momentum_decays=[0.9])):
+        assert rule.fused_impls() == ()
+        opt = LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule)
+        assert opt.impl_for(torch.device("cpu")) == "eager"
+        message = rf"rule {type(rule).__name__} has no such fused kernel \(a subclass of CoordinateLSTM"
+        with pytest.raises(ValueError, match=message):
+            LearnedOptimizer([nn.Parameter(torch.zeros(3))], pretrained=rule, impl=KERNELS[0])
 
 
 def test_auto_falls_back_to_eager_where_the_kernel_cannot_run(monkeypatch):

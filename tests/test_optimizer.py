@@ -434,6 +434,30 @@ def test_loaded_rule_state_takes_the_optimizers_state_dtype(impl, rule, saved_dt
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
+@pytest.mark.parametrize("name", ["lstm-mnist-gain", "lstm-mnist-mixed-momentum"])
+@pytest.mark.parametrize("impl", _impls())
+def test_a_gradient_spike_beyond_float32_squares_leaves_momentum_rules_finite(name, impl):
+    # |g| = 1e20 squares to inf in float32: the running mean square stayed inf for good, and
+    # with per-tensor inputs the parameters became NaN on the next step.
+    p = nn.Parameter(torch.ones(4))
+    opt = LearnedOptimizer([p], pretrained=name, impl=impl)
+    for g in (1e20, -1e20, 1.0, 1.0):
+        p.grad = torch.full((4,), g)
+        opt.step()
+        assert torch.isfinite(p).all()
+        assert all(torch.isfinite(v).all() for k, v in opt.state[p].items() if k.startswith("rule."))
+
+
+def test_constructing_the_optimizer_leaves_the_global_rng_alone():
+    # Swapping Adam for it must not change later random draws (data order, dropout, init).
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    for make in (lambda: LearnedOptimizer(_params([(3,)])), lambda: learned_optim.load_rule("hrnn-base")):
+        torch.manual_seed(0)
+        make()
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_lstm_kernel_sees_rule_weights_edited_through_data():
     # `.data` edits move no version counter; the CPU kernel's packed weights must not go stale.
     if "cpu" not in CoordinateLSTM().fused_impls():

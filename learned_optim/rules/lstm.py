@@ -79,6 +79,17 @@ def _lstm_cell_no_grad(x_and_h: Tensor, c: Tensor, weight: Tensor, bias: Tensor)
     return h_new, c_new
 
 
+MOMENTUM_GRAD_LIMIT = 1e15
+"""The momentum inputs and per-tensor statistics read the gradient clipped to this magnitude:
+the running mean square of a larger one overflows float32 (|g| above ~1.8e19) and would stay
+inf, and per-tensor sums of squares overflow sooner. Those inputs are scale-free, so the clip
+changes nothing below it; the log/sign preprocessing still reads the gradient as it is."""
+
+# What the fused kernels compute inside themselves; a subclass that overrides any of these
+# steps eagerly (the per-tensor statistics and gains they read are computed by the methods).
+_KERNEL_MATH = ("forward", "features", "momentum_features", "tensor_features")
+
+
 class CoordinateLSTM(UpdateRule):
     """Coordinatewise 2-layer LSTM update rule ("learning to learn by gradient descent by
     gradient descent", Andrychowicz et al. 2016).
@@ -246,7 +257,7 @@ class CoordinateLSTM(UpdateRule):
         from learned_optim.rules.lstm_pack import padded_units
         from learned_optim.rules.lstm_triton import triton_available
 
-        if type(self).forward is not CoordinateLSTM.forward or type(self).features is not CoordinateLSTM.features:
+        if any(getattr(type(self), name) is not getattr(CoordinateLSTM, name) for name in _KERNEL_MATH):
             return ()  # a subclass that changes the math must not get this class's kernels
         if input_count(self) > padded_units(self.hidden_size):
             return ()  # the packed layout has room for at most that many first-layer inputs
@@ -422,6 +433,7 @@ class CoordinateLSTM(UpdateRule):
         m = state["m"].to(grad.dtype)
         v = state["v"].to(grad.dtype)
         decays = device_vector(self.momentum_decays, grad, grad.dtype)  # no host copy: capturable
+        grad = grad.clamp(-MOMENTUM_GRAD_LIMIT, MOMENTUM_GRAD_LIMIT)
         squared = grad * grad
         # v == 0: no gradient seen yet; starting the averages at the gradient avoids zero-start
         # bias without a step counter (which bf16 state could not hold past 256).
@@ -451,6 +463,7 @@ class CoordinateLSTM(UpdateRule):
         gradient times it)."""
         if not self.needs_segments:
             return None
+        grad = grad.clamp(-MOMENTUM_GRAD_LIMIT, MOMENTUM_GRAD_LIMIT)
         parts = []
         if self._momentum_cues:
             m = state["m"].to(grad.dtype)

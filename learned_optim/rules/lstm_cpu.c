@@ -160,7 +160,8 @@ static void momentum_inputs(v8 feat[][VECS], const float *g, void *m_state, void
             for (int i = 0; i < momenta; i++) ((float *)feat[i])[b] = 0.0f;
             continue;
         }
-        const float gb = g[b], squared = gb * gb, v = load_state(v_state, bf16, b0 + b);
+        /* Clipped as in CoordinateLSTM.momentum_features (MOMENTUM_GRAD_LIMIT): v stays finite. */
+        const float gb = fminf(fmaxf(g[b], -1e15f), 1e15f), squared = gb * gb, v = load_state(v_state, bf16, b0 + b);
         const int fresh = v == 0.0f;
         const float v_new = fresh ? squared : rms_decay * v + rms_rest * squared;
         /* 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero. */

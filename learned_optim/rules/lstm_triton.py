@@ -126,11 +126,13 @@ if triton is not None:
             m_mask = in_range[:, None] & is_momentum[None, :]
             m = tl.load(m_ptr + m_offsets, mask=m_mask, other=0.0).to(tl.float32)
             v = tl.load(v_ptr + rows, mask=in_range, other=0.0).to(tl.float32)
-            squared = g * g
+            # Clipped as in CoordinateLSTM.momentum_features (MOMENTUM_GRAD_LIMIT): v stays finite.
+            g_clipped = tl.minimum(tl.maximum(g, -1e15), 1e15)
+            squared = g_clipped * g_clipped
             # Both averages start at the first gradient, where v is still 0.
             fresh = v == 0.0
             v_new = tl.where(fresh, squared, rms_decay * v + rms_rest * squared)
-            m_new = tl.where(fresh[:, None], g[:, None], decay * m + (1.0 - decay) * g[:, None])
+            m_new = tl.where(fresh[:, None], g_clipped[:, None], decay * m + (1.0 - decay) * g_clipped[:, None])
             tl.store(m_ptr + m_offsets, m_new.to(m_ptr.dtype.element_ty), mask=write[:, None] & is_momentum[None, :])
             tl.store(v_ptr + rows, v_new.to(v_ptr.dtype.element_ty), mask=write)
             # 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero.
