@@ -10,6 +10,7 @@ host: the non-finite check is a device-side mask.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ def plan_chunks(numels: Sequence[int], chunk_size: int, keep_whole: bool = False
     chunk instead), so rules with per-tensor statistics see it whole, as in meta-training;
     only tensors larger than a chunk are split.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = chunk_size_option(chunk_size)
     chunk: list[_Piece] = []
     room = chunk_size
     for index, numel in enumerate(numels):
@@ -103,10 +104,18 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> Tensor:
     return ~torch.isfinite(torch.stack([m.float() for m in maxima]))
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def chunk_size_option(value: object) -> int:
+    """``value`` as an int >= 1 (any integer type, numpy's too), or a ValueError naming it."""
     # 0 used to loop for ever in plan_chunks (a chunk with no room never fills).
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        size = operator.index(value)
+    except TypeError:
+        raise ValueError(f"chunk_size must be an int >= 1, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {value!r}")
+    return size
 
 
 def _check_step(
@@ -217,7 +226,7 @@ def learned_step(
     """
     if not entries:
         return None
-    _check_chunk_size(chunk_size)
+    chunk_size = chunk_size_option(chunk_size)
     _check_step(rule, entries, nonfinite, global_state, "learned_step")
     device = entries[0].param.device
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
@@ -544,7 +553,7 @@ def fused_learned_step(
         return None
     device = entries[0].param.device
     hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
-    _check_chunk_size(chunk_size)
+    chunk_size = chunk_size_option(chunk_size)
     _check_step(rule, entries, nonfinite, global_state, "fused_learned_step")
     if not flat.holds([e.state for e in entries]):
         # The kernel writes flat's buffers: state of the entries' own would silently not advance.

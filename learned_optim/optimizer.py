@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 import os
 import sys
 import warnings
@@ -24,6 +23,7 @@ from learned_optim.functional import (
     FUSED_CHUNK_SIZE,
     FlatState,
     StepEntry,
+    chunk_size_option,
     default_chunk_size,
     fused_learned_step,
     learned_step,
@@ -53,19 +53,6 @@ _COPIED_ATTRIBUTES = (
     "_hierarchical",
     "_global_state",
 )
-
-
-def _chunk_size_option(value: object) -> int:
-    """``chunk_size`` as an int >= 1 (numpy ints too), or a ValueError naming it."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        size = operator.index(value)
-    except TypeError:
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {value!r}") from None
-    if size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {value!r}")
-    return size
 
 
 def _tracing_or_capturing() -> bool:
@@ -179,7 +166,7 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         _check_group_options({"lr": lr, "weight_decay": weight_decay})
         if chunk_size is not None:
-            chunk_size = _chunk_size_option(chunk_size)
+            chunk_size = chunk_size_option(chunk_size)
         if nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
         if impl not in IMPLS:

@@ -81,6 +81,18 @@ def test_bad_chunk_size_is_refused(chunk_size):
         list(F.plan_chunks([3], chunk_size))
 
 
+def test_numpy_integer_chunk_size_is_accepted():
+    # LearnedOptimizer took np.int64 chunk sizes while learned_step and plan_chunks refused them.
+    np = pytest.importorskip("numpy")
+    rule = CoordinateLSTM()
+    got, want = [entry(rule, 5), entry(rule, 3)], [entry(rule, 5), entry(rule, 3)]
+    learned_step(rule, got, chunk_size=np.int64(4))
+    learned_step(rule, want, chunk_size=4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.param, b.param, rtol=0, atol=0)
+    assert [[(p.start, p.stop) for p in c] for c in F.plan_chunks([5], np.int32(2))] == [[(0, 2)], [(2, 4)], [(4, 5)]]
+
+
 def test_unknown_nonfinite_mode_is_refused():
     rule = CoordinateLSTM()
     with pytest.raises(ValueError, match="nonfinite"):
