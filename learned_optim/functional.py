@@ -189,8 +189,26 @@ def _screen_gradients(entries: Sequence[StepEntry], nonfinite: str, host_check: 
     skipped = nonfinite_mask([e.grad for e in entries])
     if nonfinite == "error" and bool(skipped.any()):
         bad = [i for i, s in enumerate(skipped.tolist()) if s]
-        raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} of this step")
+        raise FloatingPointError(
+            f"non-finite gradient in parameter tensor(s) {bad} of this step"
+            + nonfinite_params_note([entries[i].param for i in bad])
+        )
     return skipped, not host_check or bool(skipped.any())
+
+
+def nonfinite_params_note(params: Sequence[Tensor]) -> str:
+    """A sentence for a non-finite-gradient message when some of ``params`` hold inf/NaN, else "".
+
+    Called only once a gradient was found non-finite (it reads the flags back to the host).
+    """
+    # Then the gradient is a symptom: skipping the step will never recover the parameter.
+    bad = [i for i, s in enumerate(nonfinite_mask(params).tolist()) if s] if params else []
+    if not bad:
+        return ""
+    return (
+        f"; {len(bad)} of these parameter tensors hold inf/NaN values themselves (written by an "
+        "earlier update or edit), so skipping steps cannot recover them"
+    )
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from learned_optim.functional import (
     fused_learned_step,
     learned_step,
     nonfinite_mask,
+    nonfinite_params_note,
 )
 from learned_optim.rules.base import StepContext, UpdateRule, check_state_specs, same_config
 from learned_optim.rules.registry import get_rule_class
@@ -455,7 +456,10 @@ class LearnedOptimizer(Optimizer):
             for device, entries in entries_by_device.items():
                 bad = [i for i, s in enumerate(nonfinite_mask([e.grad for e in entries]).tolist()) if s]
                 if bad:
-                    raise FloatingPointError(f"non-finite gradient in parameter tensor(s) {bad} on {device}")
+                    raise FloatingPointError(
+                        f"non-finite gradient in parameter tensor(s) {bad} on {device}"
+                        + nonfinite_params_note([entries[i].param for i in bad])
+                    )
         # Reading the non-finite flags back (for the warning and the unmasked fast path) is a
         # host sync: left out while torch.compile traces or a CUDA graph captures the step.
         host_check = self.warn_nonfinite and not _tracing_or_capturing()
@@ -491,9 +495,11 @@ class LearnedOptimizer(Optimizer):
                         global_state=self._global_state,
                     )
                 if skipped is not None and host_check and bool(skipped.any()):
+                    skipped_params = [e.param for e, s in zip(entries, skipped.tolist(), strict=True) if s]
                     warnings.warn(
                         f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
-                        "gradients; their update was skipped and their state kept",
+                        "gradients; their update was skipped and their state kept"
+                        + nonfinite_params_note(skipped_params),
                         RuntimeWarning,
                         # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
                         stacklevel=4,

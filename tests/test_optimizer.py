@@ -703,6 +703,48 @@ def test_nonfinite_error_changes_nothing():
     assert all(torch.equal(opt.state[b][k], v) for k, v in b_state.items())
 
 
+class LogGrad(UpdateRule):
+    """A buggy rule: update = -log(grad), NaN wherever the gradient is negative."""
+
+    rule_type = "_test_opt_log_grad"
+
+    def state_spec(self):
+        return {}
+
+    def forward(self, grad, state, context=None):
+        return -torch.log(grad), state
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "error"])
+def test_nonfinite_gradient_message_says_when_the_parameter_itself_went_bad(nonfinite):
+    # The rule wrote NaN into the weight; the next step's message blamed only the gradient,
+    # and "skip" went on skipping for ever.
+    model = nn.Linear(3, 1)
+    opt = LearnedOptimizer(model.parameters(), pretrained=LogGrad(), lr=0.1, nonfinite=nonfinite)
+    x = torch.tensor([[1.0, -2.0, 3.0]])
+    model(x).sum().backward()
+    opt.step()  # the weight's gradient is x: log(-2) is NaN; the bias's is 1
+    assert model.weight.isnan().any() and not model.bias.isnan().any()
+    opt.zero_grad()
+    model(x).square().sum().backward()  # both gradients are NaN now, through the output
+    if nonfinite == "skip":
+        with pytest.warns(RuntimeWarning, match="1 of these parameter tensors hold inf/NaN") as record:
+            opt.step()
+        assert "2 parameter tensor(s)" in str(record[0].message)
+    else:
+        with pytest.raises(FloatingPointError, match="hold inf/NaN values themselves"):
+            opt.step()
+
+
+def test_nonfinite_gradient_message_leaves_finite_parameters_out():
+    a, b, opt = _two_params_after_one_step("skip")
+    a.grad = torch.tensor([1.0, float("nan"), 0.5, -0.5])
+    b.grad = torch.randn(3)
+    with pytest.warns(RuntimeWarning, match="non-finite") as record:
+        opt.step()
+    assert "inf/NaN values themselves" not in str(record[0].message)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
 def test_nonfinite_error_with_two_devices_changes_nothing_on_either():
     # The bad gradient is on the device updated last: the first device must stay untouched too.
