@@ -24,6 +24,23 @@ from learned_optim.weights import CONFIG_NAME, WEIGHTS_NAME
 _CONFIG_FLAGS = {"clip_grad_norm": "--clip"}
 
 
+def _let_working_directory_import() -> None:
+    # Like `python -m`, let a user's module in the working directory be found.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _import_modules(names: list[str]) -> None:
+    """Import the modules given with ``--import``: a custom rule registers its rule_type on import."""
+    if names:
+        _let_working_directory_import()
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"--import {name}: {err}") from None
+
+
 def _load_task(spec: str) -> Any:
     """A built-in task name, or ``module.path:attribute`` naming a TaskFamily (or a factory of one)."""
     from learned_optim.tasks import TaskFamily, get_task
@@ -31,9 +48,7 @@ def _load_task(spec: str) -> Any:
     if ":" not in spec:
         return get_task(spec)
     module_name, _, attr = spec.partition(":")
-    # Like `python -m`, let a task module in the working directory be found.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _let_working_directory_import()
     # ValueError, not SystemExit(message): main() turns it into "error: ..." and exit code 2
     # like every other bad argument (SystemExit with a message exits with 1).
     try:
@@ -277,9 +292,15 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     from learned_optim.weights import save_pretrained
 
     save_pretrained(rule, out, metadata=metadata)
+    if h.best_iteration >= 0:
+        validation = f"best validation {h.best_validation:.4f} at {h.best_iteration}"
+    elif args.validate_every == 0:
+        validation = "no validation (--validate-every 0): final weights"
+    else:
+        validation = "no finite validation score: final weights"
     print(
-        f"saved {out} (meta-iterations {h.iteration}, {h.seconds:.0f} s, best validation {h.best_validation:.4f} "
-        f"at {h.best_iteration}, skipped updates {h.skipped_updates})"
+        f"saved {out} (meta-iterations {h.iteration}, {h.seconds:.0f} s, {validation}, "
+        f"skipped updates {h.skipped_updates})"
     )
     return 0
 
@@ -399,6 +420,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first, e.g. the one defining a custom rule (repeatable; the working directory is searched)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``learned-optim`` argument parser."""
     parser = argparse.ArgumentParser(prog="learned-optim", description="Learned optimizers for PyTorch.")
@@ -407,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     mf = sub.add_parser("meta-fit", help="meta-train an update rule on a task family")
     mf.add_argument("--task", required=True, help="task name(s), comma separated, or module:attribute")
     mf.add_argument("--out", required=True, help="output directory (rule files; checkpoints in OUT/checkpoint)")
-    mf.add_argument("--rule", default="CoordinateLSTM", help="rule type")
+    mf.add_argument("--rule", default="CoordinateLSTM", help="rule type (a custom one: see --import)")
+    _add_import_option(mf)
     mf.add_argument("--rule-config", default="", help="JSON of rule arguments, e.g. '{\"hidden_size\": 20}'")
     mf.add_argument("--seed", type=int, default=0)
     mf.add_argument("--steps", type=int, default=100, help="inner steps per task instance")
@@ -491,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="compare learned rules with tuned Adam, RMSprop, SGD, Nesterov")
     cp.add_argument("--task", default="mnist-mlp", help="task name or module:attribute")
     cp.add_argument("--rules", default="default", help="comma separated: default, bundled names, dirs, Hub ids")
+    _add_import_option(cp)
     cp.add_argument(
         "--rule-lr",
         default="1",
@@ -525,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     # the host program's sys.argv.
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _import_modules(getattr(args, "imports", []))
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -282,3 +282,60 @@ def test_meta_fit_train_only_trains_the_named_parameters_and_keeps_the_rest(tmp_
     trained = dict(CoordinateLSTM.from_pretrained(str(out)).named_parameters())
     changed = {name for name, p in start.named_parameters() if not torch.equal(p, trained[name])}
     assert changed and all(name.startswith(prefix) for name in changed)
+
+
+CUSTOM_RULE_MODULE = """
+import torch
+from learned_optim.rules.base import UpdateRule
+
+
+class SignStep(UpdateRule):
+    rule_type = "_test_cli_sign_step"
+
+    def __init__(self, scale: float = 0.01) -> None:
+        super().__init__()
+        self.config = {"scale": float(scale)}
+        self.log_scale = torch.nn.Parameter(torch.tensor(float(scale)).log())
+
+    def state_spec(self):
+        return {}
+
+    def forward(self, grad, state, context=None):
+        return -self.log_scale.exp() * grad.sign(), state
+"""
+
+
+def test_custom_rule_needs_import_and_works_with_it(tmp_path, capsys, monkeypatch):
+    # `compare --rules <folder of a custom rule>` failed with "unknown rule type" and no way out.
+    (tmp_path / "cli_custom_rule.py").write_text(CUSTOM_RULE_MODULE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    save = "import cli_custom_rule as m; m.SignStep().save_pretrained('sign')"
+    subprocess.run([sys.executable, "-c", save], check=True, cwd=tmp_path, env=env, timeout=120)
+    compare = ["compare", "--task", "quadratic", "--rules", "./sign", "--steps", "5", "--seeds", "2",
+               "--baselines", "sgd", "--out", "results", "--quiet"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "learned_optim.cli", *compare],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown rule type '_test_cli_sign_step'" in proc.stderr and "--import MODULE" in proc.stderr
+
+    from learned_optim.rules import RULE_TYPES
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "cli_custom_rule", raising=False)
+    try:
+        assert run_cli([*compare, "--import", "cli_custom_rule"]) == 0
+        assert "| ./sign |" in capsys.readouterr().out
+        meta_fit = ["meta-fit", "--import", "cli_custom_rule", "--rule", "_test_cli_sign_step", "--task", "quadratic",
+                    "--out", "trained", "--steps", "6", "--unroll", "3", "--meta-iterations", "2",
+                    "--validate-every", "0", "--quiet"]  # fmt: skip
+        assert run_cli(meta_fit) == 0
+        assert "no validation (--validate-every 0): final weights" in capsys.readouterr().out
+        assert json.loads((tmp_path / "trained" / CONFIG_NAME).read_text())["rule_type"] == "_test_cli_sign_step"
+        assert run_cli(["compare", "--import", "no_such_module_here", "--task", "quadratic", "--quiet"]) == 2
+        assert "--import no_such_module_here: No module named" in capsys.readouterr().err
+    finally:
+        RULE_TYPES.pop("_test_cli_sign_step", None)
+        sys.modules.pop("cli_custom_rule", None)

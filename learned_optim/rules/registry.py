@@ -55,4 +55,7 @@ def get_rule_class(rule_type: str) -> type[UpdateRule]:
         return RULE_TYPES[rule_type]
     except KeyError:
         known = ", ".join(sorted(RULE_TYPES)) or "none"
-        raise ValueError(f"unknown rule type {rule_type!r}; known rule types: {known}") from None
+        raise ValueError(
+            f"unknown rule type {rule_type!r}; known rule types: {known} (a custom rule registers "
+            "itself when the module defining it is imported; learned-optim: --import MODULE)"
+        ) from None
