@@ -65,6 +65,20 @@ def _load_task(spec: str) -> Any:
     return obj
 
 
+def _loss_scaled(tasks: list[Any], scale_range: float, meta_loss: str) -> list[Any]:
+    """``tasks`` with each instance's loss multiplied by a random factor in [1/R, R]."""
+    from learned_optim.tasks import LossScaled
+
+    if not (math.isfinite(scale_range) and scale_range >= 1):
+        raise ValueError(f"--loss-scale-range must be a finite number >= 1 (1: off), got {scale_range}")
+    if meta_loss in ("mean", "ramp"):
+        raise ValueError(
+            f"--loss-scale-range with --meta-loss {meta_loss}: the meta-loss would weigh instances by "
+            "their loss scale; use a meta-loss relative to the initial loss (log, log-ramp, final)"
+        )
+    return [LossScaled(task, 1 / scale_range, scale_range) for task in tasks]
+
+
 def _build_rule(args: argparse.Namespace) -> Any:
     from learned_optim.rules import get_rule_class
 
@@ -222,6 +236,8 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     )
     _check_config(config)
     tasks = [_load_task(t) for t in args.task.split(",")]
+    if args.loss_scale_range != 1.0:
+        tasks = _loss_scaled(tasks, args.loss_scale_range, args.meta_loss)
     rule = _build_rule(args)
     if args.init:
         from learned_optim.weights import resolve_rule
@@ -478,6 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="scale each training instance's updates by a random factor in [1/R, R] (1: off)",
+    )
+    mf.add_argument(
+        "--loss-scale-range",
+        type=float,
+        default=1.0,
+        help="multiply each instance's loss by a random factor in [1/R, R] (1: off; needs a log meta-loss)",
     )
     mf.add_argument(
         "--estimator",

@@ -177,6 +177,9 @@ META_FIT_TINY = ["meta-fit", "--task", "tiny_tasks:tiny", "--rule-config", '{"hi
         (["--rule-config", '{"no_such_setting": 1}'], "--rule-config: "),
         (["--rule-config", '{"hidden_size": -1}'], "--rule-config: hidden_size must be an integer >= 1"),
         (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--loss-scale-range", "0.5"], "--loss-scale-range must be a finite number >= 1"),
+        (["--loss-scale-range", "inf"], "--loss-scale-range must be a finite number >= 1"),
+        (["--loss-scale-range", "10", "--meta-loss", "mean"], "the meta-loss would weigh instances by"),
         (["--train-only", "no_such"], "--train-only 'no_such': no parameter of CoordinateLSTM starts with it"),
     ],
 )
@@ -339,3 +342,24 @@ def test_custom_rule_needs_import_and_works_with_it(tmp_path, capsys, monkeypatc
     finally:
         RULE_TYPES.pop("_test_cli_sign_step", None)
         sys.modules.pop("cli_custom_rule", None)
+
+
+def test_meta_fit_loss_scale_range_trains_on_scaled_instances(tmp_path, capsys, monkeypatch):
+    from learned_optim.meta_fit import MetaTrainer
+
+    seen = []
+    real_new_run = MetaTrainer._new_run
+
+    def new_run(self, *args, **kwargs):
+        run = real_new_run(self, *args, **kwargs)
+        seen.append(run.instance.name)
+        return run
+
+    monkeypatch.setattr(MetaTrainer, "_new_run", new_run)
+    out = tmp_path / "out"
+    argv = [*META_FIT_TINY, "--meta-iterations", "2", "--out", str(out), "--loss-scale-range", "100"]
+    assert run_cli(argv) == 0
+    factors = [float(name.rsplit("loss x", 1)[1]) for name in seen]
+    assert factors and all(0.01 <= f <= 100 for f in factors) and len(set(factors)) == len(factors)
+    metadata = json.loads((out / CONFIG_NAME).read_text())["metadata"]
+    assert "--loss-scale-range 100" in metadata["command"]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from learned_optim.tasks import (
     TASKS,
+    LossScaled,
     MLPVariations,
     MNISTConvFamily,
     MNISTMLPFamily,
@@ -21,6 +22,7 @@ from learned_optim.tasks import (
     ReversalFamily,
     SequenceMixFamily,
     Task,
+    TaskError,
     TeacherFamily,
     XORFamily,
     call_model,
@@ -527,3 +529,40 @@ def test_a_task_instance_is_reproducible_by_hand_as_documented():
     for batch in (next(instance.batches), next(instance.batches)):
         expected = sampler(g)
         assert all(torch.equal(x, y) for x, y in zip(batch, expected, strict=True))
+
+
+def test_loss_scaled_multiplies_the_loss_and_keeps_the_instance():
+    base = get_task("quadratic")
+    fixed = LossScaled(base, 0.01, 0.01)
+    assert fixed.name == "quadratic-lossx0.01" and fixed.scale_for(3) == 0.01
+    plain, scaled = base.sample(3), fixed.sample(3)
+    assert "loss x0.01" in scaled.name
+    for p, q in zip(plain.model.parameters(), scaled.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    inputs, targets = plain.next_batch()
+    same_inputs, same_targets = scaled.next_batch()
+    assert torch.equal(inputs, same_inputs) and torch.equal(targets, same_targets)
+    want = plain.loss(call_model(plain.model, inputs), targets) * 0.01
+    torch.testing.assert_close(scaled.loss(call_model(scaled.model, inputs), targets), want)
+
+
+def test_loss_scaled_draws_log_uniform_factors_fixed_by_the_seed():
+    family = LossScaled(get_task("quadratic"), 1e-3, 1e3)
+    factors = [family.scale_for(seed) for seed in range(400)]
+    assert factors == [family.scale_for(seed) for seed in range(400)]
+    assert all(1e-3 <= f <= 1e3 for f in factors)
+    logs = torch.tensor(factors).log10()
+    # Log-uniform on [-3, 3]: mean 0, standard deviation 6 / sqrt(12) = 1.73.
+    assert abs(float(logs.mean())) < 0.3 and abs(float(logs.std()) - 1.73) < 0.2
+    assert (logs < -2).any() and (logs > 2).any()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((0.0, 1.0), "0 < low <= high"), ((2.0, 1.0), "0 < low <= high"), ((1.0, math.inf), "finite")],
+)
+def test_loss_scaled_rejects_bad_factors(args, message):
+    with pytest.raises(TaskError, match=message):
+        LossScaled(get_task("quadratic"), *args)
+    with pytest.raises(TaskError, match="TaskFamily"):
+        LossScaled("quadratic", 1.0, 1.0)

@@ -43,6 +43,7 @@ def get_task(name: str) -> TaskFamily:
 from learned_optim.tasks.mnist import MLPVariations, MNISTConvFamily, MNISTMLPFamily, load_mnist, load_mnist_folder  # noqa: E402
 from learned_optim.tasks.problem_set import ProblemModel, ProblemSet  # noqa: E402
 from learned_optim.tasks.quadratic import QuadraticFamily  # noqa: E402
+from learned_optim.tasks.scaled import LossScaled  # noqa: E402
 from learned_optim.tasks.sequence import ReversalFamily, ReversalTransformer, SequenceMixFamily  # noqa: E402
 from learned_optim.tasks.synthetic import XORDataset, XORFamily, make_xor_dataset  # noqa: E402
 from learned_optim.tasks.teacher import TeacherFamily  # noqa: E402
@@ -50,6 +51,7 @@ from learned_optim.tasks.teacher import TeacherFamily  # noqa: E402
 __all__ = [
     "TASKS",
     "Batch",
+    "LossScaled",
     "MLPVariations",
     "MNISTConvFamily",
     "MNISTMLPFamily",
