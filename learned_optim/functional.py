@@ -104,17 +104,20 @@ def nonfinite_mask(grads: Sequence[Tensor]) -> Tensor:
     return ~torch.isfinite(torch.stack([m.float() for m in maxima]))
 
 
-def chunk_size_option(value: object) -> int:
-    """``value`` as an int >= 1 (any integer type, numpy's too), or a ValueError naming it."""
+def chunk_size_option(value: object, allowed: str = "an int >= 1") -> int:
+    """``value`` as an int >= 1 (any integer type, numpy's too), or a ValueError naming it.
+
+    ``allowed`` is what the error says was expected (a caller that also takes ``None`` says so).
+    """
     # 0 used to loop for ever in plan_chunks (a chunk with no room never fills).
     try:
         if isinstance(value, bool):
             raise TypeError
         size = operator.index(value)
     except TypeError:
-        raise ValueError(f"chunk_size must be an int >= 1, got {value!r}") from None
+        raise ValueError(f"chunk_size must be {allowed}, got {value!r}") from None
     if size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {value!r}")
+        raise ValueError(f"chunk_size must be {allowed}, got {value!r}")
     return size
 
 

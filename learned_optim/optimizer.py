@@ -167,7 +167,7 @@ class LearnedOptimizer(Optimizer):
     ) -> None:
         _check_group_options({"lr": lr, "weight_decay": weight_decay})
         if chunk_size is not None:
-            chunk_size = chunk_size_option(chunk_size)
+            chunk_size = chunk_size_option(chunk_size, allowed="an int >= 1 or None")
         if nonfinite not in ("skip", "error"):
             raise ValueError(f"nonfinite must be 'skip' or 'error', got {nonfinite!r}")
         if impl not in IMPLS:

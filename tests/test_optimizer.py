@@ -882,7 +882,7 @@ def test_default_rule():
         ({"lr": float("nan")}, "lr"),
         ({"weight_decay": -1.0}, "weight_decay"),
         ({"nonfinite": "ignore"}, "nonfinite"),
-        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": 0}, r"chunk_size must be an int >= 1 or None"),
         ({"state_dtype": torch.int32}, "state_dtype"),
     ],
 )
