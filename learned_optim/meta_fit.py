@@ -44,8 +44,9 @@ from learned_optim.rules.base import (
     config_int,
     step_scales,
 )
-from learned_optim.tasks import Task, TaskFamily, TaskInstance, get_task, validate_instance
+from learned_optim.tasks import Task, TaskError, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.tasks._common import derive_seed
+from learned_optim.tasks.base import unused_parameters_message
 from learned_optim.weights import check_savable, save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp", "log-ramp", "final")
@@ -453,7 +454,9 @@ class MetaTrainer:
         for family in self.families:
             probe = family.sample(VALIDATION_SEED_BASE - 1)
             with _global_rng(VALIDATION_SEED_BASE - 1, "meta-fit/probe"):
-                validate_instance(probe, f"task {getattr(family, 'name', type(family).__name__)!r}")
+                validate_instance(
+                    probe, f"task {getattr(family, 'name', type(family).__name__)!r}", require_all_used=True
+                )
 
     # ------------------------------------------------------------------ inner problem
     def _new_run(
@@ -680,7 +683,7 @@ class MetaTrainer:
                 buffers[i] = step_buffers
                 # retain_graph: the same loss is also a term of the meta-loss.
                 with torch.enable_grad():
-                    g = torch.autograd.grad(loss, params[i], retain_graph=True, create_graph=cfg.second_order)
+                    g = _optimizee_grads(loss, params[i], run, retain_graph=True, create_graph=cfg.second_order)
                 grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
             if t == length:
                 break
@@ -1347,6 +1350,22 @@ def _forward_only_step(
     return update
 
 
+def _optimizee_grads(
+    loss: Tensor, params: Sequence[Tensor], run: _Run | tuple[str, Sequence[str]], **kwargs: bool
+) -> tuple[Tensor, ...]:
+    """The loss's gradients for ``params``; a :class:`TaskError` naming those it does not reach.
+
+    Task validation catches parameters that are never used; this catches one skipped by a
+    batch (a branch taken only sometimes), which autograd reports without naming it.
+    """
+    grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
+    if any(g is None for g in grads):
+        instance_name, names = (run.instance.name, run.names) if isinstance(run, _Run) else run
+        unused = [name for name, g in zip(names, grads, strict=True) if g is None]
+        raise TaskError(f"task {instance_name!r}: {unused_parameters_message(unused)}")
+    return grads
+
+
 def _learned_step(
     rule: UpdateRule,
     instance: TaskInstance,
@@ -1364,7 +1383,7 @@ def _learned_step(
     buffers = copy_buffers(trajectory.buffers)
     with torch.enable_grad():
         loss = functional_loss(instance, names, leaves, batch, buffers)
-        grads = torch.autograd.grad(loss, leaves)
+        grads = _optimizee_grads(loss, leaves, (instance.name, names))
     trajectory.buffers = buffers
     with torch.no_grad():
         update = _forward_only_step(rule, _flatten(grads), trajectory, segments, lr)

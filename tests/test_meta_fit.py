@@ -19,7 +19,7 @@ from torch import nn
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
 from learned_optim.cli import main
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaFitConfig, MetaTrainer, _objective, meta_fit, rollout
-from learned_optim.tasks import Task, TaskError, get_task
+from learned_optim.tasks import Task, TaskError, TaskFamily, TaskInstance, get_task
 
 
 def small_rule(seed: int = 0, **kwargs) -> CoordinateLSTM:
@@ -821,11 +821,74 @@ def test_a_model_with_sparse_gradients():
         _fit(task)
 
 
-def test_data_that_runs_out():
-    batches = (tiny_sampler(torch.Generator().manual_seed(i)) for i in range(4))  # a one-shot generator
+@pytest.mark.parametrize("endless", [False, True])
+def test_one_shot_iterators_are_refused(endless):
+    # Even an endless one: instances would share one stream, so none could be replayed.
+    seeds = itertools.count() if endless else range(4)
+    batches = (tiny_sampler(torch.Generator().manual_seed(i)) for i in seeds)
     task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=batches)
+    with pytest.raises(TaskError, match=r"data is a one-shot iterator \(generator\)"):
+        _fit(task, steps=10, meta_iterations=4)
+
+
+def test_data_that_runs_out():
+    class TwoBatchesOnce:  # an iterable that is empty the second time round
+        def __init__(self):
+            self.batches = [tiny_sampler(torch.Generator().manual_seed(i)) for i in range(2)]
+
+        def __iter__(self):
+            batches, self.batches = self.batches, []
+            return iter(batches)
+
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=TwoBatchesOnce())
     with pytest.raises(TaskError, match="data ran out after"):
         _fit(task, steps=10, meta_iterations=4)
+
+
+def test_a_sampler_of_another_signature_is_named_with_the_calling_convention():
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=lambda: tiny_sampler(torch.Generator()))
+    with pytest.raises(TaskError, match=r"sampler is called as `data\(generator\)`.*raised TypeError at batch 1"):
+        _fit(task)
+
+
+class _UsesHeadOnOddBatches(nn.Module):
+    def __init__(self, always_unused: bool):
+        super().__init__()
+        self.body = nn.Linear(3, 1)
+        self.head = nn.Linear(1, 1)
+        self.always_unused = always_unused
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.body(x)
+        # The first call (the task check) uses the head; from the second on it skips it every other call.
+        return self.head(out) if not self.always_unused and self.calls % 2 else out
+
+
+@pytest.mark.parametrize("always_unused", [True, False])
+def test_parameters_the_loss_does_not_reach_are_named(always_unused):
+    task = Task(
+        model=lambda: _UsesHeadOnOddBatches(always_unused),
+        loss=nn.functional.mse_loss,
+        data=tiny_sampler,
+        name="sometimes",
+    )
+    message = r"task 'sometimes': trainable parameter\(s\) 'head.weight', 'head.bias' get no gradient.*requires_grad_"
+    with pytest.raises(TaskError, match=message):
+        _fit(task, steps=6, unroll=3)
+
+
+def test_a_task_family_whose_batches_run_out_is_named():
+    class Finite(TaskFamily):
+        name = "finite"
+
+        def sample(self, seed):
+            batches = iter([tiny_sampler(torch.Generator().manual_seed(seed + i)) for i in range(3)])
+            return TaskInstance(model=tiny_model(), loss=nn.functional.mse_loss, batches=batches, name="finite")
+
+    with pytest.raises(TaskError, match=r"task 'finite': the instance's batches ran out; .* must be endless"):
+        _fit(Finite(), steps=10, unroll=5)
 
 
 def test_empty_data():

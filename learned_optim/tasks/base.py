@@ -9,7 +9,7 @@ Everything an instance does is fixed by the seed it was sampled with.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +48,14 @@ class TaskInstance:
     name: str = "task"
 
     def next_batch(self) -> Batch:
-        """The next training minibatch."""
-        return next(self.batches)
+        """The next training minibatch (:class:`TaskError` if ``batches`` ran out)."""
+        try:
+            return next(self.batches)
+        except StopIteration:
+            raise TaskError(
+                f"task {self.name!r}: the instance's batches ran out; a TaskInstance's batches must be "
+                "endless (loop over epochs, or draw each batch from a generator)"
+            ) from None
 
 
 def call_model(model: Callable[..., Tensor], inputs: Any) -> Tensor:
@@ -81,8 +87,23 @@ def _batch_stream(data: Any, generator: torch.Generator, source: str) -> Iterato
     """Endless stream of batches from a sampler function or a re-iterable (epoch after epoch)."""
     if callable(data) and not isinstance(data, Iterable):
         for index in itertools.count(1):
-            yield _checked_batch(data(generator), index, source)
+            try:
+                batch = data(generator)
+            except Exception as error:
+                raise TaskError(
+                    f"{source}: the data sampler is called as `data(generator)` (a torch.Generator to draw "
+                    f"from) and raised {type(error).__name__} at batch {index}: {error}"
+                ) from error
+            yield _checked_batch(batch, index, source)
         return
+    if isinstance(data, Iterator):
+        # Even an endless one: every instance would draw from one shared stream, so an
+        # instance's batches would depend on what was drawn before (validation, resume).
+        raise TaskError(
+            f"{source}: data is a one-shot iterator ({type(data).__name__}), which cannot give each "
+            "instance its own reproducible batches; pass a re-iterable source (a DataLoader, a list "
+            "of batches) or a sampler function generator -> batch"
+        )
     if not isinstance(data, Iterable):
         raise TaskError(
             f"{source}: data must be an iterable of (inputs, targets) batches (e.g. a DataLoader) "
@@ -191,8 +212,21 @@ def _epochs_with_seed(
         yield batch
 
 
-def validate_instance(instance: TaskInstance, source: str) -> None:
-    """Raise :class:`TaskError` if the instance cannot be optimised (checked on one batch)."""
+def unused_parameters_message(names: Sequence[str]) -> str:
+    """Why meta-training cannot take trainable parameters the loss does not reach."""
+    return (
+        f"trainable parameter(s) {', '.join(repr(n) for n in names)} get no gradient from the loss "
+        "(not used in forward); meta-training steps every trainable parameter each step, so freeze "
+        "them (`requires_grad_(False)`) or leave them out of the model"
+    )
+
+
+def validate_instance(instance: TaskInstance, source: str, *, require_all_used: bool = False) -> None:
+    """Raise :class:`TaskError` if the instance cannot be optimised (checked on one batch).
+
+    ``require_all_used``: also refuse trainable parameters the loss does not reach. An
+    optimizer skips them (no gradient); meta-training, which steps them all, cannot.
+    """
     params = [p for p in instance.model.parameters() if p.requires_grad]
     if not params:
         raise TaskError(f"{source}: the model has no trainable parameters")
@@ -205,10 +239,7 @@ def validate_instance(instance: TaskInstance, source: str) -> None:
                 f"{source}: module {name!r} makes sparse gradients, which learned rules do not take; "
                 "build it with sparse=False"
             )
-    try:
-        batch = instance.next_batch()
-    except StopIteration:
-        raise TaskError(f"{source}: data yielded no batches") from None
+    batch = instance.next_batch()
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TaskError(f"{source}: each batch must be a pair (inputs, targets), got {type(batch).__name__}")
     try:
@@ -231,6 +262,12 @@ def validate_instance(instance: TaskInstance, source: str) -> None:
         raise TaskError(f"{source}: loss must return a scalar tensor, got {shape}")
     if not value.requires_grad:
         raise TaskError(f"{source}: loss does not depend on the model's parameters")
+    if require_all_used:
+        names = [name for name, p in instance.model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        unused = [name for name, g in zip(names, grads, strict=True) if g is None]
+        if unused:
+            raise TaskError(f"{source}: {unused_parameters_message(unused)}")
     for label, split in (("train_set", instance.train_set), ("test_set", instance.test_set)):
         # Used as one batch `inputs, targets = split`: a DataLoader of two batches would
         # unpack as (first batch, second batch), any other as an error after training.
