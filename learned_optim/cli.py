@@ -487,7 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--meta-grad-fraction", type=float, default=1.0, help="backpropagate through this fraction of coordinates"
     )
     mf.add_argument(
-        "--log-floor", type=float, default=0.0, help="with --meta-loss log: count f_t/f_0 as at least this (0: off)"
+        "--log-floor",
+        type=float,
+        default=0.0,
+        help="with --meta-loss log, log-ramp or final: count f_t/f_0 as at least this (0: off)",
     )
     mf.add_argument(
         "--lr-scale-range",
@@ -535,7 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the last step relative to before the first (final); the best-scoring checkpoint is kept",
     )
     mf.add_argument("--checkpoint-every", type=int, default=25)
-    mf.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    mf.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="stop after this many seconds of meta-training, counted over the whole run (resumes included)",
+    )
     mf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     mf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     mf.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")

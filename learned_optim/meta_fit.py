@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -960,6 +961,8 @@ class MetaTrainer:
                 # The starting rule is a candidate too: a run that only makes it worse returns it.
                 self._record_validation(0)
             while self.history.iteration < cfg.meta_iterations:
+                if self.time_budget is not None and self.history.seconds > self.time_budget:
+                    break  # a resumed run whose budget (counted over all sessions) is already spent
                 value = self.step()
                 it = self.history.iteration
                 self.history.seconds = time.perf_counter() - start
@@ -1132,10 +1135,12 @@ class MetaTrainer:
             st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             if st:
                 self.meta_optimizer.state[p] = st
+        _check_checkpoint_fields(meta, len(self.families))
+        rng_state = _rng_from_json(meta["rng_state"])
         history = meta["history"]
         history["validation"] = [tuple(v) for v in history["validation"]]
         self.history = MetaFitHistory(**history)
-        self.rng.setstate(_rng_from_json(meta["rng_state"]))
+        self.rng.setstate(rng_state)
         self.runs = []
         for r_index, info in enumerate(meta["runs"]):
             run = self._new_run(info["family_index"], info["seed"], info["horizon"], info.get("lr_scale", 1.0))
@@ -1149,12 +1154,21 @@ class MetaTrainer:
             run.initial_loss = info["initial_loss"]
             if info["has_pending_batch"]:
                 run.pending_batch = batch
-            run.params = [tensors[f"run/{r_index}/param/{i}"] for i in range(len(run.params))]
-            run.state = {k: tensors[f"run/{r_index}/state/{k}"] for k in run.state}
-            run.segment_state = {k: tensors[f"run/{r_index}/segment/{k}"] for k in run.segment_state}
-            run.global_state = {k: tensors[f"run/{r_index}/global/{k}"] for k in run.global_state}
+            saved = functools.partial(_saved_like, tensors, f"run/{r_index}", run.instance.name, meta_path)
+            run.params = [saved(f"param/{i}", p) for i, p in enumerate(run.params)]
+            if f"run/{r_index}/param/{len(run.params)}" in tensors:
+                raise ValueError(
+                    f"{meta_path}: the checkpoint's run {r_index} has more parameter tensors than task "
+                    f"{run.instance.name!r}'s model now has: {_MODEL_CHANGED}"
+                )
+            run.state = {k: saved(f"state/{k}", v) for k, v in run.state.items()}
+            run.segment_state = {k: saved(f"segment/{k}", v) for k, v in run.segment_state.items()}
+            run.global_state = {k: saved(f"global/{k}", v) for k, v in run.global_state.items()}
             # Checkpoints written before buffers were carried have none: the model's own.
-            run.buffers = {k: tensors.get(f"run/{r_index}/buffer/{k}", v) for k, v in run.buffers.items()}
+            run.buffers = {
+                k: saved(f"buffer/{k}", v) if f"run/{r_index}/buffer/{k}" in tensors else v
+                for k, v in run.buffers.items()
+            }
             if info.get("particles", 0):
                 run.pes_noise = tensors[f"run/{r_index}/pes_noise"]
                 run.particles = []
@@ -1170,6 +1184,24 @@ class MetaTrainer:
                         )
                     )
             self.runs.append(run)
+
+
+_MODEL_CHANGED = "the task's model changed since the checkpoint; start over without resuming (--overwrite)"
+
+
+def _saved_like(tensors: dict[str, Tensor], prefix: str, task: str, meta_path: Path, key: str, fresh: Tensor) -> Tensor:
+    """The checkpoint's ``prefix/key``, if shaped like ``fresh`` (a fresh instance's tensor).
+
+    Without the check a model changed since the checkpoint would go on training the old
+    model's parameters in the runs that were under way.
+    """
+    value = tensors[f"{prefix}/{key}"]
+    if value.shape != fresh.shape or value.dtype != fresh.dtype:
+        raise ValueError(
+            f"{meta_path}: the checkpoint's {prefix}/{key} is {value.dtype} {tuple(value.shape)}, but task "
+            f"{task!r} now gives {fresh.dtype} {tuple(fresh.shape)}: {_MODEL_CHANGED}"
+        )
+    return value
 
 
 def model_buffers(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -1281,7 +1313,66 @@ def _rng_to_json(state: tuple) -> list:
 
 
 def _rng_from_json(state: list) -> tuple:
-    return (state[0], tuple(state[1]), state[2])
+    try:
+        rng = random.Random()
+        rng.setstate((state[0], tuple(state[1]), state[2]))
+    except (ValueError, TypeError, IndexError, OverflowError) as err:
+        raise TypeError(f"rng_state is not a random.Random state ({err})") from None
+    return rng.getstate()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_HISTORY_FIELDS = {
+    "iteration": _is_int,
+    "meta_losses": lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
+    "validation": lambda v: (
+        isinstance(v, list)
+        and all(isinstance(x, list) and len(x) == 2 and _is_int(x[0]) and _is_number(x[1]) for x in v)
+    ),
+    "best_validation": _is_number,
+    "best_iteration": _is_int,
+    "skipped_updates": _is_int,
+    "seconds": _is_number,
+}
+_RUN_FIELDS = {
+    "family_index": _is_int,
+    "seed": _is_int,
+    "horizon": _is_int,
+    "steps_done": _is_int,
+    "batches_used": _is_int,
+    "initial_loss": _is_number,
+    "has_pending_batch": lambda v: isinstance(v, bool),
+    "lr_scale": _is_number,
+    "particles": _is_int,
+}
+_OPTIONAL_RUN_FIELDS = {"lr_scale", "particles"}  # absent in checkpoints written before them
+
+
+def _check_checkpoint_fields(meta: dict[str, Any], families: int) -> None:
+    """``TypeError`` naming the first field of checkpoint.json's bookkeeping that is not as written."""
+    history = meta["history"]
+    # Fields added later are absent from older checkpoints and take their defaults.
+    if not isinstance(history, dict) or not set(history) <= set(_HISTORY_FIELDS):
+        raise TypeError(f"history must be an object with fields among {sorted(_HISTORY_FIELDS)}")
+    for name, valid in _HISTORY_FIELDS.items():
+        if name in history and not valid(history[name]):
+            raise TypeError(f"history.{name} is {history[name]!r}")
+    runs = meta["runs"]
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise TypeError("runs must be a list of objects")
+    for index, info in enumerate(runs):
+        for name, valid in _RUN_FIELDS.items():
+            if (name in info or name not in _OPTIONAL_RUN_FIELDS) and (name not in info or not valid(info[name])):
+                raise TypeError(f"runs[{index}].{name} is {info.get(name, 'missing')!r}")
+        if not 0 <= info["family_index"] < families or info["batches_used"] < 0 or info.get("particles", 0) < 0:
+            raise TypeError(f"runs[{index}] is out of range: {info}")
 
 
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
@@ -1519,7 +1610,8 @@ def meta_fit(
         checkpoint_every: iterations between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
         progress: show a progress bar.
-        time_budget: stop after this many seconds of meta-training.
+        time_budget: stop after this many seconds of meta-training, counted over the whole
+            run (a resumed run goes on from the seconds its checkpoint recorded).
         callback: called with the history after each iteration.
 
     Returns:

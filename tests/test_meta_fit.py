@@ -415,6 +415,48 @@ def test_resume_refuses_other_tasks_and_unreadable_checkpoints(tmp_path):
         trainer.load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1)),  # wider
+        lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1, bias=False)),  # a tensor fewer
+    ],
+)
+def test_resume_refuses_a_task_whose_model_changed(tmp_path, model):
+    # The runs under way used to go on training the checkpoint's (old) parameters.
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    before = (tmp_path / "checkpoint.json").read_bytes()
+    changed = MetaTrainer(
+        small_rule(), make_tiny(model=model), _config(4, checkpoint_every=2), tmp_path, progress=False
+    )
+    with pytest.raises(ValueError, match=r"checkpoint.json: the checkpoint's run.* the task's model changed"):
+        changed.load_checkpoint(tmp_path)
+    assert (tmp_path / "checkpoint.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["history"].__setitem__("iteration", "2"), r"history\.iteration is '2'"),
+        (lambda m: m["history"].__setitem__("validation", "ab"), r"history\.validation is 'ab'"),
+        (lambda m: m["history"].__setitem__("bogus", 1), "history must be an object"),
+        (lambda m: m["runs"][0].__setitem__("seed", "x"), r"runs\[0\]\.seed is 'x'"),
+        (lambda m: m["runs"][0].pop("horizon"), r"runs\[0\]\.horizon is 'missing'"),
+        (lambda m: m["runs"][0].__setitem__("family_index", 3), r"runs\[0\] is out of range"),
+        (lambda m: m.__setitem__("rng_state", [1, [2], None]), "rng_state is not a random.Random state"),
+    ],
+)
+def test_resume_names_an_edited_checkpoint_field(tmp_path, edit, message):
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    edit(meta)
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=f"checkpoint is corrupt .*TypeError: {message}"):
+        trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 0
+
+
 def test_meta_fit_resume_flag_continues_from_checkpoint(tmp_path):
     common = dict(steps=7, unroll=3, meta_lr=1e-2, validate_every=0, checkpoint_every=2, progress=False)
     straight = meta_fit(small_rule(), tiny, meta_iterations=7, **common)
@@ -434,6 +476,16 @@ def test_time_budget_stop_writes_a_checkpoint(tmp_path):
     resumed = MetaTrainer(small_rule(), tiny, _config(20, checkpoint_every=10, validate_every=0), progress=False)
     resumed.load_checkpoint(tmp_path)
     assert resumed.history.iteration == 1
+    # The budget counts over the whole run: spent, a resume takes no step (it used to take one).
+    config = _config(20, checkpoint_every=10, validate_every=0)
+    spent = MetaTrainer(small_rule(), tiny, config, tmp_path, progress=False, time_budget=0)
+    spent.load_checkpoint(tmp_path)
+    spent.run()
+    assert spent.history.iteration == 1
+    larger = MetaTrainer(small_rule(), tiny, config, tmp_path, progress=False, time_budget=3600)
+    larger.load_checkpoint(tmp_path)
+    larger.run()
+    assert larger.history.iteration == 20
 
 
 def _dropout_model() -> nn.Module:
