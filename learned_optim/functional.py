@@ -482,11 +482,15 @@ class FlatState:
         states: Sequence[RuleState],
         numels: Sequence[int],
         release: Callable[[int, str, Tensor], None] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> FlatState:
         """Copy ``states`` (one per tensor, same keys) into fresh contiguous buffers, one key
         at a time. ``release(i, key, view)`` is called once tensor ``i``'s ``key`` is copied, so
         that the caller can drop the old tensor: the peak is then the state plus one key's
-        buffer, not twice the state (the first step of a large model would not fit otherwise)."""
+        buffer, not twice the state (the first step of a large model would not fit otherwise).
+
+        ``dtype``: the buffers' dtype (the optimizer's ``state_dtype``, whatever dtype outside
+        code cast the tensors to); ``None``: per key, the widest of the tensors' dtypes."""
         cut = [0]
         for n in numels:
             cut.append(cut[-1] + n)
@@ -494,8 +498,8 @@ class FlatState:
         for key in states[0]:
             first = states[0][key]
             # One dtype per buffer: the widest of the tensors', so that none loses precision.
-            dtype = functools.reduce(torch.promote_types, (state[key].dtype for state in states))
-            buffer = first.new_empty((cut[-1], *first.shape[1:]), dtype=dtype)
+            key_dtype = dtype or functools.reduce(torch.promote_types, (state[key].dtype for state in states))
+            buffer = first.new_empty((cut[-1], *first.shape[1:]), dtype=key_dtype)
             del first
             for i, state in enumerate(states):
                 view = buffer[cut[i] : cut[i + 1]]

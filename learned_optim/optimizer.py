@@ -323,11 +323,13 @@ class LearnedOptimizer(Optimizer):
                     segment_state={k: v.detach() for k, v in segment.items()},
                     global_state={k: v.detach() for k, v in rule.init_global_state(device, self.state_dtype).items()},
                     segment_counts=torch.tensor([n], device=device),
-                    step_scales=torch.zeros(1, device=device) if rule.needs_step_scales else None,
+                    step_scales=torch.zeros(1, dtype=torch.float32, device=device) if rule.needs_step_scales else None,
                 )
             elif getattr(rule, "needs_segments", False):  # per-tensor inputs: the few coordinates are one tensor
                 context = StepContext(segment_ids=ids, num_segments=1, segment_counts=torch.tensor([n], device=device))
-            grad, update = torch.zeros(n, device=device), torch.empty(n, device=device)
+            # float32 as the real step's buffers are, whatever torch's default dtype is.
+            grad = torch.zeros(n, dtype=torch.float32, device=device)
+            update = torch.empty(n, dtype=torch.float32, device=device)
             try:
                 rule.fused_step(impl, grad, state, update, segment_ids=ids, context=context)
             except Exception as error:  # whatever broke the kernel (a build, a launch), eager is right
@@ -354,7 +356,9 @@ class LearnedOptimizer(Optimizer):
             entries[index].state[key] = view
             self.state[params[index]][STATE_PREFIX + key] = view
 
-        flat = FlatState.gather([e.state for e in entries], [e.param.numel() for e in entries], release)
+        flat = FlatState.gather(
+            [e.state for e in entries], [e.param.numel() for e in entries], release, dtype=self.state_dtype
+        )
         if device in self._flat_states:
             # Parameters left out of the new buffers (no gradient this step) get their own copy
             # of their state, so that the old buffers are freed.

@@ -9,11 +9,13 @@ Loading never executes code from the files: the rule type must be one this libra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -265,7 +267,7 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
     try:
         # The random initial weights are overwritten below: drawing them must not move the
         # caller's global RNG (swapping Adam for LearnedOptimizer would change later draws).
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _float32_default():
             rule = cls(**config)
     except (TypeError, ValueError, RuntimeError, MemoryError) as err:
         # RuntimeError / MemoryError: sizes too large to allocate (or even to count).
@@ -307,6 +309,18 @@ def _check_weights_hash(weights_path: Path, weights_hash: str, config_path: Any)
         )
 
 
+@contextlib.contextmanager
+def _float32_default() -> Iterator[None]:
+    """Build a loaded rule in float32, whatever ``torch.set_default_dtype`` says: its weights
+    are stored in float32 and the fused kernels take float32 rules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _check_header(
     weights_path: Path,
     cls: type[UpdateRule],
@@ -317,9 +331,16 @@ def _check_header(
     missing = sorted(set(expected) - set(shapes))
     extra = sorted(set(shapes) - set(expected))
     if missing or extra:
+
+        def listed(label: str, names: list[str]) -> str:
+            if not names:
+                return ""
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            return f" {label} {names[:8]}{more}"
+
         raise PretrainedError(
             f"{weights_path}: tensors do not match the config ({cls.rule_type}"
-            f"{' missing ' + str(missing) if missing else ''}{' unexpected ' + str(extra) if extra else ''})"
+            f"{listed('missing', missing)}{listed('unexpected', extra)})"
         )
     for name, shape in shapes.items():
         if shape != tuple(expected[name].shape):

@@ -1012,3 +1012,61 @@ def test_default_chunk_size_on_cpu_is_the_rules(pretrained, expected):
     given = LearnedOptimizer([param], pretrained=opt.rule, impl="eager", chunk_size=5000)
     given.step()
     assert max(calls) == 5000 and sum(calls) == 70_000
+
+
+def _set_float32_grads(params, seed):
+    # Drawn in float32 whatever the default dtype (randn draws other numbers in float64).
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+
+
+@pytest.mark.skipif("cpu" not in _impls(), reason="the fused CPU kernel does not build here")
+@pytest.mark.parametrize("name", ["lstm-mnist-gain", "hrnn-base"])
+def test_a_float64_default_dtype_keeps_the_fused_kernel_and_float32_rules(name):
+    # The kernel probe's tensors followed the default dtype: impl="auto" warned and stepped
+    # eagerly (6x slower), and the loaded rule's weights became float64.
+    reference = [p.detach().clone() for p in _params([(5, 4), (3,)])]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        params = [p.detach().clone().requires_grad_(True) for p in reference]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = LearnedOptimizer(params, pretrained=name)
+            for seed in (1, 2):
+                _set_float32_grads(params, seed)
+                opt.step()
+    finally:
+        torch.set_default_dtype(previous)
+    assert opt.impl_for(params[0].device) == "cpu"
+    assert {w.dtype for w in opt.rule.parameters()} == {torch.float32}
+    expected = [p.clone().requires_grad_(True) for p in reference]
+    same = LearnedOptimizer(expected, pretrained=name)
+    for seed in (1, 2):
+        _set_float32_grads(expected, seed)
+        same.step()
+    for got, want in zip(params, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("cast_to", [torch.float64, torch.float16, torch.bfloat16])
+def test_state_cast_by_outside_code_comes_back_to_the_state_dtype(impl, cast_to):
+    # The fused buffers took the widest dtype of the tensors: float64 state then failed the
+    # kernel's dtype check, bf16 state silently stayed bf16 under state_dtype=float32.
+    params = _params([(6,), (2, 3)])
+    opt = LearnedOptimizer(params, pretrained=_lstm(), impl=impl)
+    _set_grads(params, 0)
+    opt.step()
+    for state in opt.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                state[key] = value.to(cast_to)
+    for seed in (1, 2):
+        _set_grads(params, seed)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    if impl != "eager":
+        dtypes = {v.dtype for p in params for k, v in opt.state[p].items() if k.startswith("rule.")}
+        assert dtypes == {torch.float32}

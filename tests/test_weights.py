@@ -196,7 +196,7 @@ def test_from_pretrained_checks_the_class(saved):
         # Strict values: a "false" string is not False, a NaN scale would corrupt every step.
         (lambda c: c["config"].update(preprocess="false"), "preprocess must be true or false, got 'false'"),
         (lambda c: c["config"].update(output_scale=float("nan")), "output_scale must be a finite number"),
-        (lambda c: c["config"].update(hidden_size=20.9), "hidden_size must be an integer >= 1, got 20.9"),
+        (lambda c: c["config"].update(hidden_size=20.9), r"hidden_size must be an integer in \[1, 65536\], got 20.9"),
         (lambda c: c.update(format_version=0), "format_version must be a positive integer, got 0"),
         (lambda c: c.update(format_version=True), "format_version must be a positive integer, got True"),
         (lambda c: c.update(format_version="1"), "format_version must be a positive integer, got '1'"),
@@ -223,9 +223,9 @@ def _hierarchical(**changes):
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        # ~1.6 PB if allocated
-        (lambda c: c["config"].update(hidden_size=10**7), r"'biases\.0' has shape \(24,\), the config implies"),
-        (_hierarchical(param_hidden=10**6), "tensors do not match the config"),
+        # Within the bounds on sizes, and still ~60 GB if allocated
+        (lambda c: c["config"].update(hidden_size=60000), r"'biases\.0' has shape \(24,\), the config implies"),
+        (_hierarchical(param_hidden=60000), "tensors do not match the config"),
     ],
 )
 def test_huge_config_is_refused_from_the_file_header_without_allocating(saved, edit, match):
@@ -236,6 +236,29 @@ def test_huge_config_is_refused_from_the_file_header_without_allocating(saved, e
     with pytest.raises(PretrainedError, match=match) as info:
         load_from_directory(saved)
     assert str(saved / WEIGHTS_NAME) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: c["config"].update(num_layers=10**12), r"num_layers must be an integer in \[1, 64\], got 10+"),
+        (_hierarchical(timescales=10**12), r"timescales must be an integer in \[1, 64\]"),
+        (_hierarchical(tensor_hidden=10**6), r"tensor_hidden must be an integer in \[1, 65536\]"),
+    ],
+)
+def test_sizes_past_the_rules_bounds_are_refused_before_building(saved, edit, match):
+    # Before the bounds, num_layers=10**12 looped in the constructor for minutes (9.5 GB),
+    # timescales=10**12 allocated until memory ran out; the file's header was never reached.
+    _edit_config(saved, edit)
+    with pytest.raises(PretrainedError, match=match):
+        load_from_directory(saved)
+
+
+def test_a_header_missing_many_tensors_lists_a_few(saved, rule):
+    _edit_config(saved, lambda c: c["config"].update(num_layers=60))
+    with pytest.raises(PretrainedError, match=r"missing \[.*\] and \d+ more\)") as info:
+        load_from_directory(saved)
+    assert len(str(info.value)) < 1000
 
 
 def test_a_config_too_large_to_count_is_a_pretrained_error(saved):

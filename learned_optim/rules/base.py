@@ -91,11 +91,25 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tenso
     return log_lr - log_rms
 
 
-def config_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as a config integer: an int (not a bool, not a float) of at least ``minimum``."""
+def config_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    """``value`` as a config integer: an int (not a bool, not a float) of at least ``minimum``
+    and, where given, at most ``maximum``.
+
+    Rules bound their sizes: a config.json is read before any tensor is, and a size of 10**12
+    would otherwise have the constructor loop or allocate for minutes before failing.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        expected = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {expected}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return int(value)
+
+
+MAX_CONFIG_WIDTH = 1 << 16
+"""The largest hidden size a bundled rule type accepts (per coordinate: far past any use)."""
+MAX_CONFIG_DEPTH = 64
+"""The largest number of layers or time scales a bundled rule type accepts."""
 
 
 def config_float(name: str, value: Any, positive: bool = False) -> float:

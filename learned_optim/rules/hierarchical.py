@@ -30,7 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule, config_bool, config_float, config_int
+from learned_optim.rules.base import (
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_WIDTH,
+    RuleState,
+    StepContext,
+    UpdateRule,
+    config_bool,
+    config_float,
+    config_int,
+)
 from learned_optim.rules.segments import segment_sum
 
 _EPS = 1e-24
@@ -158,10 +167,10 @@ class HierarchicalRNN(UpdateRule):
         super().__init__()
         # Checked strictly: these come from config.json files too.
         self.config = {
-            "param_hidden": config_int("param_hidden", param_hidden),
-            "tensor_hidden": config_int("tensor_hidden", tensor_hidden),
-            "global_hidden": config_int("global_hidden", global_hidden),
-            "timescales": config_int("timescales", timescales),
+            "param_hidden": config_int("param_hidden", param_hidden, maximum=MAX_CONFIG_WIDTH),
+            "tensor_hidden": config_int("tensor_hidden", tensor_hidden, maximum=MAX_CONFIG_WIDTH),
+            "global_hidden": config_int("global_hidden", global_hidden, maximum=MAX_CONFIG_WIDTH),
+            "timescales": config_int("timescales", timescales, maximum=MAX_CONFIG_DEPTH),
             "init_lr": config_float("init_lr", init_lr, positive=True),
             "lr_change_scale": config_float("lr_change_scale", lr_change_scale),
             "min_lr": config_float("min_lr", min_lr, positive=True),

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from learned_optim.rules.base import (
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_WIDTH,
     RuleState,
     StepContext,
     UpdateRule,
@@ -187,8 +189,8 @@ class CoordinateLSTM(UpdateRule):
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
         # scale or a fractional size must fail at load time, not corrupt a training run).
         self.config = {
-            "hidden_size": config_int("hidden_size", hidden_size),
-            "num_layers": config_int("num_layers", num_layers),
+            "hidden_size": config_int("hidden_size", hidden_size, maximum=MAX_CONFIG_WIDTH),
+            "num_layers": config_int("num_layers", num_layers, maximum=MAX_CONFIG_DEPTH),
             "preprocess": config_bool("preprocess", preprocess),
             "preprocess_p": config_float("preprocess_p", preprocess_p, positive=True),
             "input_scale": config_float("input_scale", input_scale),
