@@ -175,7 +175,7 @@ META_FIT_TINY = ["meta-fit", "--task", "tiny_tasks:tiny", "--rule-config", '{"hi
         (["--rule-config", "{bad"], "--rule-config: not valid JSON"),
         (["--rule-config", "[4]"], "--rule-config: expected a JSON object"),
         (["--rule-config", '{"no_such_setting": 1}'], "--rule-config: "),
-        (["--rule-config", '{"hidden_size": -1}'], "--rule-config: hidden_size must be an integer >= 1"),
+        (["--rule-config", '{"hidden_size": -1}'], "--rule-config: hidden_size must be an integer in [1, 65536]"),
         (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
         (["--loss-scale-range", "0.5"], "--loss-scale-range must be a finite number >= 1"),
         (["--loss-scale-range", "inf"], "--loss-scale-range must be a finite number >= 1"),
