@@ -1,8 +1,8 @@
 """The Python snippets of the docs run as written, top to bottom per file, in a fresh folder.
 
 Blocks preceded by an ``<!-- not-run ... -->`` comment are fragments or need a network or a GPU.
-Files whose snippets meta-train for a while (README.md, docs/meta-training.md: 20 s and 2
-minutes on 2 CPU cores) are left to a manual run.
+Files whose snippets meta-train for a while (README.md, docs/meta-training.md: about 1 and 3
+minutes on one CPU core) are left to a manual run.
 """
 
 from __future__ import annotations
