@@ -684,7 +684,9 @@ class MetaTrainer:
                 buffers[i] = step_buffers
                 # retain_graph: the same loss is also a term of the meta-loss.
                 with torch.enable_grad():
-                    g = _optimizee_grads(loss, params[i], run, retain_graph=True, create_graph=cfg.second_order)
+                    g = _optimizee_grads(
+                        loss, params[i], run.instance.name, run.names, retain_graph=True, create_graph=cfg.second_order
+                    )
                 grads.append(_flatten(g) if cfg.second_order else _flatten(g).detach())
             if t == length:
                 break
@@ -1369,8 +1371,12 @@ def _check_checkpoint_fields(meta: dict[str, Any], families: int) -> None:
         raise TypeError("runs must be a list of objects")
     for index, info in enumerate(runs):
         for name, valid in _RUN_FIELDS.items():
-            if (name in info or name not in _OPTIONAL_RUN_FIELDS) and (name not in info or not valid(info[name])):
-                raise TypeError(f"runs[{index}].{name} is {info.get(name, 'missing')!r}")
+            if name not in info:
+                if name in _OPTIONAL_RUN_FIELDS:
+                    continue
+                raise TypeError(f"runs[{index}].{name} is missing")
+            if not valid(info[name]):
+                raise TypeError(f"runs[{index}].{name} is {info[name]!r}")
         if not 0 <= info["family_index"] < families or info["batches_used"] < 0 or info.get("particles", 0) < 0:
             raise TypeError(f"runs[{index}] is out of range: {info}")
 
@@ -1442,7 +1448,7 @@ def _forward_only_step(
 
 
 def _optimizee_grads(
-    loss: Tensor, params: Sequence[Tensor], run: _Run | tuple[str, Sequence[str]], **kwargs: bool
+    loss: Tensor, params: Sequence[Tensor], task: str, names: Sequence[str], **kwargs: bool
 ) -> tuple[Tensor, ...]:
     """The loss's gradients for ``params``; a :class:`TaskError` naming those it does not reach.
 
@@ -1451,9 +1457,8 @@ def _optimizee_grads(
     """
     grads = torch.autograd.grad(loss, params, allow_unused=True, **kwargs)
     if any(g is None for g in grads):
-        instance_name, names = (run.instance.name, run.names) if isinstance(run, _Run) else run
         unused = [name for name, g in zip(names, grads, strict=True) if g is None]
-        raise TaskError(f"task {instance_name!r}: {unused_parameters_message(unused)}")
+        raise TaskError(f"task {task!r}: {unused_parameters_message(unused)}")
     return grads
 
 
@@ -1474,7 +1479,7 @@ def _learned_step(
     buffers = copy_buffers(trajectory.buffers)
     with torch.enable_grad():
         loss = functional_loss(instance, names, leaves, batch, buffers)
-        grads = _optimizee_grads(loss, leaves, (instance.name, names))
+        grads = _optimizee_grads(loss, leaves, instance.name, names)
     trajectory.buffers = buffers
     with torch.no_grad():
         update = _forward_only_step(rule, _flatten(grads), trajectory, segments, lr)

@@ -441,7 +441,7 @@ def test_resume_refuses_a_task_whose_model_changed(tmp_path, model):
         (lambda m: m["history"].__setitem__("validation", "ab"), r"history\.validation is 'ab'"),
         (lambda m: m["history"].__setitem__("bogus", 1), "history must be an object"),
         (lambda m: m["runs"][0].__setitem__("seed", "x"), r"runs\[0\]\.seed is 'x'"),
-        (lambda m: m["runs"][0].pop("horizon"), r"runs\[0\]\.horizon is 'missing'"),
+        (lambda m: m["runs"][0].pop("horizon"), r"runs\[0\]\.horizon is missing"),
         (lambda m: m["runs"][0].__setitem__("family_index", 3), r"runs\[0\] is out of range"),
         (lambda m: m.__setitem__("rng_state", [1, [2], None]), "rng_state is not a random.Random state"),
     ],
