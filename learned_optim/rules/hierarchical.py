@@ -3,9 +3,9 @@ Generalize".
 
 Three levels of GRUs. A small *parameter* GRU runs per coordinate on scale-free gradient
 features; a *tensor* GRU per parameter tensor reads the mean of its coordinates' hidden
-states; a *global* GRU reads the mean of the tensor states. Each level biases the one below
-(the tensor GRU the parameter GRU's gates, the global GRU the tensor GRU's gates), and all
-initial states are learned.
+states; a *global* GRU reads the mean of the states of the tensors that have coordinates.
+Each level biases the one below (the tensor GRU the parameter GRU's gates, the global GRU the
+tensor GRU's gates), and all initial states are learned.
 
 Per coordinate the parameter GRU sees
 - gradient averages at ``timescales`` time scales (each twice as long as the one before),
@@ -527,12 +527,15 @@ class HierarchicalRNN(UpdateRule):
         global_bias = self.global_to_tensor(global_h)
         gates = self.tensor_in(mean_param_h) + (global_bias if groups is None else global_bias[groups])
         new_tensor_h = gru_cell(gates, tensor_h, self.tensor_hh.weight, self.tensor_hh.bias)
+        # The global GRU reads the mean over tensors that have coordinates: a zero-size
+        # parameter must not shift every other tensor's updates.
+        present = (counts > 0).to(dtype).unsqueeze(-1)
         if groups is None:
-            mean_tensor_h = new_tensor_h.mean(0, keepdim=True)
+            mean_tensor_h = (new_tensor_h * present).sum(0, keepdim=True) / present.sum().clamp_min(1)
         else:
-            tensors_per_group = torch.bincount(groups, minlength=num_groups).clamp_min(1).unsqueeze(-1)
-            summed = new_tensor_h.new_zeros(num_groups, self.t).index_add(0, groups, new_tensor_h)
-            mean_tensor_h = summed / tensors_per_group.to(dtype)
+            tensors_per_group = present.new_zeros(num_groups, 1).index_add(0, groups, present).clamp_min(1)
+            summed = new_tensor_h.new_zeros(num_groups, self.t).index_add(0, groups, new_tensor_h * present)
+            mean_tensor_h = summed / tensors_per_group
         new_global_h = gru_cell(self.global_in(mean_tensor_h), global_h, self.global_hh.weight, self.global_hh.bias)
         new_segment = {
             "h": new_tensor_h.to(segment_state["h"].dtype),
