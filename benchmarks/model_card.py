@@ -5,6 +5,9 @@ The card states the meta-training command, time and machine (recorded by
 harness on evaluation seeds never used in meta-training.
 
     python benchmarks/model_card.py pretrained/lstm-mnist --title "..." --problems mnist-mlp:100,mnist-mlp-relu:100
+
+Without --title it only re-runs the evaluation and prints the tables (the card's own
+evaluation command), leaving README.md as it is.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def total_time(stage_seconds: list[float | None], unrecorded: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rule_dir")
-    parser.add_argument("--title", required=True)
+    parser.add_argument("--title", help="the card's title; without it, only print the evaluation (no README.md)")
     parser.add_argument("--description", default="")
     parser.add_argument("--problems", required=True, help="comma separated task:steps")
     parser.add_argument("--seeds", type=int, default=10)
@@ -112,6 +115,13 @@ def main() -> None:
         )
         tables.append(f"#### {task}, {steps} steps\n\n{c.table()}")
     eval_seconds = time.perf_counter() - start
+    summary = (
+        "| task | steps | (a) ratio | (b) ratio | best baseline (a) | best baseline (b) |\n|---|---|---|---|---|---|\n"
+    )
+    if args.title is None:
+        print(summary + chr(10).join(rows) + "\n\n" + "\n\n".join(tables))
+        print(f"\n({eval_seconds:.0f} s; {rule_dir / 'README.md'} not written: pass --title to write the card)")
+        return
     card = f"""# {rule_dir.name}: {args.title}
 
 {args.description}
@@ -126,7 +136,8 @@ def main() -> None:
 ```
 
 then `config.json` and `model.safetensors` of the `--out` folder are copied into `pretrained/{rule_dir.name}/`.
-Meta-training is deterministic for a seed on a given machine and torch version.
+Meta-training is deterministic for a seed on a given machine, torch version and version of this library
+(changes to the kernels' rounding move the last digits of a re-run).
 
 - Meta-training: {meta.get("meta_iterations", "?")} meta-iterations, {meta.get("meta_training_seconds", "?")} s
   {total_time(stage_seconds, len(args.before))}wall-clock on {machine}, {meta.get("date", "?")};
@@ -144,9 +155,7 @@ half-decade grid learning rate for each metric. (a) mean training minibatch loss
 the whole training split after the last step; ratios to the best baseline (below 1: better than every
 tuned baseline).
 
-| task | steps | (a) ratio | (b) ratio | best baseline (a) | best baseline (b) |
-|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{summary}{chr(10).join(rows)}
 
 {chr(10).join(tables)}
 """

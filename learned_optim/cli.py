@@ -482,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mf.add_argument("--second-order", action="store_true")
     mf.add_argument("--clip", type=float, default=1.0, help="meta-gradient norm clip (0: off)")
-    mf.add_argument("--random-horizon", action="store_true", help="heavy-tailed random horizons around --steps")
+    mf.add_argument(
+        "--random-horizon", action="store_true", help="horizons drawn log-uniformly between --steps/4 and 4x --steps"
+    )
     mf.add_argument(
         "--meta-grad-fraction", type=float, default=1.0, help="backpropagate through this fraction of coordinates"
     )

@@ -22,6 +22,7 @@ import os
 import random
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class MetaFitConfig:
 
     Attributes:
         steps: inner steps per task instance (the horizon); with ``random_horizon`` the
-            mean of a heavy-tailed draw.
+            middle (geometric mean) of a log-uniform draw between ``steps/4`` and ``4*steps``.
         unroll: inner steps per truncation (one meta-gradient step each).
         meta_iterations: meta-gradient steps in total (0: only validate the starting rule).
         meta_lr: Adam learning rate on the rule's weights.
@@ -108,7 +109,7 @@ class MetaFitConfig:
             larger values concentrate the objective on the last steps.
         second_order: backpropagate through the optimizee's gradients too.
         clip_grad_norm: meta-gradient norm clip (``0`` disables).
-        random_horizon: draw each instance's horizon from a heavy-tailed distribution.
+        random_horizon: draw each instance's horizon log-uniformly between ``steps/4`` and ``4*steps``.
         seed: fixes instance sampling and horizons.
         validate_every: meta-iterations between validations (``0`` disables).
         validation_instances: held-out instances per validation.
@@ -339,7 +340,7 @@ def _objective(losses: Tensor, initial: float, first_step: int, horizon: int, co
     return values.mean()
 
 
-def _heavy_tailed_horizon(rng: random.Random, mean: int) -> int:
+def _log_uniform_horizon(rng: random.Random, mean: int) -> int:
     # Log-uniform between mean/4 and 4*mean: short unrolls are common, long ones appear.
     return max(2, round(math.exp(rng.uniform(math.log(mean / 4), math.log(mean * 4)))))
 
@@ -473,7 +474,7 @@ class MetaTrainer:
             seed = self.rng.randrange(*TRAIN_SEEDS)
         if horizon is None:
             cfg = self.config
-            horizon = _heavy_tailed_horizon(self.rng, cfg.steps) if cfg.random_horizon else cfg.steps
+            horizon = _log_uniform_horizon(self.rng, cfg.steps) if cfg.random_horizon else cfg.steps
             if lr_scale is None and self.config.lr_scale_range > 1:
                 bound = math.log(self.config.lr_scale_range)
                 lr_scale = math.exp(self.rng.uniform(-bound, bound))
@@ -957,6 +958,7 @@ class MetaTrainer:
         """Meta-train until ``meta_iterations`` (or the time budget); returns the best rule."""
         cfg = self.config
         start = time.perf_counter() - self.history.seconds
+        first_iteration, skipped_before = self.history.iteration, self.history.skipped_updates
         bar = _progress_bar(cfg.meta_iterations, self.history.iteration, self.progress)
         try:
             if cfg.validate_every and self.history.iteration == 0 and not self.history.validation:
@@ -991,6 +993,14 @@ class MetaTrainer:
             if bar is not None:
                 bar.close()
             self.history.seconds = time.perf_counter() - start
+        ran = self.history.iteration - first_iteration
+        if ran > 0 and self.history.skipped_updates - skipped_before == ran:
+            warnings.warn(
+                f"meta_fit: all {ran} meta-gradient updates were skipped (non-finite meta-loss or "
+                "meta-gradient): the rule's weights did not change. Check the task's loss, or lower meta_lr",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of meta_fit
+            )
         if cfg.validate_every and self.history.best_iteration >= 0:
             self.rule.load_state_dict(self.best_weights)
         return self.rule
@@ -1138,6 +1148,13 @@ class MetaTrainer:
             if st:
                 self.meta_optimizer.state[p] = st
         _check_checkpoint_fields(meta, len(self.families))
+        done = meta["history"].get("iteration", 0)
+        if done > self.config.meta_iterations:
+            raise ValueError(
+                f"{meta_path}: the checkpoint is at meta-iteration {done}, past meta_iterations="
+                f"{self.config.meta_iterations}; resume with meta_iterations >= {done}, or load its best "
+                f"weights from {directory / 'best'}"
+            )
         rng_state = _rng_from_json(meta["rng_state"])
         history = meta["history"]
         history["validation"] = [tuple(v) for v in history["validation"]]
@@ -1588,7 +1605,7 @@ def meta_fit(
         ramp_power: the ramps weigh step ``t`` in proportion to ``t ** ramp_power``.
         second_order: differentiate through the optimizee's gradients.
         clip_grad_norm: meta-gradient norm clip.
-        random_horizon: heavy-tailed random horizons around ``steps``.
+        random_horizon: horizons drawn log-uniformly between ``steps/4`` and ``4*steps``.
         meta_grad_fraction: backpropagate through this random fraction of coordinates only
             (unbiased, cheaper meta-gradients for coordinatewise rules).
         log_floor: lower bound of each step's ``f_t / f_0`` in the log meta-losses (``0``: none).

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 import os
 import sys
 import warnings
@@ -88,13 +90,31 @@ def _user_stacklevel() -> int:
     return level
 
 
+def _check_non_negative(name: str, value: object) -> None:
+    """``TypeError`` unless ``value`` is a number (or one-element tensor); ``ValueError`` unless it
+    is finite and >= 0 (an infinite lr or weight decay would turn the parameters into inf/NaN)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a number or a one-element float tensor, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        number = float(value)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not 0.0 <= number < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
 def _check_group_options(group: dict[str, Any]) -> None:
-    """Check the ``lr`` / ``weight_decay`` a group (or the defaults) sets: ``ValueError`` below 0
-    or NaN, a ``UserWarning`` for an lr that looks copied from Adam."""
+    """Check the ``lr`` / ``weight_decay`` a group (or the defaults) sets: ``TypeError`` for a
+    non-number, ``ValueError`` below 0, NaN or infinite, a ``UserWarning`` for an lr that looks
+    copied from Adam."""
     if "lr" in group:
         lr = group["lr"]
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        _check_non_negative("lr", lr)
         if 0.0 < lr < SMALL_LR:
             warnings.warn(
                 f"LearnedOptimizer: lr={float(lr)} multiplies the learned update (1.0 applies the rule as it "
@@ -103,8 +123,8 @@ def _check_group_options(group: dict[str, Any]) -> None:
                 UserWarning,
                 stacklevel=_user_stacklevel(),
             )
-    if "weight_decay" in group and not group["weight_decay"] >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+    if "weight_decay" in group:
+        _check_non_negative("weight_decay", group["weight_decay"])
 
 
 class LearnedOptimizer(Optimizer):

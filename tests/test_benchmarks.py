@@ -120,6 +120,22 @@ def test_model_card_writes_a_card_with_the_command_and_an_evaluation_table(tmp_p
     assert table_rows(card, "nesterov") and table_rows(card, "adam")
 
 
+def test_model_card_without_title_prints_the_evaluation_and_leaves_the_card(tmp_path):
+    import shutil
+
+    from learned_optim.weights import bundled_dir
+
+    rule_dir = tmp_path / "my-rule"
+    shutil.copytree(bundled_dir() / "lstm-quadratic", rule_dir)
+    card = (rule_dir / "README.md").read_bytes()
+    # The evaluation command printed in every card, as written there.
+    out = run_benchmark(
+        "model_card.py", str(rule_dir), "--problems", "quadratic:10", "--seeds", "1", "--cache", str(tmp_path / "cache")
+    )
+    assert table_rows(out, "this rule") and table_rows(out, "nesterov")
+    assert (rule_dir / "README.md").read_bytes() == card
+
+
 def test_model_card_lists_earlier_stages_and_sums_their_times(tmp_path):
     import json
     import shutil

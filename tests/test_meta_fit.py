@@ -457,6 +457,38 @@ def test_resume_names_an_edited_checkpoint_field(tmp_path, edit, message):
     assert trainer.history.iteration == 0
 
 
+def test_resume_refuses_fewer_meta_iterations_than_done(tmp_path):
+    MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False).run()
+    trainer = MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False)
+    with pytest.raises(
+        ValueError, match=r"at meta-iteration 4, past meta_iterations=2; resume with meta_iterations >= 4"
+    ):
+        trainer.load_checkpoint(tmp_path)
+    # The same length (a finished run resumed again) is fine.
+    MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False).load_checkpoint(tmp_path)
+
+
+def test_loss_that_is_nan_at_the_initial_parameters_is_refused():
+    task = Task(tiny_model, lambda out, y: nn.functional.mse_loss(out, y) * math.nan, tiny_sampler, name="nan-loss")
+    with pytest.raises(TaskError, match=r"task 'nan-loss': loss is nan on the first batch at the initial parameters"):
+        meta_fit(small_rule(), task, steps=4, unroll=2, meta_iterations=1, progress=False, validate_every=0)
+
+
+def test_a_run_whose_every_update_was_skipped_warns():
+    finite = [True]
+    task = Task(
+        tiny_model, lambda out, y: nn.functional.mse_loss(out, y) * (1.0 if finite[0] else math.nan), tiny_sampler
+    )
+    rule = small_rule()
+    before = copy.deepcopy(rule.state_dict())
+    trainer = MetaTrainer(rule, task, _config(3, validate_every=0), progress=False)
+    finite[0] = False  # finite when checked, NaN in training
+    with pytest.warns(RuntimeWarning, match="all 3 meta-gradient updates were skipped"):
+        trainer.run()
+    assert trainer.history.skipped_updates == 3
+    assert all(torch.equal(v, before[k]) for k, v in rule.state_dict().items())
+
+
 def test_meta_fit_resume_flag_continues_from_checkpoint(tmp_path):
     common = dict(steps=7, unroll=3, meta_lr=1e-2, validate_every=0, checkpoint_every=2, progress=False)
     straight = meta_fit(small_rule(), tiny, meta_iterations=7, **common)
@@ -588,6 +620,7 @@ def test_a_checkpoint_save_cut_off_at_any_point_leaves_a_consistent_checkpoint(t
 
 
 def test_a_validation_instance_whose_first_loss_is_nan_scores_inf():
+    from learned_optim.meta_fit import VALIDATION_SEED_BASE
     from learned_optim.tasks import TaskFamily, TaskInstance
 
     class FirstBatchNaN(TaskFamily):
@@ -599,7 +632,8 @@ def test_a_validation_instance_whose_first_loss_is_nan_scores_inf():
             def batches():
                 g = torch.Generator().manual_seed(seed)
                 x, y = tiny_sampler(g)
-                yield x, y * float("nan")
+                # Validation instances only: a family whose probe loss is NaN is refused up front.
+                yield x, y * (float("nan") if seed >= VALIDATION_SEED_BASE else 1.0)
                 while True:
                     yield tiny_sampler(g)
 
@@ -768,7 +802,7 @@ def _fit(task, **kwargs):
 
 def test_loss_returning_non_scalar():
     task = Task(model=tiny_model, loss=lambda out, y: (out - y) ** 2, data=tiny_sampler)
-    with pytest.raises(TaskError, match=r"loss must return a scalar tensor, got \(16, 1\)"):
+    with pytest.raises(TaskError, match=r"loss must return a scalar \(one-element\) tensor, got \(16, 1\)"):
         _fit(task)
 
 
@@ -1035,7 +1069,9 @@ def test_nan_meta_loss_skips_the_update():
 def test_exploding_rule_skips_every_update():
     rule = small_rule(output_scale=1e30)  # updates of ~1e28: the optimizee loss overflows to inf
     before = weights(rule)
-    meta_fit(rule, tiny, steps=6, unroll=3, meta_iterations=4, validate_every=0, progress=False)
+    with pytest.warns(RuntimeWarning, match="all 4 meta-gradient updates were skipped") as caught:
+        meta_fit(rule, tiny, steps=6, unroll=3, meta_iterations=4, validate_every=0, progress=False)
+    assert caught[0].filename == __file__  # points at the meta_fit call
     history = rule.meta_fit_history
     assert history.skipped_updates == 4
     assert all(not math.isfinite(v) for v in history.meta_losses)

@@ -184,8 +184,17 @@ def test_param_group_options_are_checked_like_the_defaults():
     with pytest.warns(UserWarning, match=r"lr=1e-05 multiplies") as caught:
         opt.add_param_group({"params": [c], "lr": 1e-5})
     assert [w.filename for w in caught] == [__file__]
-    for bad in ({"lr": -0.1}, {"lr": float("nan")}, {"weight_decay": -1.0}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    for bad in (
+        {"lr": -0.1},
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"weight_decay": -1.0},
+        {"weight_decay": float("inf")},
+    ):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number >= 0, got"):
+            opt.add_param_group({"params": [d], **bad})
+    for bad in ({"lr": "1"}, {"weight_decay": None}, {"lr": torch.ones(2)}):
+        with pytest.raises(TypeError, match=f"{next(iter(bad))} must be a number"):
             opt.add_param_group({"params": [d], **bad})
     assert len(opt.param_groups) == 3
     with warnings.catch_warnings():

@@ -360,6 +360,21 @@ def test_load_mnist_folder_reads_a_replaced_file_again(tmp_path):
 # --- XOR -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden": 0}, "hidden must be positive, got 0"),
+        ({"dim": 0}, "dim must be positive, got 0"),
+        ({"noise_mean": -1.0}, "noise_mean must be finite and non-negative, got -1.0"),
+        ({"noise_mean": math.inf}, "noise_mean must be finite and non-negative, got inf"),
+        ({"min_minority": 0.6}, r"min_minority must be in \[0, 0.5\], got 0.6"),
+    ],
+)
+def test_xor_family_checks_its_arguments_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        XORFamily(**kwargs)  # not only when the first instance is sampled
+
+
 def test_xor_datasets_are_balanced_and_standardised():
     family = XORFamily()
     for seed in range(40):

@@ -259,9 +259,12 @@ def validate_instance(instance: TaskInstance, source: str, *, require_all_used: 
         ) from error
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise TaskError(f"{source}: loss must return a scalar tensor, got {shape}")
+        raise TaskError(f"{source}: loss must return a scalar (one-element) tensor, got {shape}")
     if not value.requires_grad:
         raise TaskError(f"{source}: loss does not depend on the model's parameters")
+    if not torch.isfinite(value.detach()).all():
+        # At a fresh initialisation: every step would be skipped and training would do nothing.
+        raise TaskError(f"{source}: loss is {value.item()} on the first batch at the initial parameters")
     if require_all_used:
         names = [name for name, p in instance.model.named_parameters() if p.requires_grad]
         grads = torch.autograd.grad(value, params, allow_unused=True)

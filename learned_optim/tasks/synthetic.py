@@ -12,6 +12,7 @@ trained with binary cross-entropy (computed from the logit for stability).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,7 @@ def make_xor_dataset(
     """
     if not 2 <= n_train <= n_samples:
         raise ValueError(f"need 2 <= n_train <= n_samples, got n_train={n_train}, n_samples={n_samples}")
-    if dim < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
-    if noise_mean < 0:
-        raise ValueError(f"noise_mean must be non-negative, got {noise_mean}")
-    if not 0 <= min_minority <= 0.5:
-        raise ValueError(f"min_minority must be in [0, 0.5], got {min_minority}")
+    _check_dataset_args(dim, noise_mean, min_minority)
     gen = generator(seed, "xor-data")
     attempts = 0
     while attempts < max_attempts:
@@ -114,6 +110,15 @@ def binary_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
+def _check_dataset_args(dim: int, noise_mean: float, min_minority: float) -> None:
+    if dim < 1:
+        raise ValueError(f"dim must be positive, got {dim}")
+    if not 0 <= noise_mean < math.inf:
+        raise ValueError(f"noise_mean must be finite and non-negative, got {noise_mean}")
+    if not 0 <= min_minority <= 0.5:
+        raise ValueError(f"min_minority must be in [0, 0.5], got {min_minority}")
+
+
 class XORFamily(TaskFamily):
     """XOR classification datasets (see the module docstring), one per instance.
 
@@ -148,6 +153,9 @@ class XORFamily(TaskFamily):
             raise ValueError(f"train_size must lie in [2, n_samples={n_samples}], got {train_size}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive or None, got {batch_size}")
+        if hidden < 1:
+            raise ValueError(f"hidden must be positive, got {hidden}")
+        _check_dataset_args(dim, noise_mean, min_minority)
         self.dim = dim
         self.n_samples = n_samples
         self.train_size = (low, high)
