@@ -400,7 +400,7 @@ def _parse_lr_scales(text: str) -> tuple[float, ...]:
 
 
 def _run_suite(args: argparse.Namespace, rules: list[str]) -> int:
-    from learned_optim.report import plot_curves
+    from learned_optim.report import write_suite_report
     from learned_optim.suites import run_suite
 
     out = _output_folder(args.out)
@@ -413,16 +413,9 @@ def _run_suite(args: argparse.Namespace, rules: list[str]) -> int:
         cache_dir=str(out / ".cache"),
         baselines=args.baselines.split(","),
     )
-    text = result.markdown()
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / f"suite-{args.suite}.md"
-    report.write_text(f"```\n{_command_line(args)}\n```\n\n{text}")
-    print(f"wrote {report}")
-    for comparison in result.comparisons:
-        png = plot_curves(comparison, out / f"suite-{args.suite}-{comparison.task}-{comparison.steps}.png")
-        if png is not None:
-            print(f"wrote {png}")
+    print(result.markdown())
+    for path in write_suite_report(result, out, command=_command_line(args)):
+        print(f"wrote {path}")
     return 0
 
 

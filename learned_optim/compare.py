@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -171,6 +172,14 @@ def run_once(
     return RunResult(losses, sum(losses) / len(losses), final, test, seconds)
 
 
+_RUN_FIELDS = frozenset(RunResult.__dataclass_fields__)
+
+
+def _is_number(x: Any) -> bool:
+    # bool is an int, but no run measures one.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 class ResultCache:
     """JSON cache of baseline runs so that reruns of a comparison are quick."""
 
@@ -193,9 +202,16 @@ class ResultCache:
         return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str) -> RunResult | None:
-        """The cached run, or None."""
+        """The cached run, or None (also for an entry that is not a well-formed run: it is rerun
+        and overwritten, as a corrupt cache file is started over)."""
         hit = self.data.get(key)
-        return RunResult(**hit) if hit else None
+        if not isinstance(hit, dict) or set(hit) != _RUN_FIELDS:
+            return None
+        if not (isinstance(hit["losses"], list) and all(_is_number(x) for x in hit["losses"])):
+            return None
+        if not all(_is_number(hit[name]) for name in _RUN_FIELDS - {"losses"}):
+            return None
+        return RunResult(**hit)
 
     def put(self, key: str, result: RunResult) -> None:
         """Remember a run (written by :meth:`save`)."""
@@ -282,6 +298,27 @@ def _environment_key() -> str:
     return f"protocol{PROTOCOL_VERSION}/{versions}/threads{torch.get_num_threads()}"
 
 
+def check_grid(grid: float | Iterable[float]) -> list[float]:
+    """``grid`` as a list of distinct learning rates, in order; a single number is a one-point grid.
+
+    ValueError unless it is non-empty and every value is a finite number > 0 (checked before
+    any run: an empty grid used to fail only after the learned rules had run, and a zero or NaN
+    learning rate was "tuned" and reported as best).
+    """
+    if _is_number(grid):
+        grid = [grid]
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Iterable):
+        raise ValueError(f"grid must be a non-empty list of learning rates, got {type(grid).__name__} {grid!r}")
+    values = list(grid)
+    if not values:
+        raise ValueError("grid must be a non-empty list of learning rates (finite numbers > 0), got an empty one")
+    bad = [x for x in values if not (_is_number(x) and math.isfinite(x) and x > 0)]
+    if bad:
+        raise ValueError(f"grid: every learning rate must be a finite number > 0, got {bad}")
+    # The values as given, not float(x): an int lr is part of existing cache keys as an int.
+    return list(dict.fromkeys(values))
+
+
 def _half_decade_step(lr: float, direction: int) -> float:
     """``lr`` times ``sqrt(10) ** direction``, to 9 significant digits: repeated widening of a
     half-decade grid lands on its exact points (10.0, 100.0) instead of drifting."""
@@ -324,6 +361,7 @@ def tune_baseline(
     ``on_run`` is called after each run; ``on_widen`` with the number of runs a widening adds,
     before they start (e.g. to grow a progress bar's total).
     """
+    grid = check_grid(grid)
     results: dict[float, list[RunResult]] = {}
 
     def evaluate(lr: float) -> None:
@@ -465,6 +503,7 @@ class Comparison:
     seeds: list[int]
     results: list[OptimizerSummary]
     baselines: list[str]
+    tune_test: bool = False
 
     def best_baseline(self, metric: str) -> OptimizerSummary:
         """The baseline with the lowest value of ``metric`` (ValueError if there are none)."""
@@ -491,21 +530,30 @@ class Comparison:
         return sum(1 for i, v in enumerate(mine) if all(v < o[i] for o in others))
 
     def table(self) -> str:
-        """Markdown table, one row per optimizer."""
-        head = (
-            "| optimizer | lr (a) | lr (b) | (a) mean loss | ratio | (b) final train loss | ratio "
-            "| held-out loss | seconds | seeds won |\n|---|---|---|---|---|---|---|---|---|---|\n"
-        )
+        """Markdown table, one row per optimizer.
+
+        With :attr:`tune_test` an ``lr (held-out)`` column follows ``lr (b)``: the held-out loss
+        is then not taken at ``lr (b)``.
+        """
+        columns = ["optimizer", "lr (a)", "lr (b)"]
+        columns += ["lr (held-out)"] if self.tune_test else []
+        columns += ["(a) mean loss", "ratio", "(b) final train loss", "ratio", "held-out loss", "seconds", "seeds won"]
+        head = f"| {' | '.join(columns)} |\n|{'---|' * len(columns)}\n"
         rows = []
         for r in self.results:
-            lr_a = r.best_lr.get("mean_loss")
-            lr_b = r.best_lr.get("final_loss")
-            rows.append(
-                f"| {r.name} | {_fmt_lr(lr_a)} | {_fmt_lr(lr_b)} | {r.mean_loss:.4f} "
-                f"| {_fmt_ratio(self.ratio(r.name, 'mean_loss'))} | {r.final_loss:.4f} "
-                f"| {_fmt_ratio(self.ratio(r.name, 'final_loss'))} | {r.test_loss:.4f} "
-                f"| {r.seconds:.1f} | {self.wins(r.name)}/{len(self.seeds)} |"
-            )
+            cells = [r.name, _fmt_lr(r.best_lr.get("mean_loss")), _fmt_lr(r.best_lr.get("final_loss"))]
+            if self.tune_test:
+                cells.append(_fmt_lr(held_out_lr(r)))
+            cells += [
+                format_loss(r.mean_loss),
+                _fmt_ratio(self.ratio(r.name, "mean_loss")),
+                format_loss(r.final_loss),
+                _fmt_ratio(self.ratio(r.name, "final_loss")),
+                format_loss(r.test_loss),
+                f"{r.seconds:.1f}",
+                f"{self.wins(r.name)}/{len(self.seeds)}",
+            ]
+            rows.append(f"| {' | '.join(cells)} |")
         return head + "\n".join(rows) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -515,9 +563,29 @@ class Comparison:
             "steps": self.steps,
             "seeds": self.seeds,
             "baselines": self.baselines,
+            "tune_test": self.tune_test,
             "results": [asdict(r) for r in self.results],
             "ratios": {r.name: {m: self.ratio(r.name, m) for m in ("mean_loss", "final_loss")} for r in self.results},
         }
+
+
+def held_out_lr(summary: OptimizerSummary) -> float | None:
+    """The learning rate ``summary``'s held-out loss was taken at: its best held-out lr when it was
+    tuned on held-out loss (``tune_test``), else its ``lr (b)`` (None: no finite lr)."""
+    return summary.best_lr.get("test_loss", summary.best_lr.get("final_loss"))
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 seed"``, ``"2 seeds"``: ``count`` and ``noun``, with an ``s`` unless ``count`` is 1."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def format_loss(value: float, decimals: int = 4) -> str:
+    """``value`` with ``decimals`` decimals, or, below ``10 ** (2 - decimals)`` (0.01 for 4), to
+    ``decimals`` significant digits: ``0.2376``, ``0.002213``, ``1.23e-05``, not ``0.0000``."""
+    if value == 0 or not math.isfinite(value) or abs(value) >= 10 ** (2 - decimals):
+        return f"{value:.{decimals}f}"
+    return f"{value:.{decimals}g}"
 
 
 def _fmt_lr(lr: float | None) -> str:
@@ -528,33 +596,47 @@ def _fmt_ratio(ratio: float) -> str:
     return "-" if math.isnan(ratio) else f"{ratio:.2f}"  # NaN: no ratio, shown like a missing lr
 
 
+def _one_or_many(value: Any) -> list[Any]:
+    """``value`` as a list: a str (or any non-iterable, e.g. one rule object) is one item, not
+    a sequence of characters."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
 def compare(
     task: str | TaskFamily,
-    rules: Sequence[Any] = ("default",),
+    rules: Any | Sequence[Any] = ("default",),
     steps: int = 100,
     seeds: int | Sequence[int] = 10,
-    baselines: Sequence[str] = ("adam", "rmsprop", "sgd", "nesterov"),
-    grid: Sequence[float] = DEFAULT_GRID,
+    baselines: str | Sequence[str] = ("adam", "rmsprop", "sgd", "nesterov"),
+    grid: float | Sequence[float] = DEFAULT_GRID,
     cache_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    rule_names: Sequence[str] | None = None,
+    rule_names: str | Sequence[str] | None = None,
     tune_test: bool = False,
     task_label: str | None = None,
     rule_lrs: float | Sequence[float] = 1.0,
 ) -> Comparison:
     """Compare learned rules against tuned baselines on ``task``.
 
+    Every argument is checked before anything runs (ValueError for a bad value, TypeError for
+    a ``task`` of the wrong kind).
+
     Args:
-        task: a built-in task name or a :class:`~learned_optim.tasks.TaskFamily`.
+        task: a built-in task name, or a :class:`~learned_optim.tasks.TaskFamily` (such as a
+            :class:`~learned_optim.tasks.Task`).
         rules: rules to evaluate: ``"default"``, bundled names, directories, Hub repo ids
-            or :class:`~learned_optim.rules.UpdateRule` objects. All are loaded before any run.
+            or :class:`~learned_optim.rules.UpdateRule` objects; a single one (e.g. a str) is
+            one rule. All are loaded before any run.
         steps: training steps per run.
         seeds: number of evaluation seeds (or the seeds themselves).
-        baselines: names from :data:`BASELINES`.
-        grid: initial learning-rate grid for the baselines.
+        baselines: names from :data:`BASELINES`; a single str is one name.
+        grid: initial learning-rate grid for the baselines: finite numbers > 0 (a single
+            number is a one-point grid).
         cache_path: JSON file caching baseline runs.
         progress: show a progress bar.
-        rule_names: labels for ``rules`` in the report.
+        rule_names: labels for ``rules`` in the report, one per rule (a single str for one rule).
         tune_test: report baselines' held-out loss at the lr best on held-out loss.
         task_label: name of the task in reports and in the cache key (default: its name; the key
             also holds :func:`task_fingerprint`, so tasks that share a name never share entries).
@@ -564,26 +646,41 @@ def compare(
     """
     from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
-    family = get_task(task) if isinstance(task, str) else task
-    task_key = task if isinstance(task, str) else getattr(family, "name", type(family).__name__)
-    task_key = task_label or task_key
+    if not isinstance(task, (str, TaskFamily)):
+        raise TypeError(f"task must be a task name (str), a Task or a TaskFamily, got {type(task).__name__}")
+    baselines = _one_or_many(baselines)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
     seed_list = (
         list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + seeds)) if isinstance(seeds, int) else list(seeds)
     )
     if not seed_list:
         raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
-    rules = list(rules)
-    lrs = [float(rule_lrs)] * len(rules) if isinstance(rule_lrs, (int, float)) else [float(x) for x in rule_lrs]
+    grid = check_grid(grid)
+    rules = _one_or_many(rules)
+    if isinstance(rule_lrs, (str, bytes)):  # not a list: its characters were converted one by one
+        raise ValueError(f"rule_lrs must be a number or a list of numbers, got the str {rule_lrs!r}")
+    try:
+        lrs = [float(rule_lrs)] * len(rules) if _is_number(rule_lrs) else [float(x) for x in rule_lrs]
+    except (TypeError, ValueError):
+        raise ValueError(f"rule_lrs must be a number or a list of numbers, got {rule_lrs!r}") from None
     if len(lrs) != len(rules):
         raise ValueError(f"rule_lrs has {len(lrs)} values for {len(rules)} rules; give one value or one per rule")
     bad = [x for x in lrs if not (math.isfinite(x) and x > 0)]
     if bad:
         raise ValueError(f"rule_lrs must be positive finite numbers, got {bad}")
+    if rule_names is not None:
+        rule_names = _one_or_many(rule_names)
+        if len(rule_names) != len(rules):
+            raise ValueError(f"rule_names has {len(rule_names)} names for {len(rules)} rules; give one per rule")
+    family = get_task(task) if isinstance(task, str) else task
+    task_key = task if isinstance(task, str) else getattr(family, "name", type(family).__name__)
+    task_key = task_label or task_key
     loaded = []
     for item in rules:
         if isinstance(item, str) and item == "default":
@@ -645,4 +742,6 @@ def compare(
     finally:
         if bar is not None:
             bar.close()
-    return Comparison(task=task_key, steps=steps, seeds=seed_list, results=results, baselines=list(baselines))
+    return Comparison(
+        task=task_key, steps=steps, seeds=seed_list, results=results, baselines=baselines, tune_test=tune_test
+    )

@@ -1,4 +1,5 @@
-"""Reports of a :class:`~learned_optim.compare.Comparison`: Markdown, JSON and learning-curve PNG."""
+"""Reports of a :class:`~learned_optim.compare.Comparison` (Markdown, JSON and learning-curve PNG)
+and of a suite (:func:`write_suite_report`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from learned_optim.compare import Comparison
+from learned_optim.compare import Comparison, plural
+
+if TYPE_CHECKING:
+    from learned_optim.suites import SuiteResult
 
 
 def plot_curves(result: Comparison, path: str | Path) -> Path | None:
@@ -18,6 +23,7 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -40,9 +46,10 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
     # is never positive) and for a legend with no line (every run diverged).
     if any(v > 0 for v in drawn):
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 2.5
     ax.set_xlabel("step")
     ax.set_ylabel("training minibatch loss")
-    ax.set_title(f"{result.task}, {len(result.seeds)} seeds (mean, min-max)")
+    ax.set_title(f"{result.task}, {plural(len(result.seeds), 'seed')} (mean, min-max)")
     ax.grid(True, which="both", alpha=0.3)
     if drawn:
         ax.legend(fontsize=8)
@@ -61,14 +68,21 @@ def markdown(result: Comparison, command: str | None = None) -> str:
     if command:
         lines += ["```", command, "```", ""]
     lines += [
-        f"{result.steps} steps, {len(result.seeds)} evaluation seeds (each fixes initialisation and minibatch "
-        "order for every optimizer). Baselines at their best grid learning rate for each metric; "
-        "(a) mean training minibatch loss over the run, (b) loss on the whole training split after the "
-        "last step; ratios are to the best baseline on that metric; held-out loss at the lr best on (b).",
+        f"{plural(result.steps, 'step')}, {plural(len(result.seeds), 'evaluation seed')} (each fixes "
+        "initialisation and minibatch order for every optimizer). Baselines at their best grid learning rate "
+        "for each metric; (a) mean training minibatch loss over the run, (b) loss on the whole training split "
+        f"after the last step; ratios are to the best baseline on that metric; {held_out_caption(result)}",
         "",
         result.table(),
     ]
     return "\n".join(lines)
+
+
+def held_out_caption(result: Comparison) -> str:
+    """The sentence that says at which learning rate the baselines' held-out loss is taken."""
+    if result.tune_test:
+        return "baselines' held-out loss at their lr best on held-out loss itself (column lr (held-out))."
+    return "held-out loss at the lr best on (b)."
 
 
 def write_report(result: Comparison, out: str | Path, command: str | None = None) -> list[Path]:
@@ -89,6 +103,29 @@ def write_report(result: Comparison, out: str | Path, command: str | None = None
     png = plot_curves(result, out / f"{stem}.png")
     if png is not None:
         paths.append(png)
+    return paths
+
+
+def write_suite_report(result: SuiteResult, out: str | Path, command: str | None = None) -> list[Path]:
+    """Write ``suite-<name>.md`` (the command, if given, then :meth:`SuiteResult.markdown`),
+    ``suite-<name>.json`` (:meth:`SuiteResult.to_json` plus the command) and, with matplotlib,
+    one ``suite-<name>-<task>-<steps>.png`` per comparison to ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^\w.\-]+", "_", f"suite-{result.suite}")
+    md = out / f"{stem}.md"
+    text = result.markdown()
+    md.write_text(f"```\n{command}\n```\n\n{text}" if command else text)
+    js = out / f"{stem}.json"
+    payload = result.to_json()
+    payload["command"] = command
+    js.write_text(json.dumps(_finite_json(payload), indent=1, allow_nan=False))
+    paths = [md, js]
+    for comparison in result.comparisons:
+        name = re.sub(r"[^\w.\-]+", "_", f"{comparison.task}-{comparison.steps}")
+        png = plot_curves(comparison, out / f"{stem}-{name}.png")
+        if png is not None:
+            paths.append(png)
     return paths
 
 

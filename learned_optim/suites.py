@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from learned_optim.compare import EVALUATION_SEED_BASE, Comparison, compare
+from learned_optim.compare import (
+    EVALUATION_SEED_BASE,
+    Comparison,
+    _one_or_many,
+    compare,
+    format_loss,
+    held_out_lr,
+    plural,
+)
 from learned_optim.tasks.synthetic import XORFamily
 
 PAPER_SUITE: tuple[tuple[str, int], ...] = (
@@ -47,40 +55,66 @@ class SuiteResult:
         """One section per comparison (and the classical table if any)."""
         parts = [f"# Suite `{self.suite}`", ""]
         for c in self.comparisons:
-            parts += [f"## {c.task}, {c.steps} steps, {len(c.seeds)} seeds", "", c.table()]
+            parts += [f"## {c.task}, {plural(c.steps, 'step')}, {plural(len(c.seeds), 'seed')}", ""]
+            if c.tune_test:  # the held-out column is not at lr (b): say where it is from
+                parts += [
+                    "Baselines' held-out loss is taken at their learning rate best on held-out loss "
+                    "(column `lr (held-out)`), not at `lr (b)`.",
+                    "",
+                ]
+            parts.append(c.table())
             if self.suite == "seed-xor":
                 parts += ["Test cross-entropy, mean ± std over datasets:", ""]
                 for r in c.results:
                     xs = r.per_seed.get("test_loss", [])
                     if xs and all(math.isfinite(x) for x in xs):
-                        parts.append(f"- {r.name}: {statistics.fmean(xs):.3f} ± {statistics.pstdev(xs):.3f}")
+                        mean, std = format_loss(statistics.fmean(xs), 3), format_loss(statistics.pstdev(xs), 3)
+                        lr = held_out_lr(r)
+                        at = f" (lr {lr:g})" if r.name in c.baselines and lr is not None else ""
+                        parts.append(f"- {r.name}: {mean} ± {std}{at}")
                 parts.append("")
         if self.classical:
             parts += ["Classical classifiers (scikit-learn), test cross-entropy:", ""]
             for name, (mean, std) in self.classical.items():
-                parts.append(f"- {name}: {mean:.3f} ± {std:.3f}")
+                parts.append(f"- {name}: {format_loss(mean, 3)} ± {format_loss(std, 3)}")
             parts.append("")
         return "\n".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, JSON-serialisable (non-finite numbers stay floats; the report writes them as strings)."""
+        classical = None
+        if self.classical is not None:
+            classical = {name: {"mean": mean, "std": std} for name, (mean, std) in self.classical.items()}
+        return {
+            "suite": self.suite,
+            "comparisons": [c.to_json() for c in self.comparisons],
+            "classical": classical,
+        }
 
 
 def run_suite(
     suite: str,
-    rules: Sequence[Any] = ("default",),
+    rules: Any | Sequence[Any] = ("default",),
     seeds: int | None = None,
     progress: bool = True,
     cache_dir: str | None = None,
-    baselines: Sequence[str] = ("adam", "rmsprop", "sgd", "nesterov"),
+    baselines: str | Sequence[str] = ("adam", "rmsprop", "sgd", "nesterov"),
 ) -> SuiteResult:
     """Run a named suite (``"paper"`` or ``"seed-xor"``).
 
     Args:
         suite: the suite name.
-        rules: learned rules to evaluate (as for :func:`~learned_optim.compare.compare`).
+        rules: learned rules to evaluate (as for :func:`~learned_optim.compare.compare`; a single
+            str is one rule).
         seeds: evaluation seeds per comparison (default 10 for ``paper``, 500 datasets for ``seed-xor``).
         progress: show progress bars.
         cache_dir: folder for the baseline-run caches.
-        baselines: hand-designed optimizers to tune and compare against.
+        baselines: hand-designed optimizers to tune and compare against (a single str is one).
+
+    :func:`~learned_optim.report.write_suite_report` writes the result as Markdown, JSON and plots.
     """
+    # Once, here: the paper suite passes them to several comparisons (a generator would run dry).
+    rules, baselines = _one_or_many(rules), _one_or_many(baselines)
     if suite == "paper":
         n = seeds or 10
         comparisons = []

@@ -363,3 +363,28 @@ def test_meta_fit_loss_scale_range_trains_on_scaled_instances(tmp_path, capsys, 
     assert factors and all(0.01 <= f <= 100 for f in factors) and len(set(factors)) == len(factors)
     metadata = json.loads((out / CONFIG_NAME).read_text())["metadata"]
     assert "--loss-scale-range 100" in metadata["command"]
+
+
+def test_compare_suite_writes_markdown_json_and_plots(tmp_path, monkeypatch, capsys):
+    import learned_optim.suites
+
+    monkeypatch.setattr(learned_optim.suites, "classical_baselines", lambda n: {"RBF SVM": (0.25, 0.05)})
+    args = [
+        "compare",
+        "--suite",
+        "seed-xor",
+        "--rules",
+        "",
+        "--baselines",
+        "sgd",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main([*args, "--quiet"]) == 0
+    written = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert "suite-seed-xor.md" in written and "suite-seed-xor.json" in written
+    data = json.loads((tmp_path / "suite-seed-xor.json").read_text())
+    assert data["suite"] == "seed-xor" and "--suite seed-xor" in data["command"]
+    assert f"wrote {tmp_path / 'suite-seed-xor.json'}" in capsys.readouterr().out

@@ -12,8 +12,18 @@ import torch
 from tiny_tasks import Counter, half_square, make_tiny, tiny_sampler
 
 from learned_optim import CoordinateLSTM
-from learned_optim.compare import BASELINES, Comparison, ResultCache, RunResult, compare, run_once, tune_baseline
+from learned_optim.compare import (
+    BASELINES,
+    Comparison,
+    ResultCache,
+    RunResult,
+    check_grid,
+    compare,
+    run_once,
+    tune_baseline,
+)
 from learned_optim.report import write_report
+from learned_optim.tasks import TaskFamily, TaskInstance
 from learned_optim.weights import PretrainedError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -325,6 +335,72 @@ def test_corrupt_rule_fails_before_any_run(counted, tmp_path):
     assert counter.calls == 0
 
 
+@pytest.mark.parametrize(
+    "grid",
+    [[], [0.0], [float("nan")], [-1.0, 0.1], [0.1, float("inf")], "0.1", ["0.1"]],
+    ids=["empty", "zero", "nan", "negative", "inf", "str", "str-item"],
+)
+def test_bad_grid_fails_before_any_run(counted, grid):
+    # An empty grid failed in min() after the rule had run; 0 and NaN were "tuned" and reported.
+    counter, task = counted
+    with pytest.raises(ValueError, match=r"^grid(:| must)"):
+        compare(task, rules=[small_rule()], baselines=["sgd"], grid=grid, steps=2, seeds=1, progress=False)
+    assert counter.calls == 0
+    with pytest.raises(ValueError, match=r"^grid(:| must)"):
+        tune_baseline("sgd", BASELINES["sgd"], task, "tiny", [0], 2, grid=grid)
+    assert counter.calls == 0
+
+
+def test_check_grid_messages_and_accepted_forms():
+    with pytest.raises(ValueError, match=r"grid must be a non-empty list of learning rates \(finite numbers > 0\)"):
+        check_grid([])
+    with pytest.raises(ValueError, match=r"grid: every learning rate must be a finite number > 0, got \[0.0, -1\]"):
+        check_grid([0.0, 0.1, -1])
+    assert check_grid(0.1) == [0.1]  # one number: a one-point grid
+    assert check_grid((0.1, 1, 0.1)) == [0.1, 1]  # a repeated point would count twice in the progress total
+
+
+def test_rule_names_of_the_wrong_length_fail_before_any_run(counted):
+    counter, task = counted
+    with pytest.raises(ValueError, match=r"rule_names has 2 names for 1 rules; give one per rule"):
+        compare(task, rules=[small_rule()], rule_names=["a", "b"], baselines=["sgd"], steps=2, seeds=1,
+                progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"rule_names has 1 names for 2 rules"):
+        compare(task, rules=[small_rule(), small_rule()], rule_names=["a"], steps=2, seeds=1, progress=False)
+    assert counter.calls == 0
+
+
+def test_a_single_string_or_rule_is_one_item_not_a_sequence():
+    # "lstm-mnist" was iterated letter by letter ("'l' is not a bundled rule"), "sgd" as ['s', 'g', 'd'].
+    task = make_tiny()
+    result = compare(task, rules="lstm-mnist", baselines="sgd", grid=(0.1,), steps=2, seeds=1, progress=False)
+    assert [r.name for r in result.results] == ["lstm-mnist", "sgd"] and result.baselines == ["sgd"]
+    result = compare(task, rules=small_rule(), rule_names="mine", baselines=(), steps=2, seeds=1, progress=False)
+    assert [r.name for r in result.results] == ["mine"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"rule_lrs": "0.3"}, "rule_lrs must be a number or a list of numbers, got the str '0.3'"),
+        ({"rule_lrs": ["fast"]}, r"rule_lrs must be a number or a list of numbers, got \['fast'\]"),
+        ({"seeds": "3"}, "seeds must be a positive number of seeds or a non-empty list, got '3'"),
+    ],
+)
+def test_strings_where_numbers_belong_fail_before_any_run(counted, setting, message):
+    counter, task = counted
+    with pytest.raises(ValueError, match=message):
+        compare(task, rules=[small_rule()], baselines=["sgd"], **{"steps": 2, "seeds": 1, **setting}, progress=False)
+    assert counter.calls == 0
+
+
+@pytest.mark.parametrize("task", [5, None, [make_tiny()]], ids=["int", "none", "list"])
+def test_a_task_of_the_wrong_kind_is_a_type_error(task):
+    # 5 gave "AttributeError: 'int' object has no attribute 'sample'".
+    with pytest.raises(TypeError, match=r"^task must be a task name \(str\), a Task or a TaskFamily, got "):
+        compare(task, rules=[], baselines=["sgd"], steps=2, seeds=1, progress=False)
+
+
 # ---------------------------------------------------------------------------- cache
 def _numbers(result: Comparison) -> list[tuple]:
     return [(r.name, r.best_lr, r.mean_loss, r.final_loss, r.test_loss, r.curves, r.per_seed) for r in result.results]
@@ -415,6 +491,39 @@ def test_corrupt_cache_is_ignored(tmp_path):
     assert ResultCache(path).data == {}
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda e: {**e, "bogus": 1},
+        lambda e: {k: v for k, v in e.items() if k != "test_loss"},
+        lambda e: {**e, "mean_loss": "low"},
+        lambda e: {**e, "losses": "abc"},
+        lambda e: {**e, "losses": [0.5, None]},
+        lambda e: 5,
+    ],
+    ids=["extra-field", "missing-field", "str-metric", "str-losses", "null-loss", "not-a-dict"],
+)
+def test_a_malformed_cache_entry_is_rerun_and_overwritten(counted, tmp_path, spoil):
+    # A bad entry crashed the run (RunResult got an unexpected keyword) while a corrupt file was tolerated.
+    counter, task = counted
+    path = tmp_path / "cache.json"
+    settings = dict(rules=[], steps=3, seeds=1, baselines=["sgd"], grid=(0.1,), cache_path=path, progress=False)
+    first = compare(task, **settings)
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({key: spoil(entry) for key, entry in good.items()}))
+    counter.calls = 0
+    again = compare(task, **settings)
+    assert counter.calls == 1 + len(good)  # the fingerprint's instance, then a rerun of each bad entry
+    assert _numbers(again) == _numbers(first)
+    assert json.loads(path.read_text()).keys() == good.keys()
+    assert all(isinstance(ResultCache(path).get(key), RunResult) for key in good)  # hits again
+    # Rewritten well-formed: the seconds differ, what was measured does not.
+    rewritten = json.loads(path.read_text())
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in rewritten.values()] == [
+        {k: v for k, v in e.items() if k != "seconds"} for e in good.values()
+    ]
+
+
 # ---------------------------------------------------------------------------- every lr diverges
 class _Explodes(torch.nn.Module):
     """Its output is inf from the first step: every optimizer at every lr diverges."""
@@ -427,19 +536,30 @@ class _Explodes(torch.nn.Module):
         return self.w * x.sum(1, keepdim=True) * float("inf")
 
 
-def _exploding_task(test_set: bool):
-    from tiny_tasks import TEST_X, TEST_Y, TRAIN_X, TRAIN_Y
+class _ExplodingFamily(TaskFamily):
+    """A TaskFamily, not a Task: a Task refuses a model whose loss is inf at initialisation."""
 
-    from learned_optim.tasks import Task
+    name = "explodes"
 
-    return Task(
-        model=_Explodes,
-        loss=torch.nn.functional.mse_loss,
-        data=tiny_sampler,
-        train_set=(TRAIN_X, TRAIN_Y),
-        test_set=(TEST_X, TEST_Y) if test_set else None,
-        name="explodes",
-    )
+    def __init__(self, test_set: bool) -> None:
+        self.test_set = test_set
+
+    def sample(self, seed: int) -> TaskInstance:
+        from tiny_tasks import TEST_X, TEST_Y, TRAIN_X, TRAIN_Y
+
+        generator = torch.Generator().manual_seed(seed)
+        return TaskInstance(
+            model=_Explodes(),
+            loss=torch.nn.functional.mse_loss,
+            batches=iter(lambda: tiny_sampler(generator), None),
+            train_set=(TRAIN_X, TRAIN_Y),
+            test_set=(TEST_X, TEST_Y) if self.test_set else None,
+            name="explodes",
+        )
+
+
+def _exploding_task(test_set: bool) -> _ExplodingFamily:
+    return _ExplodingFamily(test_set)
 
 
 @pytest.mark.parametrize("test_set", [True, False], ids=["with-test-set", "no-test-set"])
