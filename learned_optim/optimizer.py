@@ -11,7 +11,6 @@ import copy
 import math
 import numbers
 import os
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from learned_optim._warnings import user_stacklevel
 from learned_optim.functional import (
     FUSED_CHUNK_SIZE,
     FlatState,
@@ -80,16 +80,6 @@ def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
-def _user_stacklevel() -> int:
-    """``stacklevel`` for a warning raised here that points at the first caller outside
-    torch and learned_optim (the constructor and add_param_group are reached both ways)."""
-    internal = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
-    frame, level = sys._getframe(1), 1  # the caller of warnings.warn is level 1
-    while frame is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _check_non_negative(name: str, value: object) -> None:
     """``TypeError`` unless ``value`` is a number (or one-element tensor); ``ValueError`` unless it
     is finite and >= 0 (an infinite lr or weight decay would turn the parameters into inf/NaN)."""
@@ -121,7 +111,7 @@ def _check_group_options(group: dict[str, Any]) -> None:
                 "was meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times "
                 "smaller than the rule's. Leave lr at its default unless you mean to shrink the steps.",
                 UserWarning,
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
     if "weight_decay" in group:
         _check_non_negative("weight_decay", group["weight_decay"])

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import secrets
+import warnings
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 
+from learned_optim._warnings import user_stacklevel
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import RULE_TYPES, get_rule_class
 
@@ -396,6 +398,15 @@ def resolve_rule(
     bundled = list_pretrained()
     if not is_path and name in bundled:
         _no_revision(revision, name, "a bundled rule")
+        if (Path(name) / CONFIG_NAME).is_file():
+            # Bundled names come first; a user who saved a rule under the same name would
+            # otherwise get ours without knowing.
+            warnings.warn(
+                f"pretrained={name!r} loads the bundled rule, not the folder {name!r} in the working "
+                f"directory; pass pathlib.Path({name!r}) or './{name}' for that folder",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         return load_from_directory(bundled_dir() / name)
     if is_default:
         raise PretrainedError(

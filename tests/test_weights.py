@@ -514,3 +514,19 @@ def test_save_refuses_a_rule_that_would_not_load_back_as_itself(tmp_path):
 
         RULE_TYPES.pop("_test_weights_forgot_config", None)
     assert not any((tmp_path / d).exists() for d in ("tweaked", "nameless", "forgot"))
+
+
+def test_a_local_folder_named_like_a_bundled_rule_warns_that_the_bundled_one_loads(tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    mine = CoordinateLSTM(hidden_size=4)
+    mine.save_pretrained("lstm-mnist")
+    param = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match=r"loads the bundled rule, not the folder 'lstm-mnist'") as caught:
+        opt = LearnedOptimizer([param], pretrained="lstm-mnist")
+    assert caught[0].filename == __file__  # points at the user's line
+    assert opt.rule.config["hidden_size"] == 20  # the bundled rule, as documented
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LearnedOptimizer([param], pretrained="./lstm-mnist").rule.config["hidden_size"] == 4
