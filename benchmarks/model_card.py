@@ -119,7 +119,7 @@ def main() -> None:
         "| task | steps | (a) ratio | (b) ratio | best baseline (a) | best baseline (b) |\n|---|---|---|---|---|---|\n"
     )
     if args.title is None:
-        print(summary + chr(10).join(rows) + "\n\n" + "\n\n".join(tables))
+        print(summary + chr(10).join(rows) + "\n\n" + chr(10).join(tables))
         print(f"\n({eval_seconds:.0f} s; {rule_dir / 'README.md'} not written: pass --title to write the card)")
         return
     card = f"""# {rule_dir.name}: {args.title}
