@@ -216,7 +216,11 @@ class LearnedOptimizer(Optimizer):
             from learned_optim.rules.lstm_triton import triton_available
 
             hint = ""
-            if type(self.rule) is not get_rule_class(self.rule.rule_type):
+            try:
+                registered = get_rule_class(self.rule.rule_type)
+            except ValueError:  # a custom rule that is not registered: it has no kernels of ours
+                registered = type(self.rule)
+            if type(self.rule) is not registered:
                 hint = f" (a subclass of {self.rule.rule_type} that changes its math steps eagerly)"
             elif impl == "triton" and not triton_available():
                 hint = " (is the `triton` package installed?)"

@@ -1079,3 +1079,16 @@ def test_state_cast_by_outside_code_comes_back_to_the_state_dtype(impl, cast_to)
     if impl != "eager":
         dtypes = {v.dtype for p in params for k, v in opt.state[p].items() if k.startswith("rule.")}
         assert dtypes == {torch.float32}
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_a_custom_rule_without_kernels_names_the_rule_when_a_kernel_is_asked_for(impl):
+    class Unregistered(UpdateRule):  # no rule_type: never saved, never registered
+        def state_spec(self):
+            return {}
+
+        def forward(self, grad, state, context=None):
+            return -grad, state
+
+    with pytest.raises(ValueError, match=rf"impl='{impl}': rule Unregistered has no such fused kernel; it has none"):
+        LearnedOptimizer([nn.Parameter(torch.ones(2))], pretrained=Unregistered(), impl=impl)

@@ -581,3 +581,22 @@ def test_loss_scaled_rejects_bad_factors(args, message):
         LossScaled(get_task("quadratic"), *args)
     with pytest.raises(TaskError, match="TaskFamily"):
         LossScaled("quadratic", 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: TeacherFamily(noise_std=float("nan")), "noise_std must be finite and non-negative, got nan"),
+        (lambda: QuadraticFamily(dim=2.5), "dim must be a positive integer, got 2.5"),
+        (lambda: ReversalFamily(vocab=1), "vocab must be at least 2"),
+        (lambda: SequenceMixFamily(vocabs=(1, 8)), r"vocabs must be a non-empty list of integers >= 2, got \[1, 8\]"),
+        (lambda: SequenceMixFamily(operations="reverse"), r"operations must be .*, got \['reverse'\]"),
+    ],
+)
+def test_task_families_refuse_bad_arguments_when_built(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_one_operation_may_be_given_as_a_string():
+    assert SequenceMixFamily(operations="sort").operations == ("sort",)

@@ -40,8 +40,8 @@ class QuadraticFamily(TaskFamily):
     """
 
     def __init__(self, dim: int = 10, name: str = "quadratic") -> None:
-        if dim < 1:
-            raise ValueError(f"dim must be positive, got {dim}")
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
         self.name = name
 

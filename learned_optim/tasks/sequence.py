@@ -100,6 +100,8 @@ class ReversalFamily(TaskFamily):
     ) -> None:
         if min(vocab, length, width, heads, layers, n_train, n_test, batch_size) < 1:
             raise ValueError("sizes, sample counts and batch_size must be positive")
+        if vocab < 2:
+            raise ValueError(f"vocab must be at least 2 (one token makes every target known), got {vocab}")
         if width % heads:
             raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
         self.vocab, self.length, self.width, self.heads, self.layers = vocab, length, width, heads, layers
@@ -170,14 +172,17 @@ class SequenceMixFamily(TaskFamily):
         batch_size: int = 32,
         name: str = "transformer-mix",
     ) -> None:
+        if isinstance(operations, str):
+            operations = (operations,)  # one operation, not its letters
         unknown = [op for op in operations if op not in SEQUENCE_OPERATIONS]
         if unknown or not operations:
             raise ValueError(
                 f"operations must be a non-empty subset of {sorted(SEQUENCE_OPERATIONS)}, got {list(operations)}"
             )
         for label, options in (("vocabs", vocabs), ("lengths", lengths), ("widths", widths), ("layers", layers)):
-            if not options or min(options) < 1:
-                raise ValueError(f"{label} must be a non-empty list of positive integers, got {list(options)}")
+            if not options or min(options) < (2 if label == "vocabs" else 1):
+                floor = "integers >= 2" if label == "vocabs" else "positive integers"
+                raise ValueError(f"{label} must be a non-empty list of {floor}, got {list(options)}")
         if min(lengths) < 2:
             raise ValueError(f"lengths must be at least 2 (rotation needs a shift), got {list(lengths)}")
         if not norm_first:

@@ -58,8 +58,8 @@ class TeacherFamily(TaskFamily):
     ) -> None:
         if min(input_dim, hidden, output_dim, n_train, n_test, batch_size) < 1:
             raise ValueError("sizes, sample counts and batch_size must be positive")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be non-negative, got {noise_std}")
+        if not 0 <= noise_std < math.inf:
+            raise ValueError(f"noise_std must be finite and non-negative, got {noise_std}")
         self.input_dim = input_dim
         self.hidden = hidden
         self.output_dim = output_dim
