@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _args import positive_int
 
 from learned_optim import LearnedOptimizer
 from learned_optim.compare import EVALUATION_SEED_BASE
@@ -26,8 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", default="hrnn-base", help="bundled name, folder or Hub id")
     parser.add_argument("--task", default="mnist-mlp")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--steps", type=positive_int, default=1000)
+    parser.add_argument("--every", type=positive_int, default=100)
     parser.add_argument("--seed", type=int, default=EVALUATION_SEED_BASE)
     parser.add_argument("--lr", type=float, default=1.0, help="the optimizer's lr multiplier")
     parser.add_argument("--threads", type=int, default=1)

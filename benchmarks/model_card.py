@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import positive_int, task_steps_list
 
 from learned_optim.compare import compare
 
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--title", help="the card's title; without it, only print the evaluation (no README.md)")
     parser.add_argument("--description", default="")
     parser.add_argument("--problems", required=True, help="comma separated task:steps")
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=positive_int, default=10)
     parser.add_argument("--machine", default="", help="how meta-training ran (default: this machine)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="results/.cache", help="folder caching baseline runs")
@@ -84,6 +85,10 @@ def main() -> None:
         "listed and its meta-training time added to the total; repeatable",
     )
     args = parser.parse_args()
+    try:
+        problems = task_steps_list(args.problems)
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"--problems: {err}")
     torch.set_num_threads(args.threads)
     rule_dir = Path(args.rule_dir)
     config = json.loads((rule_dir / "config.json").read_text())
@@ -98,8 +103,7 @@ def main() -> None:
     rows = []
     tables = []
     start = time.perf_counter()
-    for spec in args.problems.split(","):
-        task, steps = spec.split(":")
+    for task, steps in problems:
         c = compare(
             task,
             [str(rule_dir)],

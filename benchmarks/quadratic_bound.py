@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _args import positive_int
 
 from learned_optim.compare import EVALUATION_SEED_BASE
 from learned_optim.tasks import get_task
@@ -46,9 +47,9 @@ def cgnr_losses(weights: torch.Tensor, target: torch.Tensor, theta: torch.Tensor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--dim", type=int, default=10)
+    parser.add_argument("--seeds", type=positive_int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=100)
+    parser.add_argument("--dim", type=positive_int, default=10)
     args = parser.parse_args()
     family = get_task("quadratic")
     family.dim = args.dim

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import positive_int, task_steps
 
 from learned_optim.compare import (
     BASELINES,
@@ -88,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", required=True, help="comma separated rules (bundled names, dirs, Hub ids)")
     parser.add_argument("--problems", default="mnist", help=f"comma separated sets: {', '.join(PROBLEMS)}")
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=positive_int, default=10)
     parser.add_argument(
         "--seed-start",
         type=int,
@@ -99,8 +100,13 @@ def main() -> None:
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="results/.cache", help="folder caching baseline runs")
-    parser.add_argument("--lr-sweep", default="", help="task:steps for the lr-robustness sweep, e.g. mnist-mlp:100")
+    parser.add_argument(
+        "--lr-sweep", type=task_steps, default=None, help="task:steps for the lr-robustness sweep, e.g. mnist-mlp:100"
+    )
     args = parser.parse_args()
+    unknown = [p for p in args.problems.split(",") if p not in PROBLEMS]
+    if unknown:
+        parser.error(f"--problems: unknown set(s) {unknown}; known: {', '.join(PROBLEMS)}")
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",")
     out = Path(args.out)
@@ -135,13 +141,13 @@ def main() -> None:
         vs_adam = row["final_loss"] / row["adam_1e-3_final"] if row["adam_1e-3_final"] else float("nan")
         print(
             f"| {row['rule']} | {row['task']} | {row['steps']} | {row['ratio_a']:.2f} | {row['ratio_b']:.2f} "
-            f"| {row['best_a']} | {row['best_b']} | {vs_adam:.2f} |"
+            f"| {row['best_a']} | {row['best_b']} | {vs_adam:.3g} |"
         )
     sweep = None
     if args.lr_sweep:
-        task, steps = args.lr_sweep.split(":")
+        task, steps = args.lr_sweep
         seeds = list(range(args.seed_start, args.seed_start + args.seeds))
-        sweep = {r: lr_sweep(r, task, int(steps), seeds, Path(args.cache)) for r in rules}
+        sweep = {r: lr_sweep(r, task, steps, seeds, Path(args.cache)) for r in rules}
         for table in sweep.values():
             for name, values in table.items():
                 finite = [v for v in values.values() if v == v]

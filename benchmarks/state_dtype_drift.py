@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _args import positive_int
 
 from learned_optim import LearnedOptimizer
 from learned_optim.compare import EVALUATION_SEED_BASE
@@ -40,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rule", default="lstm-mnist")
     parser.add_argument("--task", default="mnist-mlp")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=positive_int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

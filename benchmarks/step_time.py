@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _args import parameter_count, parameter_counts, positive_int
 from torch import nn
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
@@ -167,11 +168,15 @@ def _count(total: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1M,10M", help="comma separated parameter counts (K/M suffixes)")
+    parser.add_argument(
+        "--sizes", type=parameter_counts, default="1M,10M", help="comma separated parameter counts (K/M suffixes)"
+    )
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip-naive-above", default="20M", help="skip the slow naive loops above this size")
+    parser.add_argument(
+        "--skip-naive-above", type=parameter_count, default="20M", help="skip the slow naive loops above this size"
+    )
     parser.add_argument("--no-hrnn", action="store_true", help="time the LSTM rule only")
     parser.add_argument(
         "--lstm-config",
@@ -184,6 +189,13 @@ def main() -> None:
         help="override the Triton LSTM kernel's launch settings (lstm_triton.LAUNCH), e.g. '{\"block\": 128}'",
     )
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch build sees no CUDA device")
+    try:
+        lstm_config = json.loads(args.lstm_config)
+        CoordinateLSTM(**lstm_config)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--lstm-config: {err}")
     if args.triton_launch != "{}":
         from learned_optim.rules import lstm_triton
 
@@ -192,10 +204,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    def parse(s: str) -> int:
-        return int(float(s[:-1]) * {"K": 1e3, "M": 1e6}[s[-1]]) if s[-1] in "KM" else int(s)
-
-    lstm, hrnn = CoordinateLSTM(**json.loads(args.lstm_config)).to(device), HierarchicalRNN().to(device)
+    lstm, hrnn = CoordinateLSTM(**lstm_config).to(device), HierarchicalRNN().to(device)
     fused = "triton" if device.type == "cuda" else "cpu"
     if fused not in lstm.fused_impls():
         raise SystemExit(f"the LSTM rule has no {fused!r} kernel here (fused kernels: {lstm.fused_impls()})")
@@ -211,8 +220,7 @@ def main() -> None:
     )
     print("| params | optimizer | ms/step | vs AdamW | vs naive loop | vs typical port | x floor | peak temp / state |")
     print("|---|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
-        n = parse(size)
+    for n in args.sizes:
         params = make_params(n, device)
         total = sum(p.numel() for p in params)
         rows: dict[str, tuple[float, int]] = {}
@@ -229,7 +237,7 @@ def main() -> None:
                 )
             # Read and write the state; read the gradient; read and write the parameter.
             floors[tag] = total * (2 * lstm_bytes[dtype] + 4 + 8) / bandwidth * 1e3
-        small = n <= parse(args.skip_naive_above)
+        small = n <= args.skip_naive_above
         if small:
             few = max(2, args.repeats // 2)
             rows["LSTM naive loop"] = time_steps(lambda ps: NaivePerTensor(ps, lstm), params, few)

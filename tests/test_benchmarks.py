@@ -164,3 +164,24 @@ def test_model_card_lists_earlier_stages_and_sums_their_times(tmp_path):
         text=True,
     )
     assert result.returncode != 0 and f"--before-run {tmp_path / 'nothing'}: cannot read" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("step_time.py", ["--sizes", "0"], "expected a parameter count of at least 1, got '0'"),
+        ("step_time.py", ["--sizes", "abc"], "expected a parameter count such as 1000, 10K or 1.5M, got 'abc'"),
+        ("step_time.py", ["--repeats", "0"], "expected a positive integer, got '0'"),
+        ("step_time.py", ["--lstm-config", "{bad"], "--lstm-config:"),
+        ("quadratic_bound.py", ["--dim", "0"], "expected a positive integer, got '0'"),
+        ("lr_trace.py", ["--every", "0"], "expected a positive integer, got '0'"),
+        ("state_dtype_drift.py", ["--steps", "0"], "expected a positive integer, got '0'"),
+        ("quality.py", ["--rules", "default", "--problems", "nope"], "--problems: unknown set(s) ['nope']"),
+        ("quality.py", ["--rules", "default", "--lr-sweep", "mnist-mlp"], "expected task:steps such as mnist-mlp:100"),
+        ("model_card.py", ["x", "--problems", "quadratic"], "--problems: expected task:steps"),
+    ],
+)
+def test_bad_benchmark_options_are_usage_errors(script, args, message):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr
