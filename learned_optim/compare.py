@@ -596,7 +596,7 @@ def _fmt_ratio(ratio: float) -> str:
     return "-" if math.isnan(ratio) else f"{ratio:.2f}"  # NaN: no ratio, shown like a missing lr
 
 
-def _one_or_many(value: Any) -> list[Any]:
+def one_or_many(value: Any) -> list[Any]:
     """``value`` as a list: a str (or any non-iterable, e.g. one rule object) is one item, not
     a sequence of characters."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
@@ -648,7 +648,7 @@ def compare(
 
     if not isinstance(task, (str, TaskFamily)):
         raise TypeError(f"task must be a task name (str), a Task or a TaskFamily, got {type(task).__name__}")
-    baselines = _one_or_many(baselines)
+    baselines = one_or_many(baselines)
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
@@ -662,7 +662,7 @@ def compare(
     if not seed_list:
         raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
     grid = check_grid(grid)
-    rules = _one_or_many(rules)
+    rules = one_or_many(rules)
     if isinstance(rule_lrs, (str, bytes)):  # not a list: its characters were converted one by one
         raise ValueError(f"rule_lrs must be a number or a list of numbers, got the str {rule_lrs!r}")
     try:
@@ -675,7 +675,7 @@ def compare(
     if bad:
         raise ValueError(f"rule_lrs must be positive finite numbers, got {bad}")
     if rule_names is not None:
-        rule_names = _one_or_many(rule_names)
+        rule_names = one_or_many(rule_names)
         if len(rule_names) != len(rules):
             raise ValueError(f"rule_names has {len(rule_names)} names for {len(rules)} rules; give one per rule")
     family = get_task(task) if isinstance(task, str) else task

@@ -89,8 +89,7 @@ def write_report(result: Comparison, out: str | Path, command: str | None = None
     """Write ``<task>-<steps>.md``, ``.json`` and ``.png`` (the plot if matplotlib is installed) to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # The task name may be a user's free-form label: keep the file names inside ``out``.
-    stem = re.sub(r"[^\w.\-]+", "_", f"{result.task}-{result.steps}")
+    stem = _file_stem(f"{result.task}-{result.steps}")
     paths = []
     md = out / f"{stem}.md"
     md.write_text(markdown(result, command))
@@ -112,7 +111,7 @@ def write_suite_report(result: SuiteResult, out: str | Path, command: str | None
     one ``suite-<name>-<task>-<steps>.png`` per comparison to ``out``; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^\w.\-]+", "_", f"suite-{result.suite}")
+    stem = _file_stem(f"suite-{result.suite}")
     md = out / f"{stem}.md"
     text = result.markdown()
     md.write_text(f"```\n{command}\n```\n\n{text}" if command else text)
@@ -122,11 +121,16 @@ def write_suite_report(result: SuiteResult, out: str | Path, command: str | None
     js.write_text(json.dumps(_finite_json(payload), indent=1, allow_nan=False))
     paths = [md, js]
     for comparison in result.comparisons:
-        name = re.sub(r"[^\w.\-]+", "_", f"{comparison.task}-{comparison.steps}")
+        name = _file_stem(f"{comparison.task}-{comparison.steps}")
         png = plot_curves(comparison, out / f"{stem}-{name}.png")
         if png is not None:
             paths.append(png)
     return paths
+
+
+def _file_stem(label: str) -> str:
+    # Task names may be a user's free-form labels: keep the file names inside ``out``.
+    return re.sub(r"[^\w.\-]+", "_", label)
 
 
 def _finite_json(value: object) -> object:

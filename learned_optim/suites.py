@@ -22,10 +22,10 @@ from typing import Any
 from learned_optim.compare import (
     EVALUATION_SEED_BASE,
     Comparison,
-    _one_or_many,
     compare,
     format_loss,
     held_out_lr,
+    one_or_many,
     plural,
 )
 from learned_optim.tasks.synthetic import XORFamily
@@ -114,7 +114,7 @@ def run_suite(
     :func:`~learned_optim.report.write_suite_report` writes the result as Markdown, JSON and plots.
     """
     # Once, here: the paper suite passes them to several comparisons (a generator would run dry).
-    rules, baselines = _one_or_many(rules), _one_or_many(baselines)
+    rules, baselines = one_or_many(rules), one_or_many(baselines)
     if suite == "paper":
         n = seeds or 10
         comparisons = []
