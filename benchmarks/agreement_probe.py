@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from _args import positive_int
 from torch import Tensor
 
 from learned_optim import CoordinateLSTM
@@ -58,15 +59,18 @@ def main() -> None:
     parser.add_argument("--rule", default="lstm-mnist-momentum", help="bundled name or folder of a momentum LSTM")
     parser.add_argument("--tasks", default="mnist-mlp,mnist-mlp-relu")
     parser.add_argument("--lrs", default="0.5,1", help="comma separated lr multipliers")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=positive_int, default=100, help="training steps per run (at least 2)")
+    parser.add_argument("--seeds", type=positive_int, default=3)
     parser.add_argument("--seed-start", type=int, default=12345, help="task instance seeds")
     parser.add_argument("--momentum", type=int, default=0, help="which momentum's cosine (index)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps: the cues read a previous step, so at least 2 steps are needed")
     torch.set_num_threads(args.threads)
     rule = probe_rule(args.rule)
-    windows = [(1, 2), (2, 10), (10, 40), (40, args.steps)]
+    # Step 0 has no momentum yet; windows past the run's end are dropped, the last one cut at it.
+    windows = [(a, min(b, args.steps)) for a, b in ((1, 2), (2, 10), (10, 40), (40, args.steps)) if a < args.steps]
     shown = [s for s in LOSS_STEPS if s <= args.steps]
     print(f"rule {args.rule}, momentum decay {rule.momentum_decays[args.momentum]}, {args.seeds} seeds")
     k = len(rule.momentum_decays)

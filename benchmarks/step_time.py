@@ -199,7 +199,18 @@ def main() -> None:
     if args.triton_launch != "{}":
         from learned_optim.rules import lstm_triton
 
-        lstm_triton.LAUNCH.update(json.loads(args.triton_launch))
+        if not args.device.startswith("cuda"):
+            parser.error(
+                f"--triton-launch: tunes the Triton kernel timed on CUDA; --device {args.device} times the C kernel"
+            )
+        try:
+            launch = json.loads(args.triton_launch)
+        except ValueError as err:
+            parser.error(f"--triton-launch: {err}")
+        unknown = sorted(set(launch) - set(lstm_triton.LAUNCH)) if isinstance(launch, dict) else None
+        if unknown is None or unknown:
+            parser.error(f"--triton-launch: expected a JSON object with keys from {sorted(lstm_triton.LAUNCH)}")
+        lstm_triton.LAUNCH.update(launch)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

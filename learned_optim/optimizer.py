@@ -99,9 +99,9 @@ def _check_non_negative(name: str, value: object) -> None:
 
 
 def _check_group_options(group: dict[str, Any]) -> None:
-    """Check the ``lr`` / ``weight_decay`` a group (or the defaults) sets: ``TypeError`` for a
-    non-number, ``ValueError`` below 0, NaN or infinite, a ``UserWarning`` for an lr that looks
-    copied from Adam."""
+    """Check the ``lr`` / ``weight_decay`` / ``maximize`` a group (or the defaults) sets:
+    ``TypeError`` for a non-number (non-bool ``maximize``), ``ValueError`` below 0, NaN or
+    infinite, a ``UserWarning`` for an lr that looks copied from Adam."""
     if "lr" in group:
         lr = group["lr"]
         _check_non_negative("lr", lr)
@@ -115,6 +115,14 @@ def _check_group_options(group: dict[str, Any]) -> None:
             )
     if "weight_decay" in group:
         _check_non_negative("weight_decay", group["weight_decay"])
+    if "maximize" in group and not _is_bool(group["maximize"]):
+        value = group["maximize"]
+        raise TypeError(f"maximize must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _is_bool(value: object) -> bool:
+    """A Python bool or a numpy bool scalar (a string such as "no" would be truthy)."""
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
 
 
 class LearnedOptimizer(Optimizer):
@@ -175,7 +183,7 @@ class LearnedOptimizer(Optimizer):
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
     ) -> None:
-        _check_group_options({"lr": lr, "weight_decay": weight_decay})
+        _check_group_options({"lr": lr, "weight_decay": weight_decay, "maximize": maximize})
         if chunk_size is not None:
             chunk_size = chunk_size_option(chunk_size, allowed="an int >= 1 or None")
         if nonfinite not in ("skip", "error"):

@@ -196,6 +196,11 @@ def test_param_group_options_are_checked_like_the_defaults():
     for bad in ({"lr": "1"}, {"weight_decay": None}, {"lr": torch.ones(2)}):
         with pytest.raises(TypeError, match=f"{next(iter(bad))} must be a number"):
             opt.add_param_group({"params": [d], **bad})
+    for bad in ("yes", 1, None):  # a truthy string would silently flip the sign of every step
+        with pytest.raises(TypeError, match=f"maximize must be True or False, got {type(bad).__name__}"):
+            opt.add_param_group({"params": [d], "maximize": bad})
+        with pytest.raises(TypeError, match="maximize must be True or False"):
+            LearnedOptimizer([d], pretrained=NegGrad(), maximize=bad)
     assert len(opt.param_groups) == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")
