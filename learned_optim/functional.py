@@ -56,7 +56,7 @@ class StepEntry:
     param: Tensor
     grad: Tensor
     state: RuleState
-    lr: float
+    lr: float | Tensor  # a one-element tensor lr (torch.compile with a scheduler) is never read back
     weight_decay: float
     maximize: bool
     segment_state: RuleState | None = None  # per-tensor rule state, each ``(1, ...)``
@@ -402,18 +402,30 @@ def _decay_factor(entry: StepEntry, keep: Tensor) -> Tensor | None:
     if entry.weight_decay == 0.0:
         return None
     factor_dtype = torch.promote_types(entry.param.dtype, torch.float32)
-    decayed = torch.full((), 1.0 - entry.lr * entry.weight_decay, dtype=factor_dtype, device=keep.device)
+    if isinstance(entry.lr, Tensor):
+        decayed = 1.0 - entry.lr.to(device=keep.device, dtype=factor_dtype).reshape(()) * entry.weight_decay
+    else:
+        decayed = torch.full((), 1.0 - entry.lr * entry.weight_decay, dtype=factor_dtype, device=keep.device)
     return torch.where(keep, decayed, 1.0)
 
 
-def _apply_update(target: Tensor, update: Tensor, lr: float, factor: Tensor | None) -> None:
+def _scaled(update: Tensor, lr: float | Tensor) -> tuple[Tensor, float]:
+    """``(update, alpha)`` with ``update * alpha == lr * update``: a tensor lr is multiplied in
+    (``alpha`` must be a Python number, and reading the tensor back would sync the device)."""
+    if isinstance(lr, Tensor):
+        return update * lr.to(device=update.device, dtype=update.dtype).reshape(()), 1.0
+    return update, lr
+
+
+def _apply_update(target: Tensor, update: Tensor, lr: float | Tensor, factor: Tensor | None) -> None:
     """``target = target * factor + lr * update`` in place (``factor``: decoupled weight decay)."""
+    update, alpha = _scaled(update, lr)
     if factor is None:
-        target.add_(update, alpha=lr)
+        target.add_(update, alpha=alpha)
     else:
         # Decay and update in the factor's dtype, rounded to the param dtype once: a bf16
         # param times an fp32 device tensor would round the factor to bf16 on GPU.
-        target.copy_(torch.add(target.to(factor.dtype) * factor, update, alpha=lr))
+        target.copy_(torch.add(target.to(factor.dtype) * factor, update, alpha=alpha))
 
 
 def _finalize(
@@ -647,22 +659,28 @@ def fused_learned_step(
         # Foreach ops per (lr, decay factor); fp32 updates for every dtype, so a bf16 param gets
         # one rounding, as on the eager path. Decay in a low-precision param dtype (or masked)
         # goes tensor by tensor, decay and update rounded together.
-        groups: dict[tuple[float, float], tuple[list[Tensor], list[Tensor]]] = {}
+        groups: dict[tuple[object, float], tuple[float | Tensor, list[Tensor], list[Tensor]]] = {}
         for index, start, stop in pieces:
             e = entries[index]
             target, piece_update = flat_params[index][start:stop], update[offset : offset + stop - start]
             offset += stop - start
-            factor = 1.0 - e.lr * e.weight_decay
             if e.weight_decay != 0.0 and (masked or target.dtype not in (torch.float32, torch.float64)):
                 _apply_update(target, piece_update, e.lr, _decay_factor(e, keep[index]))
                 continue
-            targets, updates = groups.setdefault((e.lr, factor), ([], []))
+            # A tensor lr groups by identity: comparing its value would read it back.
+            key = (id(e.lr) if isinstance(e.lr, Tensor) else e.lr, e.weight_decay)
+            _, targets, updates = groups.setdefault(key, (e.lr, [], []))
             targets.append(target)
             updates.append(piece_update)
-        for (lr, factor), (targets, updates) in groups.items():
-            if factor != 1.0:
-                torch._foreach_mul_(targets, factor)
-            torch._foreach_add_(targets, updates, alpha=lr)
+        for (_, weight_decay), (lr, targets, updates) in groups.items():
+            if weight_decay != 0.0:
+                torch._foreach_mul_(targets, _plain_decay_factor(lr, weight_decay, targets[0]))
+            if isinstance(lr, Tensor):
+                # The update buffer is scratch: scale it in place rather than allocate.
+                torch._foreach_mul_(updates, lr.to(device=device, dtype=torch.float32).reshape(()))
+                torch._foreach_add_(targets, updates)
+            else:
+                torch._foreach_add_(targets, updates, alpha=lr)
     for e, flat_param in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():
             e.param.copy_(flat_param.view(e.param.shape))
@@ -670,6 +688,13 @@ def fused_learned_step(
         sums = [{k: v[i] for k, v in context.segment_sums.items()} for i in range(len(entries))]
         _finalize(rule, entries, sums, keep, global_state, flat.segment_counts())
     return skipped
+
+
+def _plain_decay_factor(lr: float | Tensor, weight_decay: float, like: Tensor) -> float | Tensor:
+    """``1 - lr * weight_decay`` for an unmasked fp32/fp64 group (a device tensor for a tensor lr)."""
+    if isinstance(lr, Tensor):
+        return 1.0 - lr.to(device=like.device, dtype=like.dtype).reshape(()) * weight_decay
+    return 1.0 - lr * weight_decay
 
 
 def _pieces_between(offsets: Sequence[int], start: int, stop: int) -> list[tuple[int, int, int]]:

@@ -413,7 +413,7 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        if self._global_state is not None and not any(self.state.values()):
+        if self._global_state is not None and not self._any_param_state():
             # No parameter has state: a new optimizer, or opt.state.clear() (how torch.optim users
             # reset one). The global state lives outside self.state, so it starts afresh here too.
             # In place: a compiled or captured step keeps reading the same tensors.
@@ -532,6 +532,12 @@ class LearnedOptimizer(Optimizer):
                     )
         return loss
 
+    def _any_param_state(self) -> bool:
+        """Whether any parameter of the groups has state. Reached through param_groups, not by
+        iterating self.state: torch.compile guards a param met as a state key by its grad, and
+        recompiled every step once zero_grad() freed that grad."""
+        return any(p in self.state and self.state[p] for group in self.param_groups for p in group["params"])
+
     def __repr__(self) -> str:
         """torch's listing of the param groups, headed by the rule and how it runs."""
         config = ", ".join(f"{k}={v!r}" for k, v in self.rule.config.items())
@@ -569,7 +575,7 @@ class LearnedOptimizer(Optimizer):
         }
         if self._global_state is not None:
             global_state = self._global_state
-            if not any(self.state.values()):
+            if not self._any_param_state():
                 # After opt.state.clear() the next step starts the global state afresh (see
                 # step()); save what it will start from, not the values from before the reset.
                 global_state = self._fresh_global_state(next(iter(global_state.values())).device)

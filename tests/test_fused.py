@@ -641,6 +641,40 @@ def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl,
             assert _rel(opt.state[p][f"rule.{key}"], reference_opt.state[q][f"rule.{key}"]) < TRAJECTORY_RTOL
 
 
+@pytest.mark.parametrize(
+    "rule, impl", [("lstm-mnist-mixed-momentum", "auto"), ("hrnn-base", "auto"), ("hrnn-base", "eager")]
+)
+def test_a_compiled_step_with_a_tensor_lr_and_a_scheduler_compiles_once(rule, impl):
+    # PyTorch's recipe for a compiled step under an LR scheduler: a tensor lr, which the
+    # scheduler fills in place, so a new lr is no new constant to recompile for. Before, the
+    # lr was read back to the host (a graph break) and the hierarchical step recompiled every
+    # step once zero_grad() freed the gradients.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _model()
+    reference = _model()
+    reference.load_state_dict(model.state_dict())
+    opt = LearnedOptimizer(model.parameters(), pretrained=rule, impl=impl, lr=torch.tensor(1.0), weight_decay=0.01)
+    reference_opt = LearnedOptimizer(reference.parameters(), pretrained=rule, impl="eager", weight_decay=0.01)
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend=backend)  # before the scheduler wraps step
+    schedulers = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (opt, reference_opt)]
+    x = torch.randn(16, 6, device=DEVICE)
+    y = torch.randint(0, 3, (16,), device=DEVICE)
+    for _ in range(5):
+        for m, o, step in ((model, opt, compiled_step), (reference, reference_opt, reference_opt.step)):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            step()
+        for scheduler in schedulers:
+            scheduler.step()
+    # One graph for the first step (it makes the state), one for every later step.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.7**5)
+    for a, b in zip(reference.parameters(), model.parameters(), strict=True):
+        assert _rel(b, a) < TRAJECTORY_RTOL
+
+
 @over_kernels
 def test_fused_step_never_writes_into_the_users_gradients(impl, monkeypatch):
     # Small chunks, one big tensor after a small one: chunks that are views of .grad at an offset.

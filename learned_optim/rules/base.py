@@ -67,17 +67,19 @@ zero-initialised tensor (a bias) reads as a small one, so its steps are not judg
 large against it."""
 
 
-def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tensor:
+def step_scales(params: Sequence[Tensor], lrs: Sequence[float | Tensor] | float | Tensor) -> Tensor:
     """``(len(params),)`` float32 ``log(lr / max(RMS(p), PARAM_RMS_FLOOR))`` of each tensor
     (no autograd, no host sync).
 
-    ``lrs``: one learning rate (multiplier of the rule's update) per tensor, or one for all.
+    ``lrs``: one learning rate (multiplier of the rule's update) per tensor, or one for all;
+    each a number or a one-element tensor (read on the device, never back to the host).
     An lr of 0 gives a large negative finite value, never ``-inf``; an all-zero tensor reads
     as one of RMS ``PARAM_RMS_FLOOR``.
     """
     if not params:
         raise ValueError("step_scales needs at least one parameter tensor")
-    lr_list = [float(lrs)] * len(params) if isinstance(lrs, numbers.Real) else [float(v) for v in lrs]
+    single = isinstance(lrs, (numbers.Real, Tensor))
+    lr_list = [lrs] * len(params) if single else list(lrs)
     if len(lr_list) != len(params):
         raise ValueError(f"step_scales: {len(lr_list)} learning rates for {len(params)} tensors")
     device = params[0].device
@@ -87,7 +89,12 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float] | float) -> Tenso
         sizes = [max(p.numel() * (2 if p.is_complex() else 1), 1) for p in params]
         sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
         log_rms = torch.log((norms / sizes.sqrt()).clamp_min(PARAM_RMS_FLOOR))
-        log_lr = torch.tensor([math.log(max(v, _TINY)) for v in lr_list], dtype=torch.float32, device=device)
+        if any(isinstance(v, Tensor) for v in lr_list):
+            as_tensors = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in lr_list]
+            log_lr = torch.stack(as_tensors).clamp_min(_TINY).log().float()
+        else:
+            log_lr = [math.log(max(float(v), _TINY)) for v in lr_list]
+            log_lr = torch.tensor(log_lr, dtype=torch.float32, device=device)
     return log_lr - log_rms
 
 
