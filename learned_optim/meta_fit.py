@@ -21,6 +21,7 @@ import math
 import os
 import random
 import secrets
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,6 +35,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 from torch.func import functional_call
+from torch.utils.data import DataLoader
 
 from learned_optim.rules.base import (
     RuleState,
@@ -364,6 +366,60 @@ def _global_rng(seed: int, stream: str) -> Iterator[None]:
         generator.set_state(state)
 
 
+def _loader_generators(family: TaskFamily) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a :class:`Task`'s ``DataLoader`` shuffles with, if any:
+    its own ``generator=`` and its (batch) sampler's, each once."""
+    loader = getattr(family, "data", None) if isinstance(family, Task) else None
+    if not isinstance(loader, DataLoader):
+        return []
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    found: list[torch.Generator] = []
+    for owner in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
+            found.append(generator)
+    return found
+
+
+@contextlib.contextmanager
+def _generators_restored(generators: Sequence[torch.Generator]) -> Iterator[None]:
+    """Leaves ``generators`` in the states they had before the block."""
+    saved = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for generator, state in zip(generators, saved, strict=True):
+            generator.set_state(state)
+
+
+class _OwnGeneratorBatches(Iterator[Any]):
+    """An instance's batches, drawn with the loader's generators in states of the instance's own.
+
+    Each generator gets a private state seeded from the instance's seed; it is swapped in for
+    each draw (which is when a ``DataLoader`` starts epochs and shuffles) and kept for the next,
+    so the batches are a function of the seed alone, as they are for loaders without a generator.
+    """
+
+    def __init__(self, batches: Iterator[Any], generators: Sequence[torch.Generator], seed: int) -> None:
+        self._batches = batches
+        self._generators = list(generators)
+        self._states = [
+            torch.Generator(device=g.device)
+            .manual_seed(derive_seed(seed, f"meta-fit/loader-generator/{i}"))
+            .get_state()
+            for i, g in enumerate(self._generators)
+        ]
+
+    def __next__(self) -> Any:
+        with _generators_restored(self._generators):
+            for generator, state in zip(self._generators, self._states, strict=True):
+                generator.set_state(state)
+            try:
+                return next(self._batches)
+            finally:
+                self._states = [g.get_state() for g in self._generators]
+
+
 def _carry_tensors(carry: _Carry) -> list[Tensor]:
     """Every tensor of ``carry``, in a fixed order."""
     tensors = [p for params in carry.params for p in params]
@@ -407,6 +463,40 @@ def check_time_budget(time_budget: float | None) -> None:
         raise ValueError(f"time_budget must be a finite number >= 0 (seconds) or None, got {time_budget!r}")
 
 
+def _check_checkpoint_dir(checkpoint_dir: object) -> None:
+    """Raise unless ``checkpoint_dir`` is a path where a folder is or can be made (checked before
+    training, not at the first checkpoint)."""
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a folder path (str or os.PathLike) or None, got {checkpoint_dir!r}")
+    path = Path(checkpoint_dir)
+    # The nearest part of the path that exists must be a folder to write into.
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "it" if existing == path else str(existing)
+        raise ValueError(f"checkpoint_dir {str(path)!r}: {what} exists and is not a folder; pass a folder path")
+
+
+def _check_task_data(family: TaskFamily) -> None:
+    """Refuse a :class:`Task`'s data that meta-training cannot draw reproducibly or would misread."""
+    if not isinstance(family, Task):
+        return
+    data, name = family.data, getattr(family, "name", "task")
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        # Iterated as a list of batches, it would give the tensor X as the first "batch".
+        raise TaskError(
+            f"task {name!r}: data is one pair of tensors (inputs, targets), but data is read as a "
+            "sequence of batches (like a DataLoader), which would make the inputs tensor the first batch; "
+            "to train on the whole set as one batch every step, pass a list holding it: data=[(inputs, targets)]"
+        )
+    if isinstance(data, DataLoader) and data.persistent_workers:
+        raise ValueError(
+            f"task {name!r}: the DataLoader has persistent_workers=True: PyTorch then keeps one iterator "
+            "per DataLoader, so the task instances meta_fit trains side by side (and validates) would "
+            "reset each other's epochs and no instance's batches could be replayed; build it with "
+            "persistent_workers=False"
+        )
+
+
 class MetaTrainer:
     """Meta-trains ``rule`` on task families; see :func:`meta_fit` for the arguments."""
 
@@ -426,7 +516,13 @@ class MetaTrainer:
             raise ValueError("the rule has no trainable parameters")
         check_state_specs(rule)
         if checkpoint_dir is not None:
+            _check_checkpoint_dir(checkpoint_dir)
             check_savable(rule)  # now, not at the first checkpoint after minutes of training
+        if callback is not None and not callable(callback):
+            raise TypeError(
+                f"callback must be a function called with the history after each iteration, or None, "
+                f"got {type(callback).__name__}"
+            )
         self.rule = rule
         if isinstance(tasks, (TaskFamily, str)):
             tasks = [tasks]
@@ -438,6 +534,7 @@ class MetaTrainer:
         for family in self.families:
             if not isinstance(family, TaskFamily):
                 raise TypeError(f"tasks must be TaskFamily/Task objects or task names, got {type(family).__name__}")
+            _check_task_data(family)
         if not self.families:
             raise ValueError("meta_fit needs at least one task")
         self.config = config or MetaFitConfig()
@@ -453,8 +550,8 @@ class MetaTrainer:
         self.history = MetaFitHistory()
         self.best_weights = {k: v.detach().clone() for k, v in rule.state_dict().items()}
         self.runs: list[_Run] = []
-        for family in self.families:
-            probe = family.sample(VALIDATION_SEED_BASE - 1)
+        for index, family in enumerate(self.families):
+            probe = self._sample(index, VALIDATION_SEED_BASE - 1)
             with _global_rng(VALIDATION_SEED_BASE - 1, "meta-fit/probe"):
                 validate_instance(
                     probe, f"task {getattr(family, 'name', type(family).__name__)!r}", require_all_used=True
@@ -478,19 +575,43 @@ class MetaTrainer:
             if lr_scale is None and self.config.lr_scale_range > 1:
                 bound = math.log(self.config.lr_scale_range)
                 lr_scale = math.exp(self.rng.uniform(-bound, bound))
-        instance = self.families[family_index].sample(seed)
+        instance = self._sample(family_index, seed)
         named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
         # The model's own dtype (a float64 model gets float64 inputs); the rule computes in
         # its dtype and its update is cast back.
         params = [p.detach().clone() for _, p in named]
-        device = params[0].device
-        state = self.rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
+        state, segment_state, global_state = self._initial_states(params)
         run = _Run(family_index, seed, horizon, instance, [n for n, _ in named], params, state)
         run.lr_scale = 1.0 if lr_scale is None else float(lr_scale)
-        run.segment_state = self.rule.init_segment_state(len(params), device=device)
-        run.global_state = self.rule.init_global_state(device=device)
+        run.segment_state = segment_state
+        run.global_state = global_state
         run.buffers = model_buffers(instance.model)
         return run
+
+    def _initial_states(self, params: Sequence[Tensor]) -> tuple[RuleState, RuleState, RuleState]:
+        """The rule's starting per-coordinate, per-tensor and global state for a problem of ``params``
+        (functions of the rule's weights where it learns them, e.g. HierarchicalRNN's ``log_lr0``)."""
+        device = params[0].device
+        state = self.rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
+        segment_state = self.rule.init_segment_state(len(params), device=device)
+        return state, segment_state, self.rule.init_global_state(device=device)
+
+    def _sample(self, family_index: int, seed: int) -> TaskInstance:
+        """Instance ``seed`` of family ``family_index``, drawing batches from its own random streams.
+
+        A ``DataLoader`` with its own ``generator=`` (or a sampler with one) would shuffle every
+        instance from that one generator, so an instance's batches would depend on what the others
+        (and validation) drew before: each instance gets private generator states derived from its
+        seed instead, swapped in only while it draws. The loader's generators are left as they were.
+        """
+        family = self.families[family_index]
+        generators = _loader_generators(family)
+        if not generators:
+            return family.sample(seed)
+        with _generators_restored(generators):  # a Task checks its first instance on one batch
+            instance = family.sample(seed)
+        instance.batches = _OwnGeneratorBatches(instance.batches, generators, seed)
+        return instance
 
     def _next_batch(self, run: _Run) -> Any:
         run.batches_used += 1
@@ -760,20 +881,32 @@ class MetaTrainer:
     def _trainable(self) -> list[Tensor]:
         return [p for p in self.rule.parameters() if p.requires_grad]
 
-    def _start_particles(self, run: _Run, theta: Tensor) -> None:
+    def _start_particles(self, run: _Run, theta: Tensor, noise: Tensor) -> None:
+        """The +/- perturbed trajectories of ``run`` (pair ``j``: weights ``theta ± noise[j]``).
+
+        At an instance's start each particle's rule state is built from its own perturbed
+        weights: a rule's learned initial state (e.g. HierarchicalRNN's ``log_lr0``, ``*_h0``)
+        is then part of what the perturbations explore, as it is of what backpropagation sees.
+        """
+
         def copy(states: RuleState) -> RuleState:
             return {k: v.detach().clone() for k, v in states.items()}
 
-        run.particles = [
-            _Particle(
-                [p.detach().clone() for p in run.params],
-                copy(run.state),
-                copy(run.segment_state),
-                copy(run.global_state),
-                copy_buffers(run.buffers),
-            )
-            for _ in range(2 * self.config.pes_pairs)
-        ]
+        trainable = self._trainable()
+        run.particles = []
+        try:
+            for j in range(self.config.pes_pairs):
+                for sign in (1.0, -1.0):
+                    states = (run.state, run.segment_state, run.global_state)
+                    if run.steps_done == 0:
+                        _assign(trainable, theta + sign * noise[j])
+                        with torch.no_grad():
+                            states = self._initial_states(run.params)
+                    particle = _Particle([p.detach().clone() for p in run.params], *map(copy, states))
+                    particle.buffers = copy_buffers(run.buffers)
+                    run.particles.append(particle)
+        finally:
+            _assign(trainable, theta)
         run.pes_noise = theta.new_zeros(self.config.pes_pairs, theta.numel())
 
     def _particle_unroll(self, run: _Run, particle: _Particle, batches: Sequence[Any], first_batch: int) -> Tensor:
@@ -810,8 +943,6 @@ class MetaTrainer:
         estimates, values = [], []
         try:
             for run in runs:
-                if run.particles is None:
-                    self._start_particles(run, theta)
                 # Common random numbers: every particle of an instance sees the same minibatches.
                 if run.pending_batch is None:
                     run.pending_batch = self._next_batch(run)
@@ -819,13 +950,14 @@ class MetaTrainer:
                 run.pending_batch = batches[-1]
                 first_batch = run.batches_used - length  # stream index of batches[0]
                 if math.isnan(run.initial_loss):
+                    start = run.particles[0].params if run.particles else run.params
                     with torch.no_grad(), _global_rng(run.seed, f"meta-fit/batch/{first_batch}"):
-                        first = functional_loss(
-                            run.instance, run.names, run.particles[0].params, batches[0], copy_buffers(run.buffers)
-                        )
+                        first = functional_loss(run.instance, run.names, start, batches[0], copy_buffers(run.buffers))
                     run.initial_loss = max(float(first), 1e-12)
                 gen = torch.Generator().manual_seed(self.rng.randrange(2**62))
                 noise = torch.randn(cfg.pes_pairs, theta.numel(), generator=gen, dtype=theta.dtype) * cfg.pes_std
+                if run.particles is None:
+                    self._start_particles(run, theta, noise)
                 run.pes_noise += noise
                 objectives = torch.empty(cfg.pes_pairs, 2)
                 for j in range(cfg.pes_pairs):
@@ -1066,6 +1198,7 @@ class MetaTrainer:
             "weights": weights_name,
             "rule_type": self.rule.rule_type,
             "rule_config": self.rule.config,
+            "trained_parameters": self._trained_names(),
             "tasks": self._task_labels(),
             "config": asdict(self.config),
             "history": asdict(self.history),
@@ -1088,6 +1221,14 @@ class MetaTrainer:
             best = copy.deepcopy(self.rule)
             best.load_state_dict(self.best_weights)
             save_pretrained(best, directory / "best")
+        elif (directory / "best").is_dir():
+            # An earlier run's (a fresh run into a used folder): beside this run's checkpoint it
+            # would pass for this run's best weights.
+            shutil.rmtree(directory / "best")
+
+    def _trained_names(self) -> list[str]:
+        """Names of the rule's parameters that meta-training updates (``requires_grad``)."""
+        return [name for name, p in self.rule.named_parameters() if p.requires_grad]
 
     def _task_labels(self) -> list[str]:
         return [getattr(f, "name", type(f).__name__) for f in self.families]
@@ -1118,6 +1259,13 @@ class MetaTrainer:
             raise ValueError(
                 f"{meta_path}: checkpoint is for rule {meta['rule_type']} {meta['rule_config']}, "
                 f"not {self.rule.rule_type} {self.rule.config}"
+            )
+        trained = meta.get("trained_parameters")  # absent in checkpoints written before it was recorded
+        if trained is not None and trained != self._trained_names():
+            raise ValueError(
+                f"{meta_path}: the checkpoint meta-trained the rule parameters {trained}, but this rule "
+                f"trains {self._trained_names()}; resume with the same ones trainable (--train-only, "
+                "requires_grad), or start over without resuming (--overwrite)"
             )
         saved_cfg = meta["config"]
         # As JSON holds them (tuples come back as lists).
@@ -1190,6 +1338,13 @@ class MetaTrainer:
             }
             if info.get("particles", 0):
                 run.pes_noise = tensors[f"run/{r_index}/pes_noise"]
+                trainable = sum(p.numel() for p in self._trainable())
+                if run.pes_noise.shape[-1] != trainable:  # an older checkpoint has no trained_parameters
+                    raise ValueError(
+                        f"{meta_path}: the checkpoint's perturbations are over {run.pes_noise.shape[-1]} rule "
+                        f"weights, but this rule trains {trainable}: resume with the same parameters "
+                        "trainable (--train-only, requires_grad), or start over without resuming (--overwrite)"
+                    )
                 run.particles = []
                 for k_index in range(info["particles"]):
                     prefix = f"run/{r_index}/particle/{k_index}"
@@ -1628,17 +1783,24 @@ def meta_fit(
             multipliers and score the mean (default: at 1 only).
         validation_metric: ``"objective"`` (the meta-loss) or ``"final"`` (log ratio of the
             whole-training-split loss after the last step to the one before the first).
-        checkpoint_dir: write checkpoints here every ``checkpoint_every`` iterations.
+        checkpoint_dir: write checkpoints here every ``checkpoint_every`` iterations. Without
+            ``resume``, a run there starts over: its first checkpoint replaces the old one (and
+            an old ``best/`` while it has no best weights of its own).
         checkpoint_every: iterations between checkpoints.
         resume: continue from ``checkpoint_dir``'s checkpoint if there is one.
         progress: show a progress bar.
         time_budget: stop after this many seconds of meta-training, counted over the whole
             run (a resumed run goes on from the seconds its checkpoint recorded).
-        callback: called with the history after each iteration.
+        callback: called with the history after each iteration (a callable or None).
 
     Returns:
         The rule (the same object), holding the best validated weights.
     """
+    if isinstance(validation_lr_scales, (str, bytes)) or not isinstance(validation_lr_scales, Iterable):
+        raise TypeError(
+            "validation_lr_scales must be a sequence of learning-rate multipliers > 0, e.g. (1.0,) or "
+            f"(0.1, 1.0, 10.0), got {validation_lr_scales!r}"
+        )
     config = MetaFitConfig(
         steps=steps,
         unroll=unroll,

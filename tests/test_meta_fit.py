@@ -13,8 +13,9 @@ import stat
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_tasks import TRAIN_X, TRAIN_Y, make_tiny, tiny, tiny_loader, tiny_model, tiny_sampler
+from tiny_tasks import TRAIN_X, TRAIN_Y, Counter, make_tiny, tiny, tiny_loader, tiny_model, tiny_sampler
 from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
 from learned_optim.cli import main
@@ -127,6 +128,24 @@ def test_checkpoint_without_validation_has_no_best_folder(tmp_path):
     assert not (tmp_path / "best").exists()
 
 
+@pytest.mark.parametrize("validate_every", [0, 1])
+def test_a_fresh_run_into_a_used_folder_leaves_no_best_of_the_earlier_run(tmp_path, validate_every):
+    from learned_optim.weights import load_from_directory
+
+    settings = dict(steps=7, unroll=3, meta_iterations=2, checkpoint_dir=tmp_path, progress=False)
+    meta_fit(small_rule(), tiny, validate_every=1, validation_instances=1, **settings)
+    assert load_from_directory(tmp_path / "best").config["hidden_size"] == 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        wider = CoordinateLSTM(hidden_size=12)
+    meta_fit(wider, tiny, validate_every=validate_every, validation_instances=1, **settings)  # resume=False
+    assert load_from_directory(tmp_path / "last").config["hidden_size"] == 12
+    if validate_every:
+        assert same_weights(weights(load_from_directory(tmp_path / "best")), weights(wider))
+    else:
+        assert not (tmp_path / "best").exists()
+
+
 def test_a_run_that_only_makes_the_rule_worse_returns_the_starting_rule():
     rule = small_rule()
     start = weights(rule)
@@ -205,6 +224,10 @@ def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
         (lambda: make_tiny(), {"validation_lr_scales": (0.5, 2.0)}),
         # BatchNorm's running statistics, which the final loss reads (eval mode), come back too.
         (lambda: make_tiny(name="batchnorm", model=_batchnorm_model), {"meta_loss": "final"}),
+        # A loader (or sampler) with its own generator: shared by every instance, it made each
+        # instance's batches depend on what the others and validation had drawn.
+        (lambda: make_tiny(data=_generator_loader("loader")), {}),
+        (lambda: make_tiny(data=_generator_loader("sampler")), {}),
     ],
     ids=[
         "sampler-2-instances",
@@ -213,6 +236,8 @@ def _config(meta_iterations: int, **overrides) -> MetaFitConfig:
         "lr-scale-log-floor",
         "val-lr-scales",
         "batchnorm-final",
+        "dataloader-own-generator",
+        "dataloader-sampler-own-generator",
     ],
 )
 def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, overrides):
@@ -249,6 +274,32 @@ def test_resume_after_interruption_equals_straight_run(tmp_path, task_factory, o
     assert same_weights(weights(resumed), weights(straight))
     # and the resumed run did learn something (it is not trivially equal to the start)
     assert not same_weights(weights(resumed), weights(base))
+
+
+def _generator_loader(owner: str) -> DataLoader:
+    """A shuffled DataLoader whose ``owner`` ("loader" or "sampler") has its own seeded generator."""
+    dataset = TensorDataset(TRAIN_X, TRAIN_Y)
+    generator = torch.Generator().manual_seed(0)
+    if owner == "loader":
+        return DataLoader(dataset, batch_size=16, shuffle=True, generator=generator)
+    return DataLoader(dataset, batch_size=16, sampler=RandomSampler(dataset, generator=generator))
+
+
+@pytest.mark.parametrize("owner", ["loader", "sampler"])
+def test_a_dataloader_with_its_own_generator_draws_per_instance_and_leaves_it_alone(owner):
+    loader = _generator_loader(owner)
+    generator = loader.generator if owner == "loader" else loader.sampler.generator
+    before = generator.get_state()
+    trainer = MetaTrainer(small_rule(), make_tiny(data=loader), _config(2, validation_instances=2), progress=False)
+    first = trainer.validate()
+    for _ in range(10):  # another instance draws batches (starting epochs, shuffling) in between
+        trainer._new_run(0, 4, 7).instance.next_batch()
+    assert trainer.validate() == first  # the same rule scores the same
+    # An instance's batches are a function of its seed, whoever drew before.
+    a, b = trainer._new_run(0, 5, 7), trainer._new_run(0, 5, 7)
+    assert torch.equal(a.instance.next_batch()[0], b.instance.next_batch()[0])
+    assert not torch.equal(a.instance.next_batch()[0], trainer._new_run(0, 6, 7).instance.next_batch()[0])
+    assert torch.equal(generator.get_state(), before)  # the user's generator is left as it was
 
 
 def _hierarchical_rule():
@@ -455,6 +506,39 @@ def test_resume_names_an_edited_checkpoint_field(tmp_path, edit, message):
     with pytest.raises(ValueError, match=f"checkpoint is corrupt .*TypeError: {message}"):
         trainer.load_checkpoint(tmp_path)
     assert trainer.history.iteration == 0
+
+
+def _rule_training(names: list[str] | None) -> HierarchicalRNN:
+    torch.manual_seed(0)
+    rule = HierarchicalRNN(param_hidden=4, tensor_hidden=4, global_hidden=4)
+    for name, p in rule.named_parameters():
+        p.requires_grad_(names is None or name in names)
+    return rule
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_resume_refuses_other_trainable_rule_parameters(tmp_path, estimator):
+    # tbptt went on training the other set silently; PES crashed on a size mismatch.
+    settings = dict(checkpoint_every=2, validate_every=0, estimator=estimator, pes_pairs=1)
+    config = _config(4, **settings)
+    head = ["param_out.weight", "param_out.bias"]
+    MetaTrainer(_rule_training(head), tiny, _config(2, **settings), tmp_path, progress=False).run()
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert meta["trained_parameters"] == head
+    before = (tmp_path / "checkpoint.json").read_bytes()
+    trainer = MetaTrainer(_rule_training(None), tiny, config, tmp_path, progress=False)
+    both = r"the rule parameters \['param_out.weight', 'param_out.bias'\], but this rule trains \['param_h0', .*\]"
+    with pytest.raises(ValueError, match=both):
+        trainer.load_checkpoint(tmp_path)
+    assert trainer.history.iteration == 0 and (tmp_path / "checkpoint.json").read_bytes() == before
+    MetaTrainer(_rule_training(head), tiny, config, tmp_path, progress=False).load_checkpoint(tmp_path)
+    # A checkpoint from before the record resumes; PES still refuses perturbations of another size.
+    meta.pop("trained_parameters")
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    MetaTrainer(_rule_training(head), tiny, config, tmp_path, progress=False).load_checkpoint(tmp_path)
+    if estimator == "pes":
+        with pytest.raises(ValueError, match="perturbations are over 10 rule weights, but this rule trains"):
+            MetaTrainer(_rule_training(None), tiny, config, tmp_path, progress=False).load_checkpoint(tmp_path)
 
 
 def test_resume_refuses_fewer_meta_iterations_than_done(tmp_path):
@@ -983,6 +1067,46 @@ def test_empty_data():
         _fit(task)
 
 
+def test_a_single_pair_of_tensors_as_data_is_named_with_the_fix():
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=(TRAIN_X, TRAIN_Y))
+    with pytest.raises(
+        TaskError, match=r"data is one pair of tensors .*pass a list holding it: data=\[\(inputs, targets\)\]"
+    ):
+        _fit(task)
+    _fit(Task(model=tiny_model, loss=nn.functional.mse_loss, data=[(TRAIN_X, TRAIN_Y)]))  # the fix works
+
+
+def test_a_dataloader_with_persistent_workers_is_refused_before_any_work():
+    # PyTorch keeps one iterator per such loader: instances iterating it reset each other's epochs.
+    factory = Counter()
+    loader = DataLoader(TensorDataset(TRAIN_X, TRAIN_Y), batch_size=16, num_workers=1, persistent_workers=True)
+    with pytest.raises(ValueError, match=r"persistent_workers=True.*build it with persistent_workers=False"):
+        _fit(make_tiny(model=factory, data=loader))
+    assert factory.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "error", "message"),
+    [
+        ({"checkpoint_dir": "FILE"}, ValueError, r"checkpoint_dir '.*a-file': it exists and is not a folder"),
+        ({"checkpoint_dir": "FILE/sub"}, ValueError, r"checkpoint_dir '.*a-file/sub': .*a-file exists and is not a"),
+        ({"checkpoint_dir": 5}, TypeError, "checkpoint_dir must be a folder path"),
+        ({"callback": 5}, TypeError, "callback must be a function called with the history .* got int"),
+        ({"validation_lr_scales": 1.0}, TypeError, r"validation_lr_scales must be a sequence of .*got 1.0"),
+        ({"validation_lr_scales": "1"}, TypeError, r"validation_lr_scales must be a sequence of .*got '1'"),
+    ],
+)
+def test_bad_arguments_are_named_before_any_work(tmp_path, setting, error, message):
+    (tmp_path / "a-file").write_text("x")
+    if isinstance(setting.get("checkpoint_dir"), str):
+        setting = {"checkpoint_dir": str(tmp_path / setting["checkpoint_dir"].replace("FILE", "a-file"))}
+    factory = Counter()
+    with pytest.raises(error, match=message):
+        _fit(make_tiny(model=factory), validate_every=1, **setting)
+    assert factory.calls == 0  # no instance was built, let alone trained
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
 def test_resume_without_checkpoint_dir():
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         _fit("quadratic", resume=True)
@@ -1316,6 +1440,33 @@ def test_pes_estimates_the_gradient_of_the_whole_horizon():
     assert _cosine(estimate, target) > 0.9
     assert 0.8 < float(estimate.norm() / target.norm()) < 1.25
     assert value_2 < value_1  # the perturbed rules still make progress on the quadratic
+
+
+@pytest.mark.parametrize("names", [["log_lr0"], ["log_lr0", "param_h0", "tensor_h0", "global_h0"]])
+def test_pes_estimates_the_gradient_of_a_learned_initial_state(names):
+    # HierarchicalRNN's log_lr0 and *_h0 act only through the rule state an instance starts
+    # with: PES particles started from the unperturbed state, so their estimate was exactly 0.
+    def make() -> HierarchicalRNN:
+        torch.manual_seed(0)
+        rule = HierarchicalRNN(param_hidden=4, tensor_hidden=4, global_hidden=4)
+        for name, p in rule.named_parameters():
+            p.requires_grad_(name in names)
+        return rule
+
+    exact_rule = make()
+    exact = MetaTrainer(exact_rule, tiny, MetaFitConfig(steps=6, unroll=6, second_order=True), progress=False)
+    exact._unroll([exact._new_run(0, 7, 6)]).backward()
+    target = torch.cat([p.grad.reshape(-1) for p in exact_rule.parameters() if p.requires_grad])
+    assert target.norm() > 0
+
+    rule = make()
+    start = weights(rule)
+    config = MetaFitConfig(steps=6, unroll=6, estimator="pes", pes_pairs=64, pes_std=1e-2)
+    trainer = MetaTrainer(rule, tiny, config, progress=False)
+    _, estimate = trainer._pes_estimate([trainer._new_run(0, 7, 6)])
+    assert same_weights(weights(rule), start)  # perturbations are undone
+    assert _cosine(estimate, target) > 0.8
+    assert 0.6 < float(estimate.norm() / target.norm()) < 1.6
 
 
 def test_pes_meta_training_lowers_the_loss_and_is_deterministic():
