@@ -108,8 +108,8 @@ def _check_group_options(group: dict[str, Any]) -> None:
         if 0.0 < lr < SMALL_LR:
             warnings.warn(
                 f"LearnedOptimizer: lr={float(lr)} multiplies the learned update (1.0 applies the rule as it "
-                "was meta-trained); an Adam-style value such as 1e-3 makes every step about 1000 times "
-                "smaller than the rule's. Leave lr at its default unless you mean to shrink the steps.",
+                "was meta-trained); an Adam-style value such as 1e-3 makes every step of an LSTM rule about "
+                "1000 times smaller than the rule's. Leave lr at its default unless you mean to shrink the steps.",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -249,6 +249,18 @@ class LearnedOptimizer(Optimizer):
         checked like the constructor's (``ValueError`` below 0, a warning for an Adam-style lr)."""
         if isinstance(param_group, dict):
             _check_group_options(param_group)
+            params = param_group.get("params")
+            if params is not None and not isinstance(params, (Tensor, set)):
+                param_group["params"] = params = list(params)  # as torch does; a generator is read once
+                seen: dict[int, int] = {}
+                for i, p in enumerate(params):
+                    if id(p) in seen:
+                        # torch only warns; the update would be applied twice while the state advances once.
+                        raise ValueError(
+                            f"LearnedOptimizer: a param group lists the same parameter twice (positions "
+                            f"{seen[id(p)]} and {i}, shape {tuple(p.shape)}); list each parameter once"
+                        )
+                    seen[id(p)] = i
         super().add_param_group(param_group)
 
     def _reset_transient(self) -> None:
@@ -430,6 +442,11 @@ class LearnedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise TypeError(
+                        f"LearnedOptimizer: parameter {index} (shape {tuple(p.shape)}) has dtype {p.dtype} and "
+                        "a gradient; only floating-point and complex parameters can be stepped"
+                    )
                 if grad.is_sparse:
                     raise RuntimeError(
                         "LearnedOptimizer does not support sparse gradients; use dense "
@@ -480,6 +497,8 @@ class LearnedOptimizer(Optimizer):
         if self.nonfinite == "error" and len(entries_by_device) > 1:
             # Every device is screened before any is updated, so an error leaves all untouched.
             for device, entries in entries_by_device.items():
+                if device.type == "meta":
+                    continue
                 bad = [i for i, s in enumerate(nonfinite_mask([e.grad for e in entries]).tolist()) if s]
                 if bad:
                     raise FloatingPointError(
@@ -493,6 +512,8 @@ class LearnedOptimizer(Optimizer):
             # step() is often called inside the training step's autocast region, where the rule's
             # matmuls would run in bf16/fp16: the rule computes in its own dtype, as documented.
             with _autocast_disabled(device):
+                # Meta tensors have no values to screen (shape-only dry runs).
+                check_values = device.type != "meta"
                 global_device = next((v.device for v in (self._global_state or {}).values()), device)
                 if global_device != device:
                     # The parameters moved after the optimizer was built.
@@ -505,9 +526,9 @@ class LearnedOptimizer(Optimizer):
                         rule,
                         entries,
                         chunk_size=chunk_size,
-                        nonfinite=self.nonfinite,
+                        nonfinite=self.nonfinite if check_values else "skip",
                         global_state=self._global_state,
-                        host_check=host_check,
+                        host_check=host_check and check_values,
                     )
                 else:
                     skipped = fused_learned_step(
@@ -516,19 +537,19 @@ class LearnedOptimizer(Optimizer):
                         entries,
                         self._flat_state_for(device, entries, params_by_device[device]),
                         chunk_size=max(chunk_size, FUSED_CHUNK_SIZE),
-                        nonfinite=self.nonfinite,
-                        host_check=host_check,
+                        nonfinite=self.nonfinite if check_values else "skip",
+                        host_check=host_check and check_values,
                         global_state=self._global_state,
                     )
-                if skipped is not None and host_check and bool(skipped.any()):
+                if skipped is not None and host_check and check_values and bool(skipped.any()):
                     skipped_params = [e.param for e, s in zip(entries, skipped.tolist(), strict=True) if s]
                     warnings.warn(
                         f"LearnedOptimizer: {int(skipped.sum())} parameter tensor(s) had non-finite "
                         "gradients; their update was skipped and their state kept"
                         + nonfinite_params_note(skipped_params),
                         RuntimeWarning,
-                        # Past torch's step wrappers (hook profiler, no_grad) to the caller's line.
-                        stacklevel=4,
+                        # Past torch's step wrappers (hooks, no_grad, a scheduler's, GradScaler's).
+                        stacklevel=user_stacklevel(),
                     )
         return loss
 
@@ -580,6 +601,8 @@ class LearnedOptimizer(Optimizer):
                 # step()); save what it will start from, not the values from before the reset.
                 global_state = self._fresh_global_state(next(iter(global_state.values())).device)
             sd["rule_global_state"] = {k: v.detach().clone() for k, v in global_state.items()}
+        # Rule state is per coordinate: a same-sized parameter of another shape would take it silently.
+        sd["param_shapes"] = [list(p.shape) for group in self.param_groups for p in group["params"]]
         for hook in post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -602,7 +625,19 @@ class LearnedOptimizer(Optimizer):
                 state_dict = dict(result)
         rule_sd = state_dict.pop("rule", None)
         global_sd = state_dict.pop("rule_global_state", None)
+        saved_shapes = state_dict.pop("param_shapes", None)
         if not isinstance(rule_sd, dict):
+            ours = any(
+                isinstance(values, dict) and any(str(k).startswith(STATE_PREFIX) for k in values)
+                for values in (state_dict.get("state") or {}).values()
+            )
+            if ours:  # our per-parameter state without the entries state_dict() adds
+                raise ValueError(
+                    "LearnedOptimizer state_dict without its 'rule' entry: it holds only 'state' and "
+                    "'param_groups', as torch.distributed.checkpoint's get_optimizer_state_dict() keeps. "
+                    "Save and load optimizer.state_dict() itself (it adds the rule and, for hierarchical "
+                    "rules, the global state)"
+                )
             raise ValueError(
                 "not a LearnedOptimizer state_dict: it has no 'rule' entry (was it saved by another optimizer?)"
             )
@@ -620,6 +655,11 @@ class LearnedOptimizer(Optimizer):
         for idx, values in saved_state.items():
             if idx in index_to_param:
                 self._check_saved_param_state(idx, index_to_param[idx], values)
+                if any(str(k).startswith(STATE_PREFIX) for k in values):
+                    self._check_saved_param_shape(idx, index_to_param[idx], saved_shapes)
+        for group in state_dict.get("param_groups") or ():
+            if isinstance(group, dict):  # a NaN or negative lr would step silently wrong
+                _check_group_options({k: v for k, v in group.items() if k in ("lr", "weight_decay", "maximize")})
         if global_sd is not None:
             self._check_state_shapes("rule_global_state", global_sd, self.rule.global_state_spec(), rows=None)
         # Optimizer.load_state_dict casts float state to the parameter dtype; ours is restored below.
@@ -683,6 +723,21 @@ class LearnedOptimizer(Optimizer):
                 return None
             mapping.update(zip(saved["params"], group["params"], strict=True))
         return mapping
+
+    @staticmethod
+    def _check_saved_param_shape(idx: Any, p: Tensor, saved_shapes: Any) -> None:
+        """The parameter saved as ``idx`` had ``p``'s shape (state_dicts saved before shapes were
+        recorded are not checked)."""
+        if saved_shapes is None:
+            return
+        if not isinstance(saved_shapes, list) or not isinstance(idx, int) or not 0 <= idx < len(saved_shapes):
+            raise ValueError("optimizer state_dict: 'param_shapes' must list one shape per parameter")
+        if list(saved_shapes[idx]) != list(p.shape):
+            raise ValueError(
+                f"optimizer state_dict: parameter {idx} was saved with shape {tuple(saved_shapes[idx])}, "
+                f"this optimizer's has shape {tuple(p.shape)}: its per-coordinate rule state would land on "
+                "the wrong coordinates"
+            )
 
     def _check_saved_param_state(self, idx: Any, p: Tensor, values: dict[str, Any]) -> None:
         """A parameter's saved state must be what this rule keeps for a tensor of its size."""

@@ -370,6 +370,97 @@ def test_load_state_dict_rejects_state_of_another_size_and_changes_nothing():
     assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before.items())
 
 
+def test_load_state_dict_rejects_a_parameter_of_the_same_size_and_another_shape():
+    # Adam's state has the parameter's shape and fails at the next step; ours is one row per
+    # coordinate, so a (2, 3) state on a (3, 2) parameter would step the wrong coordinates.
+    _, saved = _stepped(shapes=((6,), (2, 3)))
+    sd = saved.state_dict()
+    params, opt = _stepped(shapes=((6,), (3, 2)))
+    before = {k: v.clone() for k, v in opt.state[params[1]].items()}
+    with pytest.raises(
+        ValueError, match=r"parameter 1 was saved with shape \(2, 3\), this optimizer's has shape \(3, 2\)"
+    ):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before.items())
+    del sd["param_shapes"]  # state_dicts saved before shapes were recorded still load
+    opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number >= 0"),
+        ({"lr": -1.0}, ValueError, "lr must be a finite number >= 0"),
+        ({"lr": "0.5"}, TypeError, "lr must be a number"),
+        ({"weight_decay": None}, TypeError, "weight_decay must be a number"),
+        ({"maximize": "no"}, TypeError, "maximize must be True or False"),
+    ],
+)
+def test_load_state_dict_checks_the_saved_group_options(bad, error, message):
+    # The constructor refuses these; a loaded one would step silently wrong (NaN parameters, uphill).
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0].update(bad)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 1.0
+    _set_grads(params, 7)
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+
+def test_a_dcp_style_state_dict_without_the_rule_says_what_is_missing():
+    # torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two entries.
+    _, opt = _stepped()
+    sd = opt.state_dict()
+    with pytest.raises(ValueError, match=r"without its 'rule' entry.*get_optimizer_state_dict"):
+        opt.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+
+
+def test_parameters_on_the_meta_device_step_without_reading_values():
+    # Shape-only dry runs (meta tensors) work with Adam; the non-finite screen must not read values.
+    params = [nn.Parameter(torch.empty(4, 3, device="meta")), nn.Parameter(torch.empty(3, device="meta"))]
+    for nonfinite in ("skip", "error"):
+        opt = LearnedOptimizer(params, pretrained=_lstm(), nonfinite=nonfinite)
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt.step()
+        assert opt.state[params[0]]["rule.h"].device.type == "meta"
+
+
+def test_an_integer_parameter_with_a_gradient_is_named():
+    weights = nn.Parameter(torch.ones(3))
+    counts = torch.zeros(2, dtype=torch.int64)
+    opt = LearnedOptimizer([weights, counts], pretrained=NegGrad())
+    weights.grad = torch.ones(3)
+    opt.step()  # without a gradient an integer tensor is left alone, as by torch.optim
+    counts.grad = torch.ones(2, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"parameter 1 \(shape \(2,\)\) has dtype torch.int64"):
+        opt.step()
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    # torch only warns: the update would be applied twice while the rule state advances once.
+    a, b = _params([(2,), (3,)])
+    with pytest.raises(ValueError, match=r"same parameter twice \(positions 0 and 2, shape \(2,\)\)"):
+        LearnedOptimizer([a, b, a], pretrained=NegGrad())
+    opt = LearnedOptimizer([b], pretrained=NegGrad())
+    with pytest.raises(ValueError, match="same parameter twice"):
+        opt.add_param_group({"params": iter([a, a])})
+    assert len(opt.param_groups) == 1
+
+
+def test_the_nonfinite_warning_points_at_the_users_line_through_a_scheduler():
+    (p,) = _params([(3,)])
+    opt = LearnedOptimizer([p], pretrained=NegGrad())
+    torch.optim.lr_scheduler.StepLR(opt, step_size=10)  # wraps opt.step
+    p.grad = torch.full((3,), float("nan"))
+    with pytest.warns(RuntimeWarning, match="non-finite gradients") as caught:
+        opt.step()
+    assert [w.filename for w in caught] == [__file__]
+
+
 def test_load_state_dict_rejects_other_optimizers_and_bad_rule_weights():
     params, opt = _stepped()
     adam_params = _params([(6,), (2, 3)])
@@ -538,7 +629,7 @@ def test_state_dict_hooks_see_the_whole_state_dict():
 
     opt.register_state_dict_post_hook(post)
     sd = opt.state_dict()
-    assert seen == [["param_groups", "rule", "rule_global_state", "state"]]
+    assert seen == [["param_groups", "param_shapes", "rule", "rule_global_state", "state"]]
     assert sd["rule"]["note"] == 1  # what the hook returned is what state_dict returns
 
 
