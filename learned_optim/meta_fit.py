@@ -35,7 +35,6 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 from torch.func import functional_call
-from torch.utils.data import DataLoader
 
 from learned_optim.rules.base import (
     RuleState,
@@ -50,7 +49,7 @@ from learned_optim.rules.base import (
 )
 from learned_optim.tasks import Task, TaskError, TaskFamily, TaskInstance, get_task, validate_instance
 from learned_optim.tasks._common import derive_seed
-from learned_optim.tasks.base import unused_parameters_message
+from learned_optim.tasks.base import check_task_data, unused_parameters_message
 from learned_optim.weights import check_savable, save_pretrained
 
 META_LOSSES = ("log", "mean", "ramp", "log-ramp", "final")
@@ -366,60 +365,6 @@ def _global_rng(seed: int, stream: str) -> Iterator[None]:
         generator.set_state(state)
 
 
-def _loader_generators(family: TaskFamily) -> list[torch.Generator]:
-    """The ``torch.Generator`` objects a :class:`Task`'s ``DataLoader`` shuffles with, if any:
-    its own ``generator=`` and its (batch) sampler's, each once."""
-    loader = getattr(family, "data", None) if isinstance(family, Task) else None
-    if not isinstance(loader, DataLoader):
-        return []
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    found: list[torch.Generator] = []
-    for owner in (loader, getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
-            found.append(generator)
-    return found
-
-
-@contextlib.contextmanager
-def _generators_restored(generators: Sequence[torch.Generator]) -> Iterator[None]:
-    """Leaves ``generators`` in the states they had before the block."""
-    saved = [g.get_state() for g in generators]
-    try:
-        yield
-    finally:
-        for generator, state in zip(generators, saved, strict=True):
-            generator.set_state(state)
-
-
-class _OwnGeneratorBatches(Iterator[Any]):
-    """An instance's batches, drawn with the loader's generators in states of the instance's own.
-
-    Each generator gets a private state seeded from the instance's seed; it is swapped in for
-    each draw (which is when a ``DataLoader`` starts epochs and shuffles) and kept for the next,
-    so the batches are a function of the seed alone, as they are for loaders without a generator.
-    """
-
-    def __init__(self, batches: Iterator[Any], generators: Sequence[torch.Generator], seed: int) -> None:
-        self._batches = batches
-        self._generators = list(generators)
-        self._states = [
-            torch.Generator(device=g.device)
-            .manual_seed(derive_seed(seed, f"meta-fit/loader-generator/{i}"))
-            .get_state()
-            for i, g in enumerate(self._generators)
-        ]
-
-    def __next__(self) -> Any:
-        with _generators_restored(self._generators):
-            for generator, state in zip(self._generators, self._states, strict=True):
-                generator.set_state(state)
-            try:
-                return next(self._batches)
-            finally:
-                self._states = [g.get_state() for g in self._generators]
-
-
 def _carry_tensors(carry: _Carry) -> list[Tensor]:
     """Every tensor of ``carry``, in a fixed order."""
     tensors = [p for params in carry.params for p in params]
@@ -477,24 +422,9 @@ def _check_checkpoint_dir(checkpoint_dir: object) -> None:
 
 
 def _check_task_data(family: TaskFamily) -> None:
-    """Refuse a :class:`Task`'s data that meta-training cannot draw reproducibly or would misread."""
-    if not isinstance(family, Task):
-        return
-    data, name = family.data, getattr(family, "name", "task")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        # Iterated as a list of batches, it would give the tensor X as the first "batch".
-        raise TaskError(
-            f"task {name!r}: data is one pair of tensors (inputs, targets), but data is read as a "
-            "sequence of batches (like a DataLoader), which would make the inputs tensor the first batch; "
-            "to train on the whole set as one batch every step, pass a list holding it: data=[(inputs, targets)]"
-        )
-    if isinstance(data, DataLoader) and data.persistent_workers:
-        raise ValueError(
-            f"task {name!r}: the DataLoader has persistent_workers=True: PyTorch then keeps one iterator "
-            "per DataLoader, so the task instances meta_fit trains side by side (and validates) would "
-            "reset each other's epochs and no instance's batches could be replayed; build it with "
-            "persistent_workers=False"
-        )
+    """A :class:`Task`'s data is checked before any instance is built."""
+    if isinstance(family, Task):
+        check_task_data(family.data, family.name)
 
 
 class MetaTrainer:
@@ -597,21 +527,9 @@ class MetaTrainer:
         return state, segment_state, self.rule.init_global_state(device=device)
 
     def _sample(self, family_index: int, seed: int) -> TaskInstance:
-        """Instance ``seed`` of family ``family_index``, drawing batches from its own random streams.
-
-        A ``DataLoader`` with its own ``generator=`` (or a sampler with one) would shuffle every
-        instance from that one generator, so an instance's batches would depend on what the others
-        (and validation) drew before: each instance gets private generator states derived from its
-        seed instead, swapped in only while it draws. The loader's generators are left as they were.
-        """
-        family = self.families[family_index]
-        generators = _loader_generators(family)
-        if not generators:
-            return family.sample(seed)
-        with _generators_restored(generators):  # a Task checks its first instance on one batch
-            instance = family.sample(seed)
-        instance.batches = _OwnGeneratorBatches(instance.batches, generators, seed)
-        return instance
+        """Instance ``seed`` of family ``family_index`` (its batches are a function of the seed
+        alone, a DataLoader's own generator included: see :class:`Task`)."""
+        return self.families[family_index].sample(seed)
 
     def _next_batch(self, run: _Run) -> Any:
         run.batches_used += 1

@@ -600,3 +600,38 @@ def test_task_families_refuse_bad_arguments_when_built(make, message):
 
 def test_one_operation_may_be_given_as_a_string():
     assert SequenceMixFamily(operations="sort").operations == ("sort",)
+
+
+def _shuffling_loader_task(**loader_options):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    dataset = TensorDataset(torch.arange(40.0).view(20, 2), torch.arange(20.0).view(20, 1))
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, **loader_options)
+    return Task(model=lambda: torch.nn.Linear(2, 1), loss=torch.nn.functional.mse_loss, data=loader, name="shuffled")
+
+
+def test_a_dataloader_with_its_own_generator_gives_each_instance_its_own_reproducible_order():
+    # compare() runs every optimizer on instance `seed` and expects the same batches for each:
+    # with one generator shared by all instances, each draw shifted every later instance's order.
+    generator = torch.Generator().manual_seed(0)
+    task = _shuffling_loader_task(generator=generator)
+    before = generator.get_state()
+
+    def targets(instance, n):
+        return [instance.next_batch()[1].flatten().tolist() for _ in range(n)]
+
+    alone = targets(task.sample(5), 12)  # three epochs
+    first, other = task.sample(5), task.sample(6)
+    interleaved = []
+    for _ in range(12):
+        interleaved += targets(first, 1)
+        targets(other, 1)
+    assert interleaved == alone
+    assert targets(task.sample(6), 12) != alone  # other seeds shuffle otherwise
+    assert torch.equal(generator.get_state(), before)  # the user's generator is left as it was
+
+
+def test_a_dataloader_with_persistent_workers_is_refused():
+    task = _shuffling_loader_task(num_workers=1, persistent_workers=True)
+    with pytest.raises(TaskError, match="persistent_workers=True"):
+        task.sample(0)

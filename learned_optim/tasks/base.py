@@ -8,6 +8,7 @@ Everything an instance does is fixed by the seed it was sampled with.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from learned_optim.tasks._common import derive_seed
 
@@ -159,6 +161,7 @@ class Task(TaskFamily):
                 f"task {self.name!r}: model must be a factory returning a fresh nn.Module (e.g. "
                 f"`model=lambda: MyNet()`), got {given}: every task instance needs its own initialisation"
             )
+        check_task_data(self.data, self.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "init"))
             module = self.model()
@@ -198,18 +201,80 @@ class Task(TaskFamily):
 def _seeded_stream(data: Any, generator: torch.Generator, seed: int, source: str) -> Iterator[Batch]:
     # Separate streams: equal seeds would tie the initial weights to the data.
     epoch_seeds = itertools.count(derive_seed(seed, "epochs") >> 8)
-    yield from _epochs_with_seed(data, generator, epoch_seeds, source)
+    # A DataLoader shuffling with its own generator= would shuffle every instance from that one
+    # generator: each instance gets private states of it instead, derived from its seed.
+    loader_generators = _loader_generators(data)
+    private_states = [
+        torch.Generator(device=g.device).manual_seed(derive_seed(seed, f"loader-generator/{i}")).get_state()
+        for i, g in enumerate(loader_generators)
+    ]
+    yield from _epochs_with_seed(data, generator, epoch_seeds, source, loader_generators, private_states)
+
+
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a ``DataLoader`` shuffles with, if any: its own
+    ``generator=`` and its (batch) sampler's, each once."""
+    if not isinstance(data, DataLoader):
+        return []
+    batch_sampler = getattr(data, "batch_sampler", None)
+    found: list[torch.Generator] = []
+    for owner in (data, getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and not any(generator is g for g in found):
+            found.append(generator)
+    return found
+
+
+@contextlib.contextmanager
+def _generators_swapped(generators: Sequence[torch.Generator], states: list[Tensor]) -> Iterator[None]:
+    """Runs the block with ``generators`` in ``states`` (updated in place to where the block left
+    them), then puts back the states the generators had before."""
+    saved = [g.get_state() for g in generators]
+    for generator, state in zip(generators, states, strict=True):
+        generator.set_state(state)
+    try:
+        yield
+    finally:
+        states[:] = [g.get_state() for g in generators]
+        for generator, state in zip(generators, saved, strict=True):
+            generator.set_state(state)
 
 
 def _epochs_with_seed(
-    data: Any, generator: torch.Generator, epoch_seeds: Iterator[int], source: str
+    data: Any,
+    generator: torch.Generator,
+    epoch_seeds: Iterator[int],
+    source: str,
+    loader_generators: Sequence[torch.Generator] = (),
+    loader_states: list[Tensor] | None = None,
 ) -> Iterator[Batch]:
     stream = _batch_stream(data, generator, source)
+    states = loader_states if loader_states is not None else []
     while True:
-        with torch.random.fork_rng(devices=[]):
+        # A DataLoader starts an epoch (and shuffles) inside next(): from this instance's streams.
+        with torch.random.fork_rng(devices=[]), _generators_swapped(loader_generators, states):
             torch.manual_seed(next(epoch_seeds))
             batch = next(stream)
         yield batch
+
+
+def check_task_data(data: Any, name: str) -> None:
+    """Raise :class:`TaskError` for a :class:`Task`'s ``data`` that instances cannot draw from
+    independently and reproducibly, or that would be misread."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        # Iterated as a list of batches, it would give the tensor X as the first "batch".
+        raise TaskError(
+            f"task {name!r}: data is one pair of tensors (inputs, targets), but data is read as a "
+            "sequence of batches (like a DataLoader), which would make the inputs tensor the first batch; "
+            "to train on the whole set as one batch every step, pass a list holding it: data=[(inputs, targets)]"
+        )
+    if isinstance(data, DataLoader) and data.persistent_workers:
+        raise TaskError(
+            f"task {name!r}: the DataLoader has persistent_workers=True: PyTorch then keeps one iterator "
+            "per DataLoader, so task instances drawn side by side (optimizers compared, meta-training "
+            "instances, validation) would reset each other's epochs and no instance's batches could be "
+            "replayed; build it with persistent_workers=False"
+        )
 
 
 def unused_parameters_message(names: Sequence[str]) -> str:
