@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from learned_optim.meta_fit import META_LOSSES, VALIDATION_METRICS, MetaFitConfig, check_time_budget
-from learned_optim.weights import CONFIG_NAME, WEIGHTS_NAME
+from learned_optim.weights import CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME
 
 # MetaFitConfig settings whose flag is not the setting's name with dashes.
 _CONFIG_FLAGS = {"clip_grad_norm": "--clip"}
@@ -156,24 +157,57 @@ def _out_of_memory_hint(config: MetaFitConfig) -> str:
     return "to use less memory try " + ", or ".join(ways)
 
 
-def _discard_previous_run(out: Path) -> None:
-    """Remove what an earlier meta-fit left in ``out`` (for ``--overwrite``): its checkpoint,
-    pointer ``checkpoint.json`` first, its ``last``/``best`` folders, and its saved rule."""
+def _discard_previous_run(out: Path, command: str) -> None:
+    """Remove the checkpoint an earlier meta-fit left in ``out`` (for ``--overwrite``): pointer
+    ``checkpoint.json`` first, then its weights and its ``last``/``best`` folders.
+
+    Its saved rule stays, loadable, until this run's save replaces it (each file in one rename):
+    a run cut off early must not cost the only good rule. :data:`PREVIOUS_RULE_MARKER` beside it
+    says whose rule it is until then (loading it warns), so it is not taken for this run's.
+    """
+    if any((out / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+        (out / PREVIOUS_RULE_MARKER).write_text(
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} in this folder are the rule of an earlier run.\n"
+            f"On {time.strftime('%Y-%m-%d %H:%M:%S')} this command started over in this folder:\n\n"
+            f"    {command}\n\n"
+            "It replaces them, and deletes this file, when it saves its own rule (also when it is continued\n"
+            "with --resume). Until then, loading the folder gives the earlier rule, with a warning.\n"
+        )
+    # The old checkpoint goes at once: a later --resume must not continue the old run.
     checkpoints = out / "checkpoint"
     (checkpoints / "checkpoint.json").unlink(missing_ok=True)
     for stale in checkpoints.glob("checkpoint*.safetensors*"):
         stale.unlink(missing_ok=True)
     for folder in ("last", "best"):
         shutil.rmtree(checkpoints / folder, ignore_errors=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        (out / name).unlink(missing_ok=True)
+
+
+def _previous_rule_note(out: Path) -> str:
+    """For a run stopped early: whose rule ``out`` still holds, if an ``--overwrite`` left one."""
+    if not (out / PREVIOUS_RULE_MARKER).is_file():
+        return ""
+    return f"; {out} still holds the earlier run's rule (see {out / PREVIOUS_RULE_MARKER})"
 
 
 def _output_folder(path: str) -> Path:
-    """``--out`` as a folder path, checked before any work (a file there would fail only at the end)."""
+    """``--out`` as a folder path, checked before any work: it (or, if it does not exist yet, the
+    nearest folder above it) must be a folder this process can write in; otherwise the error
+    would come only when the first file is written, after the work."""
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {path}: exists and is not a folder")
+    existing = out
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise ValueError(f"--out {path}: cannot be created, {existing} is not a folder")
+    try:
+        # A real write, not os.access: it also sees read-only mounts and ACLs.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        where = "" if existing == out else f" (cannot create it in {existing})"
+        raise ValueError(f"--out {path}: not writable{where}: {err.strerror or err}") from None
     return out
 
 
@@ -273,21 +307,22 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     elif has_checkpoint and not args.overwrite:
         raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
     elif args.overwrite:
-        # Gone at once: a run cut off before its first checkpoint must not leave the old
-        # one for a later --resume to continue, nor the old rule where this run's belongs.
-        _discard_previous_run(out)
+        _discard_previous_run(out, _command_line(args))
     try:
         rule = trainer.run()
     except KeyboardInterrupt:
         where = _where_to_resume(checkpoints)
-        print(f"interrupted at meta-iteration {trainer.history.iteration}; {where}", file=sys.stderr)
+        print(
+            f"interrupted at meta-iteration {trainer.history.iteration}; {where}{_previous_rule_note(out)}",
+            file=sys.stderr,
+        )
         return 130
     except (RuntimeError, MemoryError) as err:
         if not _is_out_of_memory(err):
             raise
         print(
             f"error: out of memory at meta-iteration {trainer.history.iteration} ({_first_line(err)}); "
-            f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)}",
+            f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)}{_previous_rule_note(out)}",
             file=sys.stderr,
         )
         return 1
@@ -308,6 +343,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     from learned_optim.weights import save_pretrained
 
     save_pretrained(rule, out, metadata=metadata)
+    (out / PREVIOUS_RULE_MARKER).unlink(missing_ok=True)  # the folder's rule is this run's now
     if h.best_iteration >= 0:
         validation = f"best validation {h.best_validation:.4f} at {h.best_iteration}"
     elif args.validate_every == 0:
@@ -388,6 +424,21 @@ def _freeze_all_but(rule: Any, prefixes_text: str) -> None:
         param.requires_grad_(any(name.startswith(prefix) for prefix in prefixes))
 
 
+MAX_SEED = 2**63 - 1
+"""The largest ``--seed``: seeds are kept as 64-bit integers (torch's generators, checkpoints)."""
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, :data:`MAX_SEED`] (a larger one overflowed in torch.manual_seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}] (2**63 - 1), got {text}")
+    return value
+
+
 def _parse_lr_scales(text: str) -> tuple[float, ...]:
     """``--validation-lr-scales``: comma-separated multipliers, each a finite number > 0."""
     try:
@@ -451,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     mf.add_argument("--rule", default="CoordinateLSTM", help="rule type (a custom one: see --import)")
     _add_import_option(mf)
     mf.add_argument("--rule-config", default="", help="JSON of rule arguments, e.g. '{\"hidden_size\": 20}'")
-    mf.add_argument("--seed", type=int, default=0)
+    mf.add_argument("--seed", type=_seed, default=0, help=f"random seed, an integer in [0, {MAX_SEED}]")
     mf.add_argument("--steps", type=int, default=100, help="inner steps per task instance")
     mf.add_argument("--unroll", type=int, default=20, help="inner steps per truncation")
     mf.add_argument("--meta-iterations", type=int, default=1000)
@@ -541,7 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     mf.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    mf.add_argument("--overwrite", action="store_true", help="start over even if a checkpoint exists")
+    mf.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over even if OUT holds a checkpoint (deleted at the start) or a rule (kept until this run "
+        f"saves its own, marked by {PREVIOUS_RULE_MARKER})",
+    )
     mf.add_argument("--quiet", action="store_true", help="no progress bar")
     mf.add_argument("--log-every", type=int, default=0, help="print a log line every N meta-iterations")
     mf.set_defaults(func=cmd_meta_fit)
@@ -589,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as err:
+        # A file the run writes (or reads) turned out inaccessible: the message names it.
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C outside meta-training: no traceback, the usual status
         print("interrupted", file=sys.stderr)
         return 130

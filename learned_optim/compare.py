@@ -604,6 +604,45 @@ def one_or_many(value: Any) -> list[Any]:
     return list(value)
 
 
+def _seed_list(seeds: Any) -> list[int]:
+    """``compare``'s ``seeds`` as a list of distinct ints: a count of the standard evaluation
+    seeds, or the seeds themselves."""
+    if isinstance(seeds, (str, bytes)):
+        raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
+    if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool):
+        seed_list = list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + int(seeds)))
+    elif isinstance(seeds, Iterable):
+        seed_list = list(seeds)
+        # Not int(x): a seed of 1.5 used to run seed 1 and be reported as 1.5.
+        bad = [x for x in seed_list if not isinstance(x, numbers.Integral) or isinstance(x, bool)]
+        if bad:
+            raise TypeError(f"seeds must be integers, got {bad}")
+        seed_list = [int(x) for x in seed_list]
+        repeated = sorted({x for x in seed_list if seed_list.count(x) > 1})
+        if repeated:  # a repeated seed counts one instance twice in every mean
+            raise ValueError(f"seeds must be distinct, got {repeated} more than once")
+    else:
+        raise TypeError(f"seeds must be a number of seeds or a list of integer seeds, got {type(seeds).__name__}")
+    if not seed_list:
+        raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
+    return seed_list
+
+
+def _check_cache_path(cache_path: str | os.PathLike[str]) -> None:
+    """ValueError unless ``cache_path`` can be a JSON file: not a folder, not below a file (else
+    the error came after every run, when the cache was saved)."""
+    if not isinstance(cache_path, (str, os.PathLike)):
+        raise TypeError(f"cache_path must be a file path (str or os.PathLike), got {type(cache_path).__name__}")
+    path = Path(cache_path)
+    if path.is_dir():
+        raise ValueError(f"cache_path {os.fspath(cache_path)!r} is a folder; give a JSON file's path in it")
+    above = path.parent
+    while not os.path.lexists(above) and above.parent != above:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"cache_path {os.fspath(cache_path)!r}: {above} is not a folder")
+
+
 def compare(
     task: str | TaskFamily,
     rules: Any | Sequence[Any] = ("default",),
@@ -621,7 +660,7 @@ def compare(
     """Compare learned rules against tuned baselines on ``task``.
 
     Every argument is checked before anything runs (ValueError for a bad value, TypeError for
-    a ``task`` of the wrong kind).
+    a ``task`` or ``seeds`` of the wrong kind).
 
     Args:
         task: a built-in task name, or a :class:`~learned_optim.tasks.TaskFamily` (such as a
@@ -630,11 +669,11 @@ def compare(
             or :class:`~learned_optim.rules.UpdateRule` objects; a single one (e.g. a str) is
             one rule. All are loaded before any run.
         steps: training steps per run.
-        seeds: number of evaluation seeds (or the seeds themselves).
+        seeds: number of evaluation seeds (or the seeds themselves: distinct integers).
         baselines: names from :data:`BASELINES`; a single str is one name.
         grid: initial learning-rate grid for the baselines: finite numbers > 0 (a single
             number is a one-point grid).
-        cache_path: JSON file caching baseline runs.
+        cache_path: JSON file caching baseline runs (not a folder).
         progress: show a progress bar.
         rule_names: labels for ``rules`` in the report, one per rule (a single str for one rule).
         tune_test: report baselines' held-out loss at the lr best on held-out loss.
@@ -654,13 +693,9 @@ def compare(
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(seeds, (str, bytes)):
-        raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
-    seed_list = (
-        list(range(EVALUATION_SEED_BASE, EVALUATION_SEED_BASE + seeds)) if isinstance(seeds, int) else list(seeds)
-    )
-    if not seed_list:
-        raise ValueError(f"seeds must be a positive number of seeds or a non-empty list, got {seeds!r}")
+    seed_list = _seed_list(seeds)
+    if cache_path is not None:
+        _check_cache_path(cache_path)
     grid = check_grid(grid)
     rules = one_or_many(rules)
     if isinstance(rule_lrs, (str, bytes)):  # not a list: its characters were converted one by one

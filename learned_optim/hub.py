@@ -6,6 +6,7 @@ Only ``config.json`` and ``model.safetensors`` are fetched; nothing downloaded i
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -38,7 +39,8 @@ def download_rule(
 
     ``token``: for private repos (default: the logged-in token or ``HF_TOKEN``).
     Every failure (no such repo, revision or file, offline with a cold cache, an invalid
-    repo id, malformed files) is a :class:`PretrainedError` naming the repo.
+    repo id, a cache folder that cannot be written, malformed files) is a
+    :class:`PretrainedError` naming the repo.
     """
     where = f"Hub repository {repo_id!r} (revision {revision or constants.DEFAULT_REVISION!r})"
     paths = {}
@@ -77,11 +79,28 @@ def download_rule(
             raise PretrainedError(f"{where} has no {filename}; is it a learned_optim rule?") from None
         except HfHubHTTPError as err:
             raise PretrainedError(f"{where}: downloading {filename} failed: {err}") from None
+        # Last: huggingface_hub's HTTP errors are OSErrors too. What is left is mostly the cache
+        # (read-only, full, a path under a file), which would otherwise leak a raw traceback.
+        except OSError as err:
+            if not _is_cache_error(err):
+                raise PretrainedError(f"{where}: downloading {filename} failed: {err}") from None
+            cache = cache_dir if cache_dir is not None else constants.HF_HUB_CACHE
+            raise PretrainedError(
+                f"{where}: {filename} cannot be stored in the Hugging Face cache {str(cache)!r} ({err}); "
+                "make it writable, or set HF_HOME / HF_HUB_CACHE (or cache_dir=) to a writable folder"
+            ) from None
     try:
         return load_from_files(paths[CONFIG_NAME], paths[WEIGHTS_NAME])
     except PretrainedError as err:
         # The cache path in the message hides which repo is at fault.
         raise PretrainedError(f"{where}: {err}") from None
+
+
+def _is_cache_error(err: OSError) -> bool:
+    """An error writing files (the cache), as opposed to one of the network."""
+    if isinstance(err, (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return True
+    return err.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def push_to_hub(

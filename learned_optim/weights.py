@@ -37,6 +37,10 @@ MODEL_CARD_NAME = "README.md"
 FORMAT_NAME = "learned_optim.rule"
 FORMAT_VERSION = 1
 WEIGHTS_HASH_KEY = "weights_sha256"
+PREVIOUS_RULE_MARKER = "PREVIOUS_RULE.txt"
+"""Written by ``learned-optim meta-fit --overwrite`` into a folder that holds an earlier rule, and
+removed once the run saves its own: while it is there, the folder's rule is the earlier run's
+(loading it warns)."""
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Dtypes a weights file may store (loaded into the rule's own dtype)."""
 # The rule LearnedOptimizer uses when no `pretrained` is given.
@@ -110,13 +114,29 @@ def save_pretrained(
     """Write ``rule`` to ``save_directory`` as ``config.json`` + ``model.safetensors``.
 
     Everything is checked and serialised first (a rule that would not load back as itself, see
-    :func:`check_savable`, non-finite weights, or a config or ``metadata`` that is not plain
-    JSON raises ``ValueError`` before any file changes), then
+    :func:`check_savable`, non-finite weights, a state_dict entry that is not floating point
+    (the file stores float32), an empty ``save_directory`` string, or a config or ``metadata``
+    that is not plain JSON raises ``ValueError``; a ``model_card`` that is not a str or
+    ``metadata`` that is not a dict ``TypeError``; a ``save_directory`` that is a file
+    ``FileExistsError``, all before any file changes), then
     both files are written to temporary names and only then renamed, so an interrupted save
     does not leave a half-written rule where a good one was.
     """
     check_savable(rule)
+    if isinstance(save_directory, str) and not save_directory.strip():
+        # Path("") is the working directory: an unset setting must not write (e.g. over a
+        # project's config.json) there; loading "" is refused for the same reason.
+        raise ValueError(
+            f"save_pretrained: save_directory is an empty string {save_directory!r}; pass a folder "
+            "(e.g. '.' for the working directory)"
+        )
+    if model_card is not None and not isinstance(model_card, str):
+        raise TypeError(f"save_pretrained: model_card must be a str (README.md text), got {type(model_card).__name__}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"save_pretrained: metadata must be a dict, got {type(metadata).__name__}")
     directory = Path(save_directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"save_pretrained: {str(directory)!r} exists and is not a folder")
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -125,7 +145,16 @@ def save_pretrained(
     }
     if metadata:
         config["metadata"] = metadata
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
+    state = rule.state_dict()
+    # The file stores float32 only: an int64 counter above 2**24 would round, silently.
+    not_float = [f"{name} ({tensor.dtype})" for name, tensor in state.items() if not tensor.is_floating_point()]
+    if not_float:
+        raise ValueError(
+            f"save_pretrained: the rule's state_dict entries {not_float} are not floating point; rule files "
+            "store float32 tensors only, which would not keep their values exactly. Register such a buffer "
+            "with persistent=False (rebuilt by the constructor), or store it as a float"
+        )
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     nonfinite = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
     if nonfinite:
         # Such a file would be refused on load: better no file than one that cannot be read back.
@@ -182,6 +211,10 @@ def _read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule],
         raise PretrainedError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PretrainedError(f"{path}: not valid JSON ({err})") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise PretrainedError(f"{path}: cannot be read as JSON ({err})") from None
+    except RecursionError:
+        raise PretrainedError(f"{path}: not a rule config (JSON nested too deeply to read)") from None
     except OSError as err:  # a directory, no permission, ...
         raise PretrainedError(f"{path}: cannot be read ({err.strerror or err})") from None
     if not isinstance(raw, dict):
@@ -228,7 +261,17 @@ def load_from_directory(directory: str | os.PathLike[str]) -> UpdateRule:
     directory = Path(directory)
     if not directory.is_dir():
         raise PretrainedError(f"{directory}: not a directory")
-    return load_from_files(directory / CONFIG_NAME, directory / WEIGHTS_NAME)
+    rule = load_from_files(directory / CONFIG_NAME, directory / WEIGHTS_NAME)
+    if (directory / PREVIOUS_RULE_MARKER).is_file():
+        # Loadable on purpose (a cut-off --overwrite run must not cost the good rule), but
+        # not to be taken for the new run's result.
+        warnings.warn(
+            f"{directory}: this is the rule of an earlier run; a `learned-optim meta-fit --overwrite` into "
+            f"this folder has not saved its own yet (see {directory / PREVIOUS_RULE_MARKER})",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return rule
 
 
 def _expected_tensors(cls: type[UpdateRule], config: dict[str, Any], config_path: Any) -> dict[str, Tensor] | None:
@@ -427,7 +470,17 @@ def resolve_rule(
         )
     from learned_optim.hub import download_rule
 
-    return download_rule(name, revision=revision, cache_dir=cache_dir, token=token)
+    try:
+        return download_rule(name, revision=revision, cache_dir=cache_dir, token=token)
+    except PretrainedError as err:
+        # 'runs/A' may be a mistyped or not yet created folder, not meant for the Hub at all.
+        try:
+            cwd = os.getcwd()
+        except OSError:  # the working directory was deleted
+            cwd = "the working directory"
+        raise PretrainedError(
+            f"{err} ({name!r} was looked up on the Hub because there is no local folder of that name in {cwd})"
+        ) from None
 
 
 def _no_revision(revision: str | None, name: str, what: str) -> None:

@@ -6,15 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from learned_optim import CoordinateLSTM
+from learned_optim import CoordinateLSTM, load_rule
 from learned_optim.cli import main
 from learned_optim.tasks import list_tasks
-from learned_optim.weights import CONFIG_NAME
+from learned_optim.weights import CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME
 
 
 def run_cli(argv: list[str]) -> int:
@@ -255,23 +256,83 @@ def test_meta_fit_other_runtime_errors_are_not_reported_as_memory(tmp_path, monk
         run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(tmp_path / "out")])
 
 
-def test_meta_fit_overwrite_discards_the_old_run_at_once(tmp_path, capsys, monkeypatch):
-    # Otherwise an --overwrite run cut off before its first checkpoint leaves the old one,
-    # and a later --resume silently continues the old run; and the old rule (and its best
-    # checkpoint) would still load from --out as if this run had written it.
+def test_meta_fit_overwrite_discards_the_old_checkpoint_and_keeps_the_old_rule_until_its_own(
+    tmp_path, capsys, monkeypatch
+):
+    # The old checkpoint goes at once (a later --resume must not continue the old run), but the
+    # old rule stays loadable until this run saves its own: it used to be deleted at the start,
+    # so a Ctrl-C left the folder with no rule at all. A marker tells it from this run's.
     out = tmp_path / "out"
     with torch.random.fork_rng(devices=[]):
         argv = [*META_FIT_TINY, "--meta-iterations", "4", "--validate-every", "2", "--out", str(out)]
         assert run_cli(argv) == 0
     assert (out / CONFIG_NAME).exists() and (out / "checkpoint" / "best" / CONFIG_NAME).exists()
+    old_weights = (out / WEIGHTS_NAME).read_bytes()
     (out / "notes.txt").write_text("mine")
-    _fail_meta_step(monkeypatch, KeyboardInterrupt())
-    with torch.random.fork_rng(devices=[]):
-        assert run_cli([*argv, "--overwrite"]) == 130
-    assert not (out / "checkpoint" / "checkpoint.json").exists()
+    with monkeypatch.context() as patch:
+        _fail_meta_step(patch, KeyboardInterrupt())
+        with torch.random.fork_rng(devices=[]):
+            assert run_cli([*argv, "--overwrite"]) == 130
     assert "no checkpoint was written" in capsys.readouterr().err
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert left == ["notes.txt"]  # the user's own file stays
+    assert left == sorted([CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME, "notes.txt"])
+    assert (out / WEIGHTS_NAME).read_bytes() == old_weights
+    assert "--overwrite" in (out / PREVIOUS_RULE_MARKER).read_text()
+    with pytest.warns(UserWarning, match="rule of an earlier run"):
+        load_rule(str(out))
+    # Without --overwrite the folder is still refused; finishing a run replaces rule and marker.
+    assert run_cli(argv) == 2
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*argv, "--overwrite"]) == 0
+    assert not (out / PREVIOUS_RULE_MARKER).exists() and (out / "notes.txt").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "--overwrite" in json.loads((out / CONFIG_NAME).read_text())["metadata"]["command"]
+        load_rule(str(out))
+
+
+@pytest.mark.parametrize("command", ["compare", "meta-fit"])
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(command, tmp_path, capsys, monkeypatch):
+    # It used to fail with a traceback when the first file was written: after the whole
+    # comparison, or at meta-fit's first checkpoint.
+    argv = [*META_FIT_TINY, "--meta-iterations", "2"] if command == "meta-fit" else [
+        "compare", "--task", "tiny_tasks:tiny", "--rules", "", "--steps", "2", "--seeds", "1", "--baselines", "sgd",
+        "--quiet"]  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    assert run_cli([*argv, "--out", str(tmp_path / "afile" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'afile' / 'sub'}: cannot be created, ") and "Traceback" not in err
+
+    def read_only(*args, **kwargs):  # a read-only folder stops nobody running as root: simulated
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("learned_optim.cli.tempfile.TemporaryFile", read_only)
+    assert run_cli([*argv, "--out", str(tmp_path / "new" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'new' / 'sub'}: not writable (cannot create it in {tmp_path})")
+    assert "Permission denied" in err
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied", "x.json"), NotADirectoryError(20, "no")])
+def test_files_that_turn_out_inaccessible_are_a_clean_error(error, monkeypatch, capsys):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr("learned_optim.cli.cmd_list", fail)
+    assert run_cli(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {error}\n"
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "1.5"])
+def test_meta_fit_seed_out_of_range_is_a_usage_error_naming_it(seed, tmp_path, capsys):
+    # 2**66 gave "Overflow when unpacking long long", not naming --seed.
+    assert run_cli([*META_FIT_TINY, "--out", str(tmp_path / "out"), "--seed", seed]) == 2
+    err = capsys.readouterr().err
+    assert "argument --seed: " in err and "Traceback" not in err
+    assert f"[0, {2**63 - 1}]" in err or "expected an integer" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_meta_fit_train_only_trains_the_named_parameters_and_keeps_the_rest(tmp_path, rule_dir):

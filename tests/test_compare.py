@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 
 import matplotlib.image
 import pytest
@@ -392,6 +393,35 @@ def test_strings_where_numbers_belong_fail_before_any_run(counted, setting, mess
     with pytest.raises(ValueError, match=message):
         compare(task, rules=[small_rule()], baselines=["sgd"], **{"steps": 2, "seeds": 1, **setting}, progress=False)
     assert counter.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("seeds", "error", "message"),
+    [
+        # 1.5 ran seed 1 and was reported as 1.5; "a" failed deep inside the task.
+        ([1.5], TypeError, r"seeds must be integers, got \[1.5\]"),
+        (["a"], TypeError, r"seeds must be integers, got \['a'\]"),
+        ([True], TypeError, r"seeds must be integers, got \[True\]"),
+        (1.5, TypeError, "seeds must be a number of seeds or a list of integer seeds, got float"),
+        ([3, 3, 4], ValueError, r"seeds must be distinct, got \[3\] more than once"),
+    ],
+)
+def test_seeds_that_are_not_distinct_integers_fail_before_any_run(counted, seeds, error, message):
+    counter, task = counted
+    with pytest.raises(error, match=message):
+        compare(task, rules=[small_rule()], baselines=["sgd"], steps=2, seeds=seeds, progress=False)
+    assert counter.calls == 0
+
+
+def test_a_cache_path_that_cannot_be_a_file_fails_before_any_run(counted, tmp_path):
+    # A folder ran everything, then failed with IsADirectoryError and left a stray .lock file.
+    counter, task = counted
+    (tmp_path / "afile").write_text("x")
+    for path, message in [(tmp_path, "is a folder"), (tmp_path / "afile" / "c.json", "afile is not a folder")]:
+        with pytest.raises(ValueError, match=f"cache_path .*{message}"):
+            compare(task, rules=[], baselines=["sgd"], steps=2, seeds=1, cache_path=path, progress=False)
+    assert counter.calls == 0
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
 @pytest.mark.parametrize("task", [5, None, [make_tiny()]], ids=["int", "none", "list"])

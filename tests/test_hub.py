@@ -345,6 +345,19 @@ def test_repo_that_is_not_a_rule_is_a_clear_error(
     assert f"{repo_id!r}" in info.value.message and expected in info.value.message
 
 
+def test_a_cache_that_cannot_be_written_is_a_clear_error(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    # A read-only HF_HOME leaked a raw PermissionError; a cache below a file fails the same way
+    # (and also as root, whom a read-only folder does not stop).
+    publish(hub, "acme/uncachable", make_rule(11))
+    (tmp_path / "afile").write_text("x")
+    cache = tmp_path / "afile" / "cache"
+    with pytest.raises(WorkerError) as info:
+        online("load_rule", "acme/uncachable", cache_dir=str(cache))
+    assert info.value.kind == "PretrainedError"
+    message = info.value.message
+    assert "'acme/uncachable'" in message and f"cannot be stored in the Hugging Face cache {str(cache)!r}" in message
+
+
 # ---------------------------------------------------------------------- upload
 @pytest.mark.parametrize("config", ["online", "xet"])
 def test_push_to_hub_round_trips_exactly(

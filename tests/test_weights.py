@@ -530,3 +530,86 @@ def test_a_local_folder_named_like_a_bundled_rule_warns_that_the_bundled_one_loa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert LearnedOptimizer([param], pretrained="./lstm-mnist").rule.config["hidden_size"] == 4
+
+
+def test_save_refuses_integer_and_bool_buffers_rather_than_round_them(tmp_path):
+    # An int64 buffer holding 2**40 + 1 was cast to float32 and loaded back as 2**40, silently.
+    class _Counting(UpdateRule):
+        rule_type = "_test_weights_counting"
+
+        def __init__(self, scale: float = 0.01) -> None:
+            super().__init__()
+            self.config = {"scale": scale}
+            self.w = torch.nn.Parameter(torch.tensor([scale]))
+            self.register_buffer("table", torch.tensor([2**40 + 1, 3]))
+            self.register_buffer("flag", torch.tensor([True, False]))
+
+        def state_spec(self):
+            return {}
+
+    try:
+        with pytest.raises(ValueError, match=r"entries \['table \(torch.int64\)', 'flag \(torch.bool\)'\] are not"):
+            _Counting().save_pretrained(tmp_path / "counting")
+    finally:
+        from learned_optim.rules import RULE_TYPES
+
+        RULE_TYPES.pop("_test_weights_counting", None)
+    assert not (tmp_path / "counting").exists()
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_save_refuses_an_empty_string_instead_of_writing_the_working_directory(tmp_path, rule, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text('{"my": "project settings"}')
+    with pytest.raises(ValueError, match="save_directory is an empty string"):
+        save_pretrained(rule, name)
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME]
+    save_pretrained(rule, Path(""))  # an explicit Path is a folder, as when loading
+    assert load_rule(".").config == rule.config
+
+
+def test_save_argument_types_and_a_file_in_the_way_are_named(tmp_path, rule):
+    with pytest.raises(TypeError, match=r"model_card must be a str .*got bytes"):
+        save_pretrained(rule, tmp_path / "card", model_card=b"# card")
+    with pytest.raises(TypeError, match="metadata must be a dict, got list"):
+        save_pretrained(rule, tmp_path / "meta", metadata=[1, 2])
+    assert sorted(os.listdir(tmp_path)) == []
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match=r"'.*afile' exists and is not a folder"):
+        save_pretrained(rule, tmp_path / "afile")
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [("[" * 100_000 + "]" * 100_000, "nested too deeply"), ('{"x": ' + "9" * 5000 + "}", "cannot be read as JSON")],
+    ids=["deep", "long-int"],
+)
+def test_configs_python_cannot_parse_are_pretrained_errors(saved, text, match):
+    # A RecursionError and a bare ValueError (no file name) escaped PretrainedError.
+    (saved / CONFIG_NAME).write_text(text)
+    with pytest.raises(PretrainedError, match=match) as info:
+        load_from_directory(saved)
+    assert str(saved / CONFIG_NAME) in str(info.value)
+
+
+def test_a_folder_an_overwrite_run_has_not_replaced_yet_loads_with_a_warning(saved, rule):
+    from learned_optim.weights import PREVIOUS_RULE_MARKER
+
+    (saved / PREVIOUS_RULE_MARKER).write_text("earlier run")
+    with pytest.warns(UserWarning, match="rule of an earlier run") as caught:
+        loaded = load_rule(str(saved))
+    assert caught[0].filename == __file__
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in rule.state_dict().items())
+
+
+def test_a_failed_hub_lookup_says_that_no_local_folder_has_that_name(tmp_path, monkeypatch):
+    # "runs/typo" is a repo id only because no such folder exists: the error must say so.
+    monkeypatch.chdir(tmp_path)
+
+    def offline(repo_id, **kwargs):
+        raise PretrainedError(f"Hub repository {repo_id!r}: config.json is not in the local cache")
+
+    monkeypatch.setattr("learned_optim.hub.download_rule", offline)
+    with pytest.raises(PretrainedError, match=r"not in the local cache") as info:
+        load_rule("runs/typo")
+    assert f"no local folder of that name in {tmp_path}" in str(info.value)
