@@ -191,8 +191,9 @@ class MetaFitConfig:
             config_int(name, getattr(self, name), minimum=1)
         # meta_iterations 0: validate and return the starting rule (e.g. --init with a changed
         # non-weight option such as an lr bound), recorded like any other run.
-        for name in ("meta_iterations", "seed", "validate_every", "validation_steps", "grad_checkpoint_steps"):
+        for name in ("meta_iterations", "validate_every", "validation_steps", "grad_checkpoint_steps"):
             config_int(name, getattr(self, name), minimum=0)
+        config_int("seed", self.seed, minimum=0, maximum=2**63 - 1)  # torch.manual_seed's range
         for name in ("meta_lr", "clip_grad_norm", "meta_grad_fraction", "log_floor", "lr_scale_range", "pes_std",
                      "ramp_power"):  # fmt: skip
             config_float(name, getattr(self, name))
@@ -221,14 +222,13 @@ class MetaFitConfig:
             raise ValueError(f"log_floor must be in [0, 1), got {self.log_floor}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {self.estimator!r}")
-        if self.estimator == "pes":
-            if not (self.pes_std > 0 and math.isfinite(self.pes_std)):
-                raise ValueError(f"pes_std must be a finite number > 0, got {self.pes_std}")
-            if self.second_order or self.meta_grad_fraction < 1:
-                raise ValueError(
-                    "estimator='pes' runs the rule forward only: second_order and meta_grad_fraction < 1 "
-                    "apply to estimator='tbptt'"
-                )
+        if not (self.pes_std > 0 and math.isfinite(self.pes_std)):  # also unused: a typo is still named
+            raise ValueError(f"pes_std must be a finite number > 0, got {self.pes_std}")
+        if self.estimator == "pes" and (self.second_order or self.meta_grad_fraction < 1):
+            raise ValueError(
+                "estimator='pes' runs the rule forward only: second_order and meta_grad_fraction < 1 "
+                "apply to estimator='tbptt'"
+            )
         if not self.lr_scale_range >= 1:
             raise ValueError(f"lr_scale_range must be >= 1, got {self.lr_scale_range}")
         if self.validation_steps < 0:

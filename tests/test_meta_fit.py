@@ -1134,6 +1134,8 @@ def test_resume_without_checkpoint_dir():
         ({"estimator": "es"}, "estimator must be one of 'tbptt', 'pes', got 'es'"),
         ({"estimator": "pes", "pes_pairs": 0}, "pes_pairs must be an integer >= 1, got 0"),
         ({"estimator": "pes", "pes_std": 0.0}, "pes_std must be a finite number > 0, got 0.0"),
+        ({"pes_std": -1.0}, "pes_std must be a finite number > 0, got -1.0"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 9223372036854775807\]"),
         ({"estimator": "pes", "second_order": True}, "forward only"),
         ({"estimator": "pes", "meta_grad_fraction": 0.5}, "forward only"),
         ({"clip_grad_norm": -1.0}, r"clip_grad_norm must be >= 0 \(0: no clipping\), got -1.0"),
