@@ -480,8 +480,8 @@ class MetaTrainer:
         self.history = MetaFitHistory()
         self.best_weights = {k: v.detach().clone() for k, v in rule.state_dict().items()}
         self.runs: list[_Run] = []
-        for index, family in enumerate(self.families):
-            probe = self._sample(index, VALIDATION_SEED_BASE - 1)
+        for family in self.families:
+            probe = family.sample(VALIDATION_SEED_BASE - 1)
             with _global_rng(VALIDATION_SEED_BASE - 1, "meta-fit/probe"):
                 validate_instance(
                     probe, f"task {getattr(family, 'name', type(family).__name__)!r}", require_all_used=True
@@ -505,7 +505,7 @@ class MetaTrainer:
             if lr_scale is None and self.config.lr_scale_range > 1:
                 bound = math.log(self.config.lr_scale_range)
                 lr_scale = math.exp(self.rng.uniform(-bound, bound))
-        instance = self._sample(family_index, seed)
+        instance = self.families[family_index].sample(seed)
         named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
         # The model's own dtype (a float64 model gets float64 inputs); the rule computes in
         # its dtype and its update is cast back.
@@ -525,11 +525,6 @@ class MetaTrainer:
         state = self.rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
         segment_state = self.rule.init_segment_state(len(params), device=device)
         return state, segment_state, self.rule.init_global_state(device=device)
-
-    def _sample(self, family_index: int, seed: int) -> TaskInstance:
-        """Instance ``seed`` of family ``family_index`` (its batches are a function of the seed
-        alone, a DataLoader's own generator included: see :class:`Task`)."""
-        return self.families[family_index].sample(seed)
 
     def _next_batch(self, run: _Run) -> Any:
         run.batches_used += 1
