@@ -23,7 +23,14 @@ from huggingface_hub.errors import (
 )
 
 from learned_optim.rules.base import UpdateRule
-from learned_optim.weights import CONFIG_NAME, WEIGHTS_NAME, PretrainedError, load_from_files, save_pretrained
+from learned_optim.weights import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    PretrainedError,
+    check_download_flags,
+    load_from_files,
+    save_pretrained,
+)
 
 # A full commit id: a revision that names a commit, not a branch one could create.
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
@@ -34,21 +41,33 @@ def download_rule(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
 ) -> UpdateRule:
     """Fetch ``config.json`` + ``model.safetensors`` of ``repo_id`` and build the rule.
 
     ``token``: for private repos (default: the logged-in token or ``HF_TOKEN``).
+    ``force_download``: fetch the files again even if they are cached (e.g. after a
+    corrupted download). ``local_files_only``: use the cache only, never the network (as
+    ``HF_HUB_OFFLINE=1`` does for this call alone).
     Every failure (no such repo, revision or file, offline with a cold cache, an invalid
     repo id, a cache folder that cannot be written, malformed files) is a
     :class:`PretrainedError` naming the repo.
     """
+    check_download_flags(force_download, local_files_only)
     where = f"Hub repository {repo_id!r} (revision {revision or constants.DEFAULT_REVISION!r})"
     paths = {}
     pinned = revision
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             paths[filename] = hf_hub_download(
-                repo_id=repo_id, filename=filename, revision=pinned, cache_dir=cache_dir, token=token
+                repo_id=repo_id,
+                filename=filename,
+                revision=pinned,
+                cache_dir=cache_dir,
+                token=token,
+                force_download=force_download,
+                local_files_only=local_files_only,
             )
             # The weights come from the commit the config came from (its snapshot folder):
             # a push to the branch between the two downloads must not pair old and new files.
@@ -67,6 +86,11 @@ def download_rule(
         # LocalEntryNotFoundError subclasses EntryNotFoundError: it must come first, or a cold
         # cache while offline would read as "the repo has no config.json".
         except LocalEntryNotFoundError as err:
+            if local_files_only:
+                raise PretrainedError(
+                    f"{where}: {filename} is not in the local cache and local_files_only=True; "
+                    "download it once without local_files_only"
+                ) from None
             if constants.HF_HUB_OFFLINE:  # the same flag hf_hub_download obeys
                 raise PretrainedError(
                     f"{where}: {filename} is not in the local cache and HF_HUB_OFFLINE is set; "

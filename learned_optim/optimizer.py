@@ -164,6 +164,8 @@ class LearnedOptimizer(Optimizer):
         revision: Hub revision (branch, tag or commit) when ``pretrained`` is a repo id.
         cache_dir: Hub cache directory when ``pretrained`` is a repo id.
         token: Hub token for a private repo (default: the logged-in token or ``HF_TOKEN``).
+        force_download: fetch a Hub rule again even if it is cached.
+        local_files_only: load a Hub rule from the cache only, never the network.
     """
 
     def __init__(
@@ -182,6 +184,8 @@ class LearnedOptimizer(Optimizer):
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
     ) -> None:
         _check_group_options({"lr": lr, "weight_decay": weight_decay, "maximize": maximize})
         if chunk_size is not None:
@@ -202,6 +206,8 @@ class LearnedOptimizer(Optimizer):
             cache_dir=cache_dir,
             is_default=pretrained is None,
             token=token,
+            force_download=force_download,
+            local_files_only=local_files_only,
         )
         check_state_specs(self.rule)  # a malformed spec is named here, not inside torch.zeros at the first step
         self.chunk_size = chunk_size

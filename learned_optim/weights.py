@@ -398,20 +398,34 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1) or "\\" in name
 
 
+def check_download_flags(force_download: object, local_files_only: object) -> None:
+    """Refuse non-bool or contradictory Hub download flags, wherever the name resolves."""
+    for name, flag in (("force_download", force_download), ("local_files_only", local_files_only)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if force_download and local_files_only:
+        raise ValueError("force_download=True and local_files_only=True contradict each other; pass one")
+
+
 def resolve_rule(
     pretrained: str | os.PathLike[str] | UpdateRule,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     is_default: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
 ) -> UpdateRule:
     """Turn anything ``LearnedOptimizer(pretrained=...)`` accepts into an :class:`UpdateRule`.
 
     A ``str`` is a bundled name, then a local directory, then a Hub repo id; an
     ``os.PathLike`` (e.g. a ``pathlib.Path``) is always a local directory. ``revision``
     applies to Hub repo ids only: given with a name that resolves locally, it is an error
-    rather than silently ignored.
+    rather than silently ignored. ``force_download`` and ``local_files_only`` are passed to
+    the Hub download (see :func:`learned_optim.hub.download_rule`); a bundled rule or a local
+    directory never touches the network, so they change nothing there.
     """
+    check_download_flags(force_download, local_files_only)
     if isinstance(pretrained, UpdateRule):
         return pretrained
     if isinstance(pretrained, torch.nn.Module):
@@ -471,7 +485,14 @@ def resolve_rule(
     from learned_optim.hub import download_rule
 
     try:
-        return download_rule(name, revision=revision, cache_dir=cache_dir, token=token)
+        return download_rule(
+            name,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
     except PretrainedError as err:
         # 'runs/A' may be a mistyped or not yet created folder, not meant for the Hub at all.
         try:
@@ -497,10 +518,20 @@ def load_rule(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     token: str | bool | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
 ) -> UpdateRule:
     """Load a rule from a bundled name, a local directory or a Hugging Face Hub repo id.
 
-    ``revision`` (branch, tag or commit), ``cache_dir`` and ``token`` (for private repos; by
-    default the logged-in token or ``HF_TOKEN``) apply to Hub repo ids.
+    ``revision`` (branch, tag or commit), ``cache_dir``, ``token`` (for private repos; by
+    default the logged-in token or ``HF_TOKEN``), ``force_download`` (fetch again even if
+    cached) and ``local_files_only`` (the cache only, no network) apply to Hub repo ids.
     """
-    return resolve_rule(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+    return resolve_rule(
+        name_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        force_download=force_download,
+        local_files_only=local_files_only,
+    )

@@ -287,6 +287,61 @@ def test_offline_mode_with_a_cold_cache_is_a_clear_error(
     assert "not in the local cache" in message and "HF_HUB_OFFLINE" in message
 
 
+def test_local_files_only_uses_the_cache_and_never_the_network(
+    hub: HubServer, online: Worker, tmp_path: Path
+) -> None:
+    rule = make_rule(5)
+    publish(hub, "acme/local-only", rule)
+    cache = str(tmp_path)
+    before = len(hub.requests)
+    with pytest.raises(WorkerError) as info:
+        online("load_rule", "acme/local-only", cache_dir=cache, local_files_only=True)
+    assert info.value.kind == "PretrainedError"
+    assert "not in the local cache" in info.value.message and "local_files_only=True" in info.value.message
+    assert hub.requests[before:] == []
+
+    online("load_rule", "acme/local-only", cache_dir=cache)
+    before = len(hub.requests)
+    assert online("load_rule", "acme/local-only", cache_dir=cache, local_files_only=True) == rule_state(rule)
+    assert online("optimizer", "acme/local-only", cache_dir=cache, local_files_only=True) == rule_state(rule)
+    assert hub.requests[before:] == []
+
+
+def test_force_download_replaces_a_corrupted_cached_file(hub: HubServer, online: Worker, tmp_path: Path) -> None:
+    rule = make_rule(6)
+    publish(hub, "acme/refetch", rule)
+    cache = str(tmp_path)
+    online("load_rule", "acme/refetch", cache_dir=cache)
+    snapshot = tmp_path / "models--acme--refetch" / "snapshots" / hub.commit_id("acme/refetch")
+    weights = (snapshot / WEIGHTS_NAME).resolve()
+    weights.write_bytes(weights.read_bytes()[:-8])  # a truncated download left in the cache
+
+    with pytest.raises(WorkerError) as info:
+        online("load_rule", "acme/refetch", cache_dir=cache)
+    assert info.value.kind == "PretrainedError" and "'acme/refetch'" in info.value.message
+
+    before = len(hub.requests)
+    assert online("load_rule", "acme/refetch", cache_dir=cache, force_download=True) == rule_state(rule)
+    fetched = {path.rsplit("/", 1)[-1] for method, path in hub.requests[before:] if method == "GET"}
+    assert fetched == set(RULE_FILES)
+    assert online("load_rule", "acme/refetch", cache_dir=cache) == rule_state(rule)  # the cache is whole again
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"local_files_only": "yes"}, TypeError, "local_files_only must be a bool"),
+        ({"force_download": 1}, TypeError, "force_download must be a bool"),
+        ({"force_download": True, "local_files_only": True}, ValueError, "contradict"),
+    ],
+)
+def test_download_flags_are_checked_whatever_the_name(kwargs: dict[str, Any], error: type, text: str) -> None:
+    with pytest.raises(error, match=text):
+        load_rule("lstm-quadratic", **kwargs)
+    with pytest.raises(error, match=text):
+        LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], pretrained="lstm-quadratic", **kwargs)
+
+
 def test_missing_repo_is_a_clear_error(hub: HubServer, online: Worker, tmp_path: Path) -> None:
     with pytest.raises(WorkerError) as info:
         online("load_rule", "acme/does-not-exist", cache_dir=str(tmp_path))
