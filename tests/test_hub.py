@@ -287,9 +287,7 @@ def test_offline_mode_with_a_cold_cache_is_a_clear_error(
     assert "not in the local cache" in message and "HF_HUB_OFFLINE" in message
 
 
-def test_local_files_only_uses_the_cache_and_never_the_network(
-    hub: HubServer, online: Worker, tmp_path: Path
-) -> None:
+def test_local_files_only_uses_the_cache_and_never_the_network(hub: HubServer, online: Worker, tmp_path: Path) -> None:
     rule = make_rule(5)
     publish(hub, "acme/local-only", rule)
     cache = str(tmp_path)
