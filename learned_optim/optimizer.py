@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import numbers
 import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -39,6 +43,10 @@ from learned_optim.weights import DEFAULT_RULE, resolve_rule
 STATE_PREFIX = "rule."
 IMPLS = ("auto", "eager", "triton", "cpu")
 SEGMENT_PREFIX = "rule.segment."
+GLOBAL_PREFIX = "rule_global."
+"""Keys of the global state's copy in one parameter's saved state (see ``state_dict``)."""
+RULE_FINGERPRINT_KEY = "rule_sha256"
+"""Param-group entry of a saved state_dict: which rule it was saved with."""
 SMALL_LR = 1e-2
 """Below this, ``lr`` looks copied from Adam (it is a multiplier of the rule's update): warn."""
 FUSED_STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -118,6 +126,21 @@ def _check_group_options(group: dict[str, Any]) -> None:
     if "maximize" in group and not _is_bool(group["maximize"]):
         value = group["maximize"]
         raise TypeError(f"maximize must be True or False, got {type(value).__name__} {value!r}")
+
+
+def rule_fingerprint(rule: UpdateRule) -> str:
+    """SHA-256 of a rule's type, config and weights: names the rule in every saved param group."""
+    digest = hashlib.sha256(rule.rule_type.encode())
+    digest.update(json.dumps(rule.config, sort_keys=True, default=str).encode())
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in rule.state_dict().items()}
+    digest.update(safetensors.torch.save(weights))  # names, shapes and values, in a fixed order
+    return digest.hexdigest()
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # No DTensor exists before its module is imported; importing it here would cost 0.5 s.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _is_bool(value: object) -> bool:
@@ -431,6 +454,22 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if not self._any_param_state() and self._is_state_creation_step():
+            # lr 0 and all-zero gradients before any state exists: a step that can change nothing
+            # but the state, as torch.distributed.checkpoint makes to create state before
+            # loading into it. Only create the state: advancing it would alter the later run.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._check_steppable(p, -1)
+                        view = torch.view_as_real(p) if p.is_complex() else p
+                        self.state[p].update(self._init_param_state(p, view.numel()))
+            if self._global_state is not None:
+                device = next(iter(self._global_state.values())).device
+                for key, value in self._fresh_global_state(device).items():
+                    self._global_state[key].copy_(value)
+            return loss
+
         if self._global_state is not None and not self._any_param_state():
             # No parameter has state: a new optimizer, or opt.state.clear() (how torch.optim users
             # reset one). The global state lives outside self.state, so it starts afresh here too.
@@ -448,25 +487,14 @@ class LearnedOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
-                if not (p.is_floating_point() or p.is_complex()):
-                    raise TypeError(
-                        f"LearnedOptimizer: parameter {index} (shape {tuple(p.shape)}) has dtype {p.dtype} and "
-                        "a gradient; only floating-point and complex parameters can be stepped"
-                    )
-                if grad.is_sparse:
-                    raise RuntimeError(
-                        "LearnedOptimizer does not support sparse gradients; use dense "
-                        "gradients (e.g. nn.Embedding(sparse=False))"
-                    )
-                if grad.shape != p.shape:
-                    raise RuntimeError(
-                        f"gradient shape {tuple(grad.shape)} does not match parameter shape {tuple(p.shape)}"
-                    )
+                self._check_steppable(p, index)
                 param_view = torch.view_as_real(p) if p.is_complex() else p
                 grad_view = torch.view_as_real(grad) if grad.is_complex() else grad
                 state = self.state[p]
                 if not state:
                     state.update(self._init_param_state(p, param_view.numel()))
+                if any(k.startswith(GLOBAL_PREFIX) for k in state):
+                    self._adopt_global_copy(state)
                 rule_state = {
                     k[len(STATE_PREFIX) :]: v
                     for k, v in state.items()
@@ -559,6 +587,53 @@ class LearnedOptimizer(Optimizer):
                     )
         return loss
 
+    @staticmethod
+    def _check_steppable(p: Tensor, index: int) -> None:
+        """Refuse a parameter the step cannot update (``index`` -1: not known)."""
+        which = f"parameter {index}" if index >= 0 else "a parameter"
+        if _is_dtensor(p) or _is_dtensor(p.grad):
+            raise TypeError(
+                f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is a DTensor (FSDP2 fully_shard or "
+                "tensor parallelism), which is not supported yet; DistributedDataParallel and "
+                "ZeroRedundancyOptimizer work with ordinary tensors"
+            )
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(
+                f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) has dtype {p.dtype} and "
+                "a gradient; only floating-point and complex parameters can be stepped"
+            )
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                "LearnedOptimizer does not support sparse gradients; use dense gradients "
+                "(e.g. nn.Embedding(sparse=False))"
+            )
+        if p.grad.shape != p.shape:
+            raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} does not match parameter shape {tuple(p.shape)}")
+
+    def _is_state_creation_step(self) -> bool:
+        """lr 0 in every group and every gradient all zeros (one host sync; never while traced)."""
+        if _tracing_or_capturing():
+            return False
+        if any(not isinstance(g["lr"], (int, float, Tensor)) for g in self.param_groups):
+            return False
+        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads or any(g.device.type == "meta" or g.is_sparse for g in grads):
+            return False
+        return not bool(torch.stack([g.ne(0).any().cpu() for g in grads]).any())
+
+    def _adopt_global_copy(self, state: dict[str, Any]) -> None:
+        """Take the global state's copy that a loader other than ``load_state_dict`` (e.g.
+        ZeroRedundancyOptimizer's) put into a parameter's state, as ``load_state_dict`` would."""
+        copy_ = {k[len(GLOBAL_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(GLOBAL_PREFIX)]}
+        if self._global_state is None:
+            return  # a rule without global state: nothing to restore
+        self._check_state_shapes("rule_global_state", copy_, self.rule.global_state_spec(), rows=None)
+        device = next(iter(self._global_state.values())).device
+        for key, value in copy_.items():
+            self._global_state[key].copy_(value.to(device=device, dtype=self.state_dtype))
+
     def _any_param_state(self) -> bool:
         """Whether any parameter of the groups has state. Reached through param_groups, not by
         iterating self.state: torch.compile guards a param met as a state key by its grad, and
@@ -595,11 +670,7 @@ class LearnedOptimizer(Optimizer):
         """
         with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
             sd = super().state_dict()
-        sd["rule"] = {
-            "rule_type": self.rule.rule_type,
-            "config": dict(self.rule.config),
-            "weights": {k: v.detach().clone() for k, v in self.rule.state_dict().items()},
-        }
+        sd["rule"] = self._rule_entry()
         if self._global_state is not None:
             global_state = self._global_state
             if not self._any_param_state():
@@ -607,8 +678,21 @@ class LearnedOptimizer(Optimizer):
                 # step()); save what it will start from, not the values from before the reset.
                 global_state = self._fresh_global_state(next(iter(global_state.values())).device)
             sd["rule_global_state"] = {k: v.detach().clone() for k, v in global_state.items()}
+            if sd["state"]:
+                # Also in the first parameter's state: tools that keep only "state" and
+                # "param_groups" (torch.distributed.checkpoint, ZeroRedundancyOptimizer) keep it there.
+                first = min(sd["state"])
+                sd["state"][first] = {  # a new dict: Optimizer.state_dict() hands out our live ones
+                    **sd["state"][first],
+                    **{GLOBAL_PREFIX + k: v.detach().clone() for k, v in global_state.items()},
+                }
         # Rule state is per coordinate: a same-sized parameter of another shape would take it silently.
         sd["param_shapes"] = [list(p.shape) for group in self.param_groups for p in group["params"]]
+        # Names the rule where only the param groups survive (torch.distributed.checkpoint),
+        # so that such a dict can be loaded into an optimizer built with the same rule.
+        fingerprint = rule_fingerprint(self.rule)
+        for group in sd["param_groups"]:
+            group[RULE_FINGERPRINT_KEY] = fingerprint
         for hook in post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -632,6 +716,23 @@ class LearnedOptimizer(Optimizer):
         rule_sd = state_dict.pop("rule", None)
         global_sd = state_dict.pop("rule_global_state", None)
         saved_shapes = state_dict.pop("param_shapes", None)
+        fingerprints = set()
+        if isinstance(state_dict.get("param_groups"), list):
+            groups = [dict(g) if isinstance(g, dict) else g for g in state_dict["param_groups"]]
+            for group in groups:
+                if isinstance(group, dict) and RULE_FINGERPRINT_KEY in group:
+                    fingerprints.add(group.pop(RULE_FINGERPRINT_KEY))
+            state_dict["param_groups"] = groups
+        if not isinstance(rule_sd, dict) and fingerprints:
+            # Only "state" and "param_groups" came through (torch.distributed.checkpoint): the
+            # groups say which rule it was saved with; ours must be that one.
+            if fingerprints != {rule_fingerprint(self.rule)}:
+                raise ValueError(
+                    "optimizer state_dict was saved with a different update rule than this optimizer's "
+                    f"({self.rule.rule_type} {self.rule.config}): its param groups carry another "
+                    f"{RULE_FINGERPRINT_KEY!r}; build the optimizer with the same `pretrained` rule before loading"
+                )
+            rule_sd = self._rule_entry()
         if not isinstance(rule_sd, dict):
             ours = any(
                 isinstance(values, dict) and any(str(k).startswith(STATE_PREFIX) for k in values)
@@ -639,10 +740,11 @@ class LearnedOptimizer(Optimizer):
             )
             if ours:  # our per-parameter state without the entries state_dict() adds
                 raise ValueError(
-                    "LearnedOptimizer state_dict without its 'rule' entry: it holds only 'state' and "
-                    "'param_groups', as torch.distributed.checkpoint's get_optimizer_state_dict() keeps. "
-                    "Save and load optimizer.state_dict() itself (it adds the rule and, for hierarchical "
-                    "rules, the global state)"
+                    "LearnedOptimizer state_dict without its 'rule' entry and without the rule's "
+                    f"{RULE_FINGERPRINT_KEY!r} in its param groups, so which rule it belongs to is unknown "
+                    "(torch.distributed.checkpoint with flatten_optimizer_state_dict=True drops both; the "
+                    "default keeps the fingerprint). Save and load optimizer.state_dict() itself, or use "
+                    "get/set_optimizer_state_dict without flattening"
                 )
             raise ValueError(
                 "not a LearnedOptimizer state_dict: it has no 'rule' entry (was it saved by another optimizer?)"
@@ -655,7 +757,10 @@ class LearnedOptimizer(Optimizer):
                 "same `pretrained` rule before loading"
             )
         self._check_rule_weights(rule_sd.get("weights"))
-        saved_state = state_dict.get("state", {})
+        saved_state, global_copy = self._split_global_copies(state_dict.get("state", {}))
+        state_dict["state"] = saved_state
+        if global_sd is None:
+            global_sd = global_copy
         # Empty where the groups do not match: Optimizer.load_state_dict raises for that below.
         index_to_param = self._saved_index_to_param(state_dict) or {}
         for idx, values in saved_state.items():
@@ -668,6 +773,17 @@ class LearnedOptimizer(Optimizer):
                 _check_group_options({k: v for k, v in group.items() if k in ("lr", "weight_decay", "maximize")})
         if global_sd is not None:
             self._check_state_shapes("rule_global_state", global_sd, self.rule.global_state_spec(), rows=None)
+        elif self._global_state is not None and any(
+            isinstance(values, dict) and any(str(k).startswith(STATE_PREFIX) for k in values)
+            for values in saved_state.values()
+        ):
+            # Stepped state without the global state it was stepped with: resuming would pair
+            # them with a fresh global state, a silently different run.
+            raise ValueError(
+                f"optimizer state_dict: per-parameter state of {self.rule.rule_type} without its global "
+                "state ('rule_global_state', or its copy in the first parameter's state); was it "
+                "filtered by a tool that keeps only some entries?"
+            )
         # Optimizer.load_state_dict casts float state to the parameter dtype; ours is restored below.
         # The hooks already ran (pre) or run at the end (post), not inside it.
         hook_names = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -697,6 +813,30 @@ class LearnedOptimizer(Optimizer):
             self._global_state = self._fresh_global_state(device)
         for hook in post_hooks.values():
             hook(self)
+
+    def _rule_entry(self) -> dict[str, Any]:
+        """The ``"rule"`` entry of a state_dict: type, config and a copy of the weights."""
+        return {
+            "rule_type": self.rule.rule_type,
+            "config": dict(self.rule.config),
+            "weights": {k: v.detach().clone() for k, v in self.rule.state_dict().items()},
+        }
+
+    @staticmethod
+    def _split_global_copies(saved_state: Any) -> tuple[Any, dict[str, Any] | None]:
+        """``saved_state`` without the global state's copies (``GLOBAL_PREFIX`` keys), and the
+        copy of the first parameter met holding one (``state_dict`` puts it in exactly one)."""
+        if not isinstance(saved_state, dict):
+            return saved_state, None
+        stripped, copies = {}, []
+        for idx, values in saved_state.items():
+            if isinstance(values, dict) and any(str(k).startswith(GLOBAL_PREFIX) for k in values):
+                copies.append(
+                    {k[len(GLOBAL_PREFIX) :]: v for k, v in values.items() if str(k).startswith(GLOBAL_PREFIX)}
+                )
+                values = {k: v for k, v in values.items() if not str(k).startswith(GLOBAL_PREFIX)}
+            stripped[idx] = values
+        return stripped, (copies[0] if copies else None)
 
     def _check_rule_weights(self, weights: Any) -> None:
         ours = self.rule.state_dict()

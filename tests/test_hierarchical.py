@@ -315,9 +315,19 @@ def test_state_dict_round_trip_is_bit_identical(dtype, via_file):
     _train(model, opt, 3, start=0)
     saved = copy.deepcopy(opt.state_dict())  # the live state is updated in place, as in torch
     saved_model = copy.deepcopy(model.state_dict())
-    assert {"rule.h", "rule.m", "rule.v", "rule.log_lr", "rule.segment.h", "rule.segment.mean_log_lr"} == set(
-        saved["state"][0]
-    )
+    # The first parameter's saved state also holds a copy of the global state ("rule_global.*").
+    assert {
+        "rule.h",
+        "rule.m",
+        "rule.v",
+        "rule.log_lr",
+        "rule.segment.h",
+        "rule.segment.mean_log_lr",
+        "rule_global.h",
+    } == set(saved["state"][0])
+    assert all("rule_global.h" not in saved["state"][i] for i in range(1, len(saved["state"])))
+    assert torch.equal(saved["state"][0]["rule_global.h"], saved["rule_global_state"]["h"])
+    assert "rule_global.h" not in opt.state[next(model.parameters())]  # only in the saved dict
     assert saved["state"][0]["rule.segment.h"].shape == (1, 20)
     assert set(saved["rule_global_state"]) == {"h"}
     if via_file:

@@ -410,12 +410,14 @@ def test_load_state_dict_checks_the_saved_group_options(bad, error, message):
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
-def test_a_dcp_style_state_dict_without_the_rule_says_what_is_missing():
-    # torch.distributed.checkpoint's get_optimizer_state_dict keeps only these two entries.
+def test_a_state_dict_without_the_rule_or_its_fingerprint_says_what_is_missing():
+    # torch.distributed.checkpoint keeps only these two entries; flattened, it also drops the
+    # param groups' entries the live groups lack (the rule's fingerprint).
     _, opt = _stepped()
     sd = opt.state_dict()
-    with pytest.raises(ValueError, match=r"without its 'rule' entry.*get_optimizer_state_dict"):
-        opt.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"]})
+    groups = [{k: v for k, v in g.items() if k != "rule_sha256"} for g in sd["param_groups"]]
+    with pytest.raises(ValueError, match=r"without its 'rule' entry.*flatten_optimizer_state_dict"):
+        opt.load_state_dict({"state": sd["state"], "param_groups": groups})
 
 
 def test_parameters_on_the_meta_device_step_without_reading_values():
