@@ -593,7 +593,11 @@ def _fmt_lr(lr: float | None) -> str:
 
 
 def _fmt_ratio(ratio: float) -> str:
-    return "-" if math.isnan(ratio) else f"{ratio:.2f}"  # NaN: no ratio, shown like a missing lr
+    if math.isnan(ratio):
+        return "-"  # no ratio, shown like a missing lr
+    if 0 < abs(ratio) < 0.1:
+        return f"{ratio:.2g}"  # two significant digits: 0.0047 must not read as 0.00
+    return f"{ratio:.2f}"
 
 
 def one_or_many(value: Any) -> list[Any]:

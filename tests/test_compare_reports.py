@@ -142,6 +142,15 @@ def test_small_losses_are_not_shown_as_zero_in_tables():
     assert "- linear SVM: 2e-05 ± 1e-06" in md
 
 
+def test_small_ratios_keep_two_significant_digits():
+    # A rule 200x better than the best baseline printed its ratio as "0.00".
+    rule, sgd = _summary("rule", 4.7e-06, [4.7e-06, 4.7e-06]), _summary("sgd", 1e-03, [1e-03, 1e-03])
+    comparison = Comparison(task="t", steps=3, seeds=[0, 1], results=[rule, sgd], baselines=["sgd"])
+    _, _, rule_row, sgd_row = table_rows(comparison.table())
+    assert rule_row[4] == "0.0047" and rule_row[6] == "0.0047"
+    assert sgd_row[4] == "1.00"
+
+
 # ---------------------------------------------------------------------------- plots and headings
 @pytest.mark.parametrize("steps", [3, 10])
 def test_plot_has_whole_step_ticks_and_a_plural_only_for_several_seeds(monkeypatch, tmp_path, steps):
