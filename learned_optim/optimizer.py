@@ -143,6 +143,13 @@ def _is_dtensor(t: Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+@torch.compiler.disable
+def _all_zero(tensors: list[Any]) -> bool:
+    """Whether every value is zero (floats or tensors); eager even inside a compiled step."""
+    values = [t if isinstance(t, Tensor) else torch.tensor(float(t)) for t in tensors]
+    return not bool(torch.stack([v.ne(0).any().cpu() for v in values]).any())
+
+
 def _is_bool(value: object) -> bool:
     """A Python bool or a numpy bool scalar (a string such as "no" would be truthy)."""
     return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
@@ -454,6 +461,7 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        self._adopt_global_copies()
         if not self._any_param_state() and self._is_state_creation_step():
             # lr 0 and all-zero gradients before any state exists: a step that can change nothing
             # but the state, as torch.distributed.checkpoint makes to create state before
@@ -493,8 +501,6 @@ class LearnedOptimizer(Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_param_state(p, param_view.numel()))
-                if any(k.startswith(GLOBAL_PREFIX) for k in state):
-                    self._adopt_global_copy(state)
                 rule_state = {
                     k[len(STATE_PREFIX) :]: v
                     for k, v in state.items()
@@ -611,27 +617,40 @@ class LearnedOptimizer(Optimizer):
             raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} does not match parameter shape {tuple(p.shape)}")
 
     def _is_state_creation_step(self) -> bool:
-        """lr 0 in every group and every gradient all zeros (one host sync; never while traced)."""
-        if _tracing_or_capturing():
+        """lr 0 in every group and every gradient all zeros. The zero check is a host sync:
+        run eagerly in a compiled step (a float lr of 0 is rare enough for the graph break),
+        never while a CUDA graph captures."""
+        lrs = [g["lr"] for g in self.param_groups]
+        if any(isinstance(lr, Tensor) for lr in lrs):
+            if _tracing_or_capturing():
+                return False  # reading a tensor lr would break every compiled step's graph
+        elif any(not isinstance(lr, (int, float)) or lr != 0 for lr in lrs):
             return False
-        if any(not isinstance(g["lr"], (int, float, Tensor)) for g in self.param_groups):
-            return False
-        if any(float(g["lr"]) != 0.0 for g in self.param_groups):
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads or any(g.device.type == "meta" or g.is_sparse for g in grads):
             return False
-        return not bool(torch.stack([g.ne(0).any().cpu() for g in grads]).any())
+        return _all_zero(lrs) and _all_zero(grads)
 
-    def _adopt_global_copy(self, state: dict[str, Any]) -> None:
+    def _adopt_global_copies(self) -> None:
         """Take the global state's copy that a loader other than ``load_state_dict`` (e.g.
-        ZeroRedundancyOptimizer's) put into a parameter's state, as ``load_state_dict`` would."""
-        copy_ = {k[len(GLOBAL_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(GLOBAL_PREFIX)]}
-        if self._global_state is None:
-            return  # a rule without global state: nothing to restore
-        self._check_state_shapes("rule_global_state", copy_, self.rule.global_state_spec(), rows=None)
+        ZeroRedundancyOptimizer's) put into a parameter's state, as ``load_state_dict`` would:
+        from the first parameter holding one, whether or not it has a gradient now."""
+        if not self._hierarchical:
+            return
+        copies = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and any(isinstance(k, str) and k.startswith(GLOBAL_PREFIX) for k in state):
+                    keys = [k for k in state if isinstance(k, str) and k.startswith(GLOBAL_PREFIX)]
+                    copies.append({k[len(GLOBAL_PREFIX) :]: state.pop(k) for k in keys})
+        if not copies or self._global_state is None:
+            return
+        self._check_state_shapes("rule_global_state", copies[0], self.rule.global_state_spec(), rows=None)
         device = next(iter(self._global_state.values())).device
-        for key, value in copy_.items():
+        for key, value in copies[0].items():
             self._global_state[key].copy_(value.to(device=device, dtype=self.state_dtype))
 
     def _any_param_state(self) -> bool:
@@ -668,6 +687,7 @@ class LearnedOptimizer(Optimizer):
 
         State-dict post-hooks run last, on the whole dict (``"rule"`` entries included).
         """
+        self._adopt_global_copies()  # loaded by ZeroRedundancyOptimizer, saved again before a step
         with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
             sd = super().state_dict()
         sd["rule"] = self._rule_entry()
@@ -678,10 +698,12 @@ class LearnedOptimizer(Optimizer):
                 # step()); save what it will start from, not the values from before the reset.
                 global_state = self._fresh_global_state(next(iter(global_state.values())).device)
             sd["rule_global_state"] = {k: v.detach().clone() for k, v in global_state.items()}
-            if sd["state"]:
-                # Also in the first parameter's state: tools that keep only "state" and
-                # "param_groups" (torch.distributed.checkpoint, ZeroRedundancyOptimizer) keep it there.
-                first = min(sd["state"])
+            # Also in the first parameter's state: tools that keep only "state" and
+            # "param_groups" (torch.distributed.checkpoint, ZeroRedundancyOptimizer) keep it there.
+            # (Keys in parameter order; other keys that torch allows in state are left alone.)
+            count = sum(len(group["params"]) for group in self.param_groups)
+            first = next((i for i in range(count) if i in sd["state"]), None)
+            if first is not None:
                 sd["state"][first] = {  # a new dict: Optimizer.state_dict() hands out our live ones
                     **sd["state"][first],
                     **{GLOBAL_PREFIX + k: v.detach().clone() for k, v in global_state.items()},

@@ -84,6 +84,77 @@ def test_dcp_creating_state_before_the_first_step_leaves_the_run_unchanged(pretr
     assert same_parameters(model, reference)
 
 
+def test_dcp_creating_state_before_a_compiled_first_step_leaves_the_run_unchanged() -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    reference = make_model()
+    reference_optimizer = LearnedOptimizer(reference.parameters())
+    train(reference, reference_optimizer, 0, 3)
+
+    model = make_model()
+    optimizer = LearnedOptimizer(model.parameters())
+    optimizer.step = torch.compile(optimizer.step)  # the helpers' step runs compiled too
+    get_optimizer_state_dict(model, optimizer)
+    train(model, optimizer, 0, 3)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # compiled vs eager: rounding only
+
+
+def _write_state_directly(optimizer: LearnedOptimizer, saved: dict) -> None:
+    """Load per-parameter state as ZeroRedundancyOptimizer does: straight into ``optimizer.state``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved["state"].items():
+        optimizer.state[params[index]] = copy.deepcopy(values)
+
+
+def test_a_global_state_copy_written_into_parameter_state_is_taken_up_at_once() -> None:
+    model = make_model()
+    optimizer = LearnedOptimizer(model.parameters(), pretrained="hrnn-base")
+    train(model, optimizer, 0, 3)
+    saved = copy.deepcopy(optimizer.state_dict())
+
+    def resumed_pair(direct: bool) -> tuple[nn.Module, LearnedOptimizer]:
+        resumed = make_model()
+        resumed.load_state_dict(model.state_dict())
+        resumed_optimizer = LearnedOptimizer(resumed.parameters(), pretrained="hrnn-base")
+        if direct:
+            _write_state_directly(resumed_optimizer, saved)
+        else:
+            resumed_optimizer.load_state_dict(saved)
+        return resumed, resumed_optimizer
+
+    # Saved again before any step: the re-saved global state is the loaded one.
+    _, direct = resumed_pair(direct=True)
+    assert torch.equal(direct.state_dict()["rule_global_state"]["h"], saved["rule_global_state"]["h"])
+
+    # A step in which the parameter holding the copy has no gradient still uses it.
+    results = []
+    for is_direct in (True, False):
+        resumed, resumed_optimizer = resumed_pair(is_direct)
+        first_of_resumed = next(resumed.parameters())
+        for step in range(3, 6):
+            generator = torch.Generator().manual_seed(step)
+            inputs, targets = torch.randn(32, 8, generator=generator), torch.randn(32, 4, generator=generator)
+            resumed_optimizer.zero_grad()
+            nn.functional.mse_loss(resumed(inputs), targets).backward()
+            if step == 3:
+                first_of_resumed.grad = None
+            resumed_optimizer.step()
+        results.append(resumed)
+    assert same_parameters(*results)
+
+
+def test_state_dict_keeps_non_parameter_keys_of_the_state() -> None:
+    # torch.optim allows other keys in optimizer.state and saves them as they are.
+    model = make_model()
+    optimizer = LearnedOptimizer(model.parameters(), pretrained="hrnn-base")
+    train(model, optimizer, 0, 1)
+    optimizer.state["my_counter"] = {"count": 3}
+    saved = optimizer.state_dict()
+    assert saved["state"]["my_counter"] == {"count": 3}
+    assert "rule_global.h" in saved["state"][0]
+
+
 def test_a_zero_gradient_step_at_lr_0_advances_state_that_exists() -> None:
     # Only the first, state-creating step is special: later ones are ordinary steps.
     model = make_model()
@@ -169,8 +240,22 @@ def _zero_worker(rank: int, world_size: int, init_file: str) -> None:
                 resumed.parameters(), optimizer_class=LearnedOptimizer, pretrained=pretrained
             )
             zero.load_state_dict(saved[0])
+            # Saved again before the next step (a checkpoint at the top of an epoch): the
+            # loaded state, global state included, must be what is saved.
+            zero.consolidate_state_dict(to=0)
+            saved_again = [copy.deepcopy(zero.state_dict()) if rank == 0 else None]
+            dist.broadcast_object_list(saved_again, src=0)
             train(resumed, zero, 3, 6)
             assert same_parameters(resumed, uninterrupted), f"ZeRO resume differs ({pretrained})"
+
+            again = make_model()
+            again.load_state_dict(saved_model)
+            zero = ZeroRedundancyOptimizer(again.parameters(), optimizer_class=LearnedOptimizer, pretrained=pretrained)
+            zero.load_state_dict(saved_again[0])
+            train(again, zero, 3, 6)
+            assert same_parameters(again, uninterrupted), (
+                f"ZeRO resume from a re-saved checkpoint differs ({pretrained})"
+            )
 
         from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
