@@ -60,6 +60,10 @@ class StepEntry:
     weight_decay: float
     maximize: bool
     segment_state: RuleState | None = None  # per-tensor rule state, each ``(1, ...)``
+    # A bool scalar tensor: whether the whole tensor's gradient holds inf/NaN, when ``grad`` is
+    # one shard of it (screened over all shards, so that every shard skips together); None:
+    # screen ``grad`` here.
+    nonfinite_flag: Tensor | None = None
 
 
 @dataclass
@@ -189,7 +193,14 @@ def _screen_gradients(entries: Sequence[StepEntry], nonfinite: str, host_check: 
 
     Raises ``FloatingPointError`` (before anything is modified) when ``nonfinite="error"``.
     """
-    skipped = nonfinite_mask([e.grad for e in entries])
+    flags = [e.nonfinite_flag for e in entries]
+    if all(f is not None for f in flags):
+        skipped = torch.stack([f.reshape(()) for f in flags])
+    else:
+        skipped = nonfinite_mask([e.grad for e in entries])
+        if any(f is not None for f in flags):
+            elsewhere = [torch.zeros_like(skipped[0]) if f is None else f.reshape(()) for f in flags]
+            skipped = skipped | torch.stack(elsewhere)
     if nonfinite == "error" and bool(skipped.any()):
         bad = [i for i, s in enumerate(skipped.tolist()) if s]
         raise FloatingPointError(

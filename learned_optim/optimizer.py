@@ -13,7 +13,6 @@ import json
 import math
 import numbers
 import os
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +23,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from learned_optim._sharding import (
+    global_nonfinite_flags,
+    gradient_like,
+    is_dtensor,
+    local_coordinates,
+    local_state,
+    sharded_state,
+    whole_tensor_state,
+)
 from learned_optim._warnings import user_stacklevel
 from learned_optim.functional import (
     FUSED_CHUNK_SIZE,
@@ -137,17 +145,15 @@ def rule_fingerprint(rule: UpdateRule) -> str:
     return digest.hexdigest()
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    # No DTensor exists before its module is imported; importing it here would cost 0.5 s.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
 @torch.compiler.disable
 def _all_zero(tensors: list[Any]) -> bool:
-    """Whether every value is zero (floats or tensors); eager even inside a compiled step."""
-    values = [t if isinstance(t, Tensor) else torch.tensor(float(t)) for t in tensors]
-    return not bool(torch.stack([v.ne(0).any().cpu() for v in values]).any())
+    """Whether every value is zero (floats or tensors, a DTensor over all its shards); eager
+    even inside a compiled step."""
+    flags = []
+    for t in tensors:
+        flag = t.ne(0).any() if isinstance(t, Tensor) else torch.tensor(float(t) != 0)
+        flags.append((flag.full_tensor() if is_dtensor(flag) else flag).cpu())
+    return not bool(torch.stack(flags).any())
 
 
 def _is_bool(value: object) -> bool:
@@ -470,8 +476,7 @@ class LearnedOptimizer(Optimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         self._check_steppable(p, -1)
-                        view = torch.view_as_real(p) if p.is_complex() else p
-                        self.state[p].update(self._init_param_state(p, view.numel()))
+                        self.state[p].update(self._init_param_state(p, local_coordinates(p).numel()))
             if self._global_state is not None:
                 device = next(iter(self._global_state.values())).device
                 for key, value in self._fresh_global_state(device).items():
@@ -488,6 +493,7 @@ class LearnedOptimizer(Optimizer):
 
         entries_by_device: dict[torch.device, list[StepEntry]] = {}
         params_by_device: dict[torch.device, list[Tensor]] = {}
+        sharded: list[tuple[StepEntry, Tensor, Tensor]] = []  # DTensor parameters' entries
         index = -1  # of the parameter over all groups, as in state_dict()["state"]
         for group in self.param_groups:
             for p in group["params"]:
@@ -496,8 +502,10 @@ class LearnedOptimizer(Optimizer):
                     continue
                 grad = p.grad
                 self._check_steppable(p, index)
-                param_view = torch.view_as_real(p) if p.is_complex() else p
-                grad_view = torch.view_as_real(grad) if grad.is_complex() else grad
+                if is_dtensor(p):
+                    grad = gradient_like(p, grad, f"parameter {index}")
+                param_view = local_coordinates(p)
+                grad_view = local_coordinates(grad)
                 state = self.state[p]
                 if not state:
                     state.update(self._init_param_state(p, param_view.numel()))
@@ -516,18 +524,25 @@ class LearnedOptimizer(Optimizer):
                         "Drop its state (del optimizer.state[p]) to start it afresh, or build a new optimizer."
                     )
                 segment_state = {k[len(SEGMENT_PREFIX) :]: v for k, v in state.items() if k.startswith(SEGMENT_PREFIX)}
-                entries_by_device.setdefault(p.device, []).append(
-                    StepEntry(
-                        param=param_view,
-                        grad=grad_view,
-                        state=rule_state,
-                        lr=group["lr"],
-                        weight_decay=group["weight_decay"],
-                        maximize=group["maximize"],
-                        segment_state=segment_state,
-                    )
+                entry = StepEntry(
+                    param=param_view,
+                    grad=grad_view,
+                    state=rule_state,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    maximize=group["maximize"],
+                    segment_state=segment_state,
                 )
-                params_by_device.setdefault(p.device, []).append(p)
+                entries_by_device.setdefault(param_view.device, []).append(entry)
+                params_by_device.setdefault(param_view.device, []).append(p)
+                if is_dtensor(p):
+                    sharded.append((entry, p, grad))
+
+        if sharded:
+            # Every shard of a tensor skips a step (or raises) together, as the whole tensor would.
+            flags = global_nonfinite_flags([p for _, p, _ in sharded], [g for _, _, g in sharded])
+            for (entry, _, _), flag in zip(sharded, flags, strict=True):
+                entry.nonfinite_flag = flag
 
         if self._hierarchical and len(entries_by_device) > 1:
             raise RuntimeError(
@@ -593,16 +608,23 @@ class LearnedOptimizer(Optimizer):
                     )
         return loss
 
-    @staticmethod
-    def _check_steppable(p: Tensor, index: int) -> None:
+    def _check_steppable(self, p: Tensor, index: int) -> None:
         """Refuse a parameter the step cannot update (``index`` -1: not known)."""
         which = f"parameter {index}" if index >= 0 else "a parameter"
-        if _is_dtensor(p) or _is_dtensor(p.grad):
-            raise TypeError(
-                f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is a DTensor (FSDP2 fully_shard or "
-                "tensor parallelism), which is not supported yet; DistributedDataParallel and "
-                "ZeroRedundancyOptimizer work with ordinary tensors"
-            )
+        if is_dtensor(p) or is_dtensor(p.grad):
+            if self._hierarchical or getattr(self.rule, "needs_segments", False):
+                raise TypeError(
+                    f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is a DTensor (FSDP2 fully_shard or "
+                    f"tensor parallelism), and rule {self.rule.rule_type} reads statistics of whole tensors "
+                    "(per-tensor or global inputs), which sharded tensors do not support yet. Use a "
+                    "coordinatewise rule (the default, 'lstm-mnist', 'lstm-mnist-momentum', ...), or "
+                    "DistributedDataParallel / ZeroRedundancyOptimizer, which keep tensors whole"
+                )
+            if not is_dtensor(p):
+                raise TypeError(
+                    f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is an ordinary tensor but its "
+                    "gradient is a DTensor; both must be DTensors on the same device mesh"
+                )
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(
                 f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) has dtype {p.dtype} and "
@@ -691,6 +713,14 @@ class LearnedOptimizer(Optimizer):
         with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
             sd = super().state_dict()
         sd["rule"] = self._rule_entry()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            if is_dtensor(p) and i in sd["state"]:
+                # Laid out as the parameter is, for torch.distributed.checkpoint to save and reshard.
+                sd["state"][i] = {
+                    k: sharded_state(v, p) if self._is_coordinate_key(k) and isinstance(v, Tensor) else v
+                    for k, v in sd["state"][i].items()
+                }
         if self._global_state is not None:
             global_state = self._global_state
             if not self._any_param_state():
@@ -785,6 +815,9 @@ class LearnedOptimizer(Optimizer):
             global_sd = global_copy
         # Empty where the groups do not match: Optimizer.load_state_dict raises for that below.
         index_to_param = self._saved_index_to_param(state_dict) or {}
+        for idx, values in saved_state.items():
+            if idx in index_to_param and isinstance(values, dict):
+                saved_state[idx] = self._rows_of_saved_state(idx, index_to_param[idx], values)
         for idx, values in saved_state.items():
             if idx in index_to_param:
                 self._check_saved_param_state(idx, index_to_param[idx], values)
@@ -907,6 +940,30 @@ class LearnedOptimizer(Optimizer):
                 "the wrong coordinates"
             )
 
+    @staticmethod
+    def _is_coordinate_key(key: object) -> bool:
+        """Whether a parameter's state key holds per-coordinate rule state."""
+        return isinstance(key, str) and key.startswith(STATE_PREFIX) and not key.startswith(SEGMENT_PREFIX)
+
+    def _rows_of_saved_state(self, idx: Any, p: Tensor, values: dict[str, Any]) -> dict[str, Any]:
+        """A parameter's saved per-coordinate state as the rows this optimizer keeps for it: a
+        DTensor's local shard, a whole tensor's shard for a DTensor parameter, and state shaped
+        like the parameter (gathered from a DTensor) reshaped to one row per coordinate."""
+        spec = self.rule.state_spec()
+        rows = {}
+        for key, value in values.items():
+            name = key[len(STATE_PREFIX) :] if self._is_coordinate_key(key) else None
+            if name in spec and isinstance(value, Tensor):
+                trailing = tuple(spec[name])
+                where = f"state of parameter {idx} ({key!r})"
+                value = (
+                    local_state(value, p, trailing, where)
+                    if is_dtensor(p)
+                    else whole_tensor_state(value, p, trailing, where)
+                )
+            rows[key] = value
+        return rows
+
     def _check_saved_param_state(self, idx: Any, p: Tensor, values: dict[str, Any]) -> None:
         """A parameter's saved state must be what this rule keeps for a tensor of its size."""
         if not any(k.startswith(STATE_PREFIX) for k in values):
@@ -917,7 +974,7 @@ class LearnedOptimizer(Optimizer):
             for k, v in values.items()
             if k.startswith(STATE_PREFIX) and not k.startswith(SEGMENT_PREFIX)
         }
-        numel = torch.view_as_real(p).numel() if p.is_complex() else p.numel()
+        numel = local_coordinates(p).numel()  # a DTensor's: its shard's
         where = f"state of parameter {idx} (shape {tuple(p.shape)})"
         self._check_state_shapes(where, per_coordinate, self.rule.state_spec(), rows=numel)
         self._check_state_shapes(where, per_tensor, self.rule.segment_state_spec(), rows=1, prefix="segment.")

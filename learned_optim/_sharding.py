@@ -1,0 +1,133 @@
+"""DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) for ``LearnedOptimizer``.
+
+A coordinatewise rule steps each rank's local shard on its own: a coordinate's update reads
+only that coordinate's gradient and state, so the shards together take exactly the
+unsharded step. The state of a shard is kept as an ordinary ``(local numel, ...)`` tensor;
+``state_dict`` hands it out as a DTensor shaped ``(*param.shape, ...)`` with the parameter's
+mesh and placements, which is what ``torch.distributed.checkpoint`` saves and reshards.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (without importing torch.distributed.tensor, 0.5 s)."""
+    # No DTensor exists before its module is imported.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_part(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the DTensor), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_coordinates(p: Tensor) -> Tensor:
+    """The real tensor a step updates for ``p``: its local shard, complex viewed as real pairs."""
+    local = local_part(p)
+    return torch.view_as_real(local) if local.is_complex() else local
+
+
+def gradient_like(p: Tensor, grad: Tensor, which: str) -> Tensor:
+    """``grad`` laid out as the DTensor parameter ``p`` is (a partial or replicated gradient
+    is reduced or sliced: a collective every rank of the mesh makes for the same parameter)."""
+    if not is_dtensor(grad):
+        raise TypeError(
+            f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is a DTensor but its gradient is an "
+            "ordinary tensor; both must be DTensors on the same device mesh"
+        )
+    if grad.device_mesh != p.device_mesh:
+        raise ValueError(
+            f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) and its gradient live on different "
+            f"device meshes ({p.device_mesh} and {grad.device_mesh})"
+        )
+    if tuple(grad.placements) != tuple(p.placements):
+        grad = grad.redistribute(p.device_mesh, p.placements)
+    return grad
+
+
+def sharded_state(value: Tensor, p: Tensor) -> Tensor:
+    """The DTensor ``(*p.shape, *trailing)`` whose shard on this rank is ``value``, the rule
+    state ``(local numel, *trailing)`` of DTensor parameter ``p`` (shares ``value``'s memory)."""
+    from torch.distributed.tensor import DTensor
+
+    trailing = tuple(value.shape[1:])
+    local = value.view(*p.to_local().shape, *trailing)
+    shape = (*p.shape, *trailing)
+    stride = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride)
+    )
+
+
+def local_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], where: str) -> Tensor:
+    """Saved rule state of parameter ``p`` as this rank's rows ``(local numel, *trailing)``.
+
+    Takes a DTensor laid out as ``p`` (what ``state_dict`` saves for a DTensor parameter), or
+    a whole tensor ``(numel, *trailing)`` / ``(*p.shape, *trailing)`` (saved unsharded, or
+    gathered with ``full_state_dict``), of which this rank takes its shard. Anything else is
+    returned as is, for the shape check that follows to name.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    full_shape = (*p.shape, *trailing)
+    if is_dtensor(value):
+        if value.device_mesh != p.device_mesh:
+            raise ValueError(
+                f"optimizer state_dict: {where} is a DTensor on device mesh {value.device_mesh}, "
+                f"the parameter's is {p.device_mesh}; load it through torch.distributed.checkpoint to reshard it"
+            )
+        if tuple(value.shape) != full_shape:
+            return value.to_local()  # a wrong shape: named by the caller's check
+        if tuple(value.placements) != tuple(p.placements):
+            value = value.redistribute(p.device_mesh, p.placements)
+        local = value.to_local()
+    elif isinstance(value, Tensor) and tuple(value.shape) in (full_shape, (p.numel(), *trailing)):
+        # Every rank holds the whole tensor: each takes its own shard, no communication.
+        whole = value.reshape(full_shape)
+        local = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    else:
+        return value
+    return local.reshape(-1, *trailing)
+
+
+def whole_tensor_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], where: str) -> Tensor:
+    """Saved state ``(*p.shape, *trailing)`` of an ordinary parameter (a DTensor parameter's
+    state gathered whole) as the ``(numel, *trailing)`` rows kept here; else ``value`` as is."""
+    if is_dtensor(value):
+        raise ValueError(
+            f"optimizer state_dict: {where} is a DTensor (saved from a sharded parameter) but this "
+            "parameter is an ordinary tensor; gather it first (torch.distributed.checkpoint's "
+            "get_optimizer_state_dict with StateDictOptions(full_state_dict=True))"
+        )
+    if tuple(value.shape) == (*p.shape, *trailing):
+        return value.reshape(p.numel(), *trailing)
+    return value
+
+
+def global_nonfinite_flags(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """Per DTensor parameter, whether its gradient holds inf/NaN on any rank of its mesh (one
+    all-reduce per mesh), so that all shards of a tensor skip a step together."""
+    import torch.distributed as dist
+
+    from learned_optim.functional import nonfinite_mask
+
+    flags: list[Tensor | None] = [None] * len(params)
+    by_mesh: dict[object, list[int]] = {}
+    for i, p in enumerate(params):
+        by_mesh.setdefault(p.device_mesh, []).append(i)
+    for mesh, indices in by_mesh.items():
+        local = nonfinite_mask([local_part(grads[i]) for i in indices]).to(torch.float32)
+        for dim in range(mesh.ndim):
+            if mesh.size(dim) > 1:
+                dist.all_reduce(local, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        for i, flag in zip(indices, local.bool(), strict=True):
+            flags[i] = flag
+    return [f for f in flags if f is not None]
