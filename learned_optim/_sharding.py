@@ -1,8 +1,10 @@
 """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) for ``LearnedOptimizer``.
 
-A coordinatewise rule steps each rank's local shard on its own: a coordinate's update reads
-only that coordinate's gradient and state, so the shards together take exactly the
-unsharded step. The state of a shard is kept as an ordinary ``(local numel, ...)`` tensor;
+Each rank steps its local shard: a coordinate's update reads only that coordinate's gradient
+and state, and a rule's per-tensor inputs read sums over the whole tensor, which one
+all-reduce per step adds up over the shards (:func:`shard_sum_reducer`). So the shards
+together take the unsharded step. Rules with tensor-level state (``HierarchicalRNN``) are
+not supported. The state of a shard is kept as an ordinary ``(local numel, ...)`` tensor;
 ``state_dict`` hands it out as a DTensor shaped ``(*param.shape, ...)`` with the parameter's
 mesh and placements, which is what ``torch.distributed.checkpoint`` saves and reshards.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -131,3 +133,30 @@ def global_nonfinite_flags(params: Sequence[Tensor], grads: Sequence[Tensor]) ->
         for i, flag in zip(indices, local.bool(), strict=True):
             flags[i] = flag
     return [f for f in flags if f is not None]
+
+
+def _sharded_mesh_dims(p: Tensor) -> tuple[int, ...]:
+    """The mesh dimensions over which ``p`` is split (not those it is replicated over)."""
+    return tuple(dim for dim, placement in enumerate(p.placements) if placement.is_shard())
+
+
+def shard_sum_reducer(params: dict[int, Tensor]) -> Callable[[dict[int, Tensor]], dict[int, Tensor]]:
+    """For DTensor parameters by entry index: a function that turns per-shard sums into sums
+    over each whole tensor, with one all-reduce per mesh and set of sharded mesh dimensions."""
+    import torch.distributed as dist
+
+    def reduce(sums: dict[int, Tensor]) -> dict[int, Tensor]:
+        groups: dict[tuple[object, tuple[int, ...]], list[int]] = {}
+        for index in sums:
+            p = params[index]
+            groups.setdefault((p.device_mesh, _sharded_mesh_dims(p)), []).append(index)
+        reduced = {}
+        for (mesh, dims), indices in groups.items():
+            stacked = torch.stack([sums[i] for i in indices])
+            for dim in dims:
+                if mesh.size(dim) > 1:
+                    dist.all_reduce(stacked, group=mesh.get_group(dim))
+            reduced.update(zip(indices, stacked.unbind(0), strict=True))
+        return reduced
+
+    return reduce

@@ -35,6 +35,11 @@ DEFAULT_CHUNK_SIZE = 1 << 16
 NONFINITE_MODES = ("skip", "error")
 
 
+ShardReduce = Callable[[dict[int, Tensor]], dict[int, Tensor]]
+"""Takes per-tensor sums of some entries' shards (by entry index), returns the sums over all
+shards of each tensor; every rank holding a shard of those tensors calls it in the same order."""
+
+
 def default_chunk_size(rule: UpdateRule, device: torch.device) -> int:
     """Coordinates per rule call of the eager step when none is given: the rule's own choice on
     CPU (``UpdateRule.eager_cpu_chunk_size``, where the size of temporaries matters), ``DEFAULT_CHUNK_SIZE``
@@ -64,6 +69,9 @@ class StepEntry:
     # one shard of it (screened over all shards, so that every shard skips together); None:
     # screen ``grad`` here.
     nonfinite_flag: Tensor | None = None
+    # ``param`` and ``grad`` are one shard of a larger tensor (a DTensor's local part): a rule's
+    # whole-tensor statistics are summed over all shards by the step's ``reduce_shards``.
+    shard: bool = False
 
 
 @dataclass
@@ -188,6 +196,20 @@ def _check_step(
                 )
 
 
+def _check_shards(
+    rule: UpdateRule, entries: Sequence[StepEntry], reduce_shards: ShardReduce | None, caller: str
+) -> None:
+    """``ValueError`` for shard entries the step cannot give whole-tensor statistics."""
+    if not any(e.shard for e in entries):
+        return
+    if rule.segment_state_spec() or rule.global_state_spec():
+        raise ValueError(f"{caller}: {type(rule).__name__} keeps tensor-level state, which shards do not support")
+    if getattr(rule, "needs_segments", False) and reduce_shards is None:
+        raise ValueError(
+            f"{caller}: entries marked shard need reduce_shards for {type(rule).__name__}'s per-tensor inputs"
+        )
+
+
 def _screen_gradients(entries: Sequence[StepEntry], nonfinite: str, host_check: bool) -> tuple[Tensor, bool]:
     """Flags of the entries with non-finite gradients, and whether the step must mask per coordinate.
 
@@ -233,6 +255,7 @@ def learned_step(
     nonfinite: str = "skip",
     global_state: RuleState | None = None,
     host_check: bool = False,
+    reduce_shards: ShardReduce | None = None,
 ) -> Tensor | None:
     """Update ``entries`` in place with one step of ``rule``.
 
@@ -246,6 +269,8 @@ def learned_step(
         host_check: read the non-finite flags back once per step and, when every gradient is
             finite (the usual case), skip the per-coordinate masking; without it the step is
             free of host synchronisation (for CUDA graphs) and always masks.
+        reduce_shards: for entries marked ``shard`` and a rule with per-tensor inputs: sums
+            their statistics over all shards of each tensor (see :data:`ShardReduce`).
 
     Returns:
         A bool tensor marking the entries that were skipped (``None`` if no entries).
@@ -260,6 +285,7 @@ def learned_step(
         return None
     chunk_size = chunk_size_option(chunk_size)
     _check_step(rule, entries, nonfinite, global_state, "learned_step")
+    _check_shards(rule, entries, reduce_shards, "learned_step")
     device = entries[0].param.device
     skipped, masked = _screen_gradients(entries, nonfinite, host_check)
     keep = ~skipped
@@ -280,11 +306,16 @@ def learned_step(
     rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
     pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
     scales = _step_scales(rule, entries)
+    shards = [i for i, e in enumerate(entries) if e.shard]
     whole_sums = (
-        _tensor_statistics(rule, entries, flat_grads, chunk_size, keep if masked else None, only_split=True)
+        _tensor_statistics(
+            rule, entries, flat_grads, chunk_size, keep if masked else None, only_split=True, include=shards
+        )
         if needs_segments
         else {}
     )
+    if shards and whole_sums:
+        whole_sums.update(reduce_shards({i: whole_sums[i] for i in shards}))
 
     for chunk in plan_chunks([p.numel() for p in flat_params], chunk_size, keep_whole=needs_segments or hierarchical):
         lengths = [piece.stop - piece.start for piece in chunk]
@@ -377,6 +408,7 @@ def _tensor_statistics(
     chunk_size: int,
     keep: Tensor | None,
     only_split: bool,
+    include: Sequence[int] = (),
 ) -> dict[int, Tensor]:
     """:meth:`UpdateRule.tensor_statistics` over the whole of each tensor (``only_split``: of
     each tensor larger than a chunk, which the eager step splits), added up slice by slice;
@@ -385,7 +417,7 @@ def _tensor_statistics(
     totals: dict[int, Tensor] = {}
     for index, e in enumerate(entries):
         numel = e.param.numel()
-        if only_split and numel <= chunk_size:
+        if only_split and numel <= chunk_size and index not in include:
             continue
         for start in range(0, max(numel, 1), chunk_size):  # an empty tensor: one empty slice, zero sums
             stop = min(start + chunk_size, numel)
@@ -582,6 +614,7 @@ def fused_learned_step(
     nonfinite: str = "skip",
     host_check: bool = False,
     global_state: RuleState | None = None,
+    reduce_shards: ShardReduce | None = None,
 ) -> Tensor | None:
     """:func:`learned_step` through the rule's fused kernel ``impl``.
 
@@ -603,6 +636,7 @@ def fused_learned_step(
     hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
     chunk_size = chunk_size_option(chunk_size)
     _check_step(rule, entries, nonfinite, global_state, "fused_learned_step")
+    _check_shards(rule, entries, reduce_shards, "fused_learned_step")
     if not flat.holds([e.state for e in entries]):
         # The kernel writes flat's buffers: state of the entries' own would silently not advance.
         raise ValueError(
@@ -625,6 +659,9 @@ def fused_learned_step(
         # Per-tensor inputs: each tensor's sums over all of it, before the kernels move the state.
         segment_ids = flat.segment_ids()
         totals = _tensor_statistics(rule, entries, flat_grads, chunk_size, keep if masked else None, only_split=False)
+        shards = [i for i, e in enumerate(entries) if e.shard]
+        if shards and totals:
+            totals.update(reduce_shards({i: totals[i] for i in shards}))
         context = StepContext(
             segment_ids=segment_ids,
             num_segments=len(entries),

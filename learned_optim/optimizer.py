@@ -29,6 +29,7 @@ from learned_optim._sharding import (
     is_dtensor,
     local_coordinates,
     local_state,
+    shard_sum_reducer,
     sharded_state,
     whole_tensor_state,
 )
@@ -536,6 +537,7 @@ class LearnedOptimizer(Optimizer):
                 entries_by_device.setdefault(param_view.device, []).append(entry)
                 params_by_device.setdefault(param_view.device, []).append(p)
                 if is_dtensor(p):
+                    entry.shard = True
                     sharded.append((entry, p, grad))
 
         if sharded:
@@ -576,6 +578,9 @@ class LearnedOptimizer(Optimizer):
                 impl = self.impl_for(device)
                 rule = self._rule_for(device)
                 chunk_size = self.chunk_size or default_chunk_size(rule, device)
+                device_params = params_by_device[device]
+                shards = {i: p for i, (e, p) in enumerate(zip(entries, device_params, strict=True)) if e.shard}
+                reduce_shards = shard_sum_reducer(shards) if shards else None
                 if impl == "eager":
                     skipped = learned_step(
                         rule,
@@ -584,6 +589,7 @@ class LearnedOptimizer(Optimizer):
                         nonfinite=self.nonfinite if check_values else "skip",
                         global_state=self._global_state,
                         host_check=host_check and check_values,
+                        reduce_shards=reduce_shards,
                     )
                 else:
                     skipped = fused_learned_step(
@@ -595,6 +601,7 @@ class LearnedOptimizer(Optimizer):
                         nonfinite=self.nonfinite if check_values else "skip",
                         host_check=host_check and check_values,
                         global_state=self._global_state,
+                        reduce_shards=reduce_shards,
                     )
                 if skipped is not None and host_check and check_values and bool(skipped.any()):
                     skipped_params = [e.param for e, s in zip(entries, skipped.tolist(), strict=True) if s]
@@ -612,13 +619,13 @@ class LearnedOptimizer(Optimizer):
         """Refuse a parameter the step cannot update (``index`` -1: not known)."""
         which = f"parameter {index}" if index >= 0 else "a parameter"
         if is_dtensor(p) or is_dtensor(p.grad):
-            if self._hierarchical or getattr(self.rule, "needs_segments", False):
+            if self._hierarchical:
                 raise TypeError(
                     f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is a DTensor (FSDP2 fully_shard or "
-                    f"tensor parallelism), and rule {self.rule.rule_type} reads statistics of whole tensors "
-                    "(per-tensor or global inputs), which sharded tensors do not support yet. Use a "
-                    "coordinatewise rule (the default, 'lstm-mnist', 'lstm-mnist-momentum', ...), or "
-                    "DistributedDataParallel / ZeroRedundancyOptimizer, which keep tensors whole"
+                    f"tensor parallelism), and rule {self.rule.rule_type} keeps tensor-level and global "
+                    "state, which sharded tensors do not support yet. Use a CoordinateLSTM rule (the "
+                    "default, 'lstm-mnist', 'lstm-mnist-gain', ...), or DistributedDataParallel / "
+                    "ZeroRedundancyOptimizer, which keep tensors whole"
                 )
             if not is_dtensor(p):
                 raise TypeError(
