@@ -55,31 +55,49 @@ def gradient_like(p: Tensor, grad: Tensor, which: str) -> Tensor:
     return grad
 
 
+def _coordinate_shapes(p: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the real coordinates of DTensor ``p``: whole and this rank's shard (a complex
+    parameter's real and imaginary parts are a trailing dimension of 2)."""
+    pair = (2,) if p.is_complex() else ()
+    return (*p.shape, *pair), (*p.to_local().shape, *pair)
+
+
 def sharded_state(value: Tensor, p: Tensor) -> Tensor:
-    """The DTensor ``(*p.shape, *trailing)`` whose shard on this rank is ``value``, the rule
-    state ``(local numel, *trailing)`` of DTensor parameter ``p`` (shares ``value``'s memory)."""
+    """The DTensor ``(*p.shape, *trailing)`` (``(*p.shape, 2, *trailing)`` for a complex ``p``)
+    whose shard on this rank is ``value``, the rule state ``(local rows, *trailing)`` of DTensor
+    parameter ``p``."""
     from torch.distributed.tensor import DTensor
 
     trailing = tuple(value.shape[1:])
-    local = value.view(*p.to_local().shape, *trailing)
-    shape = (*p.shape, *trailing)
-    stride = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    whole, local = _coordinate_shapes(p)
+    if value.storage_offset() != 0:
+        # A view into the fused kernels' flat buffer: a DTensor over it cannot be pickled or
+        # deep-copied (torch 2.13), so it gets its own copy.
+        value = value.clone()
+    shape = (*whole, *trailing)
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     return DTensor.from_local(
-        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=tuple(stride)
+        value.view((*local, *trailing)),
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
     )
 
 
 def local_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], where: str) -> Tensor:
-    """Saved rule state of parameter ``p`` as this rank's rows ``(local numel, *trailing)``.
+    """Saved rule state of parameter ``p`` as this rank's rows ``(local rows, *trailing)``.
 
     Takes a DTensor laid out as ``p`` (what ``state_dict`` saves for a DTensor parameter), or
-    a whole tensor ``(numel, *trailing)`` / ``(*p.shape, *trailing)`` (saved unsharded, or
+    a whole tensor ``(rows, *trailing)`` / ``(*p.shape, *trailing)`` (saved unsharded, or
     gathered with ``full_state_dict``), of which this rank takes its shard. Anything else is
     returned as is, for the shape check that follows to name.
     """
     from torch.distributed.tensor import distribute_tensor
 
-    full_shape = (*p.shape, *trailing)
+    whole, _ = _coordinate_shapes(p)
+    full_shape = (*whole, *trailing)
     if is_dtensor(value):
         if value.device_mesh != p.device_mesh:
             raise ValueError(
@@ -91,10 +109,10 @@ def local_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], where: str)
         if tuple(value.placements) != tuple(p.placements):
             value = value.redistribute(p.device_mesh, p.placements)
         local = value.to_local()
-    elif isinstance(value, Tensor) and tuple(value.shape) in (full_shape, (p.numel(), *trailing)):
+    elif isinstance(value, Tensor) and tuple(value.shape) in (full_shape, (math.prod(whole), *trailing)):
         # Every rank holds the whole tensor: each takes its own shard, no communication.
-        whole = value.reshape(full_shape)
-        local = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        local = distribute_tensor(value.reshape(full_shape), p.device_mesh, p.placements, src_data_rank=None)
+        local = local.to_local()
     else:
         return value
     return local.reshape(-1, *trailing)
@@ -109,8 +127,9 @@ def whole_tensor_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], wher
             "parameter is an ordinary tensor; gather it first (torch.distributed.checkpoint's "
             "get_optimizer_state_dict with StateDictOptions(full_state_dict=True))"
         )
-    if tuple(value.shape) == (*p.shape, *trailing):
-        return value.reshape(p.numel(), *trailing)
+    whole = (*p.shape, 2) if p.is_complex() else tuple(p.shape)
+    if tuple(value.shape) == (*whole, *trailing):
+        return value.reshape(math.prod(whole), *trailing)
     return value
 
 

@@ -157,6 +157,13 @@ def _all_zero(tensors: list[Any]) -> bool:
     return not bool(torch.stack(flags).any())
 
 
+@torch.compiler.disable
+@torch.no_grad()
+def _step_outside_graph(optimizer: LearnedOptimizer, closure: Callable[[], float] | None) -> float | None:
+    """The body of ``optimizer.step(closure)`` run eagerly from a compiled caller (a graph break)."""
+    return optimizer._step(closure)
+
+
 def _is_bool(value: object) -> bool:
     """A Python bool or a numpy bool scalar (a string such as "no" would be truthy)."""
     return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
@@ -236,6 +243,7 @@ class LearnedOptimizer(Optimizer):
         # "momentum" is a placeholder no step reads (the rule keeps its own momentum): OneCycleLR
         # and CyclicLR cycle a momentum by default and refuse optimizers without one.
         defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize, "momentum": 0.0}
+        self._holds_dtensors = False  # set by add_param_group
         super().__init__(params, defaults)
         self.rule: UpdateRule = resolve_rule(
             DEFAULT_RULE if pretrained is None else pretrained,
@@ -305,6 +313,7 @@ class LearnedOptimizer(Optimizer):
                         )
                     seen[id(p)] = i
         super().add_param_group(param_group)
+        self._holds_dtensors = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
 
     def _reset_transient(self) -> None:
         self._rule_copies = {}
@@ -328,6 +337,7 @@ class LearnedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._reset_transient()
+        self._holds_dtensors = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
 
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: Tensor, numel: int) -> dict[str, Tensor]:
@@ -463,6 +473,13 @@ class LearnedOptimizer(Optimizer):
         Returns:
             The closure's loss, or ``None``.
         """
+        if self._holds_dtensors and torch.compiler.is_compiling():
+            # Dynamo cannot trace a step over DTensor shards (torch 2.13 fails inside Dynamo):
+            # a compiled caller runs the step eagerly, with a graph break.
+            return _step_outside_graph(self, closure)
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], float] | None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
