@@ -520,7 +520,8 @@ class LearnedOptimizer(Optimizer):
                     continue
                 grad = p.grad
                 self._check_steppable(p, index)
-                if is_dtensor(p):
+                sharded_param = is_dtensor(p)
+                if sharded_param:
                     grad = gradient_like(p, grad, f"parameter {index}")
                 param_view = local_coordinates(p)
                 grad_view = local_coordinates(grad)
@@ -553,7 +554,7 @@ class LearnedOptimizer(Optimizer):
                 )
                 entries_by_device.setdefault(param_view.device, []).append(entry)
                 params_by_device.setdefault(param_view.device, []).append(p)
-                if is_dtensor(p):
+                if sharded_param:
                     entry.shard = True
                     sharded.append((entry, p, grad))
 
