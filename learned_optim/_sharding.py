@@ -1,10 +1,12 @@
 """DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism) for ``LearnedOptimizer``.
 
 Each rank steps its local shard: a coordinate's update reads only that coordinate's gradient
-and state, and a rule's per-tensor inputs read sums over the whole tensor, which one
-all-reduce per step adds up over the shards (:func:`shard_sum_reducer`). So the shards
-together take the unsharded step. Rules with tensor-level state (``HierarchicalRNN``) are
-not supported. The state of a shard is kept as an ordinary ``(local numel, ...)`` tensor;
+and state, and whatever a rule reads of the whole tensor (an LSTM's per-tensor inputs; the
+hierarchical RNN's parameter RMS, the sums that normalise its step and feed its tensor and
+global levels) is summed over the shards by all-reduces (:func:`shard_sum_reducer`). So the
+shards together take the unsharded step, and the tensor-level and global state, computed
+from the same sums on every rank, stay the same everywhere. The state of a shard is kept as
+an ordinary ``(local numel, ...)`` tensor;
 ``state_dict`` hands it out as a DTensor shaped ``(*param.shape, ...)`` with the parameter's
 mesh and placements, which is what ``torch.distributed.checkpoint`` saves and reshards.
 """

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learned_optim.rules.base import RuleState, StepContext, UpdateRule, check_rule_output, step_scales
+from learned_optim.rules.base import (
+    RuleState,
+    StepContext,
+    UpdateRule,
+    check_rule_output,
+    floored_log_rms,
+    step_scales,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -202,11 +209,10 @@ def _check_shards(
     """``ValueError`` for shard entries the step cannot give whole-tensor statistics."""
     if not any(e.shard for e in entries):
         return
-    if rule.segment_state_spec() or rule.global_state_spec():
-        raise ValueError(f"{caller}: {type(rule).__name__} keeps tensor-level state, which shards do not support")
-    if getattr(rule, "needs_segments", False) and reduce_shards is None:
+    hierarchical = bool(rule.segment_state_spec() or rule.global_state_spec())
+    if (hierarchical or getattr(rule, "needs_segments", False)) and reduce_shards is None:
         raise ValueError(
-            f"{caller}: entries marked shard need reduce_shards for {type(rule).__name__}'s per-tensor inputs"
+            f"{caller}: entries marked shard need reduce_shards for {type(rule).__name__}'s per-tensor statistics"
         )
 
 
@@ -305,7 +311,7 @@ def learned_step(
     # its pieces' updates wait until all of it has run (see UpdateRule.rescale_split_update).
     rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
     pending: dict[int, list[tuple[_Piece, Tensor, dict[str, Tensor]]]] = {}
-    scales = _step_scales(rule, entries)
+    scales = _step_scales(rule, entries, reduce_shards)
     shards = [i for i, e in enumerate(entries) if e.shard]
     whole_sums = (
         _tensor_statistics(
@@ -379,14 +385,19 @@ def learned_step(
                 else:
                     mask = keep_coord[sl].view(-1, *([1] * (old.dim() - 1)))
                     old.copy_(torch.where(mask, new_state[k][sl], old))
-            if rescales and context is not None and length < e.param.numel():
+            if rescales and context is not None and (length < e.param.numel() or e.shard):
                 piece_sums = {k: v[j] for k, v in context.segment_sums.items()}
                 pending.setdefault(piece.entry_index, []).append((piece, update[sl], piece_sums))
                 continue
             target = flat_params[piece.entry_index][piece.start : piece.stop]
             _apply_update(target, update[sl], e.lr, factors[piece.entry_index])
+    counts = None
+    if shards and (hierarchical or rescales):
+        # A shard's sums are its own: the whole tensor's add up over all of its shards.
+        template = _sum_template(rule, entries, sums, global_state, scales)
+        sums, counts = _sums_over_shards(entries, sums, template, reduce_shards)
     for index, pieces in pending.items():
-        numel = entries[index].param.numel()
+        numel = entries[index].param.numel() if counts is None else counts[index]
         for piece, piece_update, piece_sums in pieces:
             piece_update = rule.rescale_split_update(
                 piece_update, piece_sums, piece.stop - piece.start, sums[index], numel
@@ -397,8 +408,59 @@ def learned_step(
         if not e.param.is_contiguous():
             e.param.copy_(flat.view(e.param.shape))
     if hierarchical:
-        _finalize(rule, entries, sums, keep, global_state)
+        _finalize(rule, entries, sums, keep, global_state, counts)
     return skipped
+
+
+def _sum_template(
+    rule: UpdateRule,
+    entries: Sequence[StepEntry],
+    sums: Sequence[dict[str, Tensor]],
+    global_state: RuleState | None,
+    scales: Tensor | None,
+) -> dict[str, Tensor]:
+    """Zeros shaped as one tensor's per-tensor sums of this step (``StepContext.segment_sums``
+    rows): what a shard without coordinates on this rank contributes."""
+    for tensor_sums in sums:
+        if tensor_sums:
+            return {k: torch.zeros_like(v) for k, v in tensor_sums.items()}
+    # No coordinate stepped here (every local shard is empty): the rule's sums over none.
+    device = entries[0].param.device
+    context = StepContext(
+        segment_ids=torch.zeros(0, dtype=torch.int64, device=device),
+        num_segments=1,
+        segment_state=entries[0].segment_state,
+        global_state=global_state,
+        step_scales=None if scales is None else scales[:1],
+    )
+    rule(torch.zeros(0, device=device), rule.init_state(0, device), context)
+    return {k: torch.zeros_like(v[0]) for k, v in context.segment_sums.items()}
+
+
+def _sums_over_shards(
+    entries: Sequence[StepEntry],
+    sums: Sequence[dict[str, Tensor]],
+    template: dict[str, Tensor],
+    reduce_shards: ShardReduce,
+) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """Every entry's per-tensor sums and float64 coordinate count over its whole tensor: a
+    shard's added up over all shards of its tensor (in one ``reduce_shards`` call, the count
+    with them), the others' as they are."""
+    device = entries[0].param.device
+    keys = sorted(template)  # the same order on every rank
+    counts = torch.tensor([float(e.param.numel()) for e in entries], dtype=torch.float64, device=device)
+    packed = {
+        i: torch.cat([*(sums[i].get(k, template[k]).reshape(-1).to(torch.float64) for k in keys), counts[i : i + 1]])
+        for i, e in enumerate(entries)
+        if e.shard
+    }
+    whole = list(sums)
+    sizes = [template[k].numel() for k in keys]
+    for i, values in reduce_shards(packed).items():
+        *parts, count = values.split([*sizes, 1])
+        whole[i] = {k: part.view(template[k].shape).to(template[k].dtype) for k, part in zip(keys, parts, strict=True)}
+        counts[i] = count[0]
+    return whole, counts
 
 
 def _tensor_statistics(
@@ -433,9 +495,24 @@ def _tensor_statistics(
     return totals
 
 
-def _step_scales(rule: UpdateRule, entries: Sequence[StepEntry]) -> Tensor | None:
-    """Each entry's ``log(lr / RMS(param))`` before the step, for a rule that reads it."""
-    return step_scales([e.param for e in entries], [e.lr for e in entries]) if rule.needs_step_scales else None
+def _step_scales(
+    rule: UpdateRule, entries: Sequence[StepEntry], reduce_shards: ShardReduce | None = None
+) -> Tensor | None:
+    """Each entry's ``log(lr / RMS(param))`` before the step, for a rule that reads it; a
+    shard's RMS is its whole tensor's (sums of squares and sizes added up over the shards)."""
+    if not rule.needs_step_scales:
+        return None
+    params, lrs = [e.param for e in entries], [e.lr for e in entries]
+    shards = [i for i, e in enumerate(entries) if e.shard]
+    if not shards or reduce_shards is None:
+        return step_scales(params, lrs)
+    device = params[0].device
+    norms = torch._foreach_norm([p.detach() for p in params])
+    square_sums = torch.stack([n.to(torch.float64) for n in norms]).square()
+    sizes = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64, device=device)
+    for i, values in reduce_shards({i: torch.stack([square_sums[i], sizes[i]]) for i in shards}).items():
+        square_sums[i], sizes[i] = values[0], values[1]
+    return step_scales(params, lrs, log_rms=floored_log_rms(square_sums, sizes))
 
 
 def _decay_factor(entry: StepEntry, keep: Tensor) -> Tensor | None:
@@ -488,8 +565,9 @@ def _finalize(
     """
     if global_state is None:
         raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to learned_step")
-    if all(e.param.numel() == 0 for e in entries):
+    if all(e.param.numel() == 0 and not e.shard for e in entries):
         # Only empty tensors: no coordinate ran through the rule (no sums), nothing to advance.
+        # (A shard empty here may not be empty elsewhere: its sums came from the other ranks.)
         return
     seg_keys = list(entries[0].segment_state or {})
     segment_state = {k: torch.cat([e.segment_state[k] for e in entries]) for k in seg_keys}
@@ -676,8 +754,12 @@ def fused_learned_step(
             segment_state={k: torch.cat([e.segment_state[k] for e in entries]) for k in entries[0].segment_state},
             global_state=global_state,
             segment_counts=flat.segment_counts(),
-            step_scales=_step_scales(rule, entries),
+            step_scales=_step_scales(rule, entries, reduce_shards),
         )
+    shards = [i for i, e in enumerate(entries) if e.shard] if hierarchical else []
+    rescales = type(rule).rescale_split_update is not UpdateRule.rescale_split_update
+    sums: list[dict[str, Tensor]] = []
+    counts = flat.segment_counts()
     for chunk_start in range(0, total, chunk_size):
         chunk_stop = min(chunk_start + chunk_size, total)
         pieces = _pieces_between(flat.offsets, chunk_start, chunk_stop)
@@ -703,6 +785,19 @@ def fused_learned_step(
             segment_ids=segment_ids[chunk_start:chunk_stop] if segment_ids is not None else None,
             context=context,
         )
+        if hierarchical:  # one chunk: all coordinates
+            sums = [{k: v[i] for k, v in context.segment_sums.items()} for i in range(len(entries))]
+            if shards:
+                # Each shard was normalised over itself: rescaled to its whole tensor's sums.
+                shard_sums = sums
+                sums, counts = _sums_over_shards(
+                    entries, sums, _sum_template(rule, entries, sums, None, None), reduce_shards
+                )
+                for i in shards if rescales else ():
+                    start, stop = flat.offsets[i], flat.offsets[i + 1]
+                    if stop > start:
+                        piece = update[start:stop]
+                        piece.copy_(rule.rescale_split_update(piece, shard_sums[i], stop - start, sums[i], counts[i]))
         offset = 0
         # Foreach ops per (lr, decay factor); fp32 updates for every dtype, so a bf16 param gets
         # one rounding, as on the eager path. Decay in a low-precision param dtype (or masked)
@@ -732,9 +827,13 @@ def fused_learned_step(
     for e, flat_param in zip(entries, flat_params, strict=True):
         if not e.param.is_contiguous():
             e.param.copy_(flat_param.view(e.param.shape))
-    if hierarchical and total > 0:
-        sums = [{k: v[i] for k, v in context.segment_sums.items()} for i in range(len(entries))]
-        _finalize(rule, entries, sums, keep, global_state, flat.segment_counts())
+    if hierarchical and total == 0 and shards:
+        # No coordinates here, but the shards' sums are added up on every rank.
+        sums = [{} for _ in entries]
+        template = _sum_template(rule, entries, sums, global_state, context.step_scales)
+        sums, counts = _sums_over_shards(entries, sums, template, reduce_shards)
+    if hierarchical and sums:
+        _finalize(rule, entries, sums, keep, global_state, counts)
     return skipped
 
 

@@ -636,20 +636,11 @@ class LearnedOptimizer(Optimizer):
     def _check_steppable(self, p: Tensor, index: int) -> None:
         """Refuse a parameter the step cannot update (``index`` -1: not known)."""
         which = f"parameter {index}" if index >= 0 else "a parameter"
-        if is_dtensor(p) or is_dtensor(p.grad):
-            if self._hierarchical:
-                raise TypeError(
-                    f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is a DTensor (FSDP2 fully_shard or "
-                    f"tensor parallelism), and rule {self.rule.rule_type} keeps tensor-level and global "
-                    "state, which sharded tensors do not support yet. Use a CoordinateLSTM rule (the "
-                    "default, 'lstm-mnist', 'lstm-mnist-gain', ...), or DistributedDataParallel / "
-                    "ZeroRedundancyOptimizer, which keep tensors whole"
-                )
-            if not is_dtensor(p):
-                raise TypeError(
-                    f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is an ordinary tensor but its "
-                    "gradient is a DTensor; both must be DTensors on the same device mesh"
-                )
+        if is_dtensor(p.grad) and not is_dtensor(p):
+            raise TypeError(
+                f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) is an ordinary tensor but its "
+                "gradient is a DTensor; both must be DTensors on the same device mesh"
+            )
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(
                 f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) has dtype {p.dtype} and "

@@ -83,6 +83,7 @@ def test_quality_compares_a_rule_with_tuned_baselines(tmp_path):
         ("lr_trace.py", ["--rule", "hrnn-base", "--steps", "3", "--every", "2"], "learning rate per tensor"),
         ("loss_scale.py", ["--tasks", "quadratic", "--scales", "0.1,1", "--seeds", "1", "--steps", "3"], "worst (b)"),
         ("meta_fit_speed.py", ["--instances", "2", "--steps", "3", "--iterations", "1", "--repeats", "1"], "speed-up"),
+        ("sharded_step.py", ["--size", "10K", "--repeats", "1", "--rules", "hrnn-base"], "| hrnn-base | cpu |"),
     ],
 )
 def test_small_benchmarks_run(script, args, expected):

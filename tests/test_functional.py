@@ -162,3 +162,112 @@ def test_functional_step_equals_the_optimizer_step(impl):
 def test_public_api_is_declared():
     assert set(F.__all__) >= {"StepEntry", "FlatState", "learned_step", "fused_learned_step", "plan_chunks"}
     assert all(hasattr(F, name) for name in F.__all__)
+
+
+# ---------------------------------------------------------------------- shards
+class ThreadReduce:
+    """``reduce_shards`` for ranks that are threads of this process: each rank's sums are
+    added up over all ranks, in rank order (the same on every rank), as an all-reduce would."""
+
+    def __init__(self, ranks: int) -> None:
+        import threading
+
+        self.barrier = threading.Barrier(ranks, timeout=60)
+        self.posted: list[dict[int, torch.Tensor]] = [{} for _ in range(ranks)]
+
+    def for_rank(self, rank: int):
+        def reduce(sums: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            self.posted[rank] = sums
+            self.barrier.wait()
+            total = {i: sum(posted[i] for posted in self.posted[1:]) + self.posted[0][i] for i in sums}
+            self.barrier.wait()  # nobody posts the next reduce before everyone has read this one
+            return total
+
+        return reduce
+
+
+def hierarchical_rule_with_every_tensor_input() -> HierarchicalRNN:
+    torch.manual_seed(3)
+    rule = HierarchicalRNN(
+        agreement_feature=True, step_gain=True, step_size_feature=True, relative_step_cap=0.02, lr_leak=0.01
+    )
+    with torch.no_grad():  # zero at init: give them something to do
+        rule.gain_out.weight.normal_(0, 0.3)
+        rule.step_size_in.weight.normal_(0, 0.3)
+    return rule
+
+
+@pytest.mark.parametrize("impl", ["eager", "eager-split", "cpu"])
+def test_shards_of_a_tensor_step_as_the_whole_tensor_with_a_hierarchical_rule(impl):
+    import threading
+
+    if impl == "cpu" and "cpu" not in HierarchicalRNN().fused_impls():
+        pytest.skip("no C compiler for the fused kernel")
+    rule = hierarchical_rule_with_every_tensor_input()
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3,), (2, 2)]
+    cuts = [4, 3, 1]  # rank 0 holds the rows before the cut, rank 1 the rest (none of the bias)
+    weights = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn(shape) for shape in shapes] for _ in range(4)]
+
+    def shard(tensors, rank):
+        return [t[:cut] if rank == 0 else t[cut:] for t, cut in zip(tensors, cuts, strict=True)]
+
+    def run(tensors, step_grads, is_shard=False, reduce_shards=None):
+        params = [t.clone() for t in tensors]
+        states = [rule.init_state(p.numel()) for p in params]
+        flat = None
+        if impl == "cpu":
+            flat = FlatState.gather(states, [p.numel() for p in params])
+            states = [flat.views(i) for i in range(len(params))]
+        segments = [rule.init_segment_state(1) for _ in params]
+        global_state = rule.init_global_state()
+        for grads_now in step_grads:
+            entries = [
+                StepEntry(p, g, s, lr=0.5, weight_decay=0.0, maximize=False, segment_state=seg, shard=is_shard)
+                for p, g, s, seg in zip(params, grads_now, states, segments, strict=True)
+            ]
+            if impl == "cpu":
+                fused_learned_step(rule, "cpu", entries, flat, global_state=global_state, reduce_shards=reduce_shards)
+            else:
+                size = 3 if impl == "eager-split" else 1 << 16  # chunks of 3: shards split over chunks too
+                learned_step(rule, entries, chunk_size=size, global_state=global_state, reduce_shards=reduce_shards)
+        return params, segments, global_state
+
+    whole_params, whole_segments, whole_global = run(weights, grads)
+    reducer = ThreadReduce(2)
+    results = [None, None]
+
+    def rank_run(rank):
+        local_grads = [shard(step_grads, rank) for step_grads in grads]
+        results[rank] = run(shard(weights, rank), local_grads, True, reducer.for_rank(rank))
+
+    threads = [threading.Thread(target=rank_run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] is not None and results[1] is not None, "a rank failed"
+    for i, expected in enumerate(whole_params):
+        joined = torch.cat([results[0][0][i], results[1][0][i]])
+        torch.testing.assert_close(joined, expected, rtol=0, atol=1e-6)
+    for rank in (0, 1):  # tensor and global levels: the same on every rank, and as one process's
+        _, segments, global_state = results[rank]
+        for seg, expected in zip(segments, whole_segments, strict=True):
+            for k in expected:
+                torch.testing.assert_close(seg[k], expected[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(global_state["h"], whole_global["h"], rtol=0, atol=1e-6)
+
+    # Each shard's own sums instead: visibly another step (what the reduce is for).
+    alone, _, _ = run(shard(weights, 0), [shard(g, 0) for g in grads], True, lambda sums: sums)
+    moved = (whole_params[0][: cuts[0]] - weights[0][: cuts[0]]).abs().max()
+    assert (alone[0] - whole_params[0][: cuts[0]]).abs().max() > 0.01 * moved
+
+
+def test_shard_entries_of_a_hierarchical_rule_need_reduce_shards():
+    rule = HierarchicalRNN()
+    e = entry(rule, 4, segment_state=rule.init_segment_state(1), shard=True)
+    before = snapshot([e])
+    with pytest.raises(ValueError, match="reduce_shards"):
+        learned_step(rule, [e], global_state=rule.init_global_state())
+    assert unchanged([e], before)

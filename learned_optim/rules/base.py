@@ -67,14 +67,18 @@ zero-initialised tensor (a bias) reads as a small one, so its steps are not judg
 large against it."""
 
 
-def step_scales(params: Sequence[Tensor], lrs: Sequence[float | Tensor] | float | Tensor) -> Tensor:
+def step_scales(
+    params: Sequence[Tensor], lrs: Sequence[float | Tensor] | float | Tensor, log_rms: Tensor | None = None
+) -> Tensor:
     """``(len(params),)`` float32 ``log(lr / max(RMS(p), PARAM_RMS_FLOOR))`` of each tensor
     (no autograd, no host sync).
 
     ``lrs``: one learning rate (multiplier of the rule's update) per tensor, or one for all;
     each a number or a one-element tensor (read on the device, never back to the host).
     An lr of 0 gives a large negative finite value, never ``-inf``; an all-zero tensor reads
-    as one of RMS ``PARAM_RMS_FLOOR``.
+    as one of RMS ``PARAM_RMS_FLOOR``. ``log_rms``: the tensors' floored log RMS where the
+    caller has it (:func:`floored_log_rms` of sums over a sharded tensor's shards); by
+    default it is computed from ``params``.
     """
     if not params:
         raise ValueError("step_scales needs at least one parameter tensor")
@@ -84,11 +88,12 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float | Tensor] | float 
         raise ValueError(f"step_scales: {len(lr_list)} learning rates for {len(params)} tensors")
     device = params[0].device
     with torch.no_grad():
-        norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
-        # A complex tensor steps as its real view: twice as many coordinates as elements.
-        sizes = [max(p.numel() * (2 if p.is_complex() else 1), 1) for p in params]
-        sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
-        log_rms = torch.log((norms / sizes.sqrt()).clamp_min(PARAM_RMS_FLOOR))
+        if log_rms is None:
+            norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
+            # A complex tensor steps as its real view: twice as many coordinates as elements.
+            sizes = [max(p.numel() * (2 if p.is_complex() else 1), 1) for p in params]
+            sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
+            log_rms = torch.log((norms / sizes.sqrt()).clamp_min(PARAM_RMS_FLOOR))
         if any(isinstance(v, Tensor) for v in lr_list):
             as_tensors = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in lr_list]
             log_lr = torch.stack(as_tensors).clamp_min(_TINY).log().float()
@@ -96,6 +101,13 @@ def step_scales(params: Sequence[Tensor], lrs: Sequence[float | Tensor] | float 
             log_lr = [math.log(max(float(v), _TINY)) for v in lr_list]
             log_lr = torch.tensor(log_lr, dtype=torch.float32, device=device)
     return log_lr - log_rms
+
+
+def floored_log_rms(square_sums: Tensor, sizes: Tensor) -> Tensor:
+    """float32 ``log(max(RMS, PARAM_RMS_FLOOR))`` of tensors from their sums of squares and
+    sizes (as :func:`step_scales` computes it from the tensors themselves)."""
+    rms = torch.sqrt(square_sums.double() / sizes.double().clamp_min(1))
+    return torch.log(rms.clamp_min(PARAM_RMS_FLOOR)).float()
 
 
 def config_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
@@ -432,17 +444,19 @@ class UpdateRule(nn.Module):
         self,
         update: Tensor,
         piece_sums: dict[str, Tensor],
-        piece_count: int,
+        piece_count: int | Tensor,
         tensor_sums: dict[str, Tensor],
-        tensor_count: int,
+        tensor_count: int | Tensor,
     ) -> Tensor:
-        """Correct the update of one piece of a tensor that the eager path split over batches.
+        """Correct the update of one piece of a tensor that the step computed piece by piece.
 
         A rule whose update depends on statistics of the whole tensor (a per-tensor
-        normalisation) computes them over the piece it was given; the caller keeps the
-        pieces' updates until the whole tensor has run and calls this with the sums the rule
-        reported for the piece (``(k,)`` each) and for the whole tensor. The default leaves
-        the update as it is (rules without per-tensor statistics in their update).
+        normalisation) computes them over the piece it was given: a chunk of a tensor the
+        eager path split over batches, or one rank's shard of a sharded tensor. The caller
+        keeps the pieces' updates until the whole tensor has run and calls this with the sums
+        the rule reported for the piece (``(k,)`` each) and for the whole tensor, and the
+        coordinate counts of both (ints, or one-element tensors summed over shards). The
+        default leaves the update as it is (rules without per-tensor statistics in their update).
         """
         return update
 

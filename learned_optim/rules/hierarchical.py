@@ -462,13 +462,15 @@ class HierarchicalRNN(UpdateRule):
         self,
         update: Tensor,
         piece_sums: dict[str, Tensor],
-        piece_count: int,
+        piece_count: int | Tensor,
         tensor_sums: dict[str, Tensor],
-        tensor_count: int,
+        tensor_count: int | Tensor,
     ) -> Tensor:
         # The piece was normalised (and capped) by its own sums; the tensor's are what forward means.
         device = piece_sums["direction_sq"].device
-        counts = torch.tensor([float(piece_count), float(tensor_count)], dtype=torch.float64, device=device)
+        counts = torch.stack(
+            [torch.as_tensor(c, dtype=torch.float64, device=device).reshape(()) for c in (piece_count, tensor_count)]
+        )
         direction_sq = torch.stack([piece_sums["direction_sq"], tensor_sums["direction_sq"]]).reshape(2)
         rms = _rms(direction_sq.to(torch.float64), counts)
         factor = rms[0] / rms[1]

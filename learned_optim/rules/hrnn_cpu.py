@@ -20,7 +20,15 @@ from learned_optim.rules.base import RuleState
 from learned_optim.rules.cpu_build import KernelLibrary, run_parallel, split_ranges
 from learned_optim.rules.hierarchical import relative_step_cap_factor
 
-__all__ = ["check_step_inputs", "direction_scale", "hrnn_kernel_available", "hrnn_step_cpu", "no_sums", "supports"]
+__all__ = [
+    "check_step_inputs",
+    "direction_scale",
+    "hrnn_kernel_available",
+    "hrnn_step_cpu",
+    "no_sums",
+    "reported_sums",
+    "supports",
+]
 
 _MAX_P = 32  # MAX_P in the C source
 _MAX_K = 8  # MAX_K
@@ -73,13 +81,37 @@ def check_step_inputs(
             raise ValueError(f"state tensors must all be float32 or all bfloat16, got {key!r} in {t.dtype}")
 
 
-def no_sums(num_segments: int, param_hidden: int, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def reported_sums(
+    rule: torch.nn.Module,
+    h_sums: Tensor,
+    tail_sums: Tensor,
+    counts: Tensor,
+    segment_gain: Tensor | None,
+    cap_log_scale: Tensor | None,
+) -> dict[str, Tensor]:
+    """A kernel's float64 per-tensor sums under the keys the eager rule reports
+    (``HierarchicalRNN.forward``), so that ``rescale_split_update`` and ``finalize`` read
+    either alike: ``h_sums`` ``(S, P)``; ``tail_sums`` ``(S, 3)``: log lr, direction², step²."""
+    sums = {"h": h_sums, "log_lr": tail_sums[:, 0:1], "direction_sq": tail_sums[:, 1:2]}
+    if cap_log_scale is not None:
+        # As forward reports it: the cap's log scale with the gain's, times the coordinates.
+        if segment_gain is not None:
+            cap_log_scale = cap_log_scale + torch.log(segment_gain.to(torch.float64))
+        sums["step_sq"] = tail_sums[:, 2:3]
+        sums["cap_log_scale"] = (cap_log_scale * counts.to(torch.float64)).unsqueeze(-1)
+    return sums
+
+
+def no_sums(
+    rule: torch.nn.Module,
+    counts: Tensor,
+    segment_gain: Tensor | None = None,
+    cap_log_scale: Tensor | None = None,
+) -> dict[str, Tensor]:
     """The per-tensor sums of a step over no coordinates."""
-    return {
-        "h": torch.zeros(num_segments, param_hidden, dtype=torch.float64, device=device),
-        "log_lr": torch.zeros(num_segments, 1, dtype=torch.float64, device=device),
-        "direction_sq": torch.zeros(num_segments, 1, dtype=torch.float64, device=device),
-    }
+    num_segments, device = counts.numel(), counts.device
+    zeros = torch.zeros(num_segments, rule.p + 3, dtype=torch.float64, device=device)
+    return reported_sums(rule, zeros[:, : rule.p], zeros[:, rule.p :], counts, segment_gain, cap_log_scale)
 
 
 def direction_scale(
@@ -144,7 +176,8 @@ def hrnn_step_cpu(
 
     Returns:
         The per-tensor sums the eager rule reports, float64: ``h`` ``(S, P)`` and ``log_lr``
-        ``(S, 1)`` (what :meth:`HierarchicalRNN.finalize` reads) and ``direction_sq`` ``(S, 1)``.
+        ``(S, 1)`` (what :meth:`HierarchicalRNN.finalize` reads), ``direction_sq`` ``(S, 1)`` and,
+        with a ``relative_step_cap``, ``step_sq`` and ``cap_log_scale`` (see :func:`reported_sums`).
     """
     # (Under torch.compile the build check is left to the op itself: its lock would break the graph.)
     if not torch.compiler.is_compiling() and _KERNEL.load() is None:
@@ -155,8 +188,10 @@ def hrnn_step_cpu(
     n = update.numel()
     num_segments = counts.numel()
     p = rule.p
+    segment_gain = kernel_segment_gain(rule, segment_state, step_scales)
+    cap_log_scale = kernel_cap_log_scale(rule, step_scales)
     if n == 0:
-        return no_sums(num_segments, p)
+        return no_sums(rule, counts, segment_gain, cap_log_scale)
     grad, segment_ids = grad.contiguous(), segment_ids.contiguous()
     weights = [
         (rule.tensor_gates(segment_state, step_scales) + rule.param_in.bias).float().contiguous(),
@@ -185,14 +220,14 @@ def hrnn_step_cpu(
         p,
         rule.k,
         int(rule.agreement_feature),
-        kernel_segment_gain(rule, segment_state, step_scales),
-        kernel_cap_log_scale(rule, step_scales),
+        segment_gain,
+        cap_log_scale,
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
         float(rule.log_max_lr),
     )
-    return {"h": sums[:, :p], "log_lr": sums[:, p : p + 1], "direction_sq": sums[:, p + 1 : p + 2]}
+    return reported_sums(rule, sums[:, :p], sums[:, p : p + 3], counts, segment_gain, cap_log_scale)
 
 
 # A registered op (declaring what it writes) so that torch.compile keeps the step in one graph

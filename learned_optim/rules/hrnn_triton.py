@@ -28,6 +28,7 @@ from learned_optim.rules.hrnn_cpu import (
     kernel_cap_log_scale,
     kernel_segment_gain,
     no_sums,
+    reported_sums,
 )
 from learned_optim.rules.triton_common import launch_ranges, tl, triton
 from learned_optim.rules.triton_common import sigmoid as _sigmoid
@@ -244,8 +245,10 @@ def hrnn_step_triton(
     check_step_inputs(rule, grad, state, update, segment_ids)
     n, num_segments, p = update.numel(), counts.numel(), rule.p
     pp = _padded(p)
+    segment_gain = kernel_segment_gain(rule, segment_state, step_scales)
+    cap_log_scale = kernel_cap_log_scale(rule, step_scales)
     if n == 0:
-        return no_sums(num_segments, p, update.device)
+        return no_sums(rule, counts, segment_gain, cap_log_scale)
     segment_gates = update.new_zeros(num_segments, 3, pp)
     segment_gates[:, :, :p] = (rule.tensor_gates(segment_state, step_scales) + rule.param_in.bias).view(
         num_segments, 3, p
@@ -268,15 +271,15 @@ def hrnn_step_triton(
         p,
         rule.k,
         bool(getattr(rule, "agreement_feature", False)),
-        kernel_segment_gain(rule, segment_state, step_scales),
-        kernel_cap_log_scale(rule, step_scales),
+        segment_gain,
+        cap_log_scale,
         float(rule.lr_change_scale),
         float(rule.lr_leak),
         float(rule.log_min_lr),
         float(rule.log_max_lr),
         precision,
     )
-    return {"h": sums[:, :p], "log_lr": sums[:, pp : pp + 1], "direction_sq": sums[:, pp + 1 : pp + 2]}
+    return reported_sums(rule, sums[:, :p], sums[:, pp : pp + 3], counts, segment_gain, cap_log_scale)
 
 
 @torch.library.custom_op("learned_optim::hrnn_step_triton", mutates_args=("h", "m", "v", "log_lr", "update"))
