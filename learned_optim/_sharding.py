@@ -158,7 +158,11 @@ def global_nonfinite_flags(params: Sequence[Tensor], grads: Sequence[Tensor]) ->
 
 def _sharded_mesh_dims(p: Tensor) -> tuple[int, ...]:
     """The mesh dimensions over which ``p`` is split (not those it is replicated over)."""
-    return tuple(dim for dim, placement in enumerate(p.placements) if placement.is_shard())
+    # Not ``is_shard()``: FSDP over a tensor-parallel dimension places ``_StridedShard``,
+    # which is no ``Shard`` and answers False to it (torch 2.13).
+    return tuple(
+        dim for dim, placement in enumerate(p.placements) if not (placement.is_replicate() or placement.is_partial())
+    )
 
 
 def shard_sum_reducer(params: dict[int, Tensor]) -> Callable[[dict[int, Tensor]], dict[int, Tensor]]:

@@ -23,6 +23,7 @@ from learned_optim.rules.base import (
     UpdateRule,
     check_rule_output,
     floored_log_rms,
+    parameter_norms,
     step_scales,
 )
 
@@ -507,8 +508,7 @@ def _step_scales(
     if not shards or reduce_shards is None:
         return step_scales(params, lrs)
     device = params[0].device
-    norms = torch._foreach_norm([p.detach() for p in params])
-    square_sums = torch.stack([n.to(torch.float64) for n in norms]).square()
+    square_sums = torch.stack([n.to(torch.float64) for n in parameter_norms(params)]).square()
     sizes = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64, device=device)
     for i, values in reduce_shards({i: torch.stack([square_sums[i], sizes[i]]) for i in shards}).items():
         square_sums[i], sizes[i] = values[0], values[1]

@@ -294,6 +294,7 @@ class LearnedOptimizer(Optimizer):
             # Made here, not in the first step: a compiled first step would not keep it.
             device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             self._global_state = self._fresh_global_state(device)
+        self._name_rule_in_groups()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as ``torch.optim`` does; its own ``lr`` / ``weight_decay`` are
@@ -314,6 +315,17 @@ class LearnedOptimizer(Optimizer):
                     seen[id(p)] = i
         super().add_param_group(param_group)
         self._holds_dtensors = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
+        if hasattr(self, "rule"):  # groups given to the constructor are named once the rule is known
+            self._name_rule_in_groups()
+
+    def _name_rule_in_groups(self) -> None:
+        """Put the rule's fingerprint into every live param group (``"rule_sha256"``), not only
+        into saved ones: torch.distributed.checkpoint's flattened state dicts
+        (``flatten_optimizer_state_dict=True``) restore only the group keys the live groups have,
+        and loading needs it to know which rule the state was saved with."""
+        fingerprint = rule_fingerprint(self.rule)
+        for group in self.param_groups:
+            group[RULE_FINGERPRINT_KEY] = fingerprint
 
     def _reset_transient(self) -> None:
         self._rule_copies = {}
@@ -703,7 +715,10 @@ class LearnedOptimizer(Optimizer):
         head = f"LearnedOptimizer (rule: {self.rule.rule_type}({config}), impl: {self.impl!r}"
         if self.state_dtype is not None:
             head += f", state_dtype: {self.state_dtype}"
-        return head + "\n" + super().__repr__().split("\n", 1)[1]
+        groups = super().__repr__().split("\n", 1)[1]
+        # The fingerprint names the rule for checkpoints; the head already names it for people.
+        groups = "\n".join(line for line in groups.split("\n") if not line.strip().startswith(RULE_FINGERPRINT_KEY))
+        return head + "\n" + groups
 
     # ------------------------------------------------------------------ checkpoints
     @contextlib.contextmanager
@@ -810,9 +825,10 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(
                     "LearnedOptimizer state_dict without its 'rule' entry and without the rule's "
                     f"{RULE_FINGERPRINT_KEY!r} in its param groups, so which rule it belongs to is unknown "
-                    "(torch.distributed.checkpoint with flatten_optimizer_state_dict=True drops both; the "
-                    "default keeps the fingerprint). Save and load optimizer.state_dict() itself, or use "
-                    "get/set_optimizer_state_dict without flattening"
+                    "(torch.distributed.checkpoint keeps the fingerprint in the param groups, flattened or "
+                    "not; a tool that drops param-group entries, or flattened checkpoints of earlier "
+                    "versions of this library, lose it). Save and load optimizer.state_dict() itself, or "
+                    "use get/set_optimizer_state_dict"
                 )
             raise ValueError(
                 "not a LearnedOptimizer state_dict: it has no 'rule' entry (was it saved by another optimizer?)"
@@ -853,7 +869,9 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(
                 f"optimizer state_dict: per-parameter state of {self.rule.rule_type} without its global "
                 "state ('rule_global_state', or its copy in the first parameter's state); was it "
-                "filtered by a tool that keeps only some entries?"
+                "filtered by a tool that keeps only some entries? (torch.distributed.checkpoint's "
+                "flatten_optimizer_state_dict=True drops it: for a rule with global state, save "
+                "without flattening)"
             )
         # Optimizer.load_state_dict casts float state to the parameter dtype; ours is restored below.
         # The hooks already ran (pre) or run at the end (post), not inside it.
@@ -862,6 +880,7 @@ class LearnedOptimizer(Optimizer):
             super().load_state_dict(state_dict)  # checks the param groups before changing anything
         for group in self.param_groups:
             group.setdefault("momentum", 0.0)  # state_dicts saved before the placeholder existed
+        self._name_rule_in_groups()
         for idx, values in saved_state.items():
             p = index_to_param.get(idx)
             if p is None:

@@ -66,6 +66,62 @@ def test_dcp_get_and_set_optimizer_state_dict_resume_exactly(pretrained: str | N
     assert same_parameters(model, resumed)
 
 
+@pytest.mark.parametrize("pretrained", [None, "lstm-mnist-gain"])
+def test_dcp_flattened_state_dicts_resume_exactly(pretrained: str | None) -> None:
+    # flatten_optimizer_state_dict=True (torchtitan's choice) restores only the group keys the
+    # live groups have: the fingerprint is one of them.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = make_model()
+    optimizer = LearnedOptimizer(model.parameters(), pretrained=pretrained)
+    train(model, optimizer, 0, 3)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=flat))
+    assert "param_groups.0.weight.rule_sha256" in saved
+    saved_model = copy.deepcopy(model.state_dict())
+    train(model, optimizer, 3, 7)
+
+    resumed = make_model()
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = LearnedOptimizer(resumed.parameters(), pretrained=pretrained)
+    set_optimizer_state_dict(resumed, resumed_optimizer, saved, options=flat)
+    train(resumed, resumed_optimizer, 3, 7)
+    assert same_parameters(model, resumed)
+
+    torch.manual_seed(1)  # same type and config, other weights: refused by the fingerprint
+    other_model = make_model()
+    other = LearnedOptimizer(other_model.parameters(), pretrained=CoordinateLSTM(**optimizer.rule.config))
+    with pytest.raises(ValueError, match="different update rule"):
+        set_optimizer_state_dict(other_model, other, saved, options=flat)
+
+
+def test_dcp_flattened_state_dict_of_a_hierarchical_rule_is_refused_before_anything_changes() -> None:
+    # Unflattening keeps only the state keys live parameters have: the global state's copy is lost.
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    model = make_model()
+    optimizer = LearnedOptimizer(model.parameters(), pretrained="hrnn-base")
+    train(model, optimizer, 0, 2)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, optimizer, options=flat))
+    resumed = make_model()
+    resumed_optimizer = LearnedOptimizer(resumed.parameters(), pretrained="hrnn-base")
+    train(resumed, resumed_optimizer, 0, 1)
+    before = copy.deepcopy(resumed_optimizer.state_dict())
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True drops it"):
+        set_optimizer_state_dict(resumed, resumed_optimizer, saved, options=flat)
+    after = resumed_optimizer.state_dict()
+    assert all(torch.equal(after["state"][i][k], v) for i, values in before["state"].items() for k, v in values.items())
+
+
 @pytest.mark.parametrize("pretrained", RULES)
 def test_dcp_creating_state_before_the_first_step_leaves_the_run_unchanged(pretrained: str | None) -> None:
     # The helpers create missing state with a step at lr 0 on all-zero gradients; that step must
@@ -334,6 +390,7 @@ def _dtensor_worker(rank: int, world_size: int, init_file: str, checkpoint_dir: 
         set_optimizer_state_dict,
     )
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -375,6 +432,20 @@ def _dtensor_worker(rank: int, world_size: int, init_file: str, checkpoint_dir: 
             set_optimizer_state_dict(resumed, resumed_optimizer, loaded["optim"])
             train(resumed, resumed_optimizer, 3, 6)
             assert max_difference(gathered(resumed), uninterrupted) == 0, f"sharded checkpoint resume differs ({name})"
+            if pretrained is None:  # flattened (torchtitan's layout): the same, for a rule without global state
+                flat = StateDictOptions(flatten_optimizer_state_dict=True)
+                dcp.save(
+                    {"optim": get_optimizer_state_dict(interrupted, optimizer, options=flat)},
+                    checkpoint_id=f"{checkpoint_dir}/{name}-flat",
+                )
+                resumed = make_sharded_model()
+                resumed.load_state_dict(get_model_state_dict(interrupted))
+                resumed_optimizer = LearnedOptimizer(resumed.parameters(), impl=impl)
+                loaded = {"optim": get_optimizer_state_dict(resumed, resumed_optimizer, options=flat)}
+                dcp.load(loaded, checkpoint_id=f"{checkpoint_dir}/{name}-flat")
+                set_optimizer_state_dict(resumed, resumed_optimizer, loaded["optim"], options=flat)
+                train(resumed, resumed_optimizer, 3, 6)
+                assert max_difference(gathered(resumed), uninterrupted) == 0, f"flattened resume differs ({name})"
 
             # Gathered whole (full_state_dict) and resumed in one process, and the other way round.
             whole = StateDictOptions(full_state_dict=True)
@@ -483,6 +554,41 @@ def _dtensor_worker(rank: int, world_size: int, init_file: str, checkpoint_dir: 
         reloaded.load_state_dict(distributed_optimizer.state_dict())
         for p in distributed:
             assert all(torch.equal(reloaded.state[p][k], distributed_optimizer.state[p][k]) for k in reloaded.state[p])
+
+        # FSDP over a tensor-parallel dimension places _StridedShard, which is no Shard (torch
+        # 2.13): whole-tensor sums must still add up over it (they were 0.05 off when not).
+        strided = [_StridedShard(0, split_factor=2)]
+
+        def strided_tensors(seed: int) -> list[torch.Tensor]:
+            torch.manual_seed(100 * seed + rank)
+            shapes = [(8, 5), (8,)]
+            return [
+                DTensor.from_local(
+                    torch.randn(shape[0] // world_size, *shape[1:]),
+                    mesh,
+                    strided,
+                    run_check=False,
+                    shape=torch.Size(shape),
+                    stride=torch.empty(shape).stride(),
+                )
+                for shape in shapes
+            ]
+
+        for pretrained in ("lstm-mnist-gain", "hrnn-base"):
+            distributed = [nn.Parameter(t) for t in strided_tensors(0)]
+            reference = [nn.Parameter(t.full_tensor()) for t in distributed]
+            reference_optimizer = LearnedOptimizer(reference, pretrained=pretrained)
+            distributed_optimizer = LearnedOptimizer(distributed, pretrained=pretrained)
+            for step in range(1, 5):
+                step_grads = strided_tensors(step)
+                for p, g in zip(reference, step_grads, strict=True):
+                    p.grad = g.full_tensor()
+                reference_optimizer.step()
+                for p, g in zip(distributed, step_grads, strict=True):
+                    p.grad = g
+                distributed_optimizer.step()
+            difference = max_difference([p.full_tensor() for p in distributed], [p.detach() for p in reference])
+            assert difference <= 1e-6, (pretrained, difference)
 
         # torch.compile(optimizer.step): Dynamo cannot trace a step over shards, so the compiled
         # step runs eagerly (a graph break) and equals the plain one.

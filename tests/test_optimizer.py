@@ -411,13 +411,27 @@ def test_load_state_dict_checks_the_saved_group_options(bad, error, message):
 
 
 def test_a_state_dict_without_the_rule_or_its_fingerprint_says_what_is_missing():
-    # torch.distributed.checkpoint keeps only these two entries; flattened, it also drops the
-    # param groups' entries the live groups lack (the rule's fingerprint).
+    # torch.distributed.checkpoint keeps only these two entries; a tool that also drops the
+    # groups' fingerprint leaves nothing that names the rule.
     _, opt = _stepped()
     sd = opt.state_dict()
     groups = [{k: v for k, v in g.items() if k != "rule_sha256"} for g in sd["param_groups"]]
-    with pytest.raises(ValueError, match=r"without its 'rule' entry.*flatten_optimizer_state_dict"):
+    with pytest.raises(ValueError, match=r"without its 'rule' entry.*param-group entries"):
         opt.load_state_dict({"state": sd["state"], "param_groups": groups})
+
+
+def test_every_live_param_group_names_the_rule():
+    # Flattened checkpoints (torch.distributed.checkpoint) restore only the keys live groups have.
+    params, opt = _stepped()
+    fingerprint = opt.state_dict()["param_groups"][0]["rule_sha256"]
+    extra = nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert [g["rule_sha256"] for g in opt.param_groups] == [fingerprint, fingerprint]
+    opt.load_state_dict(opt.state_dict())
+    assert [g["rule_sha256"] for g in opt.param_groups] == [fingerprint, fingerprint]
+    assert "rule_sha256" not in repr(opt)  # the head of the repr names the rule
+    other = LearnedOptimizer(params, pretrained="lstm-mnist")
+    assert other.param_groups[0]["rule_sha256"] != fingerprint
 
 
 def test_parameters_on_the_meta_device_step_without_reading_values():

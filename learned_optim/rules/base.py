@@ -89,7 +89,7 @@ def step_scales(
     device = params[0].device
     with torch.no_grad():
         if log_rms is None:
-            norms = torch.stack([n.float() for n in torch._foreach_norm([p.detach() for p in params])])
+            norms = torch.stack([n.float() for n in parameter_norms(params)])
             # A complex tensor steps as its real view: twice as many coordinates as elements.
             sizes = [max(p.numel() * (2 if p.is_complex() else 1), 1) for p in params]
             sizes = torch.tensor(sizes, dtype=torch.float32, device=device)
@@ -101,6 +101,19 @@ def step_scales(
             log_lr = [math.log(max(float(v), _TINY)) for v in lr_list]
             log_lr = torch.tensor(log_lr, dtype=torch.float32, device=device)
     return log_lr - log_rms
+
+
+def parameter_norms(params: Sequence[Tensor]) -> list[Tensor]:
+    """The 2-norm of each tensor, accumulated in at least float32 (no autograd): a bf16 or fp16
+    tensor's norm would otherwise come back rounded to its dtype, 3 significant digits."""
+    detached = [p.detach() for p in params]
+    norms = list(torch._foreach_norm(detached))
+    low = [i for i, p in enumerate(detached) if p.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        wide = torch._foreach_norm([detached[i] for i in low], 2, dtype=torch.float32)
+        for i, norm in zip(low, wide, strict=True):
+            norms[i] = norm
+    return norms
 
 
 def floored_log_rms(square_sums: Tensor, sizes: Tensor) -> Tensor:
