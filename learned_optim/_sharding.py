@@ -135,9 +135,25 @@ def whole_tensor_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], wher
     return value
 
 
-def global_nonfinite_flags(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+def global_nonfinite_flags(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    names: Sequence[str],
+    *,
+    check_consistency: bool = True,
+) -> list[Tensor | None]:
     """Per DTensor parameter, whether its gradient holds inf/NaN on any rank of its mesh (one
-    all-reduce per mesh), so that all shards of a tensor skip a step together."""
+    all-reduce per mesh), so that all shards of a tensor skip a step together; ``None`` for a
+    parameter without a gradient.
+
+    ``params`` must be all DTensor parameters of the optimizer, in its order, on every rank
+    (``names`` name them in errors): the same all-reduce also counts the ranks that have each
+    gradient. With
+    ``check_consistency`` (a host read; left out while a CUDA graph captures the step), a
+    parameter whose gradient is ``None`` on some ranks of its mesh only raises ``RuntimeError``
+    on every rank, before anything is updated: the per-tensor sums would pair the wrong
+    tensors' shards.
+    """
     import torch.distributed as dist
 
     from learned_optim.functional import nonfinite_mask
@@ -147,13 +163,32 @@ def global_nonfinite_flags(params: Sequence[Tensor], grads: Sequence[Tensor]) ->
     for i, p in enumerate(params):
         by_mesh.setdefault(p.device_mesh, []).append(i)
     for mesh, indices in by_mesh.items():
-        local = nonfinite_mask([local_part(grads[i]) for i in indices]).to(torch.float32)
+        with_grad = [i for i in indices if grads[i] is not None]
+        device = params[indices[0]].to_local().device
+        # [has gradient, non-finite] per parameter, summed over the mesh's ranks.
+        counts = torch.zeros(2, len(indices), dtype=torch.float32, device=device)
+        if with_grad:
+            rows = torch.tensor([indices.index(i) for i in with_grad], device=device)
+            counts[0, rows] = 1.0
+            counts[1, rows] = nonfinite_mask([local_part(grads[i]) for i in with_grad]).to(torch.float32)
         for dim in range(mesh.ndim):
             if mesh.size(dim) > 1:
-                dist.all_reduce(local, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-        for i, flag in zip(indices, local.bool(), strict=True):
-            flags[i] = flag
-    return [f for f in flags if f is not None]
+                dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        if check_consistency:
+            have = counts[0].cpu().tolist()
+            uneven = [f"{names[i]} on {int(n)}" for i, n in zip(indices, have, strict=True) if 0 < n < mesh.size()]
+            if uneven:
+                raise RuntimeError(
+                    f"LearnedOptimizer: {', '.join(uneven)} of the {mesh.size()} ranks of its device mesh "
+                    "has a gradient, and None on the others. Every rank "
+                    "must step the same parameters (their shards' sums are reduced together): give a "
+                    "parameter that a rank did not use a zero gradient (p.grad = torch.zeros_like(p)). "
+                    "Nothing was updated."
+                )
+        for row, i in enumerate(indices):
+            if grads[i] is not None:
+                flags[i] = counts[1, row] > 0
+    return flags
 
 
 def _sharded_mesh_dims(p: Tensor) -> tuple[int, ...]:

@@ -570,11 +570,25 @@ class LearnedOptimizer(Optimizer):
                     entry.shard = True
                     sharded.append((entry, p, grad))
 
-        if sharded:
-            # Every shard of a tensor skips a step (or raises) together, as the whole tensor would.
-            flags = global_nonfinite_flags([p for _, p, _ in sharded], [g for _, _, g in sharded])
-            for (entry, _, _), flag in zip(sharded, flags, strict=True):
-                entry.nonfinite_flag = flag
+        if self._holds_dtensors:
+            # Every shard of a tensor skips a step (or raises) together, as the whole tensor would;
+            # every rank makes this all-reduce, whichever gradients it has.
+            entry_of = {id(p): entry for entry, p, _ in sharded}
+            grad_of = {id(p): grad for _, p, grad in sharded}
+            dtensors = [
+                (f"parameter {i} (shape {tuple(p.shape)})", p)
+                for i, p in enumerate(p for group in self.param_groups for p in group["params"])
+                if is_dtensor(p)
+            ]
+            flags = global_nonfinite_flags(
+                [p for _, p in dtensors],
+                [grad_of.get(id(p)) for _, p in dtensors],
+                [name for name, _ in dtensors],
+                check_consistency=not _tracing_or_capturing(),
+            )
+            for (_, p), flag in zip(dtensors, flags, strict=True):
+                if flag is not None:
+                    entry_of[id(p)].nonfinite_flag = flag
 
         if self._hierarchical and len(entries_by_device) > 1:
             raise RuntimeError(

@@ -629,6 +629,43 @@ def _dtensor_worker(rank: int, world_size: int, init_file: str, checkpoint_dir: 
             assert max_difference(gathered(sharded), gathered(single)) <= 1e-6, impl
             global_h = sharded_optimizer.state_dict()["rule_global_state"]["h"]
             assert torch.allclose(global_h, single_optimizer.state_dict()["rule_global_state"]["h"], atol=1e-6)
+
+        # A gradient that is None on some ranks only: every rank raises before changing anything,
+        # where the shards' sums would have paired the wrong tensors (or the ranks hung).
+        for pretrained in (None, "hrnn-base"):
+            model = make_sharded_model()
+            optimizer = LearnedOptimizer(model.parameters(), pretrained=pretrained)
+            train(model, optimizer, 0, 2)
+            before = gathered(model)
+            saved = copy.deepcopy(optimizer.state_dict())
+            params = list(model.parameters())
+            missing_by_rank = {
+                "one rank misses one": {1: [2]},
+                "each misses another": {0: [0], 1: [2]},
+                "one misses all": {0: [0, 1, 2, 3]},
+            }
+            for case, missing in missing_by_rank.items():
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(torch.ones(5, 8)), torch.zeros(5, 4)).backward()
+                for index in missing.get(rank, []):
+                    params[index].grad = None
+                with pytest.raises(RuntimeError, match="None on the others") as raised:
+                    optimizer.step()
+                expected = sorted({i for indices in missing.values() for i in indices})
+                assert all(f"parameter {i} " in str(raised.value) for i in expected), (case, str(raised.value))
+                assert max_difference(gathered(model), before) == 0, case
+                assert torch.equal(
+                    optimizer.state_dict()["state"][0]["rule.h"].full_tensor(),
+                    saved["state"][0]["rule.h"].full_tensor(),
+                )
+                if pretrained is not None:
+                    global_h = optimizer.state_dict()["rule_global_state"]["h"]
+                    assert torch.equal(global_h, saved["rule_global_state"]["h"])
+            # The same gradients on every rank step as before.
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(torch.ones(5, 8)), torch.zeros(5, 4)).backward()
+            optimizer.step()
+            assert max_difference(gathered(model), before) > 0
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
