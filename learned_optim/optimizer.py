@@ -72,6 +72,7 @@ _COPIED_ATTRIBUTES = (
     "_fused_impls",
     "_hierarchical",
     "_global_state",
+    "_groups_fingerprint",
 )
 
 
@@ -324,8 +325,25 @@ class LearnedOptimizer(Optimizer):
         (``flatten_optimizer_state_dict=True``) restore only the group keys the live groups have,
         and loading needs it to know which rule the state was saved with."""
         fingerprint = rule_fingerprint(self.rule)
+        self._groups_fingerprint = fingerprint
         for group in self.param_groups:
             group[RULE_FINGERPRINT_KEY] = fingerprint
+
+    def _check_groups_name_our_rule(self) -> None:
+        """Refuse to step when a param group names another rule: its state was loaded from a
+        checkpoint of that rule past ``load_state_dict`` (``ZeroRedundancyOptimizer.load_state_dict``
+        copies the saved groups' keys into ours and writes the state in directly)."""
+        for i, group in enumerate(self.param_groups):
+            named = group.setdefault(RULE_FINGERPRINT_KEY, self._groups_fingerprint)
+            if named != self._groups_fingerprint:
+                raise RuntimeError(
+                    f"LearnedOptimizer: param group {i} names another update rule ({RULE_FINGERPRINT_KEY} "
+                    f"{str(named)[:12]}…) than this optimizer runs ({self.rule.rule_type}, "
+                    f"{self._groups_fingerprint[:12]}…): its state was loaded from a checkpoint of that rule "
+                    "without LearnedOptimizer.load_state_dict's checks (ZeroRedundancyOptimizer.load_state_dict "
+                    "loads that way). Nothing was updated; build the optimizer with the rule the checkpoint "
+                    "was saved with (the same `pretrained`)."
+                )
 
     def _reset_transient(self) -> None:
         self._rule_copies = {}
@@ -497,6 +515,8 @@ class LearnedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if not torch.compiler.is_compiling():
+            self._check_groups_name_our_rule()
         self._adopt_global_copies()
         if not self._any_param_state() and self._is_state_creation_step():
             # lr 0 and all-zero gradients before any state exists: a step that can change nothing

@@ -335,6 +335,24 @@ def _zero_worker(rank: int, world_size: int, init_file: str) -> None:
                 f"ZeRO resume from a re-saved checkpoint differs ({pretrained})"
             )
 
+        # ZeRO writes a checkpoint's state in directly, past LearnedOptimizer.load_state_dict: the
+        # fingerprint it copies into the live groups refuses another rule with the same state layout.
+        model = make_model()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=LearnedOptimizer, pretrained="lstm-mnist")
+        train(model, zero, 0, 2)
+        zero.consolidate_state_dict(to=0)
+        saved = [copy.deepcopy(zero.state_dict()) if rank == 0 else None]
+        dist.broadcast_object_list(saved, src=0)
+        other = make_model()
+        zero = ZeroRedundancyOptimizer(
+            other.parameters(), optimizer_class=LearnedOptimizer, pretrained="lstm-mnist-mixed"
+        )
+        zero.load_state_dict(saved[0])
+        before = copy.deepcopy(other.state_dict())
+        with pytest.raises(RuntimeError, match="names another update rule"):
+            train(other, zero, 2, 3)
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()

@@ -434,6 +434,25 @@ def test_every_live_param_group_names_the_rule():
     assert other.param_groups[0]["rule_sha256"] != fingerprint
 
 
+def test_a_param_group_naming_another_rule_refuses_to_step():
+    # What ZeroRedundancyOptimizer.load_state_dict leaves after loading another rule's checkpoint.
+    params, opt = _stepped()
+    other = LearnedOptimizer([nn.Parameter(torch.zeros(2))], pretrained="lstm-mnist")
+    opt.param_groups[0]["rule_sha256"] = other.param_groups[0]["rule_sha256"]
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="param group 0 names another update rule"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert all(torch.equal(opt.state_dict()["state"][0][k], v) for k, v in state_before[0].items())
+    # A group added without the key (by hand, not add_param_group) is named, not refused.
+    del opt.param_groups[0]["rule_sha256"]
+    opt.step()
+    assert opt.param_groups[0]["rule_sha256"] == opt.state_dict()["param_groups"][0]["rule_sha256"]
+
+
 def test_parameters_on_the_meta_device_step_without_reading_values():
     # Shape-only dry runs (meta tensors) work with Adam; the non-finite screen must not read values.
     params = [nn.Parameter(torch.empty(4, 3, device="meta")), nn.Parameter(torch.empty(3, device="meta"))]
