@@ -56,6 +56,11 @@ def download_rule(
     """
     check_download_flags(force_download, local_files_only)
     where = f"Hub repository {repo_id!r} (revision {revision or constants.DEFAULT_REVISION!r})"
+    if force_download and constants.HF_HUB_OFFLINE:  # the same flag hf_hub_download obeys
+        raise PretrainedError(
+            f"{where}: force_download=True needs the network, but HF_HUB_OFFLINE is set; "
+            "unset one of them (without force_download the cached files are used)"
+        )
     paths = {}
     pinned = revision
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
@@ -103,6 +108,12 @@ def download_rule(
             raise PretrainedError(f"{where} has no {filename}; is it a learned_optim rule?") from None
         except HfHubHTTPError as err:
             raise PretrainedError(f"{where}: downloading {filename} failed: {err}") from None
+        except ValueError as err:
+            # hf_hub_download's own (force_download with the Hub unreachable: "Force download
+            # failed due to the above error"); the error above is the one that says why.
+            cause = err.__cause__ or err.__context__
+            why = f"{err} ({type(cause).__name__}: {cause})" if cause is not None else str(err)
+            raise PretrainedError(f"{where}: downloading {filename} failed: {why}") from None
         # Last: huggingface_hub's HTTP errors are OSErrors too. What is left is mostly the cache
         # (read-only, full, a path under a file), which would otherwise leak a raw traceback.
         except OSError as err:

@@ -116,14 +116,14 @@ def _check_non_negative(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
-def _check_group_options(group: dict[str, Any]) -> None:
+def _check_group_options(group: dict[str, Any], *, warn_small_lr: bool = True) -> None:
     """Check the ``lr`` / ``weight_decay`` / ``maximize`` a group (or the defaults) sets:
     ``TypeError`` for a non-number (non-bool ``maximize``), ``ValueError`` below 0, NaN or
-    infinite, a ``UserWarning`` for an lr that looks copied from Adam."""
+    infinite, and (``warn_small_lr``) a ``UserWarning`` for an lr that looks copied from Adam."""
     if "lr" in group:
         lr = group["lr"]
         _check_non_negative("lr", lr)
-        if 0.0 < lr < SMALL_LR:
+        if warn_small_lr and 0.0 < lr < SMALL_LR:
             warnings.warn(
                 f"LearnedOptimizer: lr={float(lr)} multiplies the learned update (1.0 applies the rule as it "
                 "was meta-trained); an Adam-style value such as 1e-3 makes every step of an LSTM rule about "
@@ -188,6 +188,10 @@ class LearnedOptimizer(Optimizer):
             LR schedulers scale it as usual.
         weight_decay: decoupled weight decay, ``param *= 1 - lr * weight_decay`` each step.
         maximize: maximise the objective instead of minimising it.
+        momentum: read by no rule (each keeps its own momentum). Kept in every param group for
+            the LR schedulers that cycle a momentum (``OneCycleLR``, ``CyclicLR``), and accepted
+            so that ``type(opt)(params, **opt.defaults)`` rebuilds an optimizer (``defaults``
+            holds the per-group options only: pass ``pretrained`` and the rest again).
         chunk_size: coordinates per rule call on the eager path (bounds temporary memory);
             ``None`` lets the rule pick on CPU (``UpdateRule.eager_cpu_chunk_size``: 2**14
             for the LSTM, measured fastest there, 2**16 for the hierarchical
@@ -221,6 +225,7 @@ class LearnedOptimizer(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         *,
+        momentum: float = 0.0,
         chunk_size: int | None = None,
         state_dtype: torch.dtype = torch.float32,
         nonfinite: str = "skip",
@@ -233,6 +238,7 @@ class LearnedOptimizer(Optimizer):
         local_files_only: bool = False,
     ) -> None:
         _check_group_options({"lr": lr, "weight_decay": weight_decay, "maximize": maximize})
+        _check_non_negative("momentum", momentum)
         if chunk_size is not None:
             chunk_size = chunk_size_option(chunk_size, allowed="an int >= 1 or None")
         if nonfinite not in ("skip", "error"):
@@ -243,7 +249,7 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
         # "momentum" is a placeholder no step reads (the rule keeps its own momentum): OneCycleLR
         # and CyclicLR cycle a momentum by default and refuse optimizers without one.
-        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize, "momentum": 0.0}
+        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": maximize, "momentum": momentum}
         self._holds_dtensors = False  # set by add_param_group
         super().__init__(params, defaults)
         self.rule: UpdateRule = resolve_rule(
@@ -891,7 +897,10 @@ class LearnedOptimizer(Optimizer):
                     self._check_saved_param_shape(idx, index_to_param[idx], saved_shapes)
         for group in state_dict.get("param_groups") or ():
             if isinstance(group, dict):  # a NaN or negative lr would step silently wrong
-                _check_group_options({k: v for k, v in group.items() if k in ("lr", "weight_decay", "maximize")})
+                # No small-lr warning: a checkpoint's lr is most often one a scheduler decayed.
+                _check_group_options(
+                    {k: v for k, v in group.items() if k in ("lr", "weight_decay", "maximize")}, warn_small_lr=False
+                )
         if global_sd is not None:
             self._check_state_shapes("rule_global_state", global_sd, self.rule.global_state_spec(), rows=None)
         elif self._global_state is not None and any(

@@ -77,7 +77,8 @@ def check_savable(rule: UpdateRule) -> None:
     Loading rebuilds ``RULE_TYPES[rule.rule_type](**config)``, so the rule's class must be the
     one registered under its ``rule_type`` (a subclass that only inherits its parent's name
     would load back as the parent, without its changes), and ``config`` must hold exactly the
-    constructor's arguments (else the load fails, long after the save).
+    constructor's arguments, as JSON values the constructor accepts, that build weights of the
+    rule's names and shapes (else the load fails, long after the save).
     """
     if not isinstance(rule, UpdateRule):
         raise TypeError(f"save_pretrained expects an UpdateRule, got {type(rule).__name__}")
@@ -102,6 +103,38 @@ def check_savable(rule: UpdateRule) -> None:
         raise ValueError(
             f"{cls.__qualname__}.config must hold exactly the constructor's arguments {expected} "
             f"(loading calls {cls.__qualname__}(**config)): missing {missing}, unexpected {unexpected}"
+        )
+    _check_config_rebuilds(rule)
+
+
+def _check_config_rebuilds(rule: UpdateRule) -> None:
+    """Raise ``ValueError`` unless ``type(rule)(**config)``, with the config as JSON gives it
+    back, builds a rule with the same weight names and shapes (built on the meta device)."""
+    cls = type(rule)
+    try:
+        config = json.loads(json.dumps(rule.config, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{cls.__qualname__}.config must hold plain JSON values ({err})") from None
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            skeleton = cls(**config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{cls.__qualname__}.config would not load back: {cls.__qualname__}(**config) raises {err}"
+        ) from None
+    except Exception:  # a constructor that cannot run on meta tensors: nothing to compare
+        return
+    built = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    ours = {name: tuple(t.shape) for name, t in rule.state_dict().items()}
+    if built != ours:
+        differ = sorted(
+            f"{name}: {ours.get(name, 'absent')} here, {built.get(name, 'absent')} from the config"
+            for name in set(built) | set(ours)
+            if built.get(name) != ours.get(name)
+        )
+        raise ValueError(
+            f"{cls.__qualname__}.config does not describe this rule's weights (was it changed after the "
+            f"rule was built?): {'; '.join(differ[:5])}{' …' if len(differ) > 5 else ''}"
         )
 
 
@@ -301,7 +334,28 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
     weights_path = Path(weights_path)
     if not weights_path.is_file():
         raise PretrainedError(f"{weights_path}: file not found")
+    other_save = None if weights_hash is None else _other_save(weights_path, weights_hash, config_path)
+    try:
+        rule = _load_checked(cls, config, expected, weights_path, config_path)
+    except PretrainedError as err:
+        if other_save is None:
+            raise
+        # What went wrong in the file, and why: weights of another save than the config's.
+        raise PretrainedError(f"{err}. {other_save}") from None
+    if other_save is not None:
+        raise PretrainedError(other_save)
+    return rule
 
+
+def _load_checked(
+    cls: type[UpdateRule],
+    config: dict[str, Any],
+    expected: dict[str, Tensor] | None,
+    weights_path: Path,
+    config_path: Any,
+) -> UpdateRule:
+    """Check the weights file against ``expected`` (the rule's meta state_dict, or None), build
+    the rule from ``config`` and load the weights into it."""
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
@@ -335,23 +389,23 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
             raise PretrainedError(
                 f"{weights_path}: tensor {name!r} holds non-finite values (in {expected[name].dtype})"
             )
-    if weights_hash is not None:
-        _check_weights_hash(weights_path, weights_hash, config_path)
     rule.load_state_dict(tensors)
     return rule
 
 
-def _check_weights_hash(weights_path: Path, weights_hash: str, config_path: Any) -> None:
+def _other_save(weights_path: Path, weights_hash: str, config_path: Any) -> str | None:
+    """Why the weights file is not the one the config was saved with, or None if it is."""
     try:
         actual = hashlib.sha256(weights_path.read_bytes()).hexdigest()
     except OSError as err:
         raise PretrainedError(f"{weights_path}: cannot be read ({err.strerror or err})") from None
-    if actual != weights_hash:
-        raise PretrainedError(
-            f"{weights_path}: not the weights {config_path} was saved with (its {WEIGHTS_HASH_KEY!r} differs): "
-            "the two files come from different saves (one cut off, or a file copied over). To pair these "
-            f"weights with that config on purpose, delete the {WEIGHTS_HASH_KEY!r} entry from the config"
-        )
+    if actual == weights_hash:
+        return None
+    return (
+        f"{weights_path}: not the weights {config_path} was saved with (its {WEIGHTS_HASH_KEY!r} differs): "
+        "the two files come from different saves (one cut off, or a file copied over). To pair these "
+        f"weights with that config on purpose, delete the {WEIGHTS_HASH_KEY!r} entry from the config"
+    )
 
 
 @contextlib.contextmanager
@@ -427,6 +481,11 @@ def resolve_rule(
     """
     check_download_flags(force_download, local_files_only)
     if isinstance(pretrained, UpdateRule):
+        if revision is not None:
+            raise PretrainedError(
+                f"pretrained is a {type(pretrained).__name__} object, but revision={revision!r} applies only "
+                "to Hugging Face Hub repo ids; drop revision"
+            )
         return pretrained
     if isinstance(pretrained, torch.nn.Module):
         raise TypeError(
@@ -475,6 +534,11 @@ def resolve_rule(
     if path.is_dir():
         _no_revision(revision, name, f"the local directory {str(path.resolve())!r}")
         return load_from_directory(path)
+    if path.is_file():
+        raise PretrainedError(
+            f"{name!r} is a file, not a rule folder: pass the folder that holds {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME} ({str(path.parent)!r})"
+        )
     if is_path or _looks_like_path(name) or path.exists():
         raise PretrainedError(f"{name!r}: no such directory (bundled rules: {bundled or 'none'})")
     if "/" not in name:

@@ -325,6 +325,28 @@ def test_force_download_replaces_a_corrupted_cached_file(hub: HubServer, online:
     assert online("load_rule", "acme/refetch", cache_dir=cache) == rule_state(rule)  # the cache is whole again
 
 
+def test_force_download_without_the_network_is_a_clear_error(
+    hub: HubServer, online: Worker, offline: Worker, tmp_path: Path
+) -> None:
+    publish(hub, "acme/refetch-offline", make_rule(7))
+    cache = str(tmp_path)
+    online("load_rule", "acme/refetch-offline", cache_dir=cache)
+    with pytest.raises(WorkerError) as info:
+        offline("load_rule", "acme/refetch-offline", cache_dir=cache, force_download=True)
+    assert info.value.kind == "PretrainedError" and "'acme/refetch-offline'" in info.value.message
+    assert "force_download=True needs the network" in info.value.message
+    # A Hub that cannot be reached (nothing listens on the endpoint): the cause is named.
+    unreachable = Worker(client_env("http://127.0.0.1:9", tmp_path / "home"))
+    try:
+        with pytest.raises(WorkerError) as info:
+            unreachable("load_rule", "acme/refetch-offline", cache_dir=cache, force_download=True)
+    finally:
+        unreachable.close()
+        unreachable.wait()
+    assert info.value.kind == "PretrainedError" and "'acme/refetch-offline'" in info.value.message
+    assert f"downloading {CONFIG_NAME} failed" in info.value.message
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "text"),
     [

@@ -175,6 +175,33 @@ def test_an_adam_style_lr_warns_that_lr_is_a_multiplier():
             LearnedOptimizer([nn.Parameter(torch.ones(3))], pretrained=NegGrad(), lr=lr)
 
 
+def test_a_checkpoint_with_a_decayed_lr_loads_without_the_small_lr_warning():
+    # An lr a scheduler decayed below 1e-2 during training, saved and resumed.
+    (p,) = _params([(3,)])
+    opt = LearnedOptimizer([p], pretrained=NegGrad())
+    opt.param_groups[0]["lr"] = 1e-3
+    saved = opt.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LearnedOptimizer([p], pretrained=NegGrad()).load_state_dict(saved)
+    with pytest.raises(ValueError, match="lr must be a finite number"):  # still checked
+        saved["param_groups"][0]["lr"] = float("nan")
+        LearnedOptimizer([p], pretrained=NegGrad()).load_state_dict(saved)
+
+
+def test_an_optimizer_rebuilds_from_its_defaults():
+    # As code that swaps an optimizer's parameters does: type(opt)(params, **opt.defaults).
+    (p,) = _params([(3,)])
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=0.5, weight_decay=0.1)
+    rebuilt = type(opt)([p], pretrained=NegGrad(), **opt.defaults)
+    assert rebuilt.defaults == opt.defaults
+    assert {k: v for k, v in rebuilt.param_groups[0].items() if k != "params"} == {
+        k: v for k, v in opt.param_groups[0].items() if k != "params"
+    }
+    with pytest.raises(ValueError, match="momentum must be a finite number >= 0"):
+        LearnedOptimizer([p], pretrained=NegGrad(), momentum=-1.0)
+
+
 def test_param_group_options_are_checked_like_the_defaults():
     # Per-group lrs copied from an Adam setup (backbone 1e-5, head 1e-3) shrink the steps as much.
     a, b, c, d = _params([(2,), (2,), (2,), (2,)])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -136,6 +138,28 @@ def test_a_save_cut_off_between_its_two_renames_does_not_load_as_a_mixed_rule(tm
         load_from_directory(tmp_path)
     save_pretrained(second, tmp_path)  # a completed save repairs it
     assert load_from_directory(tmp_path).config["output_scale"] == 0.5
+
+
+def test_weights_of_another_save_are_named_as_such_before_their_shapes(saved, tmp_path):
+    # A larger rule's weights copied over: the hash says what happened, not a shape mismatch.
+    save_pretrained(CoordinateLSTM(hidden_size=9), tmp_path / "other")
+    shutil.copyfile(tmp_path / "other" / WEIGHTS_NAME, saved / WEIGHTS_NAME)
+    with pytest.raises(PretrainedError, match=r"not the weights .*config.json was saved with"):
+        load_from_directory(saved)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "text"),
+    [
+        ("hidden_size", 5, r"does not describe this rule's weights.*biases\.0"),
+        ("preprocess", "yes", "would not load back"),
+    ],
+)
+def test_a_config_edited_after_the_rule_was_built_is_not_saved(rule, tmp_path, key, value, text):
+    rule.config[key] = value
+    with pytest.raises(ValueError, match=text):
+        save_pretrained(rule, tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
 
 
 def test_a_config_without_the_weights_hash_still_loads(saved, rule):
@@ -406,10 +430,21 @@ def test_an_empty_name_is_not_the_current_folder(saved, monkeypatch, name):
         resolve_rule(name)
 
 
+def test_a_rule_file_instead_of_its_folder_names_the_folder(saved):
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        with pytest.raises(PretrainedError, match=f"is a file, not a rule folder.*{re.escape(str(saved))}"):
+            resolve_rule(str(saved / name))
+
+
+def test_revision_with_a_rule_object_is_an_error(rule):
+    with pytest.raises(PretrainedError, match="revision='v1' applies only"):
+        LearnedOptimizer(_param(), pretrained=rule, revision="v1")
+
+
 def test_existing_file_is_not_a_rule(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "somefile").write_text("x")
-    with pytest.raises(PretrainedError, match="no such directory"):
+    with pytest.raises(PretrainedError, match="is a file, not a rule folder"):
         resolve_rule("somefile")
 
 
