@@ -31,7 +31,7 @@ except ImportError:  # Windows: saves are still atomic, only concurrent merges a
 import torch
 from torch import nn
 
-from learned_optim.tasks import TaskFamily, TaskInstance, call_model, get_task
+from learned_optim.tasks import TaskFamily, TaskInstance, call_model, get_task, sample_instance
 from learned_optim.tasks._common import derive_seed
 
 EVALUATION_SEED_BASE = 2 * 10**8
@@ -132,7 +132,7 @@ def run_once(
     and other random layers repeat, and the caller's RNG is left as it was); the whole-split
     losses are taken in eval mode.
     """
-    instance = family.sample(seed)
+    instance = sample_instance(family, seed)
     model = instance.model
     optimizer = make_optimizer(model.parameters())
     losses: list[float] = []
@@ -275,7 +275,7 @@ def task_fingerprint(family: TaskFamily, seed: int) -> str:
     buffers, the first :data:`FINGERPRINT_BATCHES` minibatches, the whole training and held-out
     splits, and the loss of the first minibatch (which changes with the loss function). Part
     of the baseline cache key, so that a changed task does not reuse cached runs."""
-    instance = family.sample(seed)
+    instance = sample_instance(family, seed)
     digest = hashlib.sha1(str(instance.name).encode())
     for name, t in [*instance.model.named_parameters(), *instance.model.named_buffers()]:
         digest.update(name.encode())

@@ -47,7 +47,15 @@ from learned_optim.rules.base import (
     config_int,
     step_scales,
 )
-from learned_optim.tasks import Task, TaskError, TaskFamily, TaskInstance, get_task, validate_instance
+from learned_optim.tasks import (
+    Task,
+    TaskError,
+    TaskFamily,
+    TaskInstance,
+    get_task,
+    sample_instance,
+    validate_instance,
+)
 from learned_optim.tasks._common import derive_seed
 from learned_optim.tasks.base import check_task_data, unused_parameters_message
 from learned_optim.weights import check_savable, save_pretrained
@@ -481,7 +489,7 @@ class MetaTrainer:
         self.best_weights = {k: v.detach().clone() for k, v in rule.state_dict().items()}
         self.runs: list[_Run] = []
         for family in self.families:
-            probe = family.sample(VALIDATION_SEED_BASE - 1)
+            probe = sample_instance(family, VALIDATION_SEED_BASE - 1)
             with _global_rng(VALIDATION_SEED_BASE - 1, "meta-fit/probe"):
                 validate_instance(
                     probe, f"task {getattr(family, 'name', type(family).__name__)!r}", require_all_used=True
@@ -505,7 +513,7 @@ class MetaTrainer:
             if lr_scale is None and self.config.lr_scale_range > 1:
                 bound = math.log(self.config.lr_scale_range)
                 lr_scale = math.exp(self.rng.uniform(-bound, bound))
-        instance = self.families[family_index].sample(seed)
+        instance = sample_instance(self.families[family_index], seed)
         named = [(n, p) for n, p in instance.model.named_parameters() if p.requires_grad]
         # The model's own dtype (a float64 model gets float64 inputs); the rule computes in
         # its dtype and its update is cast back.
@@ -956,6 +964,7 @@ class MetaTrainer:
         if ok:
             self.meta_optimizer.step()
         else:
+            value = math.nan  # also when only the meta-gradient was non-finite: nothing was learned from it
             self.history.skipped_updates += 1
             self.meta_optimizer.zero_grad(set_to_none=True)
             # A diverged trajectory is dropped: its parameters may already be non-finite.

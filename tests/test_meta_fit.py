@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from learned_optim import CoordinateLSTM, HierarchicalRNN, LearnedOptimizer
 from learned_optim.cli import main
+from learned_optim.compare import compare
 from learned_optim.meta_fit import EVALUATION_SEED_BASE, MetaFitConfig, MetaTrainer, _objective, meta_fit, rollout
 from learned_optim.tasks import Task, TaskError, TaskFamily, TaskInstance, get_task
 
@@ -951,6 +952,60 @@ def test_a_shared_frozen_backbone_is_fine():
     first, second = task.sample(0), task.sample(1)
     assert first.model[0] is second.model[0] and first.model[2] is not second.model[2]
     assert math.isfinite(_fit(task).meta_fit_history.meta_losses[-1])
+
+
+@pytest.mark.parametrize("split", ["train_set", "test_set"])
+def test_a_split_the_model_cannot_take_is_named_before_training(split):
+    task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_sampler, **{split: (TRAIN_X[:, :2], TRAIN_Y)})
+    with pytest.raises(
+        TaskError, match=f"{split} is evaluated as `loss\\(model\\(inputs\\), targets\\)`, which raised"
+    ):
+        task.sample(0)
+    scalar_only_on_batches = Task(
+        model=tiny_model,
+        loss=lambda out, y: nn.functional.mse_loss(out, y, reduction="none" if len(y) > 64 else "mean"),
+        data=tiny_sampler,
+        **{split: (TRAIN_X, TRAIN_Y)},
+    )
+    with pytest.raises(TaskError, match=f"on {split}, loss must return a scalar"):
+        scalar_only_on_batches.sample(0)
+
+
+class _FamilyOf(TaskFamily):
+    """A family whose ``sample`` returns ``make(seed)``: a user's mistakes."""
+
+    name = "user-family"
+
+    def __init__(self, make):
+        self.make = make
+
+    def sample(self, seed):
+        return self.make(seed)
+
+
+def test_a_family_that_samples_something_else_is_named():
+    family = _FamilyOf(lambda seed: (tiny_model(), nn.functional.mse_loss))
+    with pytest.raises(
+        TaskError, match=r"_FamilyOf.sample\(seed\) must return a learned_optim.tasks.TaskInstance.*got tuple"
+    ):
+        meta_fit(small_rule(), family, steps=4, unroll=2, meta_iterations=1, progress=False, validate_every=0)
+    with pytest.raises(TaskError, match=r"must return a learned_optim\.tasks\.TaskInstance"):
+        compare(family, rules=[small_rule()], steps=2, seeds=1, baselines=("sgd",), grid=(0.1,), progress=False)
+    batch = tiny_sampler(torch.Generator().manual_seed(0))
+    with pytest.raises(TaskError, match=r"batches must be an iterator .*got list \(a list or other re-iterable"):
+        TaskInstance(model=tiny_model(), loss=nn.functional.mse_loss, batches=[batch, batch])
+
+
+def test_an_update_skipped_for_a_non_finite_meta_gradient_records_nan():
+    rule = small_rule()
+    trainer = MetaTrainer(rule, tiny, _config(1, validate_every=0), progress=False)
+    # A finite meta-loss whose meta-gradient is not: a hook that poisons one weight's gradient.
+    handle = next(rule.parameters()).register_hook(lambda g: g * math.nan)
+    before = copy.deepcopy(rule.state_dict())
+    assert math.isnan(trainer.step())
+    handle.remove()
+    assert trainer.history.skipped_updates == 1 and math.isnan(trainer.history.meta_losses[-1])
+    assert all(torch.equal(v, before[k]) for k, v in rule.state_dict().items())
 
 
 @pytest.mark.parametrize("split", ["train_set", "test_set"])

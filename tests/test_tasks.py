@@ -317,6 +317,9 @@ def test_load_mnist_folder_rejects_bad_files(tmp_path):
     labels.write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz"):
         load_mnist_folder(tmp_path)
+    _write_idx(labels, 0x801, torch.zeros(0, dtype=torch.uint8))  # a header announcing no items
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte\.gz.*holds no items"):
+        load_mnist_folder(tmp_path)
 
 
 def test_load_mnist_folder_tells_gzip_by_content_not_by_name(tmp_path):
@@ -368,6 +371,7 @@ def test_load_mnist_folder_reads_a_replaced_file_again(tmp_path):
         ({"noise_mean": -1.0}, "noise_mean must be finite and non-negative, got -1.0"),
         ({"noise_mean": math.inf}, "noise_mean must be finite and non-negative, got inf"),
         ({"min_minority": 0.6}, r"min_minority must be in \[0, 0.5\], got 0.6"),
+        ({"n_samples": 100, "train_size": 100}, r"train_size must lie in \[2, n_samples - 1 = 99\]"),
     ],
 )
 def test_xor_family_checks_its_arguments_when_built(kwargs, message):

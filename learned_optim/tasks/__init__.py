@@ -12,6 +12,7 @@ from learned_optim.tasks.base import (
     TaskFamily,
     TaskInstance,
     call_model,
+    sample_instance,
     validate_instance,
 )
 
@@ -76,5 +77,6 @@ __all__ = [
     "load_mnist_folder",
     "make_xor_dataset",
     "register_task",
+    "sample_instance",
     "validate_instance",
 ]

@@ -49,6 +49,19 @@ class TaskInstance:
     test_set: Batch | None = None
     name: str = "task"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.batches, Iterator):
+            hint = (
+                " (a list or other re-iterable: pass itertools.cycle(batches), or give it to Task(data=...), "
+                "which loops over epochs)"
+                if isinstance(self.batches, Iterable)
+                else ""
+            )
+            raise TaskError(
+                f"task {self.name!r}: TaskInstance.batches must be an iterator of (inputs, targets) "
+                f"batches, got {type(self.batches).__name__}{hint}"
+            )
+
     def next_batch(self) -> Batch:
         """The next training minibatch (:class:`TaskError` if ``batches`` ran out)."""
         try:
@@ -75,6 +88,18 @@ class TaskFamily:
     def sample(self, seed: int) -> TaskInstance:
         """A task instance fully determined by ``seed``."""
         raise NotImplementedError(f"{type(self).__name__} must implement sample(seed)")
+
+
+def sample_instance(family: TaskFamily, seed: int) -> TaskInstance:
+    """``family.sample(seed)``, refused with a :class:`TaskError` unless it is a :class:`TaskInstance`."""
+    instance = family.sample(seed)
+    if not isinstance(instance, TaskInstance):
+        name = getattr(family, "name", type(family).__name__)
+        raise TaskError(
+            f"task {name!r}: {type(family).__name__}.sample(seed) must return a learned_optim.tasks.TaskInstance "
+            f"(model, loss, batches, ...), got {type(instance).__name__}"
+        )
+    return instance
 
 
 def _checked_batch(batch: Any, index: int, source: str) -> Batch:
@@ -339,9 +364,24 @@ def validate_instance(instance: TaskInstance, source: str, *, require_all_used: 
     for label, split in (("train_set", instance.train_set), ("test_set", instance.test_set)):
         # Used as one batch `inputs, targets = split`: a DataLoader of two batches would
         # unpack as (first batch, second batch), any other as an error after training.
-        if split is not None and not (isinstance(split, (tuple, list)) and len(split) == 2):
+        if split is None:
+            continue
+        if not (isinstance(split, (tuple, list)) and len(split) == 2):
             raise TaskError(
                 f"{source}: {label} must be the whole split as one pair (inputs, targets), got "
                 f"{type(split).__name__}{' of length ' + str(len(split)) if isinstance(split, (tuple, list)) else ''}"
                 "; pass tensors (e.g. from torch.cat over a DataLoader), not a DataLoader"
             )
+        # Evaluated only after training (final loss, held-out loss): a split the model or the
+        # loss cannot take is named now, not after the run.
+        try:
+            with torch.no_grad():
+                split_value = instance.loss(call_model(instance.model, split[0]), split[1])
+        except Exception as error:
+            raise TaskError(
+                f"{source}: {label} is evaluated as `loss(model(inputs), targets)`, which raised "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(split_value, Tensor) or split_value.numel() != 1:
+            shape = tuple(split_value.shape) if isinstance(split_value, Tensor) else type(split_value).__name__
+            raise TaskError(f"{source}: on {label}, loss must return a scalar (one-element) tensor, got {shape}")

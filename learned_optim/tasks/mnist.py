@@ -70,6 +70,8 @@ def _read_idx(path: Path, magic: int) -> Tensor:
         raise ValueError(
             f"{path}: header announces shape {shape} ({math.prod(shape)} bytes) but holds {len(raw) - header} bytes"
         )
+    if math.prod(shape) == 0:
+        raise ValueError(f"{path}: the IDX header announces shape {shape}, which holds no items")
     # bytearray: torch.frombuffer warns on read-only buffers such as bytes.
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header).reshape(shape)
 

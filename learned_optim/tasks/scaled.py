@@ -15,7 +15,7 @@ import random
 from torch import Tensor
 
 from learned_optim.tasks._common import derive_seed
-from learned_optim.tasks.base import LossFn, TaskError, TaskFamily, TaskInstance
+from learned_optim.tasks.base import LossFn, TaskError, TaskFamily, TaskInstance, sample_instance
 
 
 def _scaled_loss(loss: LossFn, scale: float) -> LossFn:
@@ -60,7 +60,7 @@ class LossScaled(TaskFamily):
 
     def sample(self, seed: int) -> TaskInstance:
         """``family``'s instance ``seed`` with its loss multiplied by :meth:`scale_for`."""
-        instance = self.family.sample(seed)
+        instance = sample_instance(self.family, seed)
         scale = self.scale_for(seed)
         return dataclasses.replace(
             instance, loss=_scaled_loss(instance.loss, scale), name=f"{instance.name}, loss x{scale:.3g}"

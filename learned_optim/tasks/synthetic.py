@@ -149,8 +149,8 @@ class XORFamily(TaskFamily):
         name: str = "xor",
     ) -> None:
         low, high = (train_size, train_size) if isinstance(train_size, int) else train_size
-        if not 2 <= low <= high <= n_samples:
-            raise ValueError(f"train_size must lie in [2, n_samples={n_samples}], got {train_size}")
+        if not 2 <= low <= high < n_samples:  # at least one held-out example
+            raise ValueError(f"train_size must lie in [2, n_samples - 1 = {n_samples - 1}], got {train_size}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be positive or None, got {batch_size}")
         if hidden < 1:
