@@ -21,6 +21,7 @@ from learned_optim.rules.base import (
     RuleState,
     StepContext,
     UpdateRule,
+    check_finalize_output,
     check_rule_output,
     floored_log_rms,
     parameter_norms,
@@ -159,6 +160,18 @@ def _check_step(
     if hierarchical:
         if global_state is None:
             raise ValueError(f"{name} keeps global state: pass global_state to {caller}")
+        global_spec = {k: tuple(v) for k, v in rule.global_state_spec().items()}
+        if not isinstance(global_state, dict) or set(global_state) != set(global_spec):
+            keys = sorted(global_state) if isinstance(global_state, dict) else type(global_state).__name__
+            raise ValueError(
+                f"{caller}: global_state has keys {keys}, expected {sorted(global_spec)} "
+                f"({name}.global_state_spec(); rule.init_global_state() for a fresh one)"
+            )
+        for k, shape in global_spec.items():
+            if tuple(global_state[k].shape) != shape:
+                raise ValueError(
+                    f"{caller}: global_state[{k!r}] has shape {tuple(global_state[k].shape)}, expected {shape}"
+                )
         missing = [i for i, e in enumerate(entries) if e.segment_state is None]
         if missing:
             raise ValueError(
@@ -578,7 +591,9 @@ def _finalize(
         stacked[k] = torch.stack([s.get(k, torch.zeros_like(template)) for s in sums])
     if counts is None:
         counts = torch.tensor([float(e.param.numel()) for e in entries], device=keep.device)
-    new_segment, new_global = rule.finalize(segment_state, global_state, stacked, counts)
+    new_segment, new_global = check_finalize_output(
+        rule, segment_state, global_state, rule.finalize(segment_state, global_state, stacked, counts)
+    )
     for i, e in enumerate(entries):
         for k in seg_keys:
             e.segment_state[k].copy_(torch.where(keep[i], new_segment[k][i : i + 1], e.segment_state[k]))

@@ -40,8 +40,10 @@ from learned_optim.rules.base import (
     RuleState,
     StepContext,
     UpdateRule,
+    check_finalize_output,
     check_rule_output,
     check_state_specs,
+    checked_initial_state,
     config_bool,
     config_float,
     config_int,
@@ -530,9 +532,17 @@ class MetaTrainer:
         """The rule's starting per-coordinate, per-tensor and global state for a problem of ``params``
         (functions of the rule's weights where it learns them, e.g. HierarchicalRNN's ``log_lr0``)."""
         device = params[0].device
-        state = self.rule.init_state(sum(p.numel() for p in params), device=device, dtype=torch.float32)
+        rows = sum(p.numel() for p in params)
+        state = self.rule.init_state(rows, device=device, dtype=torch.float32)
         segment_state = self.rule.init_segment_state(len(params), device=device)
-        return state, segment_state, self.rule.init_global_state(device=device)
+        global_state = self.rule.init_global_state(device=device)
+        for method, value, count in (
+            ("init_state", state, rows),
+            ("init_segment_state", segment_state, len(params)),
+            ("init_global_state", global_state, None),
+        ):
+            checked_initial_state(self.rule, method, value, count, torch.float32)
+        return state, segment_state, global_state
 
     def _next_batch(self, run: _Run) -> Any:
         run.batches_used += 1
@@ -957,6 +967,12 @@ class MetaTrainer:
                     meta_loss.backward()
         if ok:
             grads = [p.grad for p in self.rule.parameters() if p.grad is not None]
+            if not grads:
+                raise ValueError(
+                    f"meta_fit: no trainable weight of {type(self.rule).__name__} got a meta-gradient: its "
+                    "updates do not depend on them through autograd (a .item(), .detach() or torch.no_grad() "
+                    "in forward, or weights forward does not use)"
+                )
             total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             ok = bool(torch.isfinite(total))
             if ok and cfg.clip_grad_norm > 0:
@@ -1535,8 +1551,11 @@ def _forward_only_step(
     rule.fused_step(segments.kernel, grad, state, update, segment_ids=segments.ids, context=context)
     trajectory.state = state
     if context.segment_sums is not None and (rule.segment_state_spec() or rule.global_state_spec()):
-        trajectory.segment_state, trajectory.global_state = rule.finalize(
-            trajectory.segment_state, trajectory.global_state, context.segment_sums, segments.counts
+        trajectory.segment_state, trajectory.global_state = check_finalize_output(
+            rule,
+            trajectory.segment_state,
+            trajectory.global_state,
+            rule.finalize(trajectory.segment_state, trajectory.global_state, context.segment_sums, segments.counts),
         )
     return update
 

@@ -45,7 +45,7 @@ from learned_optim.functional import (
     nonfinite_mask,
     nonfinite_params_note,
 )
-from learned_optim.rules.base import StepContext, UpdateRule, check_state_specs, same_config
+from learned_optim.rules.base import StepContext, UpdateRule, check_state_specs, checked_initial_state, same_config
 from learned_optim.rules.registry import get_rule_class
 from learned_optim.weights import DEFAULT_RULE, resolve_rule
 
@@ -196,8 +196,9 @@ class LearnedOptimizer(Optimizer):
             ``None`` lets the rule pick on CPU (``UpdateRule.eager_cpu_chunk_size``: 2**14
             for the LSTM, measured fastest there, 2**16 for the hierarchical
             RNN) and uses 2**16 elsewhere. Fused kernels use chunks of ``max(chunk_size, 2**22)``.
-        state_dtype: dtype of the rule's per-coordinate state (fp32 by default, whatever
-            the parameter dtype; the rule always computes in its own dtype).
+        state_dtype: dtype of the rule's state, per-coordinate and also per-tensor and global
+            (fp32 by default, whatever the parameter dtype; the rule always computes in its
+            own dtype).
         nonfinite: what to do with a parameter whose gradient holds inf or NaN:
             ``"skip"`` (default) leaves that parameter and its state unchanged this step
             and warns; ``"error"`` raises ``FloatingPointError`` before anything changes.
@@ -361,7 +362,9 @@ class LearnedOptimizer(Optimizer):
 
     def _fresh_global_state(self, device: torch.device) -> dict[str, Tensor]:
         with torch.no_grad():  # learned initial states: no autograd history in optimizer state
-            return self._rule_for(device).init_global_state(device, self.state_dtype)
+            rule = self._rule_for(device)
+            fresh = rule.init_global_state(device, self.state_dtype)
+            return checked_initial_state(rule, "init_global_state", fresh, None, self.state_dtype)
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
@@ -378,10 +381,13 @@ class LearnedOptimizer(Optimizer):
     # ------------------------------------------------------------------ state
     def _init_param_state(self, p: Tensor, numel: int) -> dict[str, Tensor]:
         rule = self._rule_for(p.device)
-        fresh = {
-            STATE_PREFIX + k: v for k, v in rule.init_state(numel, device=p.device, dtype=self.state_dtype).items()
-        }
+        state = rule.init_state(numel, device=p.device, dtype=self.state_dtype)
         segment = rule.init_segment_state(1, device=p.device, dtype=self.state_dtype)
+        fresh = {
+            STATE_PREFIX + k: v
+            for k, v in checked_initial_state(rule, "init_state", state, numel, self.state_dtype).items()
+        }
+        checked_initial_state(rule, "init_segment_state", segment, 1, self.state_dtype)
         fresh.update({SEGMENT_PREFIX + k: v for k, v in segment.items()})
         return fresh
 

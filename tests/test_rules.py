@@ -247,6 +247,150 @@ def test_a_wrong_forward_output_is_named_in_the_optimizer_and_in_full_step(forwa
         RULE_TYPES.pop("_test_rules_custom", None)
 
 
+class _CountsSteps(UpdateRule):
+    """Per-tensor and global state: a step counter per tensor and one for all (``finalize``
+    is the hook the tests below break)."""
+
+    rule_type = "_test_rules_counts_steps"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {}
+        self.scale = torch.nn.Parameter(torch.tensor(0.1))
+
+    def state_spec(self):
+        return {"m": ()}
+
+    def segment_state_spec(self):
+        return {"n": (1,)}
+
+    def global_state_spec(self):
+        return {"t": (1,)}
+
+    def forward(self, grad, state, context=None):
+        m = 0.9 * state["m"] + grad
+        return -self.scale * m, {"m": m}
+
+    def finalize(self, segment_state, global_state, segment_sums, counts):
+        return {"n": segment_state["n"] + 1}, {"t": global_state["t"] + 1}
+
+
+@pytest.mark.parametrize(
+    ("finalize", "match"),
+    [
+        (
+            lambda self, seg, glob, sums, counts: (seg, {**glob, "typo": glob["t"]}),
+            r"new global state has keys \['t', 'typo'\]",
+        ),
+        (lambda self, seg, glob, sums, counts: ({"n": seg["n"][:, 0]}, glob), r"new segment state \['n'\] has shape"),
+        (lambda self, seg, glob, sums, counts: (seg, {"t": glob["t"].double()}), "float64"),
+        (lambda self, seg, glob, sums, counts: seg, r"must return \(new_segment_state, new_global_state\)"),
+    ],
+)
+def test_a_wrong_finalize_output_is_named_in_the_optimizer_in_full_step_and_in_meta_fit(finalize, match):
+    from learned_optim import LearnedOptimizer
+    from learned_optim.meta_fit import meta_fit
+
+    broken = type("Broken", (_CountsSteps,), {"rule_type": "_test_rules_broken_finalize", "finalize": finalize})
+    try:
+        rule = broken()
+        params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+        opt = LearnedOptimizer(params, pretrained=rule)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with pytest.raises((ValueError, TypeError), match=match):
+            opt.step()  # (finalize runs after the updates: the step's updates were applied)
+        with pytest.raises((ValueError, TypeError), match=match):
+            rule.full_step(torch.ones(3), rule.init_state(3), torch.tensor([0, 0, 1]), 2)
+        with pytest.raises((ValueError, TypeError), match=match):
+            meta_fit(rule, "quadratic", steps=4, unroll=2, meta_iterations=1, validate_every=0, progress=False)
+    finally:
+        RULE_TYPES.pop("_test_rules_broken_finalize", None)
+
+
+def test_a_global_state_that_does_not_fit_the_rule_is_named_by_learned_step():
+    from learned_optim.functional import StepEntry, learned_step
+
+    rule = _CountsSteps()
+    param = torch.zeros(3)
+    for global_state, match in (
+        ({}, r"global_state has keys \[\], expected \['t'\]"),
+        ({"t": torch.zeros(3)}, r"global_state\['t'\] has shape \(3,\)"),
+    ):
+        entry = StepEntry(
+            param=param,
+            grad=torch.ones(3),
+            state=rule.init_state(3),
+            lr=1.0,
+            weight_decay=0.0,
+            maximize=False,
+            segment_state=rule.init_segment_state(1),
+        )
+        with pytest.raises(ValueError, match=match):
+            learned_step(rule, [entry], global_state=global_state)
+        assert torch.equal(param, torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    ("init_state", "match"),
+    [
+        (
+            lambda self, n, device=None, dtype=torch.float32: {"mom": torch.zeros(n, device=device, dtype=dtype)},
+            r"init_state returned keys \['mom'\], expected \['m'\]",
+        ),
+        (
+            lambda self, n, device=None, dtype=torch.float32: {"m": torch.zeros(n, 2, device=device, dtype=dtype)},
+            r"init_state returned \['m'\] of shape \(\d+, 2\)",
+        ),
+    ],
+)
+def test_a_wrong_init_state_is_named_in_the_optimizer_and_in_meta_fit(init_state, match):
+    from learned_optim import LearnedOptimizer
+    from learned_optim.meta_fit import meta_fit
+
+    broken = type("Broken", (_CountsSteps,), {"rule_type": "_test_rules_broken_init", "init_state": init_state})
+    try:
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        with pytest.raises(ValueError, match=match):
+            LearnedOptimizer([p], pretrained=broken()).step()
+        with pytest.raises(ValueError, match=match):
+            meta_fit(broken(), "quadratic", steps=4, unroll=2, meta_iterations=1, validate_every=0, progress=False)
+    finally:
+        RULE_TYPES.pop("_test_rules_broken_init", None)
+
+
+def test_an_init_state_that_ignores_the_state_dtype_is_named():
+    from learned_optim import LearnedOptimizer
+
+    def init_state(self, n, device=None, dtype=torch.float32):
+        return {"m": torch.zeros(n, device=device)}  # float32 whatever was asked for
+
+    broken = type("Broken", (_CountsSteps,), {"rule_type": "_test_rules_float32_init", "init_state": init_state})
+    try:
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        with pytest.raises(ValueError, match=r"dtype torch.float32, expected .*dtype torch.bfloat16"):
+            LearnedOptimizer([p], pretrained=broken(), state_dtype=torch.bfloat16).step()
+    finally:
+        RULE_TYPES.pop("_test_rules_float32_init", None)
+
+
+def test_meta_fit_names_a_rule_whose_weights_get_no_meta_gradient():
+    from learned_optim.meta_fit import meta_fit
+
+    def forward(self, grad, state, context=None):
+        m = 0.9 * state["m"] + grad
+        return -self.scale.item() * m, {"m": m}  # .item() cuts the graph
+
+    detached = type("Detached", (_CountsSteps,), {"rule_type": "_test_rules_detached", "forward": forward})
+    try:
+        with pytest.raises(ValueError, match="no trainable weight of Detached got a meta-gradient"):
+            meta_fit(detached(), "quadratic", steps=4, unroll=2, meta_iterations=1, validate_every=0, progress=False)
+    finally:
+        RULE_TYPES.pop("_test_rules_detached", None)
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [

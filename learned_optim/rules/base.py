@@ -237,6 +237,66 @@ def check_rule_output(rule: UpdateRule, grad: Tensor, state: RuleState, output: 
     return update, new_state
 
 
+def checked_initial_state(rule: UpdateRule, method: str, state: Any, rows: int | None, dtype: torch.dtype) -> RuleState:
+    """``state`` from ``rule.<method>(...)`` (``init_state``, ``init_segment_state`` or
+    ``init_global_state``), refused with a ``ValueError`` naming the method unless it has the
+    spec's keys, ``(rows, *shape)`` shapes (``shape`` for the global state, ``rows=None``) and
+    ``dtype`` (the dtype asked for: an override that ignores it would store float32 state
+    where bf16 was asked for)."""
+    name = type(rule).__name__
+    spec = {
+        "init_state": rule.state_spec,
+        "init_segment_state": rule.segment_state_spec,
+        "init_global_state": rule.global_state_spec,
+    }[method]()
+    if not isinstance(state, dict) or set(state) != set(spec):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{name}.{method} returned keys {keys}, expected {sorted(spec)} (those of its spec)")
+    for key, shape in spec.items():
+        expected = tuple(shape) if rows is None else (rows, *shape)
+        value = state[key]
+        if not (isinstance(value, Tensor) and tuple(value.shape) == expected and value.dtype == dtype):
+            got = f"shape {tuple(value.shape)} and dtype {value.dtype}" if isinstance(value, Tensor) else repr(value)
+            raise ValueError(
+                f"{name}.{method} returned [{key!r}] of {got}, expected shape {expected} and dtype {dtype} "
+                "(the dtype argument it was called with)"
+            )
+    return state
+
+
+def check_finalize_output(
+    rule: UpdateRule, segment_state: RuleState, global_state: RuleState, output: Any, method: str = "finalize"
+) -> tuple[RuleState, RuleState]:
+    """``output`` of ``rule.finalize(segment_state, global_state, ...)`` as ``(new_segment,
+    new_global)``, each with the keys, shapes and dtypes of the state it replaces (shapes and
+    dtypes only: no values are read). Without this check a wrong shape broadcasts silently into
+    the stored state, or surfaces later as an error inside the rule's own forward."""
+    name = type(rule).__name__
+    if not (isinstance(output, (tuple, list)) and len(output) == 2):
+        raise TypeError(
+            f"{name}.{method} must return (new_segment_state, new_global_state), got {type(output).__name__}"
+        )
+    for label, old_state, new_state in (
+        ("segment state", segment_state, output[0]),
+        ("global state", global_state, output[1]),
+    ):
+        if not isinstance(new_state, dict) or new_state.keys() != old_state.keys():
+            keys = sorted(new_state) if isinstance(new_state, dict) else type(new_state).__name__
+            raise ValueError(
+                f"{name}.{method}: the new {label} has keys {keys}, expected {sorted(old_state)} "
+                f"(those of {'segment' if label == 'segment state' else 'global'}_state_spec())"
+            )
+        for key, old in old_state.items():
+            new = new_state[key]
+            if not (isinstance(new, Tensor) and new.shape == old.shape and new.dtype == old.dtype):
+                got = f"shape {tuple(new.shape)} and dtype {new.dtype}" if isinstance(new, Tensor) else repr(new)
+                raise ValueError(
+                    f"{name}.{method}: the new {label} [{key!r}] has {got}, expected {tuple(old.shape)} and "
+                    f"{old.dtype} like the one passed in"
+                )
+    return output[0], output[1]
+
+
 class UpdateRule(nn.Module):
     """Base class of learned update rules.
 
@@ -359,11 +419,13 @@ class UpdateRule(nn.Module):
         start = 0
         for index, size in enumerate(sizes):
             rows = slice(start, start + size)
-            new_segment, new_global = self.finalize(
-                {k: v[rows] for k, v in segment_state.items()},
-                {k: v[index] for k, v in global_state.items()},
-                {k: v[rows] for k, v in segment_sums.items()},
-                counts[rows],
+            part_segment = {k: v[rows] for k, v in segment_state.items()}
+            part_global = {k: v[index] for k, v in global_state.items()}
+            new_segment, new_global = check_finalize_output(
+                self,
+                part_segment,
+                part_global,
+                self.finalize(part_segment, part_global, {k: v[rows] for k, v in segment_sums.items()}, counts[rows]),
             )
             segment_parts.append(new_segment)
             global_parts.append(new_global)
@@ -421,11 +483,12 @@ class UpdateRule(nn.Module):
             return update, new_state, segment_state, global_state
         counts = torch.bincount(segment_ids, minlength=num_segments).to(grad.dtype)
         if groups is not None:
-            new_segment, new_global = self.finalize_groups(
-                segment_state, global_state, context.segment_sums, counts, groups, num_groups
-            )
+            output = self.finalize_groups(segment_state, global_state, context.segment_sums, counts, groups, num_groups)
+            method = "finalize_groups"
         else:
-            new_segment, new_global = self.finalize(segment_state, global_state, context.segment_sums, counts)
+            output = self.finalize(segment_state, global_state, context.segment_sums, counts)
+            method = "finalize"
+        new_segment, new_global = check_finalize_output(self, segment_state, global_state, output, method)
         return update, new_state, new_segment, new_global
 
     def tensor_statistics(

@@ -600,7 +600,9 @@ class CoordinateLSTM(UpdateRule):
             x = h
         update = self.output(x).squeeze(-1) * self.output_scale
         if self.momentum_step:
-            update = update + (self.momentum_step_weights(sums).to(compute_dtype)[ids] * m_new).sum(-1)
+            # The momenta as stored (rounded to a bf16 state's dtype), as the fused step reads them.
+            stored = m_new.to(state["m"].dtype).to(compute_dtype)
+            update = update + (self.momentum_step_weights(sums).to(compute_dtype)[ids] * stored).sum(-1)
         if self.tensor_step_gain:
             update = update * self.step_gains(table)[ids]
         new_state = {
