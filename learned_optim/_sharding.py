@@ -163,14 +163,14 @@ def global_nonfinite_flags(
     for i, p in enumerate(params):
         by_mesh.setdefault(p.device_mesh, []).append(i)
     for mesh, indices in by_mesh.items():
-        with_grad = [i for i in indices if grads[i] is not None]
+        rows = [row for row, i in enumerate(indices) if grads[i] is not None]
         device = params[indices[0]].to_local().device
         # [has gradient, non-finite] per parameter, summed over the mesh's ranks.
         counts = torch.zeros(2, len(indices), dtype=torch.float32, device=device)
-        if with_grad:
-            rows = torch.tensor([indices.index(i) for i in with_grad], device=device)
-            counts[0, rows] = 1.0
-            counts[1, rows] = nonfinite_mask([local_part(grads[i]) for i in with_grad]).to(torch.float32)
+        if rows:
+            with_grad = torch.tensor(rows, device=device)
+            counts[0, with_grad] = 1.0
+            counts[1, with_grad] = nonfinite_mask([local_part(grads[indices[r]]) for r in rows]).to(torch.float32)
         for dim in range(mesh.ndim):
             if mesh.size(dim) > 1:
                 dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
