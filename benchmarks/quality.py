@@ -107,6 +107,11 @@ def main() -> None:
     unknown = [p for p in args.problems.split(",") if p not in PROBLEMS]
     if unknown:
         parser.error(f"--problems: unknown set(s) {unknown}; known: {', '.join(PROBLEMS)}")
+    if args.lr_sweep:
+        try:
+            get_task(args.lr_sweep[0])  # a typo is a usage error now, not after every problem ran
+        except ValueError as error:
+            parser.error(f"--lr-sweep: {error}")
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",")
     out = Path(args.out)
@@ -118,8 +123,9 @@ def main() -> None:
             seeds = list(range(args.seed_start, args.seed_start + args.seeds))
             c = compare(task, rules, steps, seeds, cache_path=Path(args.cache) / f"{task}.json", progress=False)
             best_a, best_b = c.best_baseline("mean_loss"), c.best_baseline("final_loss")
-            for name in rules:
-                r = next(x for x in c.results if x.name == name)
+            # The rules' results come first, in order; compare renames a rule that shares a
+            # baseline's or another rule's name ("adam (2)"), so they are not looked up by name.
+            for name, r in zip(rules, c.results[: len(rules)], strict=True):
                 rows.append(
                     {
                         "rule": name,
@@ -127,8 +133,8 @@ def main() -> None:
                         "steps": steps,
                         "mean_loss": r.mean_loss,
                         "final_loss": r.final_loss,
-                        "ratio_a": c.ratio(name, "mean_loss"),
-                        "ratio_b": c.ratio(name, "final_loss"),
+                        "ratio_a": c.ratio(r.name, "mean_loss"),
+                        "ratio_b": c.ratio(r.name, "final_loss"),
                         "best_a": f"{best_a.name}@{best_a.best_lr['mean_loss']:g}",
                         "best_b": f"{best_b.name}@{best_b.best_lr['final_loss']:g}",
                         "adam_1e-3_final": c_grid(c, "adam", 1e-3),
@@ -144,6 +150,7 @@ def main() -> None:
             f"| {row['best_a']} | {row['best_b']} | {vs_adam:.3g} |"
         )
     sweep = None
+    (out / "quality.json").write_text(json.dumps({"rows": rows, "lr_sweep": sweep}, indent=1, default=str))
     if args.lr_sweep:
         task, steps = args.lr_sweep
         seeds = list(range(args.seed_start, args.seed_start + args.seeds))

@@ -155,7 +155,8 @@ def run_once(
             optimizer.step()
             losses.append(value)
     seconds = time.perf_counter() - start
-    if diverged or any(not math.isfinite(p.detach().abs().sum()) for p in model.parameters()):
+    # isfinite per element: a sum in a float16 model's own dtype overflows past 65504.
+    if diverged or not all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters()):
         # NaN, not inf, without a held-out split: "no such metric", as for a run that converged.
         test = float("inf") if instance.test_set is not None else float("nan")
         return RunResult([*losses, float("inf")], float("inf"), float("inf"), test, seconds)
@@ -273,12 +274,16 @@ FINGERPRINT_BATCHES = 4
 def task_fingerprint(family: TaskFamily, seed: int) -> str:
     """A short hash of what ``family`` builds for ``seed``: the model's initial parameters and
     buffers, the first :data:`FINGERPRINT_BATCHES` minibatches, the whole training and held-out
-    splits, and the loss of the first minibatch (which changes with the loss function). Part
+    splits, the loss of the first minibatch (which changes with the loss function), the
+    model's ``repr`` (module settings) and which parameters require gradients. Part
     of the baseline cache key, so that a changed task does not reuse cached runs."""
     instance = sample_instance(family, seed)
     digest = hashlib.sha1(str(instance.name).encode())
+    # The modules' settings (a BatchNorm's momentum, a dropout rate) and which parameters
+    # train: neither shows in the values or the first loss.
+    digest.update(repr(instance.model).encode())
     for name, t in [*instance.model.named_parameters(), *instance.model.named_buffers()]:
-        digest.update(name.encode())
+        digest.update(f"{name}:{t.requires_grad}".encode())
         _hash_tensors(digest, t)
     batches = [instance.next_batch() for _ in range(FINGERPRINT_BATCHES)]
     _hash_tensors(digest, batches)
@@ -388,10 +393,15 @@ def tune_baseline(
             scores = {lr: _aggregate(name, results[lr])[metric] for lr in lrs}
             if metric == "test_loss" and not any(math.isfinite(v) for v in scores.values()):
                 continue
-            best = min(lrs, key=lambda lr, s=scores: s[lr] if math.isfinite(s[lr]) else float("inf"))
-            if best == lrs[0]:
+            score = {lr: s if math.isfinite(s) else float("inf") for lr, s in scores.items()}
+            best = min(score.values())
+            # Beyond an edge only where that edge alone is best: a tie with an inner point (a
+            # 1-step run's (a) is the same at every lr) says nothing lies beyond it. Where every
+            # lr diverged, smaller ones are tried.
+            winners = [lr for lr in lrs if score[lr] == best]
+            if winners == [lrs[0]] or not math.isfinite(best):
                 edges.add(_half_decade_step(lrs[0], -1))
-            elif best == lrs[-1]:
+            elif winners == [lrs[-1]]:
                 edges.add(_half_decade_step(lrs[-1], +1))
         return edges
 
@@ -695,6 +705,9 @@ def compare(
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
+    repeated = sorted({b for b in baselines if baselines.count(b) > 1})
+    if repeated:
+        raise ValueError(f"baselines: {repeated} given more than once; name each baseline once")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     seed_list = _seed_list(seeds)
@@ -724,8 +737,8 @@ def compare(
     for item in rules:
         if isinstance(item, str) and item == "default":
             loaded.append(("default", resolve_rule(DEFAULT_RULE, is_default=True)))
-        elif isinstance(item, str):
-            loaded.append((item, resolve_rule(item)))
+        elif isinstance(item, (str, os.PathLike)):  # a bundled name, a folder or a Hub repo id
+            loaded.append((os.fspath(item), resolve_rule(item)))
         else:
             loaded.append((type(item).__name__, resolve_rule(item)))
     if rule_names is not None:

@@ -19,14 +19,13 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
     """Learning curves (mean and min–max over seeds, log-scale loss where it is positive) of the runs
     that did not diverge, as PNG; None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    # A Figure of its own, not pyplot: the process's backend (a notebook's, a GUI's) stays as it is.
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     drawn: list[float] = []  # every value plotted
     for summary in result.results:
         curves = [c for c in summary.curves if len(c) == result.steps and all(math.isfinite(v) for v in c)]
@@ -58,7 +57,6 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -116,14 +116,14 @@ def run_suite(
     # Once, here: the paper suite passes them to several comparisons (a generator would run dry).
     rules, baselines = one_or_many(rules), one_or_many(baselines)
     if suite == "paper":
-        n = seeds or 10
+        n = 10 if seeds is None else seeds
         comparisons = []
         for task, steps in PAPER_SUITE:
             cache = f"{cache_dir}/{task}.json" if cache_dir else None
             comparisons.append(compare(task, rules, steps, n, baselines, cache_path=cache, progress=progress))
         return SuiteResult(suite, comparisons)
     if suite == "seed-xor":
-        n = seeds or 500
+        n = 500 if seeds is None else seeds
         family = XORFamily(noise_mean=SEED_XOR_NOISE_MEAN, name="seed-xor")
         cache = f"{cache_dir}/seed-xor.json" if cache_dir else None
         comparison = compare(

@@ -179,6 +179,7 @@ def test_model_card_lists_earlier_stages_and_sums_their_times(tmp_path):
         ("state_dtype_drift.py", ["--steps", "0"], "expected a positive integer, got '0'"),
         ("quality.py", ["--rules", "default", "--problems", "nope"], "--problems: unknown set(s) ['nope']"),
         ("quality.py", ["--rules", "default", "--lr-sweep", "mnist-mlp"], "expected task:steps such as mnist-mlp:100"),
+        ("quality.py", ["--rules", "default", "--lr-sweep", "mnist-mpl:100"], "--lr-sweep: unknown task 'mnist-mpl'"),
         ("model_card.py", ["x", "--problems", "quadratic"], "--problems: expected task:steps"),
     ],
 )

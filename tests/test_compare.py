@@ -6,6 +6,7 @@ import json
 import math
 import multiprocessing
 import os
+import warnings
 
 import matplotlib.image
 import pytest
@@ -206,14 +207,19 @@ def test_repeated_widening_lands_on_exact_half_decades():
     assert {"100", "1000", "31.6228", "316.228"} <= set(summary.grid)
 
 
-def _tiny_with(train_x=None, dropout: float = 0.0, loss_scale: float = 1.0):
+def _tiny_with(
+    train_x=None, dropout: float = 0.0, loss_scale: float = 1.0, freeze_first: bool = False, norm_momentum=None
+):
     from tiny_tasks import TEST_X, TEST_Y, TRAIN_X, TRAIN_Y
     from torch import nn
 
     from learned_optim.tasks import Task
 
     def model():
-        return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 1))
+        norm = [] if norm_momentum is None else [nn.BatchNorm1d(8, momentum=norm_momentum)]
+        net = nn.Sequential(nn.Linear(3, 8), *norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 1))
+        net[0].requires_grad_(not freeze_first)
+        return net
 
     x = TRAIN_X if train_x is None else train_x
     return Task(
@@ -228,13 +234,14 @@ def _tiny_with(train_x=None, dropout: float = 0.0, loss_scale: float = 1.0):
 
 @pytest.mark.parametrize(
     "change",
-    ["baseline settings", "training split", "loss"],
+    ["baseline settings", "training split", "loss", "frozen layer", "module setting"],
 )
 def test_the_cache_never_reuses_runs_of_a_changed_setup(tmp_path, change):
+    # The last two change neither the initial values, the data nor the first loss.
     from learned_optim.compare import Baseline, task_fingerprint
 
     cache_path = tmp_path / "cache.json"
-    family = _tiny_with()
+    family = _tiny_with(norm_momentum=0.1 if change == "module setting" else None)
     first = tune_baseline(
         "nesterov", Baseline(torch.optim.SGD, (("momentum", 0.9),)), family,
         f"t#{task_fingerprint(family, 0)}", [0], 5, (0.1,), cache=ResultCache(cache_path), max_widen=0,
@@ -244,6 +251,10 @@ def test_the_cache_never_reuses_runs_of_a_changed_setup(tmp_path, change):
         family = _tiny_with(train_x=torch.zeros(128, 3))
     if change == "loss":
         family = _tiny_with(loss_scale=10.0)
+    if change == "frozen layer":
+        family = _tiny_with(freeze_first=True)
+    if change == "module setting":
+        family = _tiny_with(norm_momentum=0.9)
     cache = ResultCache(cache_path)
     key = f"t#{task_fingerprint(family, 0)}"
     fresh = tune_baseline("nesterov", factory, family, key, [0], 5, (0.1,), cache=cache, max_widen=0)
@@ -643,3 +654,62 @@ def test_every_lr_diverging_warns_so_not_that_the_best_is_at_an_edge():
     with pytest.warns(RuntimeWarning, match="diverged at every learning rate") as caught:
         tune_baseline("sgd", BASELINES["sgd"], task, "explodes", [0], 2, grid=(0.1, 1.0), max_widen=1)
     assert not any("edge of the grid" in str(w.message) for w in caught)
+
+
+def test_a_one_step_run_ties_at_every_lr_and_widens_nothing():
+    # (a) of a 1-step run is the loss before any step: the same at every lr, so no edge is best;
+    # (b) is best at lr 1, inside the grid.
+    grid = (0.1, 1.0, 10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = tune_baseline("sgd", BASELINES["sgd"], half_square(), "half-square", [0], 1, grid)
+    assert sorted(float(lr) for lr in summary.grid) == list(grid)
+
+
+def test_a_float16_model_is_not_reported_as_diverged():
+    # Its weights sum past float16's largest value (65504); every one of them is finite.
+    from tiny_tasks import TEST_X, TEST_Y, TRAIN_X, TRAIN_Y
+    from torch import nn
+
+    from learned_optim.tasks import Task
+
+    def model():
+        net = nn.Sequential(nn.Linear(3, 4096), nn.Tanh(), nn.Linear(4096, 1)).half()
+        with torch.no_grad():
+            net[0].weight.fill_(20.0)
+        return net
+
+    family = Task(
+        model=model,
+        loss=lambda out, y: nn.functional.mse_loss(out.float(), y),
+        data=lambda g: (torch.randn(16, 3, generator=g).half(), torch.zeros(16, 1)),
+        train_set=(TRAIN_X.half(), TRAIN_Y),
+        test_set=(TEST_X.half(), TEST_Y),
+        name="half",
+    )
+    run = run_once(family, 0, lambda p: torch.optim.SGD(p, lr=0.0), steps=2)
+    assert math.isfinite(run.mean_loss) and math.isfinite(run.final_loss)
+
+
+def test_repeated_baselines_and_path_rules(tmp_path):
+    with pytest.raises(ValueError, match=r"baselines: \['sgd'\] given more than once"):
+        compare(half_square(), rules=[], steps=2, seeds=1, baselines=["sgd", "sgd"], progress=False)
+    folder = tmp_path / "my-rule"
+    small_rule().save_pretrained(folder)
+    result = compare(half_square(), rules=[folder], steps=2, seeds=1, baselines=[], progress=False)
+    assert result.results[0].name == str(folder)  # the path, not "PosixPath"
+
+
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    from learned_optim.report import plot_curves
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        result = compare(half_square(), rules=[], steps=3, seeds=1, baselines=["sgd"], progress=False)
+        assert plot_curves(result, tmp_path / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)

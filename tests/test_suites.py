@@ -47,3 +47,9 @@ def test_paper_suite_covers_the_generalisation_settings_of_the_paper():
 def test_unknown_suite_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown suite 'nope'; known suites: paper, seed-xor"):
         run_suite("nope", rules=[CoordinateLSTM(hidden_size=4)])
+
+
+@pytest.mark.parametrize("suite", ["paper", "seed-xor"])
+def test_zero_seeds_is_an_error_not_the_default_count(suite):
+    with pytest.raises(ValueError, match="seeds"):
+        run_suite(suite, rules=[CoordinateLSTM(hidden_size=4)], seeds=0, progress=False)
