@@ -1153,3 +1153,19 @@ def test_the_no_grad_gru_cell_matches_the_differentiable_one_and_leaves_its_inpu
     assert all(torch.equal(a, b) for a, b in zip(inputs, (x_gates, h, w_hh, b_hh), strict=True))
     reference = gru_cell(*(t.double() for t in inputs)).float()  # and as accurate as it
     assert (fast - reference).abs().max() <= 2 * (expected - reference).abs().max() + 1e-7
+
+
+def test_numpy_sizes_build_a_rule_the_optimizer_takes():
+    # Sweeps over np.arange pass numpy integers; the rule keeps the checked plain values.
+    np = pytest.importorskip("numpy")
+    rule = HierarchicalRNN(param_hidden=np.int64(5), timescales=np.int64(3), init_lr=np.float32(0.01))
+    assert type(rule.p) is int and type(rule.k) is int
+    p = nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    LearnedOptimizer([p], pretrained=rule, impl="eager").step()
+    assert torch.isfinite(p).all()
+
+
+def test_a_max_lr_past_float32_is_refused():
+    with pytest.raises(ValueError, match=r"max_lr must be at most 1e\+30 .*float32.*got 1e\+39"):
+        HierarchicalRNN(init_lr=1e39, max_lr=1e39)

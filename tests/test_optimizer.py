@@ -1250,3 +1250,37 @@ def test_a_custom_rule_without_kernels_names_the_rule_when_a_kernel_is_asked_for
 
     with pytest.raises(ValueError, match=rf"impl='{impl}': rule Unregistered has no such fused kernel; it has none"):
         LearnedOptimizer([nn.Parameter(torch.ones(2))], pretrained=Unregistered(), impl=impl)
+
+
+# Rules that keep a running mean square of each coordinate's gradient know which coordinates
+# have never had a nonzero one; the paper's LSTM (no momentum state) cannot tell.
+_HISTORY_RULES = ["lstm-mnist-mixed-momentum", "lstm-mnist-gain", "hrnn-base"]
+
+
+def _history_impls(name: str) -> list[str]:
+    return ["eager", *learned_optim.load_rule(name).fused_impls()]
+
+
+@pytest.mark.parametrize(("name", "impl"), [(name, impl) for name in _HISTORY_RULES for impl in _history_impls(name)])
+def test_coordinates_that_never_had_a_gradient_stay_put(name, impl):
+    # An embedding's padding row, a layer left out of the loss whose gradient zero_grad keeps
+    # as zeros, and a row that gets a gradient only in the first steps: as with Adam, only the
+    # last moves after its gradient stops (its momentum carries on).
+    torch.manual_seed(0)
+    embedding = nn.Embedding(8, 4, padding_idx=0)
+    unused = nn.Linear(4, 3)
+    head = nn.Linear(4, 1)
+    params = [*embedding.parameters(), *unused.parameters(), *head.parameters()]
+    opt = LearnedOptimizer(params, pretrained=name, impl=impl)
+    start = [p.detach().clone() for p in params]
+    for step in range(6):
+        opt.zero_grad(set_to_none=False)
+        tokens = torch.tensor([[0, 1, 2, 7], [0, 0, 3, 7]]) if step < 2 else torch.tensor([[0, 1, 2], [0, 0, 3]])
+        head(embedding(tokens)).square().mean().backward()
+        opt.step()
+    assert torch.equal(embedding.weight[0], start[0][0]), "the padding row moved"
+    assert torch.equal(embedding.weight[4:7], start[0][4:7]), "rows never looked up moved"
+    assert not torch.equal(embedding.weight[1:4], start[0][1:4])
+    assert not torch.equal(embedding.weight[7], start[0][7]), "a row whose gradient stopped froze"
+    for p, p0 in zip(unused.parameters(), start[1:3], strict=True):
+        assert torch.equal(p, p0), "a parameter with an all-zero gradient moved"

@@ -74,6 +74,7 @@ def _gru_cell_no_grad(x_gates: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) ->
     return torch.sub(h, candidate).mul_(z).add_(candidate)
 
 
+MAX_LR = 1e30  # exp(log lr) and the steps it scales stay finite in float32
 _GAIN_LIMIT = math.log(100.0)  # step_gain stays within [1/100, 100]
 
 
@@ -181,20 +182,27 @@ class HierarchicalRNN(UpdateRule):
             "step_gain": config_bool("step_gain", step_gain),
             "relative_step_cap": config_float("relative_step_cap", relative_step_cap),
         }
-        if not 0.0 <= lr_leak < 1.0:
+        # From here on the checked values (plain ints and floats, whatever type was passed in).
+        c = self.config
+        min_lr, init_lr, max_lr = c["min_lr"], c["init_lr"], c["max_lr"]
+        if not 0.0 <= c["lr_leak"] < 1.0:
             raise ValueError(f"lr_leak must be in [0, 1), got {lr_leak}")
-        if relative_step_cap < 0.0:
+        if c["relative_step_cap"] < 0.0:
             raise ValueError(f"relative_step_cap must be >= 0 (0 turns it off), got {relative_step_cap}")
         if not min_lr <= init_lr <= max_lr:
             raise ValueError(f"need 0 < min_lr <= init_lr <= max_lr, got {min_lr}, {init_lr}, {max_lr}")
-        self.agreement_feature = bool(agreement_feature)
-        self.step_size_feature = bool(step_size_feature)
-        self.step_gain = bool(step_gain)
-        self.relative_step_cap = float(relative_step_cap)
-        p, t, g, k = param_hidden, tensor_hidden, global_hidden, timescales
+        if max_lr > MAX_LR:
+            raise ValueError(
+                f"max_lr must be at most {MAX_LR:g} (the rule computes exp(log lr) in float32), got {max_lr}"
+            )
+        self.agreement_feature = c["agreement_feature"]
+        self.step_size_feature = c["step_size_feature"]
+        self.step_gain = c["step_gain"]
+        self.relative_step_cap = c["relative_step_cap"]
+        p, t, g, k = c["param_hidden"], c["tensor_hidden"], c["global_hidden"], c["timescales"]
         self.p, self.t, self.g, self.k = p, t, g, k
-        self.lr_change_scale = float(lr_change_scale)
-        self.lr_leak = float(lr_leak)
+        self.lr_change_scale = c["lr_change_scale"]
+        self.lr_leak = c["lr_leak"]
         self.log_min_lr, self.log_max_lr = math.log(min_lr), math.log(max_lr)
         self.register_buffer("decays", torch.tensor([1.0 - 0.5 ** (i + 1) for i in range(k)]), persistent=False)
         n_features = 2 * k + 1 + int(self.agreement_feature)
@@ -316,15 +324,16 @@ class HierarchicalRNN(UpdateRule):
             context.segment_sums = hrnn_step_cpu(
                 self, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
             )
-            return
-        if torch.compiler.is_compiling():
-            packed = pack_hrnn_weights(self)
         else:
-            # Packed once and reused until the weights change (their version counters move).
-            packed = self._packed = pack_hrnn_weights(self, getattr(self, "_packed", None))
-        context.segment_sums = hrnn_step_triton(
-            self, packed, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
-        )
+            if torch.compiler.is_compiling():
+                packed = pack_hrnn_weights(self)
+            else:
+                # Packed once and reused until the weights change (their version counters move).
+                packed = self._packed = pack_hrnn_weights(self, getattr(self, "_packed", None))
+            context.segment_sums = hrnn_step_triton(
+                self, packed, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
+            )
+        update.masked_fill_(state["v"][:, -1] == 0, 0.0)  # never a nonzero gradient: no step (as forward)
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return {"h": (self.p,), "m": (self.k,), "v": (self.k,), "log_lr": (1,)}
@@ -420,6 +429,10 @@ class HierarchicalRNN(UpdateRule):
             # coordinates so that it too adds up over the pieces of a split tensor.
             context.segment_sums["step_sq"] = step_sq
             context.segment_sums["cap_log_scale"] = (cap_log_scale * counts).unsqueeze(-1)
+        # A coordinate that has never had a nonzero gradient (v still 0, as stored) stays put:
+        # its direction comes from the network's biases alone, and the per-tensor normalisation
+        # would scale it up to a full step. It still counts in the tensor's sums above.
+        update = torch.where(v[:, -1].to(state["v"].dtype) == 0, 0.0, update)
         new_state = {
             "h": h.to(state["h"].dtype),
             "m": m.to(state["m"].dtype),

@@ -324,6 +324,8 @@ class CoordinateLSTM(UpdateRule):
                 update.addcmul_(weights[:, j][segment_ids], momenta[:, j].float())
         if self.tensor_step_gain:
             update.mul_(self.step_gains(table).to(update.dtype)[segment_ids])
+        if self.momentum_decays:
+            update.masked_fill_(state["v"] == 0, 0.0)  # never a nonzero gradient: no step (as forward)
         if self.tensor_step_response:
             # Outside the kernel: the last update and its product with the gradient.
             last_update, along = update, grad_seen * update
@@ -605,6 +607,10 @@ class CoordinateLSTM(UpdateRule):
             update = update + (self.momentum_step_weights(sums).to(compute_dtype)[ids] * stored).sum(-1)
         if self.tensor_step_gain:
             update = update * self.step_gains(table)[ids]
+        if self.momentum_decays:
+            # A coordinate that has never had a nonzero gradient (v still 0, as stored) stays put,
+            # as with Adam: unused parameters and embedding padding rows do not drift.
+            update = torch.where(v_new.to(state["v"].dtype) == 0, 0.0, update)
         new_state = {
             "h": torch.stack(new_h, dim=1).to(state["h"].dtype),
             "c": torch.stack(new_c, dim=1).to(state["c"].dtype),
