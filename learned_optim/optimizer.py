@@ -312,15 +312,22 @@ class LearnedOptimizer(Optimizer):
             params = param_group.get("params")
             if params is not None and not isinstance(params, (Tensor, set)):
                 param_group["params"] = params = list(params)  # as torch does; a generator is read once
-                seen: dict[int, int] = {}
-                for i, p in enumerate(params):
+                seen: dict[int, tuple[int, str]] = {}
+                for i, entry in enumerate(params):
+                    # Named parameters come as (name, tensor): tied weights listed under two names
+                    # (named_parameters(remove_duplicate=False)) are the same tensor.
+                    named = isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+                    p, label = (entry[1], f"{entry[0]!r}, ") if named else (entry, "")
                     if id(p) in seen:
                         # torch only warns; the update would be applied twice while the state advances once.
+                        first, first_label = seen[id(p)]
                         raise ValueError(
                             f"LearnedOptimizer: a param group lists the same parameter twice (positions "
-                            f"{seen[id(p)]} and {i}, shape {tuple(p.shape)}); list each parameter once"
+                            f"{first} and {i}{': ' if label else ', '}{first_label}{label}"
+                            f"shape {tuple(getattr(p, 'shape', ()))}); "
+                            "list each parameter once"
                         )
-                    seen[id(p)] = i
+                    seen[id(p)] = (i, label)
         super().add_param_group(param_group)
         self._holds_dtensors = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
         if hasattr(self, "rule"):  # groups given to the constructor are named once the rule is known

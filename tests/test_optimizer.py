@@ -511,6 +511,13 @@ def test_a_parameter_listed_twice_in_a_group_is_refused():
     with pytest.raises(ValueError, match="same parameter twice"):
         opt.add_param_group({"params": iter([a, a])})
     assert len(opt.param_groups) == 1
+    # Tied weights listed under two names, as named_parameters(remove_duplicate=False) gives them.
+    with pytest.raises(ValueError, match=r"positions 0 and 2: 'emb', 'out', shape \(2,\)"):
+        LearnedOptimizer([("emb", a), ("b", b), ("out", a)], pretrained=NegGrad())
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    with pytest.raises(ValueError, match="same parameter twice"):
+        LearnedOptimizer(list(model.named_parameters(remove_duplicate=False)))
 
 
 def test_the_nonfinite_warning_points_at_the_users_line_through_a_scheduler():

@@ -56,6 +56,10 @@ def test_log_sign_preprocess_rejects_bad_p():
         log_sign_preprocess(torch.ones(3), 0.0)
     with pytest.raises(ValueError, match="preprocess_p"):
         CoordinateLSTM(preprocess_p=-1.0)
+    # exp(100) overflows float32: NaN steps on a zero gradient (eager), finite ones (C kernel).
+    for p in (100.0, 1e-300, 1e300):
+        with pytest.raises(ValueError, match=r"preprocess_p must be in \[0.01, 80\]"):
+            CoordinateLSTM(preprocess_p=p)
 
 
 def test_log_sign_preprocess_has_finite_gradients():

@@ -101,7 +101,7 @@ class CoordinateLSTM(UpdateRule):
         num_layers: stacked LSTM layers (paper: 2).
         preprocess: use the log/sign gradient preprocessing (else the raw gradient
             times ``input_scale`` is the single input).
-        preprocess_p: the exponent ``p`` of the preprocessing (paper: 10).
+        preprocess_p: the exponent ``p`` of the preprocessing (paper: 10), in [0.01, 80].
         input_scale: multiplies the raw gradient when ``preprocess`` is off.
         output_scale: multiplies the linear read-out (paper: 0.1).
         momentum_decays: decay rates in [0, 1) of extra inputs (default none, the paper's
@@ -203,6 +203,12 @@ class CoordinateLSTM(UpdateRule):
             "tensor_step_response": config_bool("tensor_step_response", tensor_step_response),
             "momentum_step": config_bool("momentum_step", momentum_step),
         }
+        if not PREPROCESS_P_RANGE[0] <= self.config["preprocess_p"] <= PREPROCESS_P_RANGE[1]:
+            # exp(p) and exp(-p) must stay normal float32 numbers (paper: p = 10).
+            raise ValueError(
+                f"preprocess_p must be in [{PREPROCESS_P_RANGE[0]:g}, {PREPROCESS_P_RANGE[1]:g}] (the "
+                f"preprocessing computes exp(p) and exp(-p) in float32), got {preprocess_p!r}"
+            )
         for flag in ("tensor_agreement", "tensor_norm_ratio"):
             if self.config[flag] and not self.config["momentum_decays"]:
                 raise ValueError(f"{flag} needs momentum_decays (it compares the gradient with each momentum)")
@@ -622,6 +628,9 @@ class CoordinateLSTM(UpdateRule):
             new_state["u"] = update.to(state["u"].dtype)
             new_state["q"] = (grad.to(compute_dtype) * update).to(state["q"].dtype)
         return update, new_state
+
+
+PREPROCESS_P_RANGE = (0.01, 80.0)
 
 
 def _decay(name: str, value: object) -> float:

@@ -115,11 +115,17 @@ if triton is not None:
         tile_mask = in_range[:, None] & unit_ok[None, :]
         store_mask = write[:, None] & unit_ok[None, :]
         inp = tl.zeros((BLOCK_SIZE, HP), dtype=tl.float32)
-        if MOMENTA > 0:
-            # Scale-free momenta (CoordinateLSTM.momentum_features) in the input columns after
-            # the gradient features; layer 0 then takes the whole input tile through tl.dot.
+        if MOMENTA + AGREEMENTS > 0:
+            # Layer 0 takes the whole input tile through tl.dot: the gradient features, then the
+            # scale-free momenta, then the per-tensor inputs.
             first = 2 if PREPROCESS else 1
             slot = j - first
+            column = j[None, :]
+            inp = tl.where(column == 0, x0[:, None], 0.0)
+            if PREPROCESS:
+                inp = tl.where(column == 1, x1[:, None], inp)
+        if MOMENTA > 0:
+            # Scale-free momenta (CoordinateLSTM.momentum_features).
             is_momentum = (slot >= 0) & (slot < MOMENTA)
             decay = tl.load(decay_ptr + slot, mask=is_momentum, other=0.0)[None, :]
             m_offsets = rows[:, None] * MOMENTA + slot[None, :]
@@ -137,26 +143,24 @@ if triton is not None:
             tl.store(v_ptr + rows, v_new.to(v_ptr.dtype.element_ty), mask=write)
             # 1e-30 keeps 0 / 0 at 0 for coordinates whose gradients are all zero.
             scaled = m_new / tl.sqrt(v_new + 1e-30)[:, None]
-            column = j[None, :]
-            inp = tl.where(column == 0, x0[:, None], tl.where(is_momentum[None, :], scaled, 0.0))
-            if PREPROCESS:
-                inp = tl.where(column == 1, x1[:, None], inp)
-            if AGREEMENTS > 0:
-                # Per-tensor inputs (agreement cosines, norm ratios) after the momenta: a row of the
-                # (num_tensors, AGREEMENTS) table, looked up through each coordinate's tensor index.
-                entry = slot - MOMENTA
-                is_agreement = (entry >= 0) & (entry < AGREEMENTS)
-                shared = tl.load(
-                    agreement_ptr + segment[:, None] * AGREEMENTS + entry[None, :],
-                    mask=in_range[:, None] & is_agreement[None, :],
-                    other=0.0,
-                )
-                inp = tl.where(is_agreement[None, :], shared, inp)
+            inp = tl.where(is_momentum[None, :], scaled, inp)
+        if AGREEMENTS > 0:
+            # Per-tensor inputs (agreement cosines, norm ratios, step responses) after the
+            # momenta: a row of the (num_tensors, AGREEMENTS) table, looked up through each
+            # coordinate's tensor index.
+            entry = slot - MOMENTA
+            is_agreement = (entry >= 0) & (entry < AGREEMENTS)
+            shared = tl.load(
+                agreement_ptr + segment[:, None] * AGREEMENTS + entry[None, :],
+                mask=in_range[:, None] & is_agreement[None, :],
+                other=0.0,
+            )
+            inp = tl.where(is_agreement[None, :], shared, inp)
         for layer in tl.static_range(L):
             offsets = rows[:, None] * (L * H) + layer * H + j[None, :]
             h = tl.load(h_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
             c = tl.load(c_ptr + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-            if layer == 0 and MOMENTA == 0:
+            if layer == 0 and MOMENTA + AGREEMENTS == 0:
                 gi = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 0, HP, PRECISION)
                 gf = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 1, HP, PRECISION)
                 go = _gate_first(x0, x1, h, wx_ptr, wh_ptr, b_ptr, 2, HP, PRECISION)
