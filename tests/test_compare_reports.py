@@ -154,11 +154,11 @@ def test_small_ratios_keep_two_significant_digits():
 # ---------------------------------------------------------------------------- plots and headings
 @pytest.mark.parametrize("steps", [3, 10])
 def test_plot_has_whole_step_ticks_and_a_plural_only_for_several_seeds(monkeypatch, tmp_path, steps):
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k)))
     curve = [1.0 / (t + 1) for t in range(steps)]
     summary = OptimizerSummary("rule", {"final_loss": 1.0}, 0.5, 0.1, 0.1, [curve], 0.1)
     for seeds, title in (([0], "t, 1 seed (mean, min-max)"), ([0, 1], "t, 2 seeds (mean, min-max)")):
