@@ -89,6 +89,7 @@ __all__ = [
     "MetaTrainer",
     "Task",
     "meta_fit",
+    "rollout",
 ]
 
 

@@ -598,8 +598,10 @@ class LearnedOptimizer(Optimizer):
                     param=param_view,
                     grad=grad_view,
                     state=rule_state,
-                    lr=group["lr"],
-                    weight_decay=group["weight_decay"],
+                    # float(): any numbers.Real passes the checks, but the foreach ops take only
+                    # Python numbers (a Fraction or Decimal-like lr fails there).
+                    lr=lr if isinstance(lr := group["lr"], Tensor) else float(lr),
+                    weight_decay=float(group["weight_decay"]),
                     maximize=group["maximize"],
                     segment_state=segment_state,
                 )

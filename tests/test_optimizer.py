@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fractions
 import io
 import itertools
 import warnings
@@ -132,6 +133,19 @@ def test_param_groups_lr_and_decoupled_weight_decay_exact():
     for p, p0, g, lr, wd in zip((a, b, c), start, grads, (0.1, 0.02, 0.02), (0.5, 0.01, 0.01), strict=True):
         expected = p0 * (1 - lr * wd) + lr * (-g)
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_any_real_number_works_as_lr_and_weight_decay():
+    # The checks accept any numbers.Real; the step must too (foreach ops take only Python numbers).
+    (p,) = _params([(4,)])
+    p0 = p.detach().clone()
+    half, quarter = fractions.Fraction(1, 2), fractions.Fraction(1, 4)
+    opt = LearnedOptimizer([p], pretrained=NegGrad(), lr=half, weight_decay=quarter)
+    _set_grads([p], seed=5)
+    g = p.grad.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), p0 * (1 - 0.125) - 0.5 * g, rtol=0, atol=1e-7)
+    assert opt.param_groups[0]["lr"] == fractions.Fraction(1, 2)  # the group keeps what the user set
 
 
 def test_momentum_rule_state_evolves_per_coordinate():
