@@ -340,6 +340,9 @@ def _log_ratio(losses: Tensor, initial: float, floor: float) -> Tensor:
 
 def _objective(losses: Tensor, initial: float, first_step: int, horizon: int, config: MetaFitConfig) -> Tensor:
     """The meta-loss of consecutive losses after steps ``first_step, first_step + 1, ...`` of a run."""
+    # At least fp32: in fp16 the 1e-12 clamp rounds to 0 (log gives -inf, every update is
+    # skipped) and bf16 step indices above 256 are not exact.
+    losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
     if config.meta_loss == "final":  # the truncation's end alone (a whole-split loss)
         return _log_ratio(losses[-1:], initial, config.log_floor).mean()
     values = losses

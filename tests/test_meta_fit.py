@@ -1311,6 +1311,19 @@ def test_log_floor_bounds_each_steps_log_ratio():
     assert torch.allclose(floored, torch.tensor([0.0, math.log(1e-2), math.log(1e-3)]))
 
 
+def test_low_precision_losses_give_the_fp32_meta_loss():
+    # fp16: the 1e-12 clamp rounds to 0 (log(0) = -inf); bf16: step indices above 256 are inexact.
+    config = MetaFitConfig(steps=1000, unroll=1000, meta_loss="log-ramp")
+    losses = torch.linspace(1.0, 0.0, 1000)
+    expected = _objective(losses, 1.0, 1, 1000, config)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = losses.to(dtype)
+        got = _objective(low, 1.0, 1, 1000, config)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, _objective(low.float(), 1.0, 1, 1000, config), rtol=0, atol=0)
+        assert torch.isfinite(got) and abs(float(got - expected)) < 0.05 * abs(float(expected))
+
+
 def test_validation_steps_sets_the_validation_horizon(monkeypatch):
     import learned_optim.meta_fit as mf
 
