@@ -120,6 +120,18 @@ def local_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], where: str)
     return local.reshape(-1, *trailing)
 
 
+def parameter_shaped_state(value: Tensor, p: Tensor) -> Tensor:
+    """The rule state ``(numel, *trailing)`` of ordinary parameter ``p`` as a view
+    ``(*p.shape, *trailing)`` (``(*p.shape, 2, *trailing)`` for a complex ``p``): the layout a
+    DTensor parameter's state is saved in, so that checkpoints move between the two (a
+    ``torch.distributed.checkpoint`` of a plain model loads into FSDP2 and back). Rows that no
+    longer match ``p`` (resized in place) are returned as they are, for the load check to name."""
+    whole = (*p.shape, 2) if p.is_complex() else tuple(p.shape)
+    if value.dim() == 0 or value.shape[0] != math.prod(whole):
+        return value
+    return value.reshape(*whole, *value.shape[1:])
+
+
 def whole_tensor_state(value: Tensor, p: Tensor, trailing: tuple[int, ...], where: str) -> Tensor:
     """Saved state ``(*p.shape, *trailing)`` of an ordinary parameter (a DTensor parameter's
     state gathered whole) as the ``(numel, *trailing)`` rows kept here; else ``value`` as is."""

@@ -29,6 +29,7 @@ from learned_optim._sharding import (
     is_dtensor,
     local_coordinates,
     local_state,
+    parameter_shaped_state,
     shard_sum_reducer,
     sharded_state,
     whole_tensor_state,
@@ -270,6 +271,7 @@ class LearnedOptimizer(Optimizer):
         # Hierarchical rules keep state shared by all tensors (e.g. a global RNN).
         self._global_state: dict[str, Tensor] | None = None
         self._hierarchical = bool(self.rule.segment_state_spec() or self.rule.global_state_spec())
+        self._state_trailing = {name: tuple(shape) for name, shape in self.rule.state_spec().items()}
         self.impl = impl
         # The rule's kernels that can build here, found once (not while a step is being traced).
         self._fused_impls: tuple[str, ...] = () if impl == "eager" else tuple(self.rule.fused_impls())
@@ -383,6 +385,7 @@ class LearnedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._reset_transient()
+        self._state_trailing = {name: tuple(shape) for name, shape in self.rule.state_spec().items()}
         self._holds_dtensors = any(is_dtensor(p) for group in self.param_groups for p in group["params"])
 
     # ------------------------------------------------------------------ state
@@ -584,6 +587,8 @@ class LearnedOptimizer(Optimizer):
                     for k, v in state.items()
                     if k.startswith(STATE_PREFIX) and not k.startswith(SEGMENT_PREFIX)
                 }
+                if rule_state and not sharded_param:
+                    rule_state = self._state_as_rows(p, index, state, rule_state)
                 rows = next((v.shape[0] for v in rule_state.values()), param_view.numel())
                 if rows != param_view.numel():
                     # The parameter was resized in place (p.data = ...) after its state was made:
@@ -758,6 +763,19 @@ class LearnedOptimizer(Optimizer):
         for key, value in copies[0].items():
             self._global_state[key].copy_(value.to(device=device, dtype=self.state_dtype))
 
+    def _state_as_rows(self, p: Tensor, index: int, state: dict, rule_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``rule_state`` as one row per coordinate. State written into ``self.state`` directly
+        in ``state_dict()``'s layout, shaped like the parameter (ZeroRedundancyOptimizer's
+        ``load_state_dict`` does this), is reshaped in place of the saved tensors."""
+        name, first = next(iter(rule_state.items()))
+        if first.dim() == 1 + len(self._state_trailing.get(name, first.shape[1:])):
+            return rule_state  # already rows (one dimension check: the common case costs nothing)
+        for name, value in list(rule_state.items()):
+            trailing = self._state_trailing.get(name, value.shape[1:])
+            rows = whole_tensor_state(value, p, trailing, f"state of parameter {index} ({STATE_PREFIX + name!r})")
+            state[STATE_PREFIX + name] = rule_state[name] = rows
+        return rule_state
+
     def _any_param_state(self) -> bool:
         """Whether any parameter of the groups has state. Reached through param_groups, not by
         iterating self.state: torch.compile guards a param met as a state key by its grad, and
@@ -801,10 +819,12 @@ class LearnedOptimizer(Optimizer):
         sd["rule"] = self._rule_entry()
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in enumerate(params):
-            if is_dtensor(p) and i in sd["state"]:
-                # Laid out as the parameter is, for torch.distributed.checkpoint to save and reshard.
+            if i in sd["state"]:
+                # Laid out as the parameter is (a DTensor's as a DTensor): the layout
+                # torch.distributed.checkpoint saves and reshards, whatever the model's sharding.
+                shaped = sharded_state if is_dtensor(p) else parameter_shaped_state
                 sd["state"][i] = {
-                    k: sharded_state(v, p) if self._is_coordinate_key(k) and isinstance(v, Tensor) else v
+                    k: shaped(v, p) if self._is_coordinate_key(k) and isinstance(v, Tensor) else v
                     for k, v in sd["state"][i].items()
                 }
         if self._global_state is not None:
@@ -907,9 +927,9 @@ class LearnedOptimizer(Optimizer):
                 saved_state[idx] = self._rows_of_saved_state(idx, index_to_param[idx], values)
         for idx, values in saved_state.items():
             if idx in index_to_param:
-                self._check_saved_param_state(idx, index_to_param[idx], values)
                 if any(str(k).startswith(STATE_PREFIX) for k in values):
                     self._check_saved_param_shape(idx, index_to_param[idx], saved_shapes)
+                self._check_saved_param_state(idx, index_to_param[idx], values)
         for group in state_dict.get("param_groups") or ():
             if isinstance(group, dict):  # a NaN or negative lr would step silently wrong
                 # No small-lr warning: a checkpoint's lr is most often one a scheduler decayed.

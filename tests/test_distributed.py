@@ -708,6 +708,27 @@ def _resharding_worker(rank: int, world_size: int, init_file: str, checkpoint_di
             train(model, optimizer, 3, 6)
             uninterrupted = torch.load(f"{checkpoint_dir}/{name}-uninterrupted.pt")
             assert max_difference(gathered(model), uninterrupted) <= checkpoint_tolerance(pretrained, impl), name
+
+            # Across layouts, as with torch.optim: the sharded checkpoint resumes a plain model,
+            # and a plain model's checkpoint resumes under FSDP2.
+            plain = make_model()
+            plain_optimizer = LearnedOptimizer(plain.parameters(), pretrained=pretrained, impl=impl)
+            model_sd, optim_sd = get_state_dict(plain, plain_optimizer)
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{name}")
+            set_state_dict(plain, plain_optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            dcp.save(
+                dict(zip(("model", "optim"), get_state_dict(plain, plain_optimizer), strict=True)),
+                checkpoint_id=f"{checkpoint_dir}/{name}-plain",
+            )
+            train(plain, plain_optimizer, 3, 6)
+            assert max_difference(gathered(plain), uninterrupted) <= checkpoint_tolerance(pretrained, impl), name
+            model = make_sharded_model()
+            optimizer = LearnedOptimizer(model.parameters(), pretrained=pretrained, impl=impl)
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{name}-plain")
+            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+            train(model, optimizer, 3, 6)
+            assert max_difference(gathered(model), uninterrupted) <= checkpoint_tolerance(pretrained, impl), name
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()

@@ -404,7 +404,12 @@ def test_load_state_dict_rejects_state_of_another_size_and_changes_nothing():
     params, opt = _stepped(shapes=((6,), (5,)))
     opt.param_groups[0]["lr"] = 0.25
     before = {k: v.clone() for k, v in opt.state[params[1]].items()}
-    expected = r"parameter 1 \(shape \(5,\)\): 'h' has shape \(6, 2, 20\), expected \(5, 2, 20\)"
+    with pytest.raises(
+        ValueError, match=r"parameter 1 was saved with shape \(2, 3\), this optimizer's has shape \(5,\)"
+    ):
+        opt.load_state_dict(sd)
+    del sd["param_shapes"]  # as torch.distributed.checkpoint keeps it: the state's own shape tells
+    expected = r"parameter 1 \(shape \(5,\)\): 'h' has shape \(2, 3, 2, 20\), expected \(5, 2, 20\)"
     with pytest.raises(ValueError, match=expected):
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == 0.25
@@ -423,7 +428,11 @@ def test_load_state_dict_rejects_a_parameter_of_the_same_size_and_another_shape(
     ):
         opt.load_state_dict(sd)
     assert all(torch.equal(opt.state[params[1]][k], v) for k, v in before.items())
-    del sd["param_shapes"]  # state_dicts saved before shapes were recorded still load
+    del sd["param_shapes"]
+    with pytest.raises(ValueError, match=r"'h' has shape \(2, 3, 2, 20\), expected \(6, 2, 20\)"):
+        opt.load_state_dict(sd)  # the state is laid out as its parameter: the shape is in it
+    # Earlier versions saved one row per coordinate and no shapes: such dicts still load.
+    sd["state"][1] = {k: v.reshape(6, *v.shape[2:]) for k, v in sd["state"][1].items()}
     opt.load_state_dict(sd)
 
 
