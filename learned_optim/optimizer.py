@@ -718,13 +718,17 @@ class LearnedOptimizer(Optimizer):
                 f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) has dtype {p.dtype} and "
                 "a gradient; only floating-point and complex parameters can be stepped"
             )
-        if p.grad.is_sparse:
+        if p.grad.layout != torch.strided:  # COO, CSR, ...
             raise RuntimeError(
-                "LearnedOptimizer does not support sparse gradients; use dense gradients "
-                "(e.g. nn.Embedding(sparse=False))"
+                f"LearnedOptimizer: {which} (shape {tuple(p.shape)}) has a sparse gradient "
+                f"({p.grad.layout}); LearnedOptimizer does not support sparse gradients, use dense "
+                "gradients (e.g. nn.Embedding(sparse=False))"
             )
         if p.grad.shape != p.shape:
-            raise RuntimeError(f"gradient shape {tuple(p.grad.shape)} does not match parameter shape {tuple(p.shape)}")
+            raise RuntimeError(
+                f"LearnedOptimizer: {which} has gradient shape {tuple(p.grad.shape)}, which does not match "
+                f"its shape {tuple(p.shape)}"
+            )
 
     def _is_state_creation_step(self) -> bool:
         """lr 0 in every group and every gradient all zeros. The zero check is a host sync:
