@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -170,16 +170,56 @@ def _discard_previous_run(out: Path, command: str) -> None:
             f"{CONFIG_NAME} and {WEIGHTS_NAME} in this folder are the rule of an earlier run.\n"
             f"On {time.strftime('%Y-%m-%d %H:%M:%S')} this command started over in this folder:\n\n"
             f"    {command}\n\n"
-            "It replaces them, and deletes this file, when it saves its own rule (also when it is continued\n"
-            "with --resume). Until then, loading the folder gives the earlier rule, with a warning.\n"
+            "When it saves its own rule (also when it is continued with --resume), it replaces them and\n"
+            "deletes this file and the earlier rule's model card (README.md). Until then, loading the\n"
+            "folder gives the earlier rule, with a warning.\n"
         )
     # The old checkpoint goes at once: a later --resume must not continue the old run.
-    checkpoints = out / "checkpoint"
+    _discard_checkpoint(out / "checkpoint")
+
+
+def _discard_checkpoint(checkpoints: Path) -> None:
+    """Remove meta-fit's checkpoint files from ``checkpoints``, pointer ``checkpoint.json`` first."""
     (checkpoints / "checkpoint.json").unlink(missing_ok=True)
     for stale in checkpoints.glob("checkpoint*.safetensors*"):
         stale.unlink(missing_ok=True)
+    for stale in checkpoints.glob(".checkpoint.json.*.tmp"):
+        stale.unlink(missing_ok=True)
     for folder in ("last", "best"):
         shutil.rmtree(checkpoints / folder, ignore_errors=True)
+
+
+RUN_LOCK_NAME = "meta-fit.lock"
+
+
+def _lock_run_folder(out: Path, checkpoints: Path) -> IO[str] | None:
+    """Hold an exclusive lock on the run's checkpoint folder until this process ends (the OS
+    drops it, also on a kill): a second meta-fit into the same ``--out`` would delete this
+    run's checkpoint files as stale. None where there are no advisory locks (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    handle = open(checkpoints / RUN_LOCK_NAME, "a")  # noqa: SIM115 (held open: it is the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(
+            f"--out {out}: another learned-optim meta-fit is running in this folder (it holds "
+            f"{checkpoints / RUN_LOCK_NAME}); wait for it to end or choose another --out"
+        ) from None
+    return handle
+
+
+def _holds_only_an_unfinished_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds nothing but what a meta-fit run stopped during its first checkpoint
+    leaves: a ``checkpoint`` folder without ``checkpoint.json``, holding only checkpoint files."""
+    if [p.name for p in out.iterdir()] != ["checkpoint"] or not (out / "checkpoint").is_dir():
+        return False
+    own = ("checkpoint*.safetensors*", ".checkpoint.json.*.tmp", "last", "best", RUN_LOCK_NAME)
+    return all(any(p.match(pattern) for pattern in own) for p in (out / "checkpoint").iterdir())
 
 
 def _previous_rule_note(out: Path) -> str:
@@ -193,6 +233,9 @@ def _output_folder(path: str) -> Path:
     """``--out`` as a folder path, checked before any work: it (or, if it does not exist yet, the
     nearest folder above it) must be a folder this process can write in; otherwise the error
     would come only when the first file is written, after the work."""
+    if not path.strip():
+        # Path("") is the current folder: an unset "$OUT" would write (or --overwrite) there.
+        raise ValueError("--out is empty: give the folder to write to")
     out = Path(path).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {path}: exists and is not a folder")
@@ -236,7 +279,8 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
     out = _output_folder(args.out)
     checkpoints = out / "checkpoint"
     has_checkpoint = (checkpoints / "checkpoint.json").is_file()
-    if out.is_dir() and any(out.iterdir()) and not has_checkpoint and not args.overwrite:
+    unfinished = not has_checkpoint and out.is_dir() and _holds_only_an_unfinished_checkpoint(out)
+    if out.is_dir() and any(out.iterdir()) and not has_checkpoint and not unfinished and not args.overwrite:
         raise ValueError(
             f"--out {args.out}: the folder is not empty and holds no meta-fit checkpoint; "
             "its files would be overwritten: choose another --out or pass --overwrite"
@@ -298,63 +342,74 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    trainer = MetaTrainer(
-        rule, tasks, config, checkpoints, progress=not args.quiet, time_budget=args.time_budget, callback=log_line
-    )
-    if args.resume and has_checkpoint:
-        trainer.load_checkpoint(checkpoints)
-        print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
-    elif has_checkpoint and not args.overwrite:
-        raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
-    elif args.overwrite:
-        _discard_previous_run(out, _command_line(args))
+    run_lock = _lock_run_folder(out, checkpoints)
     try:
-        rule = trainer.run()
-    except KeyboardInterrupt:
-        where = _where_to_resume(checkpoints)
-        print(
-            f"interrupted at meta-iteration {trainer.history.iteration}; {where}{_previous_rule_note(out)}",
-            file=sys.stderr,
+        trainer = MetaTrainer(
+            rule, tasks, config, checkpoints, progress=not args.quiet, time_budget=args.time_budget, callback=log_line
         )
-        return 130
-    except (RuntimeError, MemoryError) as err:
-        if not _is_out_of_memory(err):
-            raise
-        print(
-            f"error: out of memory at meta-iteration {trainer.history.iteration} ({_first_line(err)}); "
-            f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)}{_previous_rule_note(out)}",
-            file=sys.stderr,
-        )
-        return 1
-    h = trainer.history
-    metadata = {
-        "command": _command_line(args),
-        "meta_iterations": h.iteration,
-        "meta_training_seconds": round(h.seconds, 1),
-        "best_iteration": h.best_iteration,
-        # JSON has no Infinity: no validation (or none finite) is written as null.
-        "best_validation": h.best_validation if math.isfinite(h.best_validation) else None,
-        "skipped_updates": h.skipped_updates,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d"),
-        "tasks": args.task,
-    }
-    from learned_optim.weights import save_pretrained
+        if args.resume and has_checkpoint:
+            trainer.load_checkpoint(checkpoints)
+            print(f"resumed at meta-iteration {trainer.history.iteration}", file=sys.stderr)
+        elif has_checkpoint and not args.overwrite:
+            raise ValueError(f"{checkpoints} holds a checkpoint; pass --resume to continue or --overwrite")
+        elif args.overwrite:
+            _discard_previous_run(out, _command_line(args))
+        elif unfinished:
+            # Stopped while writing its first checkpoint: nothing to resume, start afresh.
+            _discard_checkpoint(checkpoints)
+        try:
+            rule = trainer.run()
+        except KeyboardInterrupt:
+            where = _where_to_resume(checkpoints)
+            print(
+                f"interrupted at meta-iteration {trainer.history.iteration}; {where}{_previous_rule_note(out)}",
+                file=sys.stderr,
+            )
+            return 130
+        except (RuntimeError, MemoryError) as err:
+            if not _is_out_of_memory(err):
+                raise
+            print(
+                f"error: out of memory at meta-iteration {trainer.history.iteration} ({_first_line(err)}); "
+                f"{_out_of_memory_hint(config)}; {_where_to_resume(checkpoints)}{_previous_rule_note(out)}",
+                file=sys.stderr,
+            )
+            return 1
+        h = trainer.history
+        metadata = {
+            "command": _command_line(args),
+            "meta_iterations": h.iteration,
+            "meta_training_seconds": round(h.seconds, 1),
+            "best_iteration": h.best_iteration,
+            # JSON has no Infinity: no validation (or none finite) is written as null.
+            "best_validation": h.best_validation if math.isfinite(h.best_validation) else None,
+            "skipped_updates": h.skipped_updates,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d"),
+            "tasks": args.task,
+        }
+        from learned_optim.weights import save_pretrained
 
-    save_pretrained(rule, out, metadata=metadata)
-    (out / PREVIOUS_RULE_MARKER).unlink(missing_ok=True)  # the folder's rule is this run's now
-    if h.best_iteration >= 0:
-        validation = f"best validation {h.best_validation:.4f} at {h.best_iteration}"
-    elif args.validate_every == 0:
-        validation = "no validation (--validate-every 0): final weights"
-    else:
-        validation = "no finite validation score: final weights"
-    print(
-        f"saved {out} (meta-iterations {h.iteration}, {h.seconds:.0f} s, {validation}, "
-        f"skipped updates {h.skipped_updates})"
-    )
-    return 0
+        save_pretrained(rule, out, metadata=metadata)
+        if (out / PREVIOUS_RULE_MARKER).is_file():
+            # The folder's rule is this run's now; an earlier run's model card described the old one.
+            (out / "README.md").unlink(missing_ok=True)
+            (out / PREVIOUS_RULE_MARKER).unlink()
+        if h.best_iteration >= 0:
+            validation = f"best validation {h.best_validation:.4f} at {h.best_iteration}"
+        elif args.validate_every == 0:
+            validation = "no validation (--validate-every 0): final weights"
+        else:
+            validation = "no finite validation score: final weights"
+        print(
+            f"saved {out} (meta-iterations {h.iteration}, {h.seconds:.0f} s, {validation}, "
+            f"skipped updates {h.skipped_updates})"
+        )
+        return 0
+    finally:
+        if run_lock is not None:
+            run_lock.close()  # not left to garbage collection: a traceback would keep it held
 
 
 def _command_line(args: argparse.Namespace) -> str:

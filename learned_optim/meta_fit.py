@@ -36,6 +36,7 @@ from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 from torch.func import functional_call
 
+from learned_optim._files import write_files
 from learned_optim.rules.base import (
     RuleState,
     StepContext,
@@ -1147,12 +1148,10 @@ class MetaTrainer:
             "rng_state": _rng_to_json(self.rng.getstate()),
             "runs": runs_meta,
         }
-        tmp_meta = directory / "checkpoint.json.tmp"
         # Serialised in memory and written by us: safetensors' save_file creates 0600 files, which
         # others cannot read in a shared run folder; write_bytes lets the umask decide.
         (directory / weights_name).write_bytes(serialize_tensors(tensors))
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, directory / "checkpoint.json")
+        write_files(directory, {"checkpoint.json": json.dumps(meta).encode()})
         # Only now are the weights files of earlier checkpoints unreferenced.
         for stale in directory.glob("checkpoint*.safetensors*"):
             if stale.name != weights_name:

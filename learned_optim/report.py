@@ -3,12 +3,14 @@ and of a suite (:func:`write_suite_report`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from learned_optim._files import write_files
 from learned_optim.compare import Comparison, plural
 
 if TYPE_CHECKING:
@@ -17,7 +19,17 @@ if TYPE_CHECKING:
 
 def plot_curves(result: Comparison, path: str | Path) -> Path | None:
     """Learning curves (mean and min–max over seeds, log-scale loss where it is positive) of the runs
-    that did not diverge, as PNG; None without matplotlib."""
+    that did not diverge, as PNG written to ``path`` (whole or not at all); None without matplotlib."""
+    png = curves_png(result)
+    if png is None:
+        return None
+    path = Path(path)
+    write_files(path.parent, {path.name: png})
+    return path
+
+
+def curves_png(result: Comparison) -> bytes | None:
+    """:func:`plot_curves`'s PNG as bytes; None without matplotlib."""
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
@@ -55,9 +67,9 @@ def plot_curves(result: Comparison, path: str | Path) -> Path | None:
     else:
         ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def markdown(result: Comparison, command: str | None = None) -> str:
@@ -88,19 +100,19 @@ def write_report(result: Comparison, out: str | Path, command: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = _file_stem(f"{result.task}-{result.steps}")
-    paths = []
-    md = out / f"{stem}.md"
-    md.write_text(markdown(result, command))
-    paths.append(md)
-    js = out / f"{stem}.json"
     payload = result.to_json()
     payload["command"] = command
-    js.write_text(json.dumps(_finite_json(payload), indent=1, allow_nan=False))
-    paths.append(js)
-    png = plot_curves(result, out / f"{stem}.png")
+    files = {
+        f"{stem}.md": markdown(result, command).encode(),
+        f"{stem}.json": json.dumps(_finite_json(payload), indent=1, allow_nan=False).encode(),
+    }
+    png = curves_png(result)
     if png is not None:
-        paths.append(png)
-    return paths
+        files[f"{stem}.png"] = png
+    # All made before any is written, then each renamed into place: an interrupted run leaves
+    # the previous report whole, not a truncated file or a plot of another run.
+    write_files(out, files)
+    return [out / name for name in files]
 
 
 def write_suite_report(result: SuiteResult, out: str | Path, command: str | None = None) -> list[Path]:
@@ -110,19 +122,20 @@ def write_suite_report(result: SuiteResult, out: str | Path, command: str | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = _file_stem(f"suite-{result.suite}")
-    md = out / f"{stem}.md"
     text = result.markdown()
-    md.write_text(f"```\n{command}\n```\n\n{text}" if command else text)
-    js = out / f"{stem}.json"
     payload = result.to_json()
     payload["command"] = command
-    js.write_text(json.dumps(_finite_json(payload), indent=1, allow_nan=False))
-    paths = [md, js]
+    files = {
+        f"{stem}.md": (f"```\n{command}\n```\n\n{text}" if command else text).encode(),
+        f"{stem}.json": json.dumps(_finite_json(payload), indent=1, allow_nan=False).encode(),
+    }
     for comparison in result.comparisons:
         name = _file_stem(f"{comparison.task}-{comparison.steps}")
-        png = plot_curves(comparison, out / f"{stem}-{name}.png")
+        png = curves_png(comparison)
         if png is not None:
-            paths.append(png)
+            files[f"{stem}-{name}.png"] = png
+    write_files(out, files)  # as write_report: whole files, renamed into place after all are made
+    paths = [out / name for name in files]
     return paths
 
 

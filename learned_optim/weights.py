@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import warnings
 from collections.abc import Iterator
 from importlib import resources
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 
+from learned_optim._files import write_files
 from learned_optim._warnings import user_stacklevel
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import RULE_TYPES, get_rule_class
@@ -202,27 +202,8 @@ def save_pretrained(
     if model_card is not None:
         files[MODEL_CARD_NAME] = model_card.encode()
     directory.mkdir(parents=True, exist_ok=True)
-    _write_all(directory, files)
+    write_files(directory, files)
     return directory
-
-
-def _write_all(directory: Path, files: dict[str, bytes]) -> None:
-    """Write every file to a temporary name first, then rename them all into place."""
-    temporaries: dict[str, str] = {}
-    try:
-        for name, data in files.items():
-            # Not mkstemp: its files are 0600 and would stay owner-only after the rename;
-            # os.open with 0666 lets the umask decide, like any other file the user writes.
-            tmp = str(directory / f".{name}.{secrets.token_hex(8)}.tmp")
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            temporaries[name] = tmp
-            Path(tmp).write_bytes(data)
-        for name, tmp in temporaries.items():
-            os.replace(tmp, directory / name)
-    finally:
-        for tmp in temporaries.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any]]:

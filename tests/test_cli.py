@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from learned_optim import CoordinateLSTM, load_rule
-from learned_optim.cli import main
+from learned_optim.cli import RUN_LOCK_NAME, main
 from learned_optim.tasks import list_tasks
-from learned_optim.weights import CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME
+from learned_optim.weights import CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME, bundled_dir
 
 
 def run_cli(argv: list[str]) -> int:
@@ -275,7 +276,8 @@ def test_meta_fit_overwrite_discards_the_old_checkpoint_and_keeps_the_old_rule_u
             assert run_cli([*argv, "--overwrite"]) == 130
     assert "no checkpoint was written" in capsys.readouterr().err
     left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert left == sorted([CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME, "notes.txt"])
+    lock = f"checkpoint/{RUN_LOCK_NAME}"  # empty; the run held it while it ran
+    assert left == sorted([CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME, "notes.txt", lock])
     assert (out / WEIGHTS_NAME).read_bytes() == old_weights
     assert "--overwrite" in (out / PREVIOUS_RULE_MARKER).read_text()
     with pytest.warns(UserWarning, match="rule of an earlier run"):
@@ -289,6 +291,68 @@ def test_meta_fit_overwrite_discards_the_old_checkpoint_and_keeps_the_old_rule_u
         warnings.simplefilter("error")
         assert "--overwrite" in json.loads((out / CONFIG_NAME).read_text())["metadata"]["command"]
         load_rule(str(out))
+
+
+def test_meta_fit_cut_off_in_its_first_checkpoint_starts_afresh(tmp_path, capsys, monkeypatch):
+    # Killed between the first checkpoint's weights file and its checkpoint.json, a run left a
+    # folder that was refused as "not empty" with or without --resume, though all of it was its own.
+    import learned_optim.meta_fit as mf
+
+    def run(out: Path, *flags: str, cut_off: bool = False) -> int:
+        with monkeypatch.context() as patch:
+            if cut_off:
+                patch.setattr(mf, "write_files", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with torch.random.fork_rng(devices=[]):
+                return run_cli([*META_FIT_TINY, "--meta-iterations", "4", "--out", str(out), *flags])
+
+    assert run(tmp_path / "fresh") == 0
+    expected = (tmp_path / "fresh" / WEIGHTS_NAME).read_bytes()
+    for flags in (["--resume"], []):
+        out = tmp_path / f"cut{len(flags)}"
+        assert run(out, cut_off=True) == 130
+        assert "no checkpoint was written" in capsys.readouterr().err
+        assert list((out / "checkpoint").glob("checkpoint-*.safetensors")) and not (out / CONFIG_NAME).exists()
+        assert run(out, *flags) == 0, capsys.readouterr().err
+        assert (out / WEIGHTS_NAME).read_bytes() == expected  # the run an empty folder gets
+        assert not list((out / "checkpoint").glob(".*.tmp"))
+
+
+def test_meta_fit_refuses_a_second_run_in_the_same_folder(tmp_path, capsys):
+    # Both wrote checkpoint files into one folder, each deleting the other's as stale.
+    from learned_optim.cli import _lock_run_folder
+
+    out = tmp_path / "out"
+    held = _lock_run_folder(out, out / "checkpoint")
+    if held is None:
+        pytest.skip("no advisory file locks on this platform")
+    try:
+        assert run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(out)]) == 2
+        assert "another learned-optim meta-fit is running in this folder" in capsys.readouterr().err
+    finally:
+        held.close()
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(out)]) == 0
+
+
+def test_meta_fit_overwrite_removes_the_earlier_rules_model_card(tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(bundled_dir() / "lstm-quadratic", out)
+    assert (out / "README.md").exists()
+    with torch.random.fork_rng(devices=[]):
+        assert run_cli([*META_FIT_TINY, "--meta-iterations", "2", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "README.md").exists()  # it described lstm-quadratic, not this rule
+
+
+@pytest.mark.parametrize("command", ["compare", "meta-fit"])
+def test_an_empty_out_is_refused(command, tmp_path, capsys, monkeypatch):
+    # Path("") is the current folder: an unset "$OUT" wrote (with --overwrite, replaced) there.
+    monkeypatch.chdir(tmp_path)
+    argv = [*META_FIT_TINY, "--meta-iterations", "2"] if command == "meta-fit" else [
+        "compare", "--task", "tiny_tasks:tiny", "--rules", "", "--steps", "2", "--seeds", "1", "--baselines", "sgd",
+        "--quiet"]  # fmt: skip
+    assert run_cli([*argv, "--out", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: --out is empty")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["compare", "meta-fit"])

@@ -187,3 +187,23 @@ def test_docs_list_every_argument_of_compare():
     for name in inspect.signature(compare).parameters:
         assert re.search(rf"\b{name}\b", signature), f"{name} missing from the signature in docs/compare.md"
         assert name in table, f"{name} missing from the argument table in docs/compare.md"
+
+
+def test_an_interrupted_report_leaves_the_previous_one_whole(monkeypatch, tmp_path):
+    # The .md and .json were rewritten in place before the plot was drawn: a Ctrl-C there left a
+    # report of the new run beside the plot of the old one, and a kill mid-write a truncated file.
+    import learned_optim.report as report
+
+    one = Comparison(task="t", steps=3, seeds=[0], results=[_summary("rule", 0.5)], baselines=[])
+    paths = report.write_report(one, tmp_path, command="first")
+    assert sorted(p.name for p in paths) == ["t-3.json", "t-3.md", "t-3.png"]
+    before = {p.name: p.read_bytes() for p in paths}
+    two = Comparison(task="t", steps=3, seeds=[0, 1], results=one.results, baselines=[])
+
+    def interrupted(result):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "curves_png", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(two, tmp_path, command="second")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries left either
