@@ -689,46 +689,49 @@ def _dtensor_worker(rank: int, world_size: int, init_file: str, checkpoint_dir: 
         dist.destroy_process_group()
 
 
+def _resume_and_train(
+    model: nn.Module,
+    checkpoint: str,
+    *,
+    pretrained: str | None,
+    impl: str,
+    expected: list[torch.Tensor],
+    tolerance: float,
+    save_as: str | None = None,
+) -> None:
+    """Load ``model`` and a new optimizer from the DCP ``checkpoint`` (then save them again
+    to ``save_as``), train on as the uninterrupted run did, and compare with its ``expected``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizer = LearnedOptimizer(model.parameters(), pretrained=pretrained, impl=impl)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if save_as is not None:
+        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer), strict=True)), checkpoint_id=save_as)
+    train(model, optimizer, 3, 6)
+    assert max_difference(gathered(model), expected) <= tolerance, checkpoint
+
+
 def _resharding_worker(rank: int, world_size: int, init_file: str, checkpoint_dir: str) -> None:
     """One rank of a smaller group: the two-rank sharded checkpoints resume exactly here."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
         for pretrained, impl in CHECKPOINT_RUNS:
             name = f"{pretrained}-{impl}"
-            model = make_sharded_model()
-            optimizer = LearnedOptimizer(model.parameters(), pretrained=pretrained, impl=impl)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{name}")
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-            train(model, optimizer, 3, 6)
             uninterrupted = torch.load(f"{checkpoint_dir}/{name}-uninterrupted.pt")
-            assert max_difference(gathered(model), uninterrupted) <= checkpoint_tolerance(pretrained, impl), name
-
+            tolerance = checkpoint_tolerance(pretrained, impl)
+            run = {"pretrained": pretrained, "impl": impl, "expected": uninterrupted, "tolerance": tolerance}
+            _resume_and_train(make_sharded_model(), f"{checkpoint_dir}/{name}", **run)
             # Across layouts, as with torch.optim: the sharded checkpoint resumes a plain model,
             # and a plain model's checkpoint resumes under FSDP2.
-            plain = make_model()
-            plain_optimizer = LearnedOptimizer(plain.parameters(), pretrained=pretrained, impl=impl)
-            model_sd, optim_sd = get_state_dict(plain, plain_optimizer)
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{name}")
-            set_state_dict(plain, plain_optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-            dcp.save(
-                dict(zip(("model", "optim"), get_state_dict(plain, plain_optimizer), strict=True)),
-                checkpoint_id=f"{checkpoint_dir}/{name}-plain",
-            )
-            train(plain, plain_optimizer, 3, 6)
-            assert max_difference(gathered(plain), uninterrupted) <= checkpoint_tolerance(pretrained, impl), name
-            model = make_sharded_model()
-            optimizer = LearnedOptimizer(model.parameters(), pretrained=pretrained, impl=impl)
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{name}-plain")
-            set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-            train(model, optimizer, 3, 6)
-            assert max_difference(gathered(model), uninterrupted) <= checkpoint_tolerance(pretrained, impl), name
+            plain = f"{checkpoint_dir}/{name}-plain"
+            _resume_and_train(make_model(), f"{checkpoint_dir}/{name}", **run, save_as=plain)
+            _resume_and_train(make_sharded_model(), plain, **run)
         dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
