@@ -19,7 +19,7 @@ from typing import IO, Any
 import torch
 
 from learned_optim.meta_fit import META_LOSSES, VALIDATION_METRICS, MetaFitConfig, check_time_budget
-from learned_optim.weights import CONFIG_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME
+from learned_optim.weights import CONFIG_NAME, MODEL_CARD_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME
 
 # MetaFitConfig settings whose flag is not the setting's name with dashes.
 _CONFIG_FLAGS = {"clip_grad_norm": "--clip"}
@@ -394,7 +394,7 @@ def cmd_meta_fit(args: argparse.Namespace) -> int:
         save_pretrained(rule, out, metadata=metadata)
         if (out / PREVIOUS_RULE_MARKER).is_file():
             # The folder's rule is this run's now; an earlier run's model card described the old one.
-            (out / "README.md").unlink(missing_ok=True)
+            (out / MODEL_CARD_NAME).unlink(missing_ok=True)
             (out / PREVIOUS_RULE_MARKER).unlink()
         if h.best_iteration >= 0:
             validation = f"best validation {h.best_validation:.4f} at {h.best_iteration}"
