@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as deserialize_tensors
 from safetensors.torch import save as serialize_tensors
 from torch import Tensor
 from torch.func import functional_call
@@ -1137,8 +1138,11 @@ class MetaTrainer:
         # atomic rename) switches to the new checkpoint, so a kill at any moment leaves the
         # old or the new pair whole, never new weights beside old bookkeeping.
         weights_name = f"checkpoint-{secrets.token_hex(8)}.safetensors"
+        payload = serialize_tensors(tensors)
         meta = {
             "weights": weights_name,
+            # Resume refuses weights that are not these bytes (a disk that zeroed or cut them).
+            "weights_sha256": hashlib.sha256(payload).hexdigest(),
             "rule_type": self.rule.rule_type,
             "rule_config": self.rule.config,
             "trained_parameters": self._trained_names(),
@@ -1150,7 +1154,7 @@ class MetaTrainer:
         }
         # Serialised in memory and written by us: safetensors' save_file creates 0600 files, which
         # others cannot read in a shared run folder; write_bytes lets the umask decide.
-        (directory / weights_name).write_bytes(serialize_tensors(tensors))
+        (directory / weights_name).write_bytes(payload)
         write_files(directory, {"checkpoint.json": json.dumps(meta).encode()})
         # Only now are the weights files of earlier checkpoints unreferenced.
         for stale in directory.glob("checkpoint*.safetensors*"):
@@ -1228,7 +1232,14 @@ class MetaTrainer:
             raise TypeError(f"checkpoint.json names the weights file {weights_name!r}")
         # Copies: safetensors' tensors need not be 64-byte aligned, and vectorised kernels can
         # round differently on unaligned memory (a resumed run would then drift by ~1e-8).
-        tensors = {k: v.clone() for k, v in load_file(str(directory / weights_name)).items()}
+        payload = (directory / weights_name).read_bytes()
+        expected_hash = meta.get("weights_sha256")  # absent in checkpoints written before it was recorded
+        if expected_hash is not None and hashlib.sha256(payload).hexdigest() != expected_hash:
+            raise ValueError(
+                f"{directory / weights_name}: not the bytes checkpoint.json was saved with (its sha256 "
+                "differs): the weights file was damaged or replaced; start over without resuming (--overwrite)"
+            )
+        tensors = {k: v.clone() for k, v in deserialize_tensors(payload).items()}
         self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule/")})
         self.best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
         for index, p in enumerate(self.rule.parameters()):

@@ -448,8 +448,10 @@ def test_resume_refuses_other_tasks_and_unreadable_checkpoints(tmp_path):
     other_task = MetaTrainer(small_rule(), "quadratic", _config(4, checkpoint_every=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"checkpoint is for tasks \['tiny'\], not \['quadratic'\]"):
         other_task.load_checkpoint(tmp_path)
-    # Each save names its own weights file; checkpoints from before that used one fixed name.
+    # Each save names its own weights file and its hash; checkpoints from before that used one
+    # fixed name and had no hash.
     meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    del meta["weights_sha256"]
     (tmp_path / meta.pop("weights")).rename(tmp_path / "checkpoint.safetensors")
     (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
     trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
@@ -465,6 +467,22 @@ def test_resume_refuses_other_tasks_and_unreadable_checkpoints(tmp_path):
     (tmp_path / "checkpoint.json").write_text("[]")
     with pytest.raises(ValueError, match="checkpoint is corrupt"):
         trainer.load_checkpoint(tmp_path)
+
+
+def test_resume_refuses_weights_damaged_in_place(tmp_path):
+    # Zeroed bytes inside the tensor data still parse as safetensors: only the hash that
+    # checkpoint.json keeps of the weights file tells them apart.
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    weights_file = tmp_path / json.loads((tmp_path / "checkpoint.json").read_text())["weights"]
+    data = bytearray(weights_file.read_bytes())
+    data[-64:] = bytes(64)
+    weights_file.write_bytes(bytes(data))
+    trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoint-.*\.safetensors: not the bytes checkpoint.json was saved with"):
+        trainer.load_checkpoint(tmp_path)
+    assert same_weights(trainer.rule.state_dict(), before)  # nothing loaded
+    assert trainer.history.iteration == 0
 
 
 @pytest.mark.parametrize(
