@@ -657,6 +657,9 @@ def test_torch_compile_traces_the_step_in_one_graph_and_matches_eager_mode(impl,
             assert _rel(opt.state[p][f"rule.{key}"], reference_opt.state[q][f"rule.{key}"]) < TRAJECTORY_RTOL
 
 
+# The scheduler wraps opt.step after it was compiled, so it never sees the compiled calls and
+# warns that it stepped first: expected here, the schedule itself is what the test checks.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 @pytest.mark.parametrize(
     "rule, impl", [("lstm-mnist-mixed-momentum", "auto"), ("hrnn-base", "auto"), ("hrnn-base", "eager")]
 )
