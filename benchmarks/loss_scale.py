@@ -60,7 +60,7 @@ def main() -> None:
             adam_lr = adam.best_lr["final_loss"]
             rows = [*rules, "adam"]
             for name in rows:
-                summary = next(r for r in result.results if r.name == name)
+                summary = result.result(name)
                 ratio_a, ratio_b = result.ratio(name, "mean_loss"), result.ratio(name, "final_loss")
                 if name in worst:
                     worst[name] = max(worst[name], ratio_b)

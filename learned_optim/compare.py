@@ -32,9 +32,27 @@ import torch
 from torch import nn
 
 from learned_optim.tasks import TaskFamily, TaskInstance, call_model, get_task, sample_instance
-from learned_optim.tasks._common import derive_seed
+from learned_optim.tasks._common import EVALUATION_SEED_BASE, derive_seed
 
-EVALUATION_SEED_BASE = 2 * 10**8
+__all__ = [
+    "BASELINES",
+    "DEFAULT_GRID",
+    "EVALUATION_SEED_BASE",
+    "METRICS",
+    "Baseline",
+    "Comparison",
+    "OptimizerSummary",
+    "ResultCache",
+    "RunResult",
+    "check_grid",
+    "compare",
+    "evaluate_rule",
+    "half_decade",
+    "run_once",
+    "task_fingerprint",
+    "tune_baseline",
+]
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
 
@@ -74,6 +92,11 @@ DEFAULT_GRID = tuple(half_decade(k) for k in range(-8, 3))
 METRICS = ("mean_loss", "final_loss", "test_loss")
 # Part of every cache key: bump when what a run measures changes (runs cached before are ignored).
 PROTOCOL_VERSION = 3  # 3: a diverged run's held-out loss is NaN when the task has no test_set
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
 
 
 @dataclass
@@ -330,7 +353,7 @@ def _half_decade_step(lr: float, direction: int) -> float:
     return float(f"{lr * 10 ** (direction / 2):.9g}")
 
 
-def _aggregate(name: str, runs: Sequence[RunResult]) -> dict[str, Any]:
+def _aggregate(runs: Sequence[RunResult]) -> dict[str, Any]:
     def mean(xs: Sequence[float]) -> float:
         return float(sum(xs) / len(xs)) if all(math.isfinite(x) for x in xs) else float("inf")
 
@@ -390,7 +413,7 @@ def tune_baseline(
         lrs = sorted(results)
         edges = set()
         for metric in tuned:
-            scores = {lr: _aggregate(name, results[lr])[metric] for lr in lrs}
+            scores = {lr: _aggregate(results[lr])[metric] for lr in lrs}
             if metric == "test_loss" and not any(math.isfinite(v) for v in scores.values()):
                 continue
             score = {lr: s if math.isfinite(s) else float("inf") for lr, s in scores.items()}
@@ -415,7 +438,7 @@ def tune_baseline(
             on_widen(len(edges) * len(seeds))
         for lr in sorted(edges):
             evaluate(lr)
-    scored = [_aggregate(name, runs) for runs in results.values()]
+    scored = [_aggregate(runs) for runs in results.values()]
     if not any(math.isfinite(a["mean_loss"]) or math.isfinite(a["final_loss"]) for a in scored):
         # No best lr at all: "still at the edge ... may be better beyond it" misled here.
         warnings.warn(
@@ -434,7 +457,7 @@ def tune_baseline(
         )
 
     lrs = sorted(results)
-    table = {lr: _aggregate(name, results[lr]) for lr in lrs}
+    table = {lr: _aggregate(results[lr]) for lr in lrs}
     best_lr: dict[str, float | None] = {}
     summary: dict[str, float] = {}
     for metric in METRICS:
@@ -444,10 +467,7 @@ def tune_baseline(
             pick = best_lr["final_loss"]
         else:
             pick = min(candidates, key=lambda lr: table[lr][metric]) if candidates else None
-            if metric != "test_loss":
-                best_lr[metric] = pick
-            else:
-                best_lr["test_loss"] = pick
+            best_lr[metric] = pick
         if pick is not None:
             summary[metric] = table[pick][metric]
         else:  # no finite lr: NaN where every lr says NaN (no held-out split), else inf
@@ -487,7 +507,7 @@ def evaluate_rule(
         runs.append(run_once(family, seed, lambda p: LearnedOptimizer(p, pretrained=rule, lr=lr), steps))
         if on_run is not None:
             on_run()
-    agg = _aggregate(name, runs)
+    agg = _aggregate(runs)
     return OptimizerSummary(
         name=name,
         best_lr={"mean_loss": lr, "final_loss": lr},
@@ -515,8 +535,16 @@ class Comparison:
     baselines: list[str]
     tune_test: bool = False
 
+    def result(self, name: str) -> OptimizerSummary:
+        """The summary of the optimizer called ``name`` (ValueError naming the ones there are)."""
+        for r in self.results:
+            if r.name == name:
+                return r
+        raise ValueError(f"no optimizer {name!r} in this comparison; it has {[r.name for r in self.results]}")
+
     def best_baseline(self, metric: str) -> OptimizerSummary:
         """The baseline with the lowest value of ``metric`` (ValueError if there are none)."""
+        _check_metric(metric)
         pool = [r for r in self.results if r.name in self.baselines]
         if not pool:
             raise ValueError("the comparison has no baselines")
@@ -525,7 +553,8 @@ class Comparison:
     def ratio(self, name: str, metric: str) -> float:
         """``metric`` of ``name`` divided by the best baseline's (NaN without baselines, or when
         the best baseline's value is not finite and positive, e.g. every baseline diverged)."""
-        mine = next(r for r in self.results if r.name == name)
+        mine = self.result(name)
+        _check_metric(metric)
         if not any(r.name in self.baselines for r in self.results):
             return float("nan")
         best = getattr(self.best_baseline(metric), metric)
@@ -534,7 +563,8 @@ class Comparison:
 
     def wins(self, name: str, metric: str = "final_loss") -> int:
         """Seeds on which ``name`` beats every baseline (at their best lr) on ``metric``."""
-        mine = next(r for r in self.results if r.name == name).per_seed[metric]
+        _check_metric(metric)
+        mine = self.result(name).per_seed[metric]
         # Only the baselines count: other learned rules in the comparison are not opponents.
         others = [r.per_seed[metric] for r in self.results if r.name != name and r.name in self.baselines]
         return sum(1 for i, v in enumerate(mine) if all(v < o[i] for o in others))

@@ -576,8 +576,7 @@ def _finalize(
     zero gradient and its own new state is discarded). A step that skipped every tensor
     changes nothing, global state included.
     """
-    if global_state is None:
-        raise ValueError(f"{type(rule).__name__} keeps global state: pass global_state to learned_step")
+    assert global_state is not None, "_check_step refuses a hierarchical step without global state"
     if all(e.param.numel() == 0 and not e.shard for e in entries):
         # Only empty tensors: no coordinate ran through the rule (no sums), nothing to advance.
         # (A shard empty here may not be empty elsewhere: its sums came from the other ranks.)

@@ -32,6 +32,11 @@ from learned_optim.weights import (
     save_pretrained,
 )
 
+__all__ = [
+    "download_rule",
+    "push_to_hub",
+]
+
 # A full commit id: a revision that names a commit, not a branch one could create.
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 

@@ -60,7 +60,7 @@ from learned_optim.tasks import (
     sample_instance,
     validate_instance,
 )
-from learned_optim.tasks._common import derive_seed
+from learned_optim.tasks._common import EVALUATION_SEED_BASE, TRAIN_SEEDS, VALIDATION_SEED_BASE, derive_seed
 from learned_optim.tasks.base import check_task_data, unused_parameters_message
 from learned_optim.weights import check_savable, save_pretrained
 
@@ -79,11 +79,6 @@ _UNREADABLE_CHECKPOINT = (
     json.JSONDecodeError,
     FileNotFoundError,  # the weights file checkpoint.json names
 )
-
-# Seed ranges: meta-training, validation and evaluation instances never share a seed.
-TRAIN_SEEDS = (0, 10**8)
-VALIDATION_SEED_BASE = 10**8
-EVALUATION_SEED_BASE = 2 * 10**8
 
 __all__ = [
     "EVALUATION_SEED_BASE",
@@ -244,8 +239,6 @@ class MetaFitConfig:
             )
         if not self.lr_scale_range >= 1:
             raise ValueError(f"lr_scale_range must be >= 1, got {self.lr_scale_range}")
-        if self.validation_steps < 0:
-            raise ValueError(f"validation_steps must be >= 0, got {self.validation_steps}")
         scales = self.validation_lr_scales
         if (
             not isinstance(scales, (tuple, list))
@@ -254,8 +247,6 @@ class MetaFitConfig:
             or not all(0 < x < math.inf for x in scales)
         ):
             raise ValueError(f"validation_lr_scales must be a non-empty sequence of finite numbers > 0, got {scales!r}")
-        if self.validate_every < 0 or self.validation_instances < 1 or self.checkpoint_every < 1:
-            raise ValueError("validate_every must be >= 0, validation_instances and checkpoint_every >= 1")
 
 
 @dataclass
@@ -1182,7 +1173,8 @@ class MetaTrainer:
         """Continue from :meth:`save_checkpoint`'s files (the rule, tasks and settings must match).
 
         A checkpoint that cannot be read raises ``ValueError`` naming it; nothing is changed then
-        except what was already loaded (start over with ``overwrite``).
+        except what was already loaded (start over with ``resume=False``; ``--overwrite`` on the
+        command line).
         """
         directory = Path(directory)
         meta_path = directory / "checkpoint.json"

@@ -789,9 +789,8 @@ class LearnedOptimizer(Optimizer):
     def __repr__(self) -> str:
         """torch's listing of the param groups, headed by the rule and how it runs."""
         config = ", ".join(f"{k}={v!r}" for k, v in self.rule.config.items())
-        head = f"LearnedOptimizer (rule: {self.rule.rule_type}({config}), impl: {self.impl!r}"
-        if self.state_dtype is not None:
-            head += f", state_dtype: {self.state_dtype}"
+        rule = f"{self.rule.rule_type}({config})"
+        head = f"LearnedOptimizer (rule: {rule}, impl: {self.impl!r}, state_dtype: {self.state_dtype}"
         groups = super().__repr__().split("\n", 1)[1]
         # The fingerprint names the rule for checkpoints; the head already names it for people.
         groups = "\n".join(line for line in groups.split("\n") if not line.strip().startswith(RULE_FINGERPRINT_KEY))
@@ -1124,5 +1123,5 @@ class LearnedOptimizer(Optimizer):
 
     @property
     def rule_class(self) -> type[UpdateRule]:
-        """Class of the update rule in use."""
-        return get_rule_class(self.rule.rule_type)
+        """Class of the update rule in use (a subclass as such, registered or not)."""
+        return type(self.rule)

@@ -31,6 +31,22 @@ from learned_optim._warnings import user_stacklevel
 from learned_optim.rules.base import UpdateRule
 from learned_optim.rules.registry import RULE_TYPES, get_rule_class
 
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_RULE",
+    "MODEL_CARD_NAME",
+    "WEIGHTS_NAME",
+    "PretrainedError",
+    "bundled_dir",
+    "check_savable",
+    "list_pretrained",
+    "load_from_directory",
+    "load_from_files",
+    "load_rule",
+    "resolve_rule",
+    "save_pretrained",
+]
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
@@ -206,15 +222,9 @@ def save_pretrained(
     return directory
 
 
-def read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any]]:
-    """Parse and validate a ``config.json``; returns the rule class and its arguments."""
-    cls, config, _ = _read_config(config_path)
-    return cls, config
-
-
 def _read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule], dict[str, Any], str | None]:
-    """:func:`read_config`, and the SHA-256 of the weights file the config was saved with (None
-    for files written before it was recorded)."""
+    """Parse and validate a ``config.json``: the rule class, its arguments, and the SHA-256 of the
+    weights file the config was saved with (None for files written before it was recorded)."""
     path = Path(config_path)
     try:
         raw = json.loads(path.read_text())

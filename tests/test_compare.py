@@ -139,6 +139,10 @@ def test_wins_count_only_baselines():
     # "a" loses to the other learned rule "b" on both seeds but beats the baseline on seed 0.
     assert result.wins("a") == 1
     assert result.wins("sgd") == 2  # a baseline is compared with the other baselines only (none)
+    with pytest.raises(ValueError, match=r"no optimizer 'c' in this comparison; it has \['a', 'b', 'sgd'\]"):
+        result.wins("c")
+    with pytest.raises(ValueError, match="unknown metric 'final'; choose from mean_loss, final_loss, test_loss"):
+        result.ratio("a", "final")
 
 
 # ---------------------------------------------------------------------------- lr search

@@ -1108,6 +1108,11 @@ def test_state_dtype_bf16_state():
     assert opt.state[p]["rule.h"].dtype == torch.bfloat16
     assert opt.rule_class is CoordinateLSTM
 
+    class WiderOutput(CoordinateLSTM):  # a subclass keeps the registered rule_type
+        pass
+
+    assert LearnedOptimizer([p], pretrained=WiderOutput(hidden_size=4)).rule_class is WiderOutput
+
 
 @pytest.mark.parametrize("poison", [False, True])
 def test_sync_free_step_matches_checked_step(poison):

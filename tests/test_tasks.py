@@ -591,6 +591,11 @@ def test_loss_scaled_rejects_bad_factors(args, message):
     "make, message",
     [
         (lambda: TeacherFamily(noise_std=float("nan")), "noise_std must be finite and non-negative, got nan"),
+        (lambda: TeacherFamily(hidden=0), "hidden must be a positive integer, got 0"),
+        (lambda: ReversalFamily(heads=True), "heads must be a positive integer, got True"),
+        (lambda: SequenceMixFamily(batch_size=-1), "batch_size must be a positive integer, got -1"),
+        (lambda: MNISTConvFamily(stride=0), "stride must be a positive integer, got 0"),
+        (lambda: MNISTConvFamily(kernel_size=2.5), "kernel_size must be a positive integer, got 2.5"),
         (lambda: QuadraticFamily(dim=2.5), "dim must be a positive integer, got 2.5"),
         (lambda: ReversalFamily(vocab=1), "vocab must be at least 2"),
         (lambda: SequenceMixFamily(vocabs=(1, 8)), r"vocabs must be a non-empty list of integers >= 2, got \[1, 8\]"),

@@ -12,8 +12,10 @@ import inspect
 import json
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -599,14 +601,20 @@ class UpdateRule(nn.Module):
         return total * itemsize
 
     # Saving and loading live in learned_optim.weights; these are thin conveniences.
-    def save_pretrained(self, save_directory: str, model_card: str | None = None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (and optionally README.md)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        model_card: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (and optionally README.md) and return
+        the folder; see :func:`learned_optim.weights.save_pretrained`."""
         from learned_optim.weights import save_pretrained
 
-        save_pretrained(self, save_directory, model_card=model_card)
+        return save_pretrained(self, save_directory, model_card=model_card, metadata=metadata)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs: Any) -> UpdateRule:
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], **kwargs: Any) -> UpdateRule:
         """Load a rule from a bundled name, a local directory or a Hub repo id."""
         from learned_optim.weights import load_rule
 

@@ -1,10 +1,11 @@
 """Building and running the fused CPU kernels (``*.c`` beside this file).
 
 A kernel is plain C compiled on first use with the system's C compiler (``$CC``, else
-``cc``/``gcc``/``clang``) into a per-user cache (``$LEARNED_OPTIM_CACHE`` or
-``~/.cache/learned_optim/kernels``), keyed by its source, the shared header ``vecmath.h``,
-the compiler and the flags, and loaded with ``ctypes``, which releases the GIL during a
-call: :func:`split_ranges` and :func:`run_parallel` split the coordinates over torch's intra-op thread count. Where no
+``cc``/``gcc``/``clang``) into a per-user cache (``kernels/`` under ``$LEARNED_OPTIM_CACHE``,
+else under ``$XDG_CACHE_HOME/learned_optim`` or ``~/.cache/learned_optim``), keyed by its
+source, the shared header ``vecmath.h``, the compiler and the flags, and loaded with
+``ctypes``, which releases the GIL during a call: :func:`split_ranges` and
+:func:`run_parallel` split the coordinates over torch's intra-op thread count. Where no
 compiler is found a kernel is unavailable and the rules run eagerly.
 """
 

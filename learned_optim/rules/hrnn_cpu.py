@@ -66,11 +66,16 @@ def check_step_inputs(
     """Raise ValueError naming the first input of a fused hierarchical step that is not as expected."""
     n = update.numel()
     if grad.shape != (n,) or grad.dtype != torch.float32 or update.dtype != torch.float32:
-        raise ValueError("grad and update must be (n,) float32 tensors")
+        raise ValueError(
+            f"grad and update must be ({n},) float32 tensors, got grad {tuple(grad.shape)} {grad.dtype} "
+            f"and update {update.dtype}"
+        )
     if not update.is_contiguous():
-        raise ValueError("update must be contiguous (the kernel writes it in place)")
+        raise ValueError("update must be contiguous (the kernel writes it in place), got a strided view")
     if segment_ids.shape != (n,) or segment_ids.dtype != torch.int32:
-        raise ValueError("segment_ids must be an (n,) int32 tensor")
+        raise ValueError(
+            f"segment_ids must be a ({n},) int32 tensor, got {tuple(segment_ids.shape)} {segment_ids.dtype}"
+        )
     widths = {"h": rule.p, "m": rule.k, "v": rule.k, "log_lr": 1}
     dtype = state["h"].dtype
     for key, width in widths.items():
@@ -82,7 +87,6 @@ def check_step_inputs(
 
 
 def reported_sums(
-    rule: torch.nn.Module,
     h_sums: Tensor,
     tail_sums: Tensor,
     counts: Tensor,
@@ -111,7 +115,7 @@ def no_sums(
     """The per-tensor sums of a step over no coordinates."""
     num_segments, device = counts.numel(), counts.device
     zeros = torch.zeros(num_segments, rule.p + 3, dtype=torch.float64, device=device)
-    return reported_sums(rule, zeros[:, : rule.p], zeros[:, rule.p :], counts, segment_gain, cap_log_scale)
+    return reported_sums(zeros[:, : rule.p], zeros[:, rule.p :], counts, segment_gain, cap_log_scale)
 
 
 def direction_scale(
@@ -171,8 +175,8 @@ def hrnn_step_cpu(
         segment_state: the tensors' ``h`` ``(S, tensor_hidden)`` and ``mean_log_lr`` ``(S, 1)``.
         keep: optional ``(S,)`` flags; a tensor whose flag is false keeps its state and gets a
             zero update (its sums are still computed, from a zero gradient).
-        step_scales: ``(S,)`` per-tensor step scales, for a rule with ``step_size_feature``
-            (see :class:`~learned_optim.rules.base.StepContext`).
+        step_scales: ``(S,)`` per-tensor step scales, for a rule with ``step_size_feature``,
+            ``step_gain`` or ``relative_step_cap`` (see :class:`~learned_optim.rules.base.StepContext`).
 
     Returns:
         The per-tensor sums the eager rule reports, float64: ``h`` ``(S, P)`` and ``log_lr``
@@ -227,7 +231,7 @@ def hrnn_step_cpu(
         float(rule.log_min_lr),
         float(rule.log_max_lr),
     )
-    return reported_sums(rule, sums[:, :p], sums[:, p : p + 3], counts, segment_gain, cap_log_scale)
+    return reported_sums(sums[:, :p], sums[:, p : p + 3], counts, segment_gain, cap_log_scale)
 
 
 # A registered op (declaring what it writes) so that torch.compile keeps the step in one graph

@@ -279,7 +279,7 @@ def hrnn_step_triton(
         float(rule.log_max_lr),
         precision,
     )
-    return reported_sums(rule, sums[:, :p], sums[:, pp : pp + 3], counts, segment_gain, cap_log_scale)
+    return reported_sums(sums[:, :p], sums[:, pp : pp + 3], counts, segment_gain, cap_log_scale)
 
 
 @torch.library.custom_op("learned_optim::hrnn_step_triton", mutates_args=("h", "m", "v", "log_lr", "update"))

@@ -89,7 +89,7 @@ changes nothing below it; the log/sign preprocessing still reads the gradient as
 
 # What the fused kernels compute inside themselves; a subclass that overrides any of these
 # steps eagerly (the per-tensor statistics and gains they read are computed by the methods).
-_KERNEL_MATH = ("forward", "features", "momentum_features", "tensor_features")
+_KERNEL_MATH = ("forward", "features", "momentum_features")
 
 
 class CoordinateLSTM(UpdateRule):
@@ -492,7 +492,10 @@ class CoordinateLSTM(UpdateRule):
 
     def tensor_features(self, grad: Tensor, state: RuleState, context: StepContext | None) -> Tensor:
         """``(n, k)`` per kind of per-tensor input: the row of :meth:`tensor_inputs` of each
-        coordinate's tensor (without a layout in ``context``, all of ``grad`` is one tensor)."""
+        coordinate's tensor (without a layout in ``context``, all of ``grad`` is one tensor).
+
+        For inspection: the steps read the same through :meth:`tensor_statistics` and
+        :meth:`tensor_inputs`, which are what a subclass overrides to change these inputs."""
         table, ids, _ = self._tensor_table(grad, state, context)
         return table[ids]
 
@@ -539,7 +542,7 @@ class CoordinateLSTM(UpdateRule):
 
     def tensor_inputs(self, sums: Tensor) -> Tensor:
         """Per tensor, the rule's per-tensor inputs from :meth:`tensor_statistics`' sums: the
-        agreement cosines, then the norm ratios, as configured."""
+        agreement cosines, then the norm ratios, then the step responses, as configured."""
         parts = []
         if self.tensor_agreement:
             parts.append(self.agreement_cosines(sums))

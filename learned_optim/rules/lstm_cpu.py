@@ -94,7 +94,11 @@ def lstm_step_cpu(
     if update.shape != (n,) or not update.is_contiguous():
         raise ValueError(f"update must be a contiguous ({n},) tensor, got {tuple(update.shape)}")
     if not supports(rule):
-        raise ValueError(f"the fused CPU kernel handles hidden_size <= {_MAX_HIDDEN}, got {rule.hidden_size}")
+        raise ValueError(
+            f"the fused CPU kernel handles hidden_size <= {_MAX_HIDDEN}, num_layers * hidden_size <= {_MAX_ROW} "
+            f"and at most {padded_units(rule.hidden_size)} first-layer inputs; got hidden_size {rule.hidden_size}, "
+            f"num_layers {rule.num_layers}, {input_count(rule)} inputs"
+        )
     check_state(rule, n, h, c, dtypes=(torch.float32, torch.bfloat16), m=m, v=v)
     if keep is not None:
         if segment_ids is None or segment_ids.dtype != torch.int32:

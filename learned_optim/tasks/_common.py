@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
@@ -11,6 +12,11 @@ import torch
 from torch import Tensor, nn
 
 T = TypeVar("T")
+
+# Instance seed ranges: meta-training, validation and evaluation instances never share a seed.
+TRAIN_SEEDS = (0, 10**8)
+VALIDATION_SEED_BASE = 10**8
+EVALUATION_SEED_BASE = 2 * 10**8
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -21,6 +27,13 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "softplus": nn.Softplus,
     "leaky_relu": nn.LeakyReLU,
 }
+
+
+def check_positive_ints(**values: object) -> None:
+    """``ValueError`` naming the first of ``values`` that is not an integer >= 1 (a bool is not)."""
+    for name, value in values.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def derive_seed(seed: int, stream: str) -> int:

@@ -317,12 +317,12 @@ def validate_instance(instance: TaskInstance, source: str, *, require_all_used: 
     ``require_all_used``: also refuse trainable parameters the loss does not reach. An
     optimizer skips them (no gradient); meta-training, which steps them all, cannot.
     """
-    params = [p for p in instance.model.parameters() if p.requires_grad]
-    if not params:
+    named = [(name, p) for name, p in instance.model.named_parameters() if p.requires_grad]
+    if not named:
         raise TaskError(f"{source}: the model has no trainable parameters")
-    for p in params:
+    for name, p in named:
         if not p.is_floating_point():
-            raise TaskError(f"{source}: parameter of dtype {p.dtype} is not floating point")
+            raise TaskError(f"{source}: parameter {name!r} of dtype {p.dtype} is not floating point")
     for name, module in instance.model.named_modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
             raise TaskError(
@@ -356,9 +356,8 @@ def validate_instance(instance: TaskInstance, source: str, *, require_all_used: 
         # At a fresh initialisation: every step would be skipped and training would do nothing.
         raise TaskError(f"{source}: loss is {value.item()} on the first batch at the initial parameters")
     if require_all_used:
-        names = [name for name, p in instance.model.named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(value, params, allow_unused=True)
-        unused = [name for name, g in zip(names, grads, strict=True) if g is None]
+        grads = torch.autograd.grad(value, [p for _, p in named], allow_unused=True)
+        unused = [name for (name, _), g in zip(named, grads, strict=True) if g is None]
         if unused:
             raise TaskError(f"{source}: {unused_parameters_message(unused)}")
     for label, split in (("train_set", instance.train_set), ("test_set", instance.test_set)):

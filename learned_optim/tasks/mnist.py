@@ -23,7 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from learned_optim.tasks import register_task
-from learned_optim.tasks._common import ACTIVATIONS, activation, choose, generator, minibatches, mlp, seeded_module
+from learned_optim.tasks._common import (
+    ACTIVATIONS,
+    activation,
+    check_positive_ints,
+    choose,
+    generator,
+    minibatches,
+    mlp,
+    seeded_module,
+)
 from learned_optim.tasks.base import TaskFamily, TaskInstance
 
 Split = tuple[Tensor, Tensor]
@@ -316,6 +325,7 @@ class MNISTConvFamily(_MNISTFamily):
         super().__init__(batch_size, data, name)
         if not channels or min(channels) < 1:
             raise ValueError(f"channels must be positive integers, got {tuple(channels)}")
+        check_positive_ints(kernel_size=kernel_size, stride=stride)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(sorted(ACTIVATIONS))}")
         self.channels = tuple(channels)

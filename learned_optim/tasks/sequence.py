@@ -3,6 +3,8 @@
 The learned rules were meta-trained on MLPs, small convnets and synthetic problems. A
 transformer (embeddings, attention, layer norm, residual paths) tests how far they carry
 beyond that, with the same fair protocol as every other task (``learned-optim compare``).
+:class:`SequenceMixFamily` is the meta-training counterpart: other sequence operations on
+small transformers of random shapes, reversal left out.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from learned_optim.tasks import register_task
-from learned_optim.tasks._common import choose, generator, minibatches, seeded_module
+from learned_optim.tasks._common import check_positive_ints, choose, generator, minibatches, seeded_module
 from learned_optim.tasks.base import TaskFamily, TaskInstance
 
 
@@ -98,8 +100,10 @@ class ReversalFamily(TaskFamily):
         batch_size: int = 32,
         name: str = "transformer-reverse",
     ) -> None:
-        if min(vocab, length, width, heads, layers, n_train, n_test, batch_size) < 1:
-            raise ValueError("sizes, sample counts and batch_size must be positive")
+        check_positive_ints(
+            vocab=vocab, length=length, width=width, heads=heads, layers=layers, n_train=n_train, n_test=n_test,
+            batch_size=batch_size,
+        )  # fmt: skip
         if vocab < 2:
             raise ValueError(f"vocab must be at least 2 (one token makes every target known), got {vocab}")
         if width % heads:
@@ -187,8 +191,7 @@ class SequenceMixFamily(TaskFamily):
             raise ValueError(f"lengths must be at least 2 (rotation needs a shift), got {list(lengths)}")
         if not norm_first:
             raise ValueError("norm_first must hold True and/or False")
-        if min(heads, n_train, n_test, batch_size) < 1:
-            raise ValueError("heads, n_train, n_test and batch_size must be positive")
+        check_positive_ints(heads=heads, n_train=n_train, n_test=n_test, batch_size=batch_size)
         if any(w % heads for w in widths):
             raise ValueError(f"every width must be a multiple of heads ({heads}), got {list(widths)}")
         self.operations, self.vocabs, self.lengths = tuple(operations), tuple(vocabs), tuple(lengths)

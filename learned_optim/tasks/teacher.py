@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from learned_optim.tasks import register_task
-from learned_optim.tasks._common import generator, minibatches, mlp, seeded_module
+from learned_optim.tasks._common import check_positive_ints, generator, minibatches, mlp, seeded_module
 from learned_optim.tasks.base import TaskFamily, TaskInstance
 
 
@@ -16,8 +16,9 @@ def teacher_targets(inputs: Tensor, hidden: int, output_dim: int, gen: torch.Gen
     """Outputs of a random ReLU network ``inputs -> hidden -> output_dim`` drawn with ``gen``.
 
     Weights are Gaussian with He-style variances (``1/fan_in`` into the ReLU layer,
-    ``2/fan_in`` out of it), so for standard normal inputs the targets have roughly unit
-    variance whatever the sizes; PyTorch's default init would give much smaller targets.
+    ``2/fan_in`` out of it), so for standard normal inputs the targets have a mean square of
+    about 1 whatever the sizes (a variance of about 0.7: a ReLU network's outputs have a
+    mean); PyTorch's default init would give much smaller targets.
     """
     dim = inputs.shape[1]
     w1 = torch.randn(hidden, dim, generator=gen) / math.sqrt(dim)
@@ -56,8 +57,10 @@ class TeacherFamily(TaskFamily):
         noise_std: float = 0.0,
         name: str = "teacher",
     ) -> None:
-        if min(input_dim, hidden, output_dim, n_train, n_test, batch_size) < 1:
-            raise ValueError("sizes, sample counts and batch_size must be positive")
+        check_positive_ints(
+            input_dim=input_dim, hidden=hidden, output_dim=output_dim, n_train=n_train, n_test=n_test,
+            batch_size=batch_size,
+        )  # fmt: skip
         if not 0 <= noise_std < math.inf:
             raise ValueError(f"noise_std must be finite and non-negative, got {noise_std}")
         self.input_dim = input_dim
