@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -580,6 +581,53 @@ def test_built_cpu_kernel_follows_the_umask(tmp_path, monkeypatch):
         os.umask(old)
     (built,) = (tmp_path / "kernels").iterdir()  # no temporary file left beside it
     assert built.suffix == ".so" and oct(stat.S_IMODE(built.stat().st_mode)) == oct(0o755)
+
+
+def test_cpu_kernel_build_troubles_fall_back_with_one_warning(tmp_path, monkeypatch):
+    import shutil
+
+    from learned_optim.rules import cpu_build
+    from learned_optim.rules.cpu_build import KernelLibrary, _compiler
+
+    if _compiler() is None:
+        pytest.skip("no C compiler")
+    cc = shutil.which(_compiler()[0])
+    monkeypatch.setenv("LEARNED_OPTIM_CACHE", str(tmp_path))
+    # $CC as the shell splits it ("ccache gcc", "gcc -m64"), not replaced by plain cc.
+    monkeypatch.setenv("CC", f"{cc} -DLEARNED_OPTIM_TEST_FLAG")
+    assert _compiler() == [cc, "-DLEARNED_OPTIM_TEST_FLAG"]
+    assert KernelLibrary("lstm_cpu.c", lambda lib: None).load() is not None
+    # A damaged cached kernel (a copy cut short) is built again, not given up on.
+    (built,) = (tmp_path / "kernels").iterdir()
+    built.write_bytes(built.read_bytes()[:100])
+    rebuilt = KernelLibrary("lstm_cpu.c", lambda lib: None)
+    assert rebuilt.load() is not None, rebuilt.error
+    # No compiler: the kernel is unavailable, said once, as a warning.
+    monkeypatch.setattr(cpu_build, "_compiler", lambda: None)
+    missing = KernelLibrary("lstm_cpu.c", lambda lib: None)
+    with pytest.warns(RuntimeWarning, match=r"lstm_cpu\.c is unavailable \(no C compiler found"):
+        assert missing.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert missing.load() is None  # settled: no second warning
+
+
+def test_cpu_kernel_without_a_home_builds_outside_the_working_directory(tmp_path, monkeypatch):
+    # A container user with no passwd entry and no $HOME: expanduser("~") stays "~", which
+    # made a folder named "~" in the working directory.
+    from learned_optim.rules import cpu_build
+    from learned_optim.rules.cpu_build import KernelLibrary, _compiler
+
+    if _compiler() is None:
+        pytest.skip("no C compiler")
+    for name in ("LEARNED_OPTIM_CACHE", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_build.os.path, "expanduser", lambda path: path)
+    monkeypatch.chdir(tmp_path)
+    assert cpu_build._cache_dir() is None
+    library = KernelLibrary("lstm_cpu.c", lambda lib: None)
+    assert library.load() is not None, library.error
+    assert list(tmp_path.iterdir()) == []
 
 
 STEP_CONFIGS = pytest.mark.parametrize(

@@ -15,15 +15,20 @@ import ctypes
 import hashlib
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
+import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from learned_optim._warnings import user_stacklevel
 
 __all__ = ["KernelLibrary", "run_parallel", "split_ranges"]
 
@@ -33,17 +38,28 @@ _lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LEARNED_OPTIM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "learned_optim"
-    )
+def _cache_dir() -> Path | None:
+    """Where built kernels are kept; ``None`` when no folder is named and there is no home
+    (a container user without a passwd entry: ``~`` would become a folder in the cwd)."""
+    root = os.environ.get("LEARNED_OPTIM_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME")
+        if not base:
+            home = os.path.expanduser("~")
+            if home.startswith("~"):
+                return None
+            base = os.path.join(home, ".cache")
+        root = os.path.join(base, "learned_optim")
     return Path(root) / "kernels"
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CC`` as the shell would split it (``"ccache gcc"``), else the first
+    of ``cc``/``gcc``/``clang`` on the PATH."""
+    cc = shlex.split(os.environ.get("CC", ""))
+    for command in (cc, ["cc"], ["gcc"], ["clang"]):
+        if command and shutil.which(command[0]):
+            return command
     return None
 
 
@@ -73,40 +89,63 @@ class KernelLibrary:
                 return self._library
             compiler = _compiler()
             if compiler is None:
-                self.error = "no C compiler found (set $CC)"
+                self._fail("no C compiler found (install one, or set $CC)")
                 return None
             flags = _flags()
             # The build flags hold this file's folder, which differs between installs: not part of the key.
             key_flags = [f for f in flags if not f.startswith("-I")]
             text = self.source.read_bytes() + b"".join((_HERE / h).read_bytes() for h in _HEADERS)
-            key = hashlib.sha256(text + " ".join([compiler, *key_flags]).encode()).hexdigest()[:16]
-            target = _cache_dir() / f"{self.source.stem}_{key}.so"
+            key = hashlib.sha256(text + " ".join([*compiler, *key_flags]).encode()).hexdigest()[:16]
+            cache = _cache_dir()
+            private = None
             try:
-                if not target.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    # Built under a temporary name and renamed: concurrent first uses never see half a file.
-                    # Not mkstemp: the compiler keeps its 0600 file owner-only; a name it creates gets
-                    # the umask's mode, and others can load the kernel from a shared cache.
-                    tmp = str(target.with_name(f".{target.stem}.{secrets.token_hex(8)}.tmp.so"))
+                if cache is None:  # no home: a private folder for this process, gone once loaded
+                    cache = private = Path(tempfile.mkdtemp(prefix="learned_optim-kernels-"))
+                target = cache / f"{self.source.stem}_{key}.so"
+                if target.is_file():
                     try:
-                        subprocess.run(
-                            [compiler, *flags, "-o", tmp, str(self.source), "-lm"],
-                            check=True,
-                            capture_output=True,
-                            text=True,
-                        )
-                        os.replace(tmp, target)
-                    finally:
-                        if os.path.exists(tmp):
-                            os.unlink(tmp)
-                library = ctypes.CDLL(str(target))
+                        library = ctypes.CDLL(str(target))
+                    except OSError:  # a damaged cached file (a full disk, a copy cut short): build it again
+                        target.unlink(missing_ok=True)
+                        library = self._build(compiler, flags, target)
+                else:
+                    library = self._build(compiler, flags, target)
             except (OSError, subprocess.CalledProcessError) as error:
                 detail = getattr(error, "stderr", "") or str(error)
-                self.error = f"building {self.source.name} with {compiler} failed: {detail.strip()[:500]}"
+                self._fail(f"building {self.source.name} with {' '.join(compiler)} failed: {detail.strip()[:500]}")
                 return None
+            finally:
+                if private is not None:  # a loaded library stays mapped without its file
+                    shutil.rmtree(private, ignore_errors=True)
             self.configure(library)
             self._library = library
             return library
+
+    def _build(self, compiler: list[str], flags: list[str], target: Path) -> ctypes.CDLL:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a temporary name and renamed: concurrent first uses never see half a file.
+        # Not mkstemp: the compiler keeps its 0600 file owner-only; a name it creates gets
+        # the umask's mode, and others can load the kernel from a shared cache.
+        tmp = str(target.with_name(f".{target.stem}.{secrets.token_hex(8)}.tmp.so"))
+        try:
+            subprocess.run(
+                [*compiler, *flags, "-o", tmp, str(self.source), "-lm"], check=True, capture_output=True, text=True
+            )
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return ctypes.CDLL(str(target))
+
+    def _fail(self, reason: str) -> None:
+        """Settle on no kernel, and say so once: the rules then step eagerly, several times slower."""
+        self.error = reason
+        warnings.warn(
+            f"learned_optim: the fused CPU kernel {self.source.name} is unavailable ({reason}); rules step "
+            "eagerly on CPU instead, about 3x slower. Pass impl='eager' to LearnedOptimizer to silence this.",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
