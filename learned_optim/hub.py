@@ -41,6 +41,18 @@ __all__ = [
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
+def _check_revision(revision: object) -> None:
+    """``PretrainedError`` unless ``revision`` is None or could name a git branch, tag or commit:
+    the cache keeps a file named after it, so "../" would write outside the cache."""
+    if revision is None:
+        return
+    if not isinstance(revision, str) or not revision:
+        raise PretrainedError(f"revision must be a branch, tag or commit (a non-empty string), got {revision!r}")
+    parts = revision.split("/")
+    if revision.startswith("/") or "\\" in revision or "\0" in revision or ".." in parts or "." in parts:
+        raise PretrainedError(f"revision {revision!r} is not a branch, tag or commit name (no '..', '.', leading '/')")
+
+
 def download_rule(
     repo_id: str,
     revision: str | None = None,
@@ -60,6 +72,9 @@ def download_rule(
     :class:`PretrainedError` naming the repo.
     """
     check_download_flags(force_download, local_files_only)
+    _check_revision(revision)
+    if isinstance(cache_dir, str) and not cache_dir:
+        raise PretrainedError("cache_dir is an empty string: pass a folder, or None for the Hugging Face cache")
     where = f"Hub repository {repo_id!r} (revision {revision or constants.DEFAULT_REVISION!r})"
     if force_download and constants.HF_HUB_OFFLINE:  # the same flag hf_hub_download obeys
         raise PretrainedError(

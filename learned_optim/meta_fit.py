@@ -1232,14 +1232,27 @@ class MetaTrainer:
                 "differs): the weights file was damaged or replaced; start over without resuming (--overwrite)"
             )
         tensors = {k: v.clone() for k, v in deserialize_tensors(payload).items()}
-        self.rule.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("rule/")})
-        self.best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        # Everything checked before anything is loaded.
+        _check_checkpoint_fields(meta, len(self.families), self.config.steps)
+        rule_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("rule/")}
+        best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+        _check_checkpoint_weights(self.rule, rule_weights, "rule")
+        if best_weights:  # none before the first validation
+            _check_checkpoint_weights(self.rule, best_weights, "best")
+        meta_state = {}
         for index, p in enumerate(self.rule.parameters()):
             prefix = f"meta_opt/{index}/"
             st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            for key, value in st.items():
+                expected = () if key == "step" else tuple(p.shape)
+                if tuple(value.shape) != expected or not torch.isfinite(value).all():
+                    raise TypeError(f"meta_opt/{index}/{key} is {tuple(value.shape)}, expected finite {expected}")
             if st:
-                self.meta_optimizer.state[p] = st
-        _check_checkpoint_fields(meta, len(self.families))
+                meta_state[p] = st
+        self.rule.load_state_dict(rule_weights)
+        self.best_weights = best_weights
+        for p, st in meta_state.items():
+            self.meta_optimizer.state[p] = st
         done = meta["history"].get("iteration", 0)
         if done > self.config.meta_iterations:
             raise ValueError(
@@ -1473,8 +1486,20 @@ _RUN_FIELDS = {
 _OPTIONAL_RUN_FIELDS = {"lr_scale", "particles"}  # absent in checkpoints written before them
 
 
-def _check_checkpoint_fields(meta: dict[str, Any], families: int) -> None:
-    """``TypeError`` naming the first field of checkpoint.json's bookkeeping that is not as written."""
+def _check_checkpoint_weights(rule: UpdateRule, weights: dict[str, Tensor], label: str) -> None:
+    """``TypeError`` unless ``weights`` are finite and shaped as ``rule``'s state_dict."""
+    expected = {k: tuple(v.shape) for k, v in rule.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        raise TypeError(f"the {label} weights are {got}, expected {expected}")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TypeError(f"the {label} weights {bad} hold non-finite values")
+
+
+def _check_checkpoint_fields(meta: dict[str, Any], families: int, steps: int) -> None:
+    """``TypeError`` naming the first field of checkpoint.json's bookkeeping that is not as written
+    (``steps``: the run's ``MetaFitConfig.steps``, which bounds its instances' horizons)."""
     history = meta["history"]
     # Fields added later are absent from older checkpoints and take their defaults.
     if not isinstance(history, dict) or not set(history) <= set(_HISTORY_FIELDS):
@@ -1482,6 +1507,16 @@ def _check_checkpoint_fields(meta: dict[str, Any], families: int) -> None:
     for name, valid in _HISTORY_FIELDS.items():
         if name in history and not valid(history[name]):
             raise TypeError(f"history.{name} is {history[name]!r}")
+    ranges = {
+        "iteration": lambda v: v >= 0,
+        "best_iteration": lambda v: v >= -1,
+        "best_validation": lambda v: not math.isnan(v) and v > -math.inf,  # inf until the first validation
+        "skipped_updates": lambda v: v >= 0,
+        "seconds": lambda v: 0 <= v < math.inf,
+    }
+    for name, valid in ranges.items():
+        if name in history and not valid(history[name]):
+            raise TypeError(f"history.{name} is out of range: {history[name]!r}")
     runs = meta["runs"]
     if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
         raise TypeError("runs must be a list of objects")
@@ -1493,7 +1528,18 @@ def _check_checkpoint_fields(meta: dict[str, Any], families: int) -> None:
                 raise TypeError(f"runs[{index}].{name} is missing")
             if not valid(info[name]):
                 raise TypeError(f"runs[{index}].{name} is {info[name]!r}")
-        if not 0 <= info["family_index"] < families or info["batches_used"] < 0 or info.get("particles", 0) < 0:
+        # One batch per step taken, and one drawn ahead for the next (the pending batch): the
+        # replay on resume draws batches_used of them, bounded so by the horizon.
+        horizon, done = info["horizon"], info["steps_done"]
+        if (
+            not 0 <= info["family_index"] < families
+            or not 1 <= horizon <= max(2, 4 * steps)
+            or not 0 <= done <= horizon
+            or not 0 <= info["batches_used"] <= done + 1
+            or info.get("particles", 0) < 0
+            or not (math.isnan(info["initial_loss"]) or 0 < info["initial_loss"] < math.inf)
+            or not 0 < info.get("lr_scale", 1.0) < math.inf
+        ):
             raise TypeError(f"runs[{index}] is out of range: {info}")
 
 

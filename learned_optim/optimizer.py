@@ -148,10 +148,9 @@ def rule_fingerprint(rule: UpdateRule) -> str:
     return digest.hexdigest()
 
 
-@torch.compiler.disable
 def _all_zero(tensors: list[Any]) -> bool:
-    """Whether every value is zero (floats or tensors, a DTensor over all its shards); eager
-    even inside a compiled step."""
+    """Whether every value is zero (floats or tensors, a DTensor over all its shards); run eagerly
+    even inside a compiled step (``_EAGER_IN_GRAPH``)."""
     flags = []
     for t in tensors:
         flag = t.ne(0).any() if isinstance(t, Tensor) else torch.tensor(float(t) != 0)
@@ -159,11 +158,43 @@ def _all_zero(tensors: list[Any]) -> bool:
     return not bool(torch.stack(flags).any())
 
 
-@torch.compiler.disable
 @torch.no_grad()
 def _step_outside_graph(optimizer: LearnedOptimizer, closure: Callable[[], float] | None) -> float | None:
-    """The body of ``optimizer.step(closure)`` run eagerly from a compiled caller (a graph break)."""
+    """The body of ``optimizer.step(closure)`` run eagerly from a compiled caller (a graph break,
+    through ``_EAGER_IN_GRAPH``)."""
     return optimizer._step(closure)
+
+
+# The two helpers above under torch.compiler.disable, made by the first optimizer rather than
+# at import: the decorator imports torch._dynamo (1.3 s of `import learned_optim`), which
+# torch.optim.Optimizer's constructor imports anyway. Made outside any trace, a compiled step
+# only looks them up.
+_EAGER_IN_GRAPH: dict[str, Callable[..., Any]] = {}
+
+
+def _make_eager_in_graph() -> None:
+    if not _EAGER_IN_GRAPH:
+        _EAGER_IN_GRAPH["all_zero"] = torch.compiler.disable(_all_zero)
+        _EAGER_IN_GRAPH["step"] = torch.compiler.disable(_step_outside_graph)
+
+
+def _check_state_layout(state_dict: Any) -> None:
+    """``ValueError`` unless ``state_dict`` has torch.optim's layout: a dict whose optional
+    ``"state"`` maps each saved parameter to a dict keyed by names (checked before its contents)."""
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"optimizer state_dict must be a dict, got {type(state_dict).__name__}")
+    state = state_dict.get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError(
+            "optimizer state_dict: 'state' must be a dict from parameter index to its state, "
+            f"got {type(state).__name__}"
+        )
+    for idx, values in state.items():
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            got = type(values).__name__ if not isinstance(values, dict) else f"keys {list(values)}"
+            raise ValueError(
+                f"optimizer state_dict: state of parameter {idx!r} must be a dict keyed by names, got {got}"
+            )
 
 
 def _is_bool(value: object) -> bool:
@@ -362,6 +393,7 @@ class LearnedOptimizer(Optimizer):
                 )
 
     def _reset_transient(self) -> None:
+        _make_eager_in_graph()  # before any step, which may be traced
         self._rule_copies = {}
         # "device:impl" -> why the kernel could not run there (impl="auto" then steps eagerly).
         self._kernel_failures: dict[str, str] = {}
@@ -528,7 +560,7 @@ class LearnedOptimizer(Optimizer):
         if self._holds_dtensors and torch.compiler.is_compiling():
             # Dynamo cannot trace a step over DTensor shards (torch 2.13 fails inside Dynamo):
             # a compiled caller runs the step eagerly, with a graph break.
-            return _step_outside_graph(self, closure)
+            return _EAGER_IN_GRAPH["step"](self, closure)
         return self._step(closure)
 
     def _step(self, closure: Callable[[], float] | None) -> float | None:
@@ -745,7 +777,8 @@ class LearnedOptimizer(Optimizer):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads or any(g.device.type == "meta" or g.is_sparse for g in grads):
             return False
-        return _all_zero(lrs) and _all_zero(grads)
+        all_zero = _EAGER_IN_GRAPH["all_zero"]
+        return all_zero(lrs) and all_zero(grads)
 
     def _adopt_global_copies(self) -> None:
         """Take the global state's copy that a loader other than ``load_state_dict`` (e.g.
@@ -874,6 +907,7 @@ class LearnedOptimizer(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = dict(result)
+        _check_state_layout(state_dict)
         rule_sd = state_dict.pop("rule", None)
         global_sd = state_dict.pop("rule_global_state", None)
         saved_shapes = state_dict.pop("param_shapes", None)
@@ -1025,8 +1059,11 @@ class LearnedOptimizer(Optimizer):
             # The checks a weight file gets (learned_optim.weights.load_from_files).
             if ours[name].is_floating_point() and not value.is_floating_point():
                 raise ValueError(f"optimizer state_dict: rule weight {name!r} has dtype {value.dtype}, expected floats")
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"optimizer state_dict: rule weight {name!r} holds non-finite values (NaN or inf)")
+            if value.is_floating_point() and not torch.isfinite(value.to(ours[name].dtype)).all():
+                raise ValueError(
+                    f"optimizer state_dict: rule weight {name!r} holds non-finite values (NaN or inf) "
+                    f"in {ours[name].dtype}"
+                )
 
     def _saved_index_to_param(self, state_dict: dict[str, Any]) -> dict[Any, Tensor] | None:
         """Saved parameter index -> our parameter, or None where the groups do not match (then
@@ -1049,7 +1086,10 @@ class LearnedOptimizer(Optimizer):
             return
         if not isinstance(saved_shapes, list) or not isinstance(idx, int) or not 0 <= idx < len(saved_shapes):
             raise ValueError("optimizer state_dict: 'param_shapes' must list one shape per parameter")
-        if list(saved_shapes[idx]) != list(p.shape):
+        shape = saved_shapes[idx]
+        if not isinstance(shape, (list, tuple)) or not all(type(n) is int for n in shape):
+            raise ValueError(f"optimizer state_dict: 'param_shapes'[{idx}] is {shape!r}, expected a list of ints")
+        if list(shape) != list(p.shape):
             raise ValueError(
                 f"optimizer state_dict: parameter {idx} was saved with shape {tuple(saved_shapes[idx])}, "
                 f"this optimizer's has shape {tuple(p.shape)}: its per-coordinate rule state would land on "
@@ -1095,9 +1135,8 @@ class LearnedOptimizer(Optimizer):
         self._check_state_shapes(where, per_coordinate, self.rule.state_spec(), rows=numel)
         self._check_state_shapes(where, per_tensor, self.rule.segment_state_spec(), rows=1, prefix="segment.")
 
-    @staticmethod
     def _check_state_shapes(
-        where: str, values: dict[str, Any], spec: dict[str, tuple[int, ...]], rows: int | None, prefix: str = ""
+        self, where: str, values: dict[str, Any], spec: dict[str, tuple[int, ...]], rows: int | None, prefix: str = ""
     ) -> None:
         if set(values) != set(spec):
             raise ValueError(
@@ -1116,9 +1155,9 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError(
                     f"optimizer state_dict: {where}: {prefix}{name!r} has dtype {value.dtype}, expected a float dtype"
                 )
-            if not torch.isfinite(value).all():
+            if not torch.isfinite(value.to(self.state_dtype)).all():
                 # A step never leaves non-finite state (it skips such updates): this one would
-                # turn the parameters into NaN.
+                # turn the parameters into NaN. Checked as it will be kept: 1e300 is inf in float32.
                 raise ValueError(f"optimizer state_dict: {where}: {prefix}{name!r} holds non-finite values")
 
     @property

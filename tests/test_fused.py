@@ -599,7 +599,10 @@ def test_cpu_kernel_build_troubles_fall_back_with_one_warning(tmp_path, monkeypa
     assert KernelLibrary("lstm_cpu.c", lambda lib: None).load() is not None
     # A damaged cached kernel (a copy cut short) is built again, not given up on.
     (built,) = (tmp_path / "kernels").iterdir()
-    built.write_bytes(built.read_bytes()[:100])
+    # Replaced, not truncated in place: this process has the file mapped (SIGBUS at exit).
+    damaged = built.with_name("damaged")
+    damaged.write_bytes(built.read_bytes()[:100])
+    damaged.replace(built)
     rebuilt = KernelLibrary("lstm_cpu.c", lambda lib: None)
     assert rebuilt.load() is not None, rebuilt.error
     # No compiler: the kernel is unavailable, said once, as a warning.

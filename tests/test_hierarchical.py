@@ -1167,5 +1167,7 @@ def test_numpy_sizes_build_a_rule_the_optimizer_takes():
 
 
 def test_a_max_lr_past_float32_is_refused():
-    with pytest.raises(ValueError, match=r"max_lr must be at most 1e\+30 .*float32.*got 1e\+39"):
+    with pytest.raises(ValueError, match=r"max_lr must be at most 1e\+30 .*float32.*got 1e\+31"):
+        HierarchicalRNN(init_lr=1e31, max_lr=1e31)
+    with pytest.raises(ValueError, match=r"init_lr must be within float32's range .*got 1e\+39"):
         HierarchicalRNN(init_lr=1e39, max_lr=1e39)

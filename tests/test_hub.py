@@ -347,6 +347,19 @@ def test_force_download_without_the_network_is_a_clear_error(
     assert f"downloading {CONFIG_NAME} failed" in info.value.message
 
 
+@pytest.mark.parametrize("revision", ["../../../escaped", "main/../../x", "/abs", "a\\b", "", 3])
+def test_a_revision_that_is_no_git_name_is_refused_before_the_network(revision: Any, tmp_path: Path) -> None:
+    # huggingface_hub writes refs/<revision> into the cache: "../" wrote outside it.
+    from learned_optim.hub import download_rule
+    from learned_optim.weights import PretrainedError
+
+    with pytest.raises(PretrainedError, match="revision"):
+        download_rule("acme/rule", revision=revision, cache_dir=tmp_path / "cache")
+    with pytest.raises(PretrainedError, match="cache_dir is an empty string"):
+        download_rule("acme/rule", cache_dir="")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "text"),
     [

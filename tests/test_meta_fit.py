@@ -469,6 +469,50 @@ def test_resume_refuses_other_tasks_and_unreadable_checkpoints(tmp_path):
         trainer.load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        # The replay of the data stream would run for ever.
+        (lambda meta: meta["runs"][0].update(batches_used=10**12), r"runs\[0\] is out of range"),
+        (lambda meta: meta["runs"][0].update(horizon=0), r"runs\[0\] is out of range"),
+        (lambda meta: meta["runs"][0].update(lr_scale=-1.0), r"runs\[0\] is out of range"),
+        (lambda meta: meta["history"].update(best_validation=float("nan")), "history.best_validation is out of range"),
+        (lambda meta: meta["history"].update(iteration=-40), "history.iteration is out of range"),
+    ],
+)
+def test_resume_refuses_bookkeeping_out_of_range(tmp_path, corrupt, message):
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    corrupt(meta)
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
+    before = weights(trainer.rule)
+    with pytest.raises(ValueError, match=f"checkpoint is corrupt .*{message}"):
+        trainer.load_checkpoint(tmp_path)
+    assert same_weights(weights(trainer.rule), before) and trainer.history.iteration == 0
+
+
+def test_resume_refuses_non_finite_or_misshapen_checkpoint_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    MetaTrainer(small_rule(), tiny, _config(2, checkpoint_every=2), tmp_path, progress=False).run()
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    del meta["weights_sha256"]  # as written by hand, or by an older version
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
+    path = tmp_path / meta["weights"]
+    original = load_file(path)
+    for key, bad, message in (
+        ("rule/output.bias", torch.full((1,), float("nan")), r"the rule weights \['output.bias'\] hold non-finite"),
+        ("rule/output.bias", torch.zeros(3), "the rule weights .* expected"),
+    ):
+        save_file({**original, key: bad}, path)
+        trainer = MetaTrainer(small_rule(), tiny, _config(4, checkpoint_every=2), tmp_path, progress=False)
+        before = weights(trainer.rule)
+        with pytest.raises(ValueError, match=f"checkpoint is corrupt .*{message}"):
+            trainer.load_checkpoint(tmp_path)
+        assert same_weights(weights(trainer.rule), before)
+
+
 def test_resume_refuses_weights_damaged_in_place(tmp_path):
     # Zeroed bytes inside the tensor data still parse as safetensors: only the hash that
     # checkpoint.json keeps of the weights file tells them apart.

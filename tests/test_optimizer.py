@@ -579,6 +579,9 @@ def test_load_state_dict_rejects_other_optimizers_and_bad_rule_weights():
         ("state", lambda t: t.fill_(float("inf")), r"parameter 0 \(shape \(6,\)\): 'h' holds non-finite values"),
         ("state", lambda t: t.int(), r"'h' has dtype torch.int32, expected a float dtype"),
         ("state", lambda t: torch.complex(t, t), r"'h' has dtype torch.complex64, expected a float dtype"),
+        # Finite in float64, inf once kept in float32: checked as they will be kept.
+        ("weight", lambda t: t.double().fill_(1e300), r"'output.bias' holds non-finite values .* in torch.float32"),
+        ("state", lambda t: t.double().fill_(1e300), r"'h' holds non-finite values"),
     ],
 )
 def test_load_state_dict_rejects_non_finite_or_non_float_rule_tensors(where, make_bad, message):
@@ -598,6 +601,25 @@ def test_load_state_dict_rejects_non_finite_or_non_float_rule_tensors(where, mak
     assert opt.param_groups[0]["lr"] == 1.0
     assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before.items())
     assert all(torch.equal(opt.rule.state_dict()[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda sd: sd.update(state=[]), r"'state' must be a dict from parameter index to its state, got list"),
+        (lambda sd: sd["state"].update({0: None}), r"state of parameter 0 must be a dict keyed by names, got NoneType"),
+        (lambda sd: sd["state"][0].update({7: torch.zeros(1)}), r"state of parameter 0 must be a dict keyed by names"),
+        (lambda sd: sd.update(param_shapes=[None]), r"'param_shapes'\[0\] is None, expected a list of ints"),
+    ],
+)
+def test_load_state_dict_refuses_a_malformed_layout_by_name(corrupt, message):
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    before = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("impl", _impls())

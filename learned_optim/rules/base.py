@@ -146,10 +146,16 @@ MAX_CONFIG_DEPTH = 64
 """The largest number of layers or time scales a bundled rule type accepts."""
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def config_float(name: str, value: Any, positive: bool = False) -> float:
-    """``value`` as a finite config number (``positive``: also > 0)."""
+    """``value`` as a finite config number (``positive``: also > 0), finite in float32 too: the
+    rules compute with these in float32, where 1e39 is inf."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if abs(value) > _FLOAT32_MAX:
+        raise ValueError(f"{name} must be within float32's range (|x| <= {_FLOAT32_MAX:.3g}), got {value!r}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     return float(value)
