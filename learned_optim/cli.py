@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import torch
 
+from learned_optim import __version__
 from learned_optim.meta_fit import META_LOSSES, VALIDATION_METRICS, MetaFitConfig, check_time_budget
 from learned_optim.weights import CONFIG_NAME, MODEL_CARD_NAME, PREVIOUS_RULE_MARKER, WEIGHTS_NAME
 
@@ -549,6 +550,7 @@ def _add_import_option(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``learned-optim`` argument parser."""
     parser = argparse.ArgumentParser(prog="learned-optim", description="Learned optimizers for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     mf = sub.add_parser("meta-fit", help="meta-train an update rule on a task family")

@@ -1220,7 +1220,7 @@ class MetaTrainer:
             raise ValueError(f"{meta_path}: checkpoint is for tasks {saved_tasks}, not {self._task_labels()}")
         # Checkpoints written before each save had its own weights file used this name.
         weights_name = meta.get("weights", "checkpoint.safetensors")
-        if not isinstance(weights_name, str) or Path(weights_name).name != weights_name:
+        if not isinstance(weights_name, str) or not weights_name or Path(weights_name).name != weights_name:
             raise TypeError(f"checkpoint.json names the weights file {weights_name!r}")
         # Copies: safetensors' tensors need not be 64-byte aligned, and vectorised kernels can
         # round differently on unaligned memory (a resumed run would then drift by ~1e-8).

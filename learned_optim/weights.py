@@ -321,7 +321,8 @@ def load_from_files(config_path: str | os.PathLike[str], weights_path: str | os.
     expected = _expected_tensors(cls, config, config_path)
     weights_path = Path(weights_path)
     if not weights_path.is_file():
-        raise PretrainedError(f"{weights_path}: file not found")
+        what = "is a folder, not a file" if weights_path.is_dir() else "file not found"
+        raise PretrainedError(f"{weights_path}: {what}")
     other_save = None if weights_hash is None else _other_save(weights_path, weights_hash, config_path)
     try:
         rule = _load_checked(cls, config, expected, weights_path, config_path)

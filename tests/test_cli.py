@@ -46,6 +46,15 @@ def test_list_prints_tasks_and_rules(capsys):
     assert "quadratic" in tasks_line and "mnist-mlp" in tasks_line
 
 
+def test_version_flag_prints_the_package_version(capsys):
+    import learned_optim
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"learned-optim {learned_optim.__version__}"
+
+
 def test_compare_tiny_task_writes_reports(rule_dir, tmp_path, capsys):
     out = tmp_path / "results"
     argv = ["compare", "--task", "tiny_tasks:tiny", "--rules", str(rule_dir), "--steps", "5", "--seeds", "2",
