@@ -499,8 +499,12 @@ def test_momentum_inputs_of_all_zero_gradients_are_zero_not_nan():
     rule = CoordinateLSTM(hidden_size=3, momentum_decays=[0.9])
     state = rule.init_state(2)
     update, state = rule(torch.zeros(2), state)
+    momenta, _, _ = rule.momentum_features(torch.zeros(2), state)
     update, state = rule(torch.zeros(2), state)
-    assert torch.isfinite(update).all() and torch.isfinite(state["m"]).all()
+    assert torch.equal(momenta, torch.zeros_like(momenta))
+    assert not state["m"].any() and not state["v"].any()
+    # A coordinate that never had a gradient does not move.
+    assert torch.equal(update, torch.zeros_like(update))
 
 
 def test_init_from_a_rule_without_momentum_computes_the_same_updates():
