@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -279,6 +280,10 @@ def spawn(worker: Callable[..., None], world_size: int, tmp_path: Path, *args: o
         except mp.ProcessExitedException as err:
             if err.signal_name != "SIGABRT" or attempt == 1:
                 raise
+            # Shown in pytest's warnings summary, so a retry is never silent.
+            warnings.warn(
+                f"{worker.__name__}: a gloo process died of SIGABRT ({err}); started again once", stacklevel=2
+            )
 
 
 def _zero_worker(rank: int, world_size: int, init_file: str) -> None:
