@@ -1249,10 +1249,6 @@ class MetaTrainer:
                     raise TypeError(f"meta_opt/{index}/{key} is {tuple(value.shape)}, expected finite {expected}")
             if st:
                 meta_state[p] = st
-        self.rule.load_state_dict(rule_weights)
-        self.best_weights = best_weights
-        for p, st in meta_state.items():
-            self.meta_optimizer.state[p] = st
         done = meta["history"].get("iteration", 0)
         if done > self.config.meta_iterations:
             raise ValueError(
@@ -1261,6 +1257,10 @@ class MetaTrainer:
                 f"weights from {directory / 'best'}"
             )
         rng_state = _rng_from_json(meta["rng_state"])
+        self.rule.load_state_dict(rule_weights)
+        self.best_weights = best_weights
+        for p, st in meta_state.items():
+            self.meta_optimizer.state[p] = st
         history = meta["history"]
         history["validation"] = [tuple(v) for v in history["validation"]]
         self.history = MetaFitHistory(**history)

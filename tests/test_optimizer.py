@@ -1130,8 +1130,8 @@ def test_state_dtype_bf16_state():
     assert opt.state[p]["rule.h"].dtype == torch.bfloat16
     assert opt.rule_class is CoordinateLSTM
 
-    class WiderOutput(CoordinateLSTM):  # a subclass keeps the registered rule_type
-        pass
+    class WiderOutput(CoordinateLSTM):
+        """A subclass keeps its parent's registered rule_type."""
 
     assert LearnedOptimizer([p], pretrained=WiderOutput(hidden_size=4)).rule_class is WiderOutput
 
