@@ -271,6 +271,8 @@ def _read_config(config_path: str | os.PathLike[str]) -> tuple[type[UpdateRule],
         if extra:
             parts.append(f"unexpected config keys {extra}")
         raise PretrainedError(f"{path}: {'; '.join(parts)} for rule type {cls.rule_type!r}")
+    # Saved before a key existed: the behaviour it was saved with.
+    config = {**{k: v for k, v in cls.legacy_config_values.items() if k not in config}, **config}
     weights_hash = raw.get(WEIGHTS_HASH_KEY)
     if weights_hash is not None and not (isinstance(weights_hash, str) and re.fullmatch(r"[0-9a-f]{64}", weights_hash)):
         raise PretrainedError(f"{path}: {WEIGHTS_HASH_KEY!r} must be a SHA-256 hex digest, got {weights_hash!r}")

@@ -90,6 +90,15 @@ def test_small_benchmarks_run(script, args, expected):
     assert expected in run_benchmark(script, *args)
 
 
+def test_zero_grad_drift_shows_the_shipped_rules_hold_still_and_the_old_behaviour_drift():
+    out = run_benchmark("zero_grad_drift.py", "--rules", "default,hrnn-base", "--size", "50", "--zero-steps", "30")
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in out.splitlines() if "|" in line}
+    for name in ("default", "hrnn-base"):
+        assert rows[(name, "False")].split("|")[3].strip() == "0"
+        assert float(rows[(name, "True")].split("|")[3]) > 0
+    assert float(rows[("adam lr 0.001", "-")].split("|")[3]) > 0
+
+
 def test_schedule_reference_lists_distinct_schedules():
     out = run_benchmark("schedule_reference.py", "--steps", "5", "--seeds", "1", "--search-seeds", "1")
     assert len(table_rows(out, "constant lr")) == 1

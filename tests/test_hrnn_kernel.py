@@ -39,6 +39,8 @@ def _kernel_step(impl, rule, grad, state, update, ids, sizes, segment, keep=None
     for k, v in on.items():
         state[k].copy_(v.cpu())
     update.copy_(out.cpu())
+    if not rule.step_on_zero_grad:
+        update.masked_fill_(grad == 0, 0.0)  # HierarchicalRNN.fused_step's mask after the kernel
     return {k: v.cpu() for k, v in sums.items()}
 
 
@@ -104,7 +106,9 @@ def _eager(rule, grad, state, ids, segment, num):
 )
 @over_kernels
 def test_kernel_matches_eager_rule(config, impl):
-    rule = _noisy(HierarchicalRNN(**config))
+    # Zero gradients move too, so that every tensor's update has unit RMS (the mask of
+    # step_on_zero_grad=False comes after the kernel: test_optimizer).
+    rule = _noisy(HierarchicalRNN(**config, step_on_zero_grad=True))
     grad, state, ids, segment = _inputs(rule, SIZES)
     expected_update, expected_state, expected_sums = _eager(rule, grad, state, ids, segment, len(SIZES))
     got_state = {k: v.clone() for k, v in state.items()}
@@ -127,7 +131,8 @@ def test_kernel_matches_eager_rule(config, impl):
 def test_kernel_applies_the_relative_step_cap_like_the_eager_rule(config, impl):
     """The cap reads each tensor's whole step (the kernels' step² sums): step scales from tiny
     to huge, so that it leaves some tensors alone and shrinks others by orders of magnitude."""
-    rule = _noisy(HierarchicalRNN(agreement_feature=True, relative_step_cap=0.05, **config))
+    # step_on_zero_grad: the raw kernel, without fused_step's mask of zero gradients.
+    rule = _noisy(HierarchicalRNN(agreement_feature=True, relative_step_cap=0.05, step_on_zero_grad=True, **config))
     if config.get("step_gain"):
         with torch.no_grad():
             rule.gain_out.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(3))

@@ -6,6 +6,7 @@ import copy
 import fractions
 import io
 import itertools
+import json
 import warnings
 
 import pytest
@@ -1311,35 +1312,64 @@ def test_a_custom_rule_without_kernels_names_the_rule_when_a_kernel_is_asked_for
         LearnedOptimizer([nn.Parameter(torch.ones(2))], pretrained=Unregistered(), impl=impl)
 
 
-# Rules that keep a running mean square of each coordinate's gradient know which coordinates
-# have never had a nonzero one; the paper's LSTM (no momentum state) cannot tell.
-_HISTORY_RULES = ["lstm-mnist-mixed-momentum", "lstm-mnist-gain", "hrnn-base"]
+# Every bundled rule: the paper's LSTM (no momentum state), the momentum LSTMs and the
+# hierarchical RNN.
+_HOLD_RULES = ["lstm-mnist", "lstm-mnist-mixed-momentum", "lstm-mnist-gain", "hrnn-base"]
 
 
-def _history_impls(name: str) -> list[str]:
+def _rule_impls(name: str) -> list[str]:
     return ["eager", *learned_optim.load_rule(name).fused_impls()]
 
 
-@pytest.mark.parametrize(("name", "impl"), [(name, impl) for name in _HISTORY_RULES for impl in _history_impls(name)])
-def test_coordinates_that_never_had_a_gradient_stay_put(name, impl):
-    # An embedding's padding row, a layer left out of the loss whose gradient zero_grad keeps
-    # as zeros, and a row that gets a gradient only in the first steps: as with Adam, only the
-    # last moves after its gradient stops (its momentum carries on).
+def _embedding_run(pretrained, impl: str, steps: int = 6):
+    """An embedding's padding row, rows never looked up, a row looked up only in the first two
+    steps, and a layer left out of the loss whose gradient zero_grad keeps as zeros: the
+    weights at the start, after step 2 and at the end."""
     torch.manual_seed(0)
     embedding = nn.Embedding(8, 4, padding_idx=0)
     unused = nn.Linear(4, 3)
     head = nn.Linear(4, 1)
     params = [*embedding.parameters(), *unused.parameters(), *head.parameters()]
-    opt = LearnedOptimizer(params, pretrained=name, impl=impl)
-    start = [p.detach().clone() for p in params]
-    for step in range(6):
+    opt = LearnedOptimizer(params, pretrained=pretrained, impl=impl)
+    snapshots = [[p.detach().clone() for p in params]]
+    for step in range(steps):
         opt.zero_grad(set_to_none=False)
         tokens = torch.tensor([[0, 1, 2, 7], [0, 0, 3, 7]]) if step < 2 else torch.tensor([[0, 1, 2], [0, 0, 3]])
         head(embedding(tokens)).square().mean().backward()
         opt.step()
-    assert torch.equal(embedding.weight[0], start[0][0]), "the padding row moved"
-    assert torch.equal(embedding.weight[4:7], start[0][4:7]), "rows never looked up moved"
-    assert not torch.equal(embedding.weight[1:4], start[0][1:4])
-    assert not torch.equal(embedding.weight[7], start[0][7]), "a row whose gradient stopped froze"
-    for p, p0 in zip(unused.parameters(), start[1:3], strict=True):
+        if step == 1:
+            snapshots.append([p.detach().clone() for p in params])
+    snapshots.append([p.detach().clone() for p in params])
+    return snapshots
+
+
+@pytest.mark.parametrize(("name", "impl"), [(name, impl) for name in _HOLD_RULES for impl in _rule_impls(name)])
+def test_coordinates_with_a_zero_gradient_stay_put(name, impl):
+    start, after_two, end = _embedding_run(name, impl)
+    assert torch.equal(end[0][0], start[0][0]), "the padding row moved"
+    assert torch.equal(end[0][4:7], start[0][4:7]), "rows never looked up moved"
+    assert not torch.equal(end[0][1:4], after_two[0][1:4]), "rows still looked up froze"
+    assert not torch.equal(after_two[0][7], start[0][7]), "a looked-up row did not move"
+    # No drift once its gradient is zero (the rules' output for a zero input is a bias).
+    assert torch.equal(end[0][7], after_two[0][7]), "a row whose gradient stopped kept moving"
+    for p, p0 in zip(end[1:3], start[1:3], strict=True):
         assert torch.equal(p, p0), "a parameter with an all-zero gradient moved"
+
+
+@pytest.mark.parametrize("name", ["lstm-mnist", "lstm-mnist-gain", "hrnn-base"])
+def test_step_on_zero_grad_restores_the_drift_rules_were_saved_with(name, tmp_path):
+    """``step_on_zero_grad=True``, what a config.json saved without the key loads as."""
+    rule = learned_optim.load_rule(name)
+    config = dict(rule.config)
+    del config["step_on_zero_grad"]
+    legacy_dir = tmp_path / "legacy"
+    rule.save_pretrained(legacy_dir)
+    saved = json.loads((legacy_dir / "config.json").read_text())
+    del saved["config"]["step_on_zero_grad"]
+    (legacy_dir / "config.json").write_text(json.dumps(saved))
+    legacy = learned_optim.load_rule(legacy_dir)
+    assert legacy.step_on_zero_grad is True
+    assert legacy.config == {**config, "step_on_zero_grad": True}
+    for impl in _rule_impls(name):
+        _, after_two, end = _embedding_run(legacy, impl)
+        assert not torch.equal(end[0][7], after_two[0][7]), "the old behaviour: a zero gradient still moves"

@@ -355,8 +355,10 @@ class UpdateRule(nn.Module):
         return False
 
     # Constructor arguments added after configs were first saved: a config.json without them
-    # loads with their defaults, which must keep the old behaviour. Every other key is required.
+    # loads with their old behaviour, which is their default unless legacy_config_values gives
+    # it (a default changed for new rules). Every other key is required.
     added_config_keys: ClassVar[frozenset[str]] = frozenset()
+    legacy_config_values: ClassVar[dict[str, Any]] = {}
 
     def segment_state_spec(self) -> dict[str, tuple[int, ...]]:
         """Per-tensor state: name -> trailing shape (none by default)."""

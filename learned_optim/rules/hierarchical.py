@@ -25,6 +25,7 @@ segmented reduction over the flat batch, never a loop over tensors.
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -140,14 +141,22 @@ class HierarchicalRNN(UpdateRule):
             Steps well inside the cap are left alone. It catches an oversized ``lr`` at the
             first step, before the gradient features could show it. A setting, not a weight:
             0 (default) turns it off.
+        step_on_zero_grad: also move a coordinate whose gradient is exactly zero this step.
+            Off (the default), such a coordinate keeps its value for the step (weight decay
+            aside) while its state advances, as with a sparse gradient; it still counts in its
+            tensor's sums. On, it moves in the direction the network gives a zero gradient,
+            scaled up by the per-tensor normalisation: a coordinate whose gradient stays zero
+            keeps drifting (docs/optimizer.md).
     """
 
     rule_type = "HierarchicalRNN"
     needs_segments = True
     forward_reads_global_state = False  # the global GRU biases the tensor GRU, in finalize
     added_config_keys = frozenset(
-        {"agreement_feature", "lr_leak", "step_size_feature", "step_gain", "relative_step_cap"}
+        {"agreement_feature", "lr_leak", "step_size_feature", "step_gain", "relative_step_cap", "step_on_zero_grad"}
     )
+    # Rules saved before step_on_zero_grad existed moved on zero gradients.
+    legacy_config_values: ClassVar[dict[str, Any]] = {"step_on_zero_grad": True}
 
     def __init__(
         self,
@@ -164,6 +173,7 @@ class HierarchicalRNN(UpdateRule):
         step_size_feature: bool = False,
         step_gain: bool = False,
         relative_step_cap: float = 0.0,
+        step_on_zero_grad: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too.
@@ -181,6 +191,7 @@ class HierarchicalRNN(UpdateRule):
             "step_size_feature": config_bool("step_size_feature", step_size_feature),
             "step_gain": config_bool("step_gain", step_gain),
             "relative_step_cap": config_float("relative_step_cap", relative_step_cap),
+            "step_on_zero_grad": config_bool("step_on_zero_grad", step_on_zero_grad),
         }
         # From here on the checked values (plain ints and floats, whatever type was passed in).
         c = self.config
@@ -198,6 +209,7 @@ class HierarchicalRNN(UpdateRule):
         self.agreement_feature = c["agreement_feature"]
         self.step_size_feature = c["step_size_feature"]
         self.step_gain = c["step_gain"]
+        self.step_on_zero_grad = c["step_on_zero_grad"]
         self.relative_step_cap = c["relative_step_cap"]
         p, t, g, k = c["param_hidden"], c["tensor_hidden"], c["global_hidden"], c["timescales"]
         self.p, self.t, self.g, self.k = p, t, g, k
@@ -320,6 +332,8 @@ class HierarchicalRNN(UpdateRule):
         counts = context.segment_counts
         if counts is None:
             counts = torch.bincount(segment_ids.long(), minlength=context.num_segments)
+        # Read before the kernel, which may write the update over the gradient.
+        zero_grad = None if self.step_on_zero_grad else grad == 0
         if impl == "cpu":
             context.segment_sums = hrnn_step_cpu(
                 self, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
@@ -334,6 +348,8 @@ class HierarchicalRNN(UpdateRule):
                 self, packed, grad, state, update, segment_ids, counts, context.segment_state, keep, context.step_scales
             )
         update.masked_fill_(state["v"][:, -1] == 0, 0.0)  # never a nonzero gradient: no step (as forward)
+        if zero_grad is not None:
+            update.masked_fill_(zero_grad, 0.0)
 
     def state_spec(self) -> dict[str, tuple[int, ...]]:
         return {"h": (self.p,), "m": (self.k,), "v": (self.k,), "log_lr": (1,)}
@@ -433,6 +449,8 @@ class HierarchicalRNN(UpdateRule):
         # its direction comes from the network's biases alone, and the per-tensor normalisation
         # would scale it up to a full step. It still counts in the tensor's sums above.
         update = torch.where(v[:, -1].to(state["v"].dtype) == 0, 0.0, update)
+        if not self.step_on_zero_grad:
+            update = torch.where(grad == 0, 0.0, update)  # no drift where the gradient is zero
         new_state = {
             "h": h.to(state["h"].dtype),
             "m": m.to(state["m"].dtype),
@@ -444,16 +462,17 @@ class HierarchicalRNN(UpdateRule):
     def init_from(self, other: UpdateRule) -> None:
         """As :meth:`UpdateRule.init_from`, with two extensions for later stages:
 
-        - the learning-rate bounds ``min_lr`` and ``max_lr``, the leak ``lr_leak`` and the
-          ``relative_step_cap`` may differ (they shape the step, they are not weights), so a
-          stage can continue a rule under other bounds, with a leak or with a cap;
+        - the learning-rate bounds ``min_lr`` and ``max_lr``, the leak ``lr_leak``, the
+          ``relative_step_cap`` and ``step_on_zero_grad`` may differ (they shape the step, they
+          are not weights), so a stage can continue a rule under other bounds, with a leak or
+          with a cap;
         - a rule without the agreement feature, the step-size feature or the step gain extends
           to one with it, the new weights zero, so the rule starts out computing the same.
         """
         if not isinstance(other, HierarchicalRNN):
             super().init_from(other)
             return
-        settings = ("min_lr", "max_lr", "lr_leak", "relative_step_cap")
+        settings = ("min_lr", "max_lr", "lr_leak", "relative_step_cap", "step_on_zero_grad")
         bounds = {key: self.config[key] for key in settings}
         features = ("agreement_feature", "step_size_feature", "step_gain")
         added = [key for key in features if self.config[key] and not other.config[key]]

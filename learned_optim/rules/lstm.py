@@ -14,6 +14,7 @@ gradient grew after a step, which follows a step that was too large).
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -148,6 +149,13 @@ class CoordinateLSTM(UpdateRule):
             it keeps the relative sizes of a tensor's gradients, which the LSTM's bounded,
             per-coordinate scale-free output does not, and it needs no ``lr`` tuning to be in
             scale. Adds no state (the RMS comes from the per-tensor sums the other inputs take).
+        step_on_zero_grad: also move a coordinate whose gradient is exactly zero this step.
+            Off (the default), such a coordinate keeps its value for the step (weight decay
+            aside) while its state advances, as with a sparse gradient. On, it moves by what the
+            network outputs for a zero input: for a rule meta-trained where zero gradients are
+            rare that is a bias, the same small step every time, so a coordinate whose gradient
+            stays zero (a dense embedding's unused rows, a layer whose gradients are zeroed)
+            drifts without bound (docs/optimizer.md).
     """
 
     rule_type = "CoordinateLSTM"
@@ -164,8 +172,11 @@ class CoordinateLSTM(UpdateRule):
             "tensor_step_gain",
             "tensor_step_response",
             "momentum_step",
+            "step_on_zero_grad",
         }
     )
+    # Rules saved before step_on_zero_grad existed moved on zero gradients.
+    legacy_config_values: ClassVar[dict[str, Any]] = {"step_on_zero_grad": True}
     # No global state: several problems can step in one call (meta_fit).
     forward_reads_global_state = False
 
@@ -184,6 +195,7 @@ class CoordinateLSTM(UpdateRule):
         tensor_step_gain: bool = False,
         tensor_step_response: bool = False,
         momentum_step: bool = False,
+        step_on_zero_grad: bool = False,
     ) -> None:
         super().__init__()
         # Checked strictly: these come from config.json files too (a "false" string, a NaN
@@ -202,6 +214,7 @@ class CoordinateLSTM(UpdateRule):
             "tensor_step_gain": config_bool("tensor_step_gain", tensor_step_gain),
             "tensor_step_response": config_bool("tensor_step_response", tensor_step_response),
             "momentum_step": config_bool("momentum_step", momentum_step),
+            "step_on_zero_grad": config_bool("step_on_zero_grad", step_on_zero_grad),
         }
         if not PREPROCESS_P_RANGE[0] <= self.config["preprocess_p"] <= PREPROCESS_P_RANGE[1]:
             # exp(p) and exp(-p) must stay normal float32 numbers (paper: p = 10).
@@ -236,6 +249,7 @@ class CoordinateLSTM(UpdateRule):
         self.tensor_step_gain = self.config["tensor_step_gain"]
         self.tensor_step_response = self.config["tensor_step_response"]
         self.momentum_step = self.config["momentum_step"]
+        self.step_on_zero_grad = self.config["step_on_zero_grad"]
         input_size = input_count(self)
         h = self.hidden_size
         self.weights = nn.ParameterList()
@@ -301,6 +315,8 @@ class CoordinateLSTM(UpdateRule):
         # The caller may hand one buffer as both grad and update: keep the gradient for after the kernel.
         aliased = self.tensor_step_response and update.data_ptr() == grad.data_ptr()
         grad_seen = grad.clone() if aliased else grad
+        # Read before the kernel, which may write the update over the gradient.
+        zero_grad = None if self.step_on_zero_grad else grad == 0
         if self.needs_segments:
             if segment_ids is None or context is None:
                 raise ValueError("CoordinateLSTM with per-tensor inputs: fused_step needs segment_ids and a context")
@@ -332,6 +348,8 @@ class CoordinateLSTM(UpdateRule):
             update.mul_(self.step_gains(table).to(update.dtype)[segment_ids])
         if self.momentum_decays:
             update.masked_fill_(state["v"] == 0, 0.0)  # never a nonzero gradient: no step (as forward)
+        if zero_grad is not None:
+            update.masked_fill_(zero_grad, 0.0)
         if self.tensor_step_response:
             # Outside the kernel: the last update and its product with the gradient.
             last_update, along = update, grad_seen * update
@@ -364,7 +382,7 @@ class CoordinateLSTM(UpdateRule):
 
     def init_from(self, other: UpdateRule) -> None:
         """Start from ``other``'s weights; also from a rule with fewer momentum inputs or units,
-        or without the per-tensor inputs.
+        without the per-tensor inputs, or with another ``step_on_zero_grad``.
 
         New inputs get zero weights. New hidden units keep this rule's random initial
         weights, but every weight from a new unit into an old unit or the read-out is zero.
@@ -383,6 +401,7 @@ class CoordinateLSTM(UpdateRule):
             "tensor_step_gain",
             "tensor_step_response",
             "momentum_step",
+            "step_on_zero_grad",  # a setting, not a weight: either way
         )
         ours = {k: v for k, v in self.config.items() if k not in growable}
         theirs = {k: v for k, v in other.config.items() if k not in growable}
@@ -620,6 +639,8 @@ class CoordinateLSTM(UpdateRule):
             # A coordinate that has never had a nonzero gradient (v still 0, as stored) stays put,
             # as with Adam: unused parameters and embedding padding rows do not drift.
             update = torch.where(v_new.to(state["v"].dtype) == 0, 0.0, update)
+        if not self.step_on_zero_grad:
+            update = torch.where(grad == 0, 0.0, update)  # no drift where the gradient is zero
         new_state = {
             "h": torch.stack(new_h, dim=1).to(state["h"].dtype),
             "c": torch.stack(new_c, dim=1).to(state["c"].dtype),
