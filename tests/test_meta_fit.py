@@ -1006,6 +1006,24 @@ def test_a_shared_frozen_backbone_is_fine():
     assert math.isfinite(_fit(task).meta_fit_history.meta_losses[-1])
 
 
+def test_checking_an_instance_leaves_a_shared_backbones_batchnorm_statistics_alone():
+    # The first-batch checks of Task.sample and meta_fit's probe run the model in training
+    # mode: a shared frozen backbone's running statistics must not move (a second identical
+    # meta_fit would otherwise start from another backbone).
+    backbone = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8)).requires_grad_(False)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    task = Task(
+        model=lambda: nn.Sequential(backbone, nn.Tanh(), nn.Linear(8, 1)),
+        loss=nn.functional.mse_loss,
+        data=tiny_sampler,
+        train_set=(TRAIN_X, TRAIN_Y),
+    )
+    task.sample(0)
+    _fit(task)
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("split", ["train_set", "test_set"])
 def test_a_split_the_model_cannot_take_is_named_before_training(split):
     task = Task(model=tiny_model, loss=nn.functional.mse_loss, data=tiny_sampler, **{split: (TRAIN_X[:, :2], TRAIN_Y)})

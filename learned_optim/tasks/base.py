@@ -329,6 +329,27 @@ def validate_instance(instance: TaskInstance, source: str, *, require_all_used: 
                 f"{source}: module {name!r} makes sparse gradients, which learned rules do not take; "
                 "build it with sparse=False"
             )
+    with _buffers_kept(instance.model):
+        _check_forward(instance, source, named, require_all_used)
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the model's buffers (BatchNorm's running statistics) after the block: the checks'
+    forward passes must not move a module the instance shares (a frozen backbone)."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _check_forward(
+    instance: TaskInstance, source: str, named: list[tuple[str, nn.Parameter]], require_all_used: bool
+) -> None:
+    """:func:`validate_instance`'s checks that run the model and the loss."""
     batch = instance.next_batch()
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TaskError(f"{source}: each batch must be a pair (inputs, targets), got {type(batch).__name__}")
